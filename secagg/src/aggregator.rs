@@ -1,0 +1,466 @@
+//! The aggregator side of one SecAgg+ round, as a state machine.
+//!
+//! Messages enter through `handle_*`; each returns a typed error for anything
+//! unacceptable (wrong round, wrong phase, unknown or unexpected sender, duplicate, bad
+//! signature, bad shape) and leaves the state untouched when it does. Time enters only
+//! through [`Aggregator::advance`], which closes the current phase when every expected
+//! client has answered or when its deadline has passed, and aborts the round when fewer
+//! than `t` clients remain. What the server must send next is read with
+//! [`Aggregator::key_directory`], [`Aggregator::share_bundle`],
+//! [`Aggregator::survivor_set`] and [`Aggregator::unmask_request`].
+//!
+//! Masked inputs are folded into one running sum as they arrive, so memory is O(m)
+//! whatever the number of clients. Because the state only changes in `handle_*` and
+//! `advance`, replaying the accepted messages and the recorded phase closings in order
+//! rebuilds it exactly, which is how the server recovers from a crash.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::client::{PAIR_MASK_LABEL, SELF_MASK_LABEL, SHARE_CIPHERTEXT_LEN};
+use crate::config::{ClientId, RoundConfig};
+use crate::crypto::{self, RoundKey, MASK_ROLE};
+use crate::error::{Error, ProtocolError};
+use crate::graph::CommunicationGraph;
+use crate::prg::{apply_masks, MaskStream, Sign};
+use crate::shamir::{self, Share};
+use crate::wire::*;
+use crate::Timestamp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencyCheck,
+    Unmasking,
+    Finished,
+    Aborted,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Finished | Phase::Aborted)
+    }
+}
+
+/// The modular sum of the included clients' quantized inputs, weight last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AggregateSum {
+    pub round: u64,
+    pub included: Vec<ClientId>,
+    pub sum: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Sum(AggregateSum),
+    Aborted { phase: Phase, reason: String },
+}
+
+/// A phase closing, returned by [`Aggregator::advance`]; the server records it (with
+/// the time it happened) so that a restart can replay it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseChange {
+    pub from: Phase,
+    pub to: Phase,
+    pub at: Timestamp,
+    /// Clients that answered in the closed phase.
+    pub responded: Vec<ClientId>,
+}
+
+pub struct Aggregator {
+    cfg: RoundConfig,
+    digest: [u8; 32],
+    graph: CommunicationGraph,
+    roster: Vec<[u8; 32]>,
+    phase: Phase,
+    deadline: Timestamp,
+    u1: BTreeMap<ClientId, AdvertiseKeys>,
+    u2: BTreeMap<ClientId, ShareKeys>,
+    u3: BTreeSet<ClientId>,
+    sum: Vec<u32>,
+    u4: BTreeMap<ClientId, ConsistencySignature>,
+    u5: BTreeMap<ClientId, UnmaskShares>,
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregator").field("round", &self.cfg.round).field("phase", &self.phase).finish_non_exhaustive()
+    }
+}
+
+impl Aggregator {
+    pub fn new(cfg: RoundConfig, now: Timestamp) -> Result<Self, Error> {
+        cfg.validate()?;
+        let roster = (0..cfg.participants()).map(|i| cfg.roster_key(ClientId(i as u32))).collect::<Result<_, _>>()?;
+        Ok(Aggregator {
+            digest: cfg.digest(),
+            graph: CommunicationGraph::for_config(&cfg)?,
+            roster,
+            phase: Phase::AdvertiseKeys,
+            deadline: now.saturating_add_ms(cfg.phase_timeout_ms),
+            sum: vec![0; cfg.masked_len()],
+            cfg,
+            u1: BTreeMap::new(),
+            u2: BTreeMap::new(),
+            u3: BTreeSet::new(),
+            u4: BTreeMap::new(),
+            u5: BTreeMap::new(),
+            outcome: None,
+        })
+    }
+
+    pub fn config(&self) -> &RoundConfig {
+        &self.cfg
+    }
+
+    pub fn config_digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When [`Aggregator::advance`] should next be called, if the round is still running.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        (!self.phase.is_terminal()).then_some(self.deadline)
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    fn check(&self, round: u64, phase: Phase, client: ClientId) -> Result<[u8; 32], Error> {
+        if round != self.cfg.round {
+            return Err(ProtocolError::WrongRound { expected: self.cfg.round, got: round }.into());
+        }
+        if let Some(Outcome::Aborted { reason, .. }) = &self.outcome {
+            return Err(ProtocolError::Aborted(reason.clone()).into());
+        }
+        if self.phase != phase {
+            return Err(ProtocolError::WrongPhase { current: self.phase, got: phase }.into());
+        }
+        self.roster.get(client.0 as usize).copied().ok_or_else(|| ProtocolError::UnknownClient(client).into())
+    }
+
+    fn verify(&self, key: &[u8; 32], client: ClientId, transcript: &crypto::Transcript, sig: &[u8; 64]) -> Result<(), Error> {
+        if crypto::verify_signature(key, transcript.as_bytes(), sig) {
+            Ok(())
+        } else {
+            Err(ProtocolError::BadSignature(client).into())
+        }
+    }
+
+    /// Phase 0. Attestation of the evidence is the enclave's job and happens before this.
+    pub fn handle_advertise(&mut self, msg: AdvertiseKeys) -> Result<(), Error> {
+        let key = self.check(msg.round, Phase::AdvertiseKeys, msg.client)?;
+        if self.u1.contains_key(&msg.client) {
+            return Err(ProtocolError::Duplicate(msg.client).into());
+        }
+        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
+        self.u1.insert(msg.client, msg);
+        Ok(())
+    }
+
+    /// Phase 1: one ciphertext for each neighbour in U1, no more, no less.
+    pub fn handle_share_keys(&mut self, msg: ShareKeys) -> Result<(), Error> {
+        let key = self.check(msg.round, Phase::ShareKeys, msg.client)?;
+        if !self.u1.contains_key(&msg.client) {
+            return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
+        }
+        if self.u2.contains_key(&msg.client) {
+            return Err(ProtocolError::Duplicate(msg.client).into());
+        }
+        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
+        let expected: BTreeSet<ClientId> =
+            self.graph.neighbours(msg.client).iter().filter(|v| self.u1.contains_key(v)).copied().collect();
+        let got: BTreeSet<ClientId> = msg.shares.iter().map(|s| s.to).collect();
+        if got.len() != msg.shares.len() {
+            return Err(ProtocolError::BadShares { from: msg.client, why: "two shares for one neighbour" }.into());
+        }
+        if got != expected {
+            return Err(ProtocolError::BadShares { from: msg.client, why: "shares do not go to exactly its neighbours in U1" }.into());
+        }
+        if msg.shares.iter().any(|s| s.ciphertext.len() != SHARE_CIPHERTEXT_LEN) {
+            return Err(ProtocolError::BadShares { from: msg.client, why: "ciphertext has the wrong length" }.into());
+        }
+        if expected.len() < self.cfg.share_threshold as usize {
+            return Err(ProtocolError::BadShares { from: msg.client, why: "too few neighbours in U1 to recover its secrets" }.into());
+        }
+        self.u2.insert(msg.client, msg);
+        Ok(())
+    }
+
+    /// Phase 2: verifies and folds the masked input into the running sum.
+    pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), Error> {
+        let key = self.check(msg.round, Phase::MaskedInput, msg.client)?;
+        if !self.u2.contains_key(&msg.client) {
+            return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
+        }
+        if self.u3.contains(&msg.client) {
+            return Err(ProtocolError::Duplicate(msg.client).into());
+        }
+        if msg.data.len() != self.sum.len() {
+            return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: msg.data.len() }.into());
+        }
+        let modulus = self.cfg.modulus_mask();
+        if modulus != u32::MAX && msg.data.iter().any(|&x| x & !modulus != 0) {
+            return Err(Error::malformed("masked input exceeds the modulus"));
+        }
+        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
+        for (s, x) in self.sum.iter_mut().zip(&msg.data) {
+            *s = s.wrapping_add(*x);
+        }
+        self.u3.insert(msg.client);
+        Ok(())
+    }
+
+    pub fn handle_consistency(&mut self, msg: ConsistencySignature) -> Result<(), Error> {
+        let key = self.check(msg.round, Phase::ConsistencyCheck, msg.client)?;
+        if !self.u3.contains(&msg.client) {
+            return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
+        }
+        if self.u4.contains_key(&msg.client) {
+            return Err(ProtocolError::Duplicate(msg.client).into());
+        }
+        let u3: Vec<ClientId> = self.u3.iter().copied().collect();
+        self.verify(&key, msg.client, &SurvivorSet::transcript(&self.digest, self.cfg.round, &u3), &msg.signature)?;
+        self.u4.insert(msg.client, msg);
+        Ok(())
+    }
+
+    /// Phase 4: every revealed share must be of a neighbour, of the right kind for that
+    /// neighbour's fate, and carry the x-coordinate the dealer gave this holder.
+    pub fn handle_unmask(&mut self, msg: UnmaskShares) -> Result<(), Error> {
+        let key = self.check(msg.round, Phase::Unmasking, msg.client)?;
+        if !self.u4.contains_key(&msg.client) {
+            return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
+        }
+        if self.u5.contains_key(&msg.client) {
+            return Err(ProtocolError::Duplicate(msg.client).into());
+        }
+        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
+        let bad = |why| Err(ProtocolError::BadShares { from: msg.client, why }.into());
+        let mut seen = BTreeSet::new();
+        for (list, want_survivor) in [(&msg.self_mask_shares, true), (&msg.mask_key_shares, false)] {
+            for r in list {
+                if !seen.insert(r.of) {
+                    return bad("two shares of one neighbour");
+                }
+                if !self.u2.contains_key(&r.of) || self.u3.contains(&r.of) != want_survivor {
+                    return bad("share kind does not match the neighbour's fate");
+                }
+                if self.graph.share_index(r.of, msg.client) != Some(r.share.x) {
+                    return bad("share index does not match the communication graph");
+                }
+            }
+        }
+        self.u5.insert(msg.client, msg);
+        Ok(())
+    }
+
+    fn expected(&self) -> BTreeSet<ClientId> {
+        match self.phase {
+            Phase::AdvertiseKeys => (0..self.roster.len() as u32).map(ClientId).collect(),
+            Phase::ShareKeys => self.u1.keys().copied().collect(),
+            Phase::MaskedInput => self.u2.keys().copied().collect(),
+            Phase::ConsistencyCheck => self.u3.clone(),
+            Phase::Unmasking => self.u4.keys().copied().collect(),
+            Phase::Finished | Phase::Aborted => BTreeSet::new(),
+        }
+    }
+
+    fn responded(&self) -> Vec<ClientId> {
+        match self.phase {
+            Phase::AdvertiseKeys => self.u1.keys().copied().collect(),
+            Phase::ShareKeys => self.u2.keys().copied().collect(),
+            Phase::MaskedInput => self.u3.iter().copied().collect(),
+            Phase::ConsistencyCheck => self.u4.keys().copied().collect(),
+            Phase::Unmasking => self.u5.keys().copied().collect(),
+            Phase::Finished | Phase::Aborted => Vec::new(),
+        }
+    }
+
+    /// Clients still expected to answer in the current phase.
+    pub fn waiting_for(&self) -> Vec<ClientId> {
+        let responded: BTreeSet<ClientId> = self.responded().into_iter().collect();
+        self.expected().difference(&responded).copied().collect()
+    }
+
+    /// Closes the current phase if every expected client answered, or if `now` is past
+    /// the deadline; returns the change, or `None` if the phase stays open.
+    pub fn advance(&mut self, now: Timestamp) -> Option<PhaseChange> {
+        if self.phase.is_terminal() {
+            return None;
+        }
+        let responded = self.responded();
+        let all_in = responded.len() == self.expected().len();
+        let early_unmask = self.phase == Phase::Unmasking && responded.len() >= self.cfg.min_survivors as usize && self.unmask_ready();
+        if !(all_in || early_unmask || now >= self.deadline) {
+            return None;
+        }
+        let from = self.phase;
+        let t = self.cfg.min_survivors as usize;
+        let next = if responded.len() < t {
+            self.abort(format!("{} clients answered in phase {from:?}, the threshold is {t}", responded.len()));
+            Phase::Aborted
+        } else {
+            match from {
+                Phase::AdvertiseKeys => Phase::ShareKeys,
+                Phase::ShareKeys => Phase::MaskedInput,
+                Phase::MaskedInput => Phase::ConsistencyCheck,
+                Phase::ConsistencyCheck => Phase::Unmasking,
+                Phase::Unmasking => match self.unmask() {
+                    Ok(sum) => {
+                        self.outcome = Some(Outcome::Sum(sum));
+                        Phase::Finished
+                    }
+                    Err(e) => {
+                        self.abort(format!("unmasking failed: {e}"));
+                        Phase::Aborted
+                    }
+                },
+                Phase::Finished | Phase::Aborted => unreachable!("terminal phases return early"),
+            }
+        };
+        if next != Phase::Aborted {
+            self.phase = next;
+        }
+        self.deadline = now.saturating_add_ms(self.cfg.phase_timeout_ms);
+        Some(PhaseChange { from, to: self.phase, at: now, responded })
+    }
+
+    fn abort(&mut self, reason: String) {
+        self.outcome = Some(Outcome::Aborted { phase: self.phase, reason });
+        self.phase = Phase::Aborted;
+        // Nothing derived from inputs survives an abort.
+        self.sum.iter_mut().for_each(|x| *x = 0);
+    }
+
+    /// Whether the shares received so far suffice to remove every mask.
+    fn unmask_ready(&self) -> bool {
+        let ts = self.cfg.share_threshold as usize;
+        let mut counts: BTreeMap<ClientId, usize> = BTreeMap::new();
+        for msg in self.u5.values() {
+            for r in msg.self_mask_shares.iter().chain(&msg.mask_key_shares) {
+                *counts.entry(r.of).or_default() += 1;
+            }
+        }
+        self.u2.keys().all(|c| {
+            let needed = self.u3.contains(c) || self.graph.neighbours(*c).iter().any(|v| self.u3.contains(v));
+            !needed || counts.get(c).copied().unwrap_or(0) >= ts
+        })
+    }
+
+    fn collect_shares(&self, of: ClientId, self_mask: bool) -> Vec<Share> {
+        self.u5
+            .values()
+            .flat_map(|m| if self_mask { &m.self_mask_shares } else { &m.mask_key_shares })
+            .filter(|r| r.of == of)
+            .map(|r| r.share.clone())
+            .collect()
+    }
+
+    /// Reconstructs the self-mask seeds of U3 and the mask keys of U2 \ U3 and removes
+    /// their masks from the sum in one fused pass.
+    fn unmask(&mut self) -> Result<AggregateSum, Error> {
+        let ts = self.cfg.share_threshold as usize;
+        let mut streams = Vec::new();
+        for &u in &self.u3 {
+            let shares = self.collect_shares(u, true);
+            if shares.len() < ts {
+                return Err(ProtocolError::TooFewShares(u).into());
+            }
+            let seed = Zeroizing::new(shamir::reconstruct(&shares, ts)?);
+            let commitment = crypto::self_mask_commitment(&self.digest, u, &seed);
+            if commitment != self.u2[&u].self_mask_commitment {
+                return Err(ProtocolError::ReconstructionMismatch(u).into());
+            }
+            streams.push(MaskStream::new(&seed, SELF_MASK_LABEL, Sign::Subtract));
+        }
+        let dropped: Vec<ClientId> = self.u2.keys().filter(|c| !self.u3.contains(c)).copied().collect();
+        for u in dropped {
+            let survivors: Vec<ClientId> = self.graph.neighbours(u).iter().filter(|v| self.u3.contains(v)).copied().collect();
+            if survivors.is_empty() {
+                continue;
+            }
+            let shares = self.collect_shares(u, false);
+            if shares.len() < ts {
+                return Err(ProtocolError::TooFewShares(u).into());
+            }
+            let secret = Zeroizing::new(shamir::reconstruct(&shares, ts)?);
+            let advertised = self.u1[&u].mask_pk;
+            if PublicKey::from(&StaticSecret::from(*secret)).as_bytes() != &advertised {
+                return Err(ProtocolError::ReconstructionMismatch(u).into());
+            }
+            let key = RoundKey::from_secret_bytes(*secret);
+            for v in survivors {
+                let seed = key.derive(&self.u1[&v].mask_pk, &self.digest, MASK_ROLE, u, v)?;
+                // v added +PRG when v < u and -PRG otherwise; undo exactly that.
+                let sign = if v < u { Sign::Subtract } else { Sign::Add };
+                streams.push(MaskStream::new(&seed, PAIR_MASK_LABEL, sign));
+            }
+        }
+        let mut sum = std::mem::take(&mut self.sum);
+        apply_masks(&mut sum, &mut streams);
+        let mask = self.cfg.modulus_mask();
+        sum.iter_mut().for_each(|x| *x &= mask);
+        Ok(AggregateSum { round: self.cfg.round, included: self.u3.iter().copied().collect(), sum })
+    }
+
+    /// Whether `phase` closed successfully (an aborted round hands out nothing more).
+    fn closed(&self, phase: Phase) -> bool {
+        self.phase != Phase::Aborted && self.phase > phase
+    }
+
+    /// U1, once phase 0 has closed.
+    pub fn key_directory(&self) -> Option<KeyDirectory> {
+        (self.closed(Phase::AdvertiseKeys) && !self.u1.is_empty())
+            .then(|| KeyDirectory { round: self.cfg.round, advertised: self.u1.values().cloned().collect() })
+    }
+
+    /// The shares addressed to `to`, once phase 1 has closed.
+    pub fn share_bundle(&self, to: ClientId) -> Option<ShareBundle> {
+        if !self.closed(Phase::ShareKeys) || !self.u2.contains_key(&to) {
+            return None;
+        }
+        let shares = self
+            .u2
+            .values()
+            .filter_map(|m| m.shares.iter().find(|s| s.to == to).map(|s| ForwardedShare { from: m.client, ciphertext: s.ciphertext.clone() }))
+            .collect();
+        Some(ShareBundle { round: self.cfg.round, to, shared: self.u2.keys().copied().collect(), shares })
+    }
+
+    /// U3, once phase 2 has closed.
+    pub fn survivor_set(&self) -> Option<SurvivorSet> {
+        (self.closed(Phase::MaskedInput) && !self.u3.is_empty())
+            .then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.iter().copied().collect() })
+    }
+
+    /// U3 with the consistency signatures, once phase 3 has closed.
+    pub fn unmask_request(&self) -> Option<UnmaskRequest> {
+        (self.closed(Phase::ConsistencyCheck) && !self.u4.is_empty()).then(|| UnmaskRequest {
+            round: self.cfg.round,
+            survivors: self.u3.iter().copied().collect(),
+            signatures: self.u4.values().cloned().collect(),
+        })
+    }
+
+    /// Admitted clients (U1), for reporting.
+    pub fn admitted(&self) -> Vec<ClientId> {
+        self.u1.keys().copied().collect()
+    }
+
+    /// Evidence a client attached to its advertisement.
+    pub fn advertisement(&self, client: ClientId) -> Option<&AdvertiseKeys> {
+        self.u1.get(&client)
+    }
+}

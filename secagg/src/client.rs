@@ -1,0 +1,401 @@
+//! The client side of one SecAgg+ round, as a state machine.
+//!
+//! Call order (each step consumes the server's message of the previous phase and
+//! returns the message to send):
+//! 1. [`Client::new`] → [`AdvertiseKeys`]
+//! 2. [`Client::handle_key_directory`] → [`ShareKeys`]
+//! 3. [`Client::handle_share_bundle`] with the quantized input → [`MaskedInput`]
+//! 4. [`Client::handle_survivor_set`] → [`ConsistencySignature`]
+//! 5. [`Client::handle_unmask_request`] → [`UnmaskShares`]
+//!
+//! The client protects itself against a malicious server: it verifies every peer's
+//! signed advertisement, signs exactly one survivor set per round, reveals shares only
+//! after `t` peers signed that same set, and never reveals both the self-mask share and
+//! the mask-key share of one neighbour (which would unmask that neighbour's input).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use rand::{CryptoRng, RngCore};
+use zeroize::Zeroizing;
+
+use crate::config::{ClientId, RoundConfig};
+use crate::crypto::{self, MessageSigner, RoundKey, MASK_ROLE, SHARE_ROLE};
+use crate::error::{Error, ProtocolError};
+use crate::graph::CommunicationGraph;
+use crate::prg::{apply_masks, MaskStream, Sign};
+use crate::shamir::{self, Share};
+use crate::wire::*;
+
+/// Labels of the two kinds of PRG stream.
+pub(crate) const SELF_MASK_LABEL: &[u8] = b"self-mask";
+pub(crate) const PAIR_MASK_LABEL: &[u8] = b"pairwise-mask";
+
+/// Plaintext of one encrypted share: x, then the mask-key share, then the self-mask share.
+pub(crate) const SHARE_PLAINTEXT_LEN: usize = 1 + 32 + 32;
+/// AES-GCM appends a 16-byte tag.
+pub const SHARE_CIPHERTEXT_LEN: usize = SHARE_PLAINTEXT_LEN + 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    AwaitingKeys,
+    AwaitingShares,
+    AwaitingSurvivors,
+    AwaitingUnmask,
+    Done,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::AwaitingKeys => "awaiting key directory",
+            State::AwaitingShares => "awaiting share bundle",
+            State::AwaitingSurvivors => "awaiting survivor set",
+            State::AwaitingUnmask => "awaiting unmask request",
+            State::Done => "done",
+        }
+    }
+}
+
+struct HeldShares {
+    mask_key: Share,
+    self_mask: Share,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Revealed {
+    SelfMask,
+    MaskKey,
+}
+
+pub struct Client {
+    cfg: RoundConfig,
+    digest: [u8; 32],
+    id: ClientId,
+    graph: CommunicationGraph,
+    signer: Arc<dyn MessageSigner>,
+    enc_key: RoundKey,
+    mask_key: RoundKey,
+    self_seed: Zeroizing<[u8; 32]>,
+    state: State,
+    /// Neighbours in U1 with their (enc, mask) public keys.
+    peers: BTreeMap<ClientId, ([u8; 32], [u8; 32])>,
+    u2: Vec<ClientId>,
+    held: BTreeMap<ClientId, HeldShares>,
+    signed_survivors: Option<Vec<ClientId>>,
+    revealed: BTreeMap<ClientId, Revealed>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("round", &self.cfg.round).field("id", &self.id).field("state", &self.state).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts a round: checks that `signer` is the roster key of `id`, generates the
+    /// round's two X25519 keys and the self-mask seed, and signs the advertisement.
+    /// `evidence` is the client's attestation evidence, bound by the caller to the keys
+    /// through [`Client::key_binding`].
+    pub fn new<R: RngCore + CryptoRng>(
+        cfg: RoundConfig,
+        id: ClientId,
+        signer: Arc<dyn MessageSigner>,
+        rng: &mut R,
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        if cfg.roster_key(id)? != signer.public_key() {
+            return Err(Error::Config(format!("the signing key does not match roster entry {id}")));
+        }
+        let graph = CommunicationGraph::for_config(&cfg)?;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        Ok(Client {
+            digest: cfg.digest(),
+            cfg,
+            id,
+            graph,
+            signer,
+            enc_key: RoundKey::generate(rng),
+            mask_key: RoundKey::generate(rng),
+            self_seed: seed,
+            state: State::AwaitingKeys,
+            peers: BTreeMap::new(),
+            u2: Vec::new(),
+            held: BTreeMap::new(),
+            signed_survivors: None,
+            revealed: BTreeMap::new(),
+        })
+    }
+
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    pub fn config(&self) -> &RoundConfig {
+        &self.cfg
+    }
+
+    /// 64 bytes that attestation evidence must carry as report data so that it is bound
+    /// to this round's keys: SHA-512 would do as well; we use two SHA-256 halves.
+    pub fn key_binding(&self) -> [u8; 64] {
+        key_binding(&self.digest, self.id, &self.enc_key.public(), &self.mask_key.public())
+    }
+
+    /// The signed advertisement of this round's keys with `evidence` attached.
+    pub fn advertise(&self, evidence: Vec<u8>) -> AdvertiseKeys {
+        let mut msg = AdvertiseKeys {
+            round: self.cfg.round,
+            client: self.id,
+            enc_pk: self.enc_key.public(),
+            mask_pk: self.mask_key.public(),
+            evidence,
+            signature: [0; 64],
+        };
+        msg.signature = self.signer.sign(msg.transcript(&self.digest).as_bytes());
+        msg
+    }
+
+    fn expect(&self, state: State, got: &'static str) -> Result<(), Error> {
+        if self.state != state {
+            return Err(ProtocolError::ClientOutOfOrder { state: self.state.name(), got }.into());
+        }
+        Ok(())
+    }
+
+    fn check_round(&self, round: u64) -> Result<(), Error> {
+        if round != self.cfg.round {
+            return Err(ProtocolError::WrongRound { expected: self.cfg.round, got: round }.into());
+        }
+        Ok(())
+    }
+
+    /// Phase 1: verifies U1 and deals Shamir shares of the mask key and the self-mask
+    /// seed to every neighbour in U1, encrypted for that neighbour.
+    pub fn handle_key_directory<R: RngCore + CryptoRng>(&mut self, dir: &KeyDirectory, rng: &mut R) -> Result<ShareKeys, Error> {
+        self.expect(State::AwaitingKeys, "a key directory")?;
+        self.check_round(dir.round)?;
+        let mut seen = BTreeSet::new();
+        let mut saw_self = false;
+        for adv in &dir.advertised {
+            self.check_round(adv.round)?;
+            let key = self.cfg.roster_key(adv.client)?;
+            if !seen.insert(adv.client) {
+                return Err(ProtocolError::Duplicate(adv.client).into());
+            }
+            if !crypto::verify_signature(&key, adv.transcript(&self.digest).as_bytes(), &adv.signature) {
+                return Err(ProtocolError::BadSignature(adv.client).into());
+            }
+            if adv.client == self.id {
+                if adv.enc_pk != self.enc_key.public() || adv.mask_pk != self.mask_key.public() {
+                    return Err(Error::Crypto("the key directory carries other keys for this client"));
+                }
+                saw_self = true;
+            } else if self.graph.are_neighbours(self.id, adv.client) {
+                self.peers.insert(adv.client, (adv.enc_pk, adv.mask_pk));
+            }
+        }
+        if !saw_self {
+            return Err(ProtocolError::NotInSurvivorSet(self.id).into());
+        }
+        let t = self.cfg.min_survivors as usize;
+        if seen.len() < t {
+            return Err(ProtocolError::BelowThreshold { threshold: t, got: seen.len() }.into());
+        }
+        let ts = self.cfg.share_threshold as usize;
+        if self.peers.len() < ts {
+            return Err(ProtocolError::BelowThreshold { threshold: ts, got: self.peers.len() }.into());
+        }
+
+        let neighbours = self.graph.neighbours(self.id).to_vec();
+        let mask_shares = shamir::split(&self.mask_key.secret_bytes(), ts, neighbours.len(), rng)?;
+        let seed_shares = shamir::split(&self.self_seed, ts, neighbours.len(), rng)?;
+        let mut shares = Vec::with_capacity(self.peers.len());
+        for (j, v) in neighbours.iter().enumerate() {
+            let Some((enc_pk, _)) = self.peers.get(v) else { continue };
+            let mut plain = Zeroizing::new([0u8; SHARE_PLAINTEXT_LEN]);
+            plain[0] = mask_shares[j].x;
+            plain[1..33].copy_from_slice(&mask_shares[j].y);
+            plain[33..65].copy_from_slice(&seed_shares[j].y);
+            let key = self.enc_key.derive(enc_pk, &self.digest, SHARE_ROLE, self.id, *v)?;
+            let ciphertext = crypto::encrypt_share(&key, &self.digest, self.cfg.round, self.id, *v, plain.as_ref())?;
+            shares.push(EncryptedShare { to: *v, ciphertext });
+        }
+        let mut msg = ShareKeys {
+            round: self.cfg.round,
+            client: self.id,
+            self_mask_commitment: crypto::self_mask_commitment(&self.digest, self.id, &self.self_seed),
+            shares,
+            signature: [0; 64],
+        };
+        msg.signature = self.signer.sign(msg.transcript(&self.digest).as_bytes());
+        self.state = State::AwaitingShares;
+        Ok(msg)
+    }
+
+    /// Phase 2: stores the shares addressed to this client and masks `input` (already
+    /// quantized, weight last) with the self mask and one pairwise mask per neighbour in U2.
+    pub fn handle_share_bundle(&mut self, bundle: &ShareBundle, input: &[u32]) -> Result<MaskedInput, Error> {
+        self.expect(State::AwaitingShares, "a share bundle")?;
+        self.check_round(bundle.round)?;
+        if bundle.to != self.id {
+            return Err(Error::malformed(format!("share bundle is addressed to {}, not {}", bundle.to, self.id)));
+        }
+        if input.len() != self.cfg.masked_len() {
+            return Err(ProtocolError::WrongLength { expected: self.cfg.masked_len(), got: input.len() }.into());
+        }
+        let modulus = self.cfg.modulus_mask();
+        if input.iter().any(|&x| x & !modulus != 0) {
+            return Err(Error::malformed("quantized input exceeds the modulus"));
+        }
+        let u2: BTreeSet<ClientId> = bundle.shared.iter().copied().collect();
+        if u2.len() != bundle.shared.len() {
+            return Err(Error::malformed("U2 lists a client twice"));
+        }
+        if !u2.contains(&self.id) {
+            return Err(ProtocolError::NotInSurvivorSet(self.id).into());
+        }
+        let t = self.cfg.min_survivors as usize;
+        if u2.len() < t {
+            return Err(ProtocolError::BelowThreshold { threshold: t, got: u2.len() }.into());
+        }
+        let expected: BTreeSet<ClientId> = self.peers.keys().filter(|c| u2.contains(c)).copied().collect();
+        let mut held = BTreeMap::new();
+        for fwd in &bundle.shares {
+            let Some((enc_pk, _)) = self.peers.get(&fwd.from) else {
+                return Err(ProtocolError::BadShares { from: fwd.from, why: "sender is not a neighbour in U1" }.into());
+            };
+            if !expected.contains(&fwd.from) {
+                return Err(ProtocolError::BadShares { from: fwd.from, why: "sender is not in U2" }.into());
+            }
+            if held.contains_key(&fwd.from) {
+                return Err(ProtocolError::Duplicate(fwd.from).into());
+            }
+            let key = self.enc_key.derive(enc_pk, &self.digest, SHARE_ROLE, self.id, fwd.from)?;
+            let plain = crypto::decrypt_share(&key, &self.digest, self.cfg.round, fwd.from, self.id, &fwd.ciphertext)?;
+            if plain.len() != SHARE_PLAINTEXT_LEN || Some(plain[0]) != self.graph.share_index(fwd.from, self.id) {
+                return Err(ProtocolError::BadShares { from: fwd.from, why: "share has the wrong index" }.into());
+            }
+            let mut mask_key = Share { x: plain[0], y: [0; 32] };
+            mask_key.y.copy_from_slice(&plain[1..33]);
+            let mut self_mask = Share { x: plain[0], y: [0; 32] };
+            self_mask.y.copy_from_slice(&plain[33..65]);
+            held.insert(fwd.from, HeldShares { mask_key, self_mask });
+        }
+        if held.len() != expected.len() {
+            return Err(Error::malformed(format!("share bundle carries {} shares, U2 has {} neighbours", held.len(), expected.len())));
+        }
+
+        let mut data = input.to_vec();
+        let mut streams = Vec::with_capacity(expected.len() + 1);
+        streams.push(MaskStream::new(&self.self_seed, SELF_MASK_LABEL, Sign::Add));
+        for v in &expected {
+            let (_, mask_pk) = self.peers[v];
+            let seed = self.mask_key.derive(&mask_pk, &self.digest, MASK_ROLE, self.id, *v)?;
+            let sign = if self.id < *v { Sign::Add } else { Sign::Subtract };
+            streams.push(MaskStream::new(&seed, PAIR_MASK_LABEL, sign));
+        }
+        apply_masks(&mut data, &mut streams);
+        if modulus != u32::MAX {
+            data.iter_mut().for_each(|x| *x &= modulus);
+        }
+        let data_digest = MaskedInput::data_digest(&data);
+        let signature = self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest).as_bytes());
+        self.held = held;
+        self.u2 = u2.into_iter().collect();
+        self.state = State::AwaitingSurvivors;
+        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, signature })
+    }
+
+    /// Phase 3: signs U3. An honest client signs exactly one survivor set per round.
+    pub fn handle_survivor_set(&mut self, set: &SurvivorSet) -> Result<ConsistencySignature, Error> {
+        if self.state == State::AwaitingUnmask && self.signed_survivors.as_deref() == Some(&set.survivors[..]) {
+            // A retransmission of the same set: sign again (same bytes), nothing new leaks.
+        } else {
+            self.expect(State::AwaitingSurvivors, "a survivor set")?;
+        }
+        self.check_round(set.round)?;
+        let u3: BTreeSet<ClientId> = set.survivors.iter().copied().collect();
+        if u3.len() != set.survivors.len() || !set.survivors.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Error::malformed("survivor set must be sorted and without repeats"));
+        }
+        let t = self.cfg.min_survivors as usize;
+        if u3.len() < t {
+            return Err(ProtocolError::BelowThreshold { threshold: t, got: u3.len() }.into());
+        }
+        if !u3.contains(&self.id) {
+            return Err(ProtocolError::NotInSurvivorSet(self.id).into());
+        }
+        if let Some(c) = u3.iter().find(|c| self.u2.binary_search(c).is_err()) {
+            return Err(ProtocolError::NotInSurvivorSet(*c).into());
+        }
+        let signature = self.signer.sign(SurvivorSet::transcript(&self.digest, self.cfg.round, &set.survivors).as_bytes());
+        self.signed_survivors = Some(set.survivors.clone());
+        self.state = State::AwaitingUnmask;
+        Ok(ConsistencySignature { round: self.cfg.round, client: self.id, signature })
+    }
+
+    /// Phase 4: after checking `t` valid signatures over the set this client signed,
+    /// reveals self-mask shares of neighbours in U3 and mask-key shares of neighbours in
+    /// U2 \ U3.
+    pub fn handle_unmask_request(&mut self, req: &UnmaskRequest) -> Result<UnmaskShares, Error> {
+        if self.state != State::Done {
+            self.expect(State::AwaitingUnmask, "an unmask request")?;
+        }
+        self.check_round(req.round)?;
+        let signed = self.signed_survivors.as_ref().ok_or(ProtocolError::ConflictingSurvivorSet)?;
+        if &req.survivors != signed {
+            return Err(ProtocolError::ConflictingSurvivorSet.into());
+        }
+        let transcript = SurvivorSet::transcript(&self.digest, self.cfg.round, signed);
+        let mut valid = BTreeSet::new();
+        for s in &req.signatures {
+            if s.round != self.cfg.round || signed.binary_search(&s.client).is_err() {
+                continue;
+            }
+            let key = self.cfg.roster_key(s.client)?;
+            if crypto::verify_signature(&key, transcript.as_bytes(), &s.signature) {
+                valid.insert(s.client);
+            }
+        }
+        let t = self.cfg.min_survivors as usize;
+        if valid.len() < t {
+            return Err(ProtocolError::TooFewConsistencySignatures { threshold: t, valid: valid.len() }.into());
+        }
+        let mut self_mask_shares = Vec::new();
+        let mut mask_key_shares = Vec::new();
+        for (peer, held) in &self.held {
+            let kind = if signed.binary_search(peer).is_ok() { Revealed::SelfMask } else { Revealed::MaskKey };
+            match self.revealed.get(peer) {
+                Some(prev) if *prev != kind => return Err(ProtocolError::BothSharesRequested(*peer).into()),
+                _ => {}
+            }
+            self.revealed.insert(*peer, kind);
+            match kind {
+                Revealed::SelfMask => self_mask_shares.push(RevealedShare { of: *peer, share: held.self_mask.clone() }),
+                Revealed::MaskKey => mask_key_shares.push(RevealedShare { of: *peer, share: held.mask_key.clone() }),
+            }
+        }
+        let mut msg = UnmaskShares { round: self.cfg.round, client: self.id, self_mask_shares, mask_key_shares, signature: [0; 64] };
+        msg.signature = self.signer.sign(msg.transcript(&self.digest).as_bytes());
+        self.state = State::Done;
+        Ok(msg)
+    }
+}
+
+/// Report data that binds attestation evidence to a client's round keys:
+/// SHA-256(label ‖ digest ‖ id ‖ enc_pk ‖ mask_pk) followed by SHA-256 of the same with
+/// a second label, 64 bytes as SNP/TDX report data expect.
+pub fn key_binding(digest: &[u8; 32], id: ClientId, enc_pk: &[u8; 32], mask_pk: &[u8; 32]) -> [u8; 64] {
+    let mut out = [0u8; 64];
+    for (i, label) in [&b"tessera/key-binding/0"[..], b"tessera/key-binding/1"].iter().enumerate() {
+        let mut body = Vec::with_capacity(128);
+        body.extend_from_slice(label);
+        body.extend_from_slice(digest);
+        body.extend_from_slice(&id.0.to_le_bytes());
+        body.extend_from_slice(enc_pk);
+        body.extend_from_slice(mask_pk);
+        out[i * 32..(i + 1) * 32].copy_from_slice(&crypto::sha256(&body));
+    }
+    out
+}

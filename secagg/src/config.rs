@@ -1,0 +1,327 @@
+//! Public parameters of one round, agreed by everyone before it starts.
+//!
+//! The configuration is public: every participant receives the same [`RoundConfig`] and
+//! every signed message binds its digest, so a message cannot be replayed into another
+//! round or another configuration.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+
+/// Index of a participant in [`RoundConfig::roster`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClientId(pub u32);
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// A named tensor of the update, in the order the flat vector concatenates them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundConfig {
+    /// Monotonic round number; every message names it.
+    pub round: u64,
+    /// Ed25519 public keys of the participants, hex; the index is the [`ClientId`].
+    pub roster: Vec<String>,
+    /// Minimum number of clients whose inputs enter the sum (the `t` of SecAgg). Fewer
+    /// survivors abort the round and nothing is released.
+    pub min_survivors: u32,
+    /// Neighbours per client in the communication graph (`k`). `n - 1` is classic SecAgg.
+    pub neighbours: u32,
+    /// Shares of a client's neighbourhood needed to reconstruct its secrets.
+    pub share_threshold: u32,
+    /// Number of model parameters `m` in the update (the weight travels as one more element).
+    pub vector_len: u32,
+    /// Optional tensor layout; when present its element count equals `vector_len`.
+    #[serde(default)]
+    pub layout: Vec<TensorSpec>,
+    /// Each coordinate is clipped to `[-clip, clip]` before quantization.
+    pub clip: f32,
+    /// Arithmetic is modulo `2^modulus_bits` (8..=32).
+    pub modulus_bits: u8,
+    /// Cap on a client's FedAvg weight (its example count).
+    pub max_weight: u32,
+    /// Milliseconds each phase waits for stragglers before it closes without them.
+    pub phase_timeout_ms: u64,
+    /// Public seed from which the neighbour graph is drawn, hex (32 bytes).
+    pub graph_seed: String,
+}
+
+/// Default statistical parameters for choosing `k` (see [`default_neighbours`]).
+pub const DEFAULT_DROPOUT_RATE: f64 = 0.1;
+pub const DEFAULT_CORRUPTION_RATE: f64 = 0.1;
+
+impl RoundConfig {
+    pub fn participants(&self) -> usize {
+        self.roster.len()
+    }
+
+    /// Length of the vectors that are masked and summed: the parameters plus the weight.
+    pub fn masked_len(&self) -> usize {
+        self.vector_len as usize + 1
+    }
+
+    pub fn modulus_mask(&self) -> u32 {
+        if self.modulus_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << self.modulus_bits) - 1
+        }
+    }
+
+    pub fn graph_seed_bytes(&self) -> Result<[u8; 32], Error> {
+        let v = hex::decode(&self.graph_seed).map_err(|_| Error::Config("graph_seed is not hex".into()))?;
+        v.try_into().map_err(|_| Error::Config("graph_seed must be 32 bytes".into()))
+    }
+
+    pub fn roster_key(&self, id: ClientId) -> Result<[u8; 32], Error> {
+        let hex_key = self
+            .roster
+            .get(id.0 as usize)
+            .ok_or(Error::Protocol(crate::ProtocolError::UnknownClient(id)))?;
+        let v = hex::decode(hex_key).map_err(|_| Error::Config(format!("roster key {id} is not hex")))?;
+        v.try_into().map_err(|_| Error::Config(format!("roster key {id} must be 32 bytes")))
+    }
+
+    /// A configuration for `n` participants with the defaults documented on
+    /// [`default_neighbours`]; `min_survivors` defaults to two thirds of `n`.
+    pub fn with_defaults(round: u64, roster: Vec<String>, vector_len: u32, graph_seed: [u8; 32]) -> RoundConfig {
+        let n = roster.len() as u32;
+        let (k, share_threshold) = default_neighbours(n, DEFAULT_DROPOUT_RATE, DEFAULT_CORRUPTION_RATE);
+        let min_survivors = ((2 * n).div_ceil(3)).max(share_threshold).min(n).max(1);
+        RoundConfig {
+            round,
+            roster,
+            min_survivors,
+            neighbours: k,
+            share_threshold,
+            vector_len,
+            layout: Vec::new(),
+            clip: 1.0,
+            modulus_bits: 32,
+            max_weight: 1 << 16,
+            phase_timeout_ms: 30_000,
+            graph_seed: hex::encode(graph_seed),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let n = self.participants() as u64;
+        let bad = |s: String| Err(Error::Config(s));
+        if n < 2 {
+            return bad(format!("a round needs at least 2 participants, got {n}"));
+        }
+        if !(8..=32).contains(&self.modulus_bits) {
+            return bad(format!("modulus_bits must be in 8..=32, got {}", self.modulus_bits));
+        }
+        let k = self.neighbours as u64;
+        if k == 0 || k > n - 1 {
+            return bad(format!("neighbours must be in 1..={}, got {k}", n - 1));
+        }
+        if k != n - 1 && k % 2 != 0 {
+            return bad(format!("neighbours must be even unless it is n-1 (got {k})"));
+        }
+        if k > 254 {
+            return bad(format!("neighbours must be at most 254 (shares are indexed in GF(2^8)), got {k}"));
+        }
+        let ts = self.share_threshold as u64;
+        if ts < 1 || ts > k {
+            return bad(format!("share_threshold must be in 1..={k}, got {ts}"));
+        }
+        // An adversary holding both kinds of share of one client needs 2*ts shares among k
+        // neighbours; ts > k/2 makes that impossible even before the consistency check.
+        if 2 * ts <= k {
+            return bad(format!("share_threshold must exceed neighbours/2 = {}, got {ts}", k / 2));
+        }
+        let t = self.min_survivors as u64;
+        if t < 1 || t > n {
+            return bad(format!("min_survivors must be in 1..={n}, got {t}"));
+        }
+        if self.vector_len == 0 {
+            return bad("vector_len must be positive".into());
+        }
+        if !self.layout.is_empty() {
+            let total: u64 = self.layout.iter().map(TensorSpec::numel).sum();
+            if total != self.vector_len as u64 {
+                return bad(format!("layout has {total} elements, vector_len is {}", self.vector_len));
+            }
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return bad(format!("clip must be a positive finite number, got {}", self.clip));
+        }
+        if self.max_weight == 0 {
+            return bad("max_weight must be positive".into());
+        }
+        let modulus_max = self.modulus_mask() as u64;
+        if n * self.max_weight as u64 > modulus_max {
+            return bad(format!(
+                "n * max_weight = {} overflows the modulus 2^{}",
+                n * self.max_weight as u64,
+                self.modulus_bits
+            ));
+        }
+        if modulus_max / n < 2 {
+            return bad(format!("modulus 2^{} leaves fewer than 2 levels for {n} inputs", self.modulus_bits));
+        }
+        self.graph_seed_bytes()?;
+        for i in 0..self.roster.len() {
+            self.roster_key(ClientId(i as u32))?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 over a canonical length-prefixed encoding; every signed message binds it.
+    pub fn digest(&self) -> [u8; 32] {
+        let bytes = canonical_encoding(self);
+        let mut h = Sha256::new();
+        h.update(b"tessera/round-config/v1");
+        h.update(bytes);
+        h.finalize().into()
+    }
+}
+
+fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut put = |label: &str, v: &[u8]| {
+        out.extend_from_slice(&(label.len() as u32).to_le_bytes());
+        out.extend_from_slice(label.as_bytes());
+        out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        out.extend_from_slice(v);
+    };
+    put("round", &cfg.round.to_le_bytes());
+    for k in &cfg.roster {
+        put("roster", k.as_bytes());
+    }
+    put("min_survivors", &cfg.min_survivors.to_le_bytes());
+    put("neighbours", &cfg.neighbours.to_le_bytes());
+    put("share_threshold", &cfg.share_threshold.to_le_bytes());
+    put("vector_len", &cfg.vector_len.to_le_bytes());
+    for t in &cfg.layout {
+        put("layout.name", t.name.as_bytes());
+        let shape: Vec<u8> = t.shape.iter().flat_map(|d| d.to_le_bytes()).collect();
+        put("layout.shape", &shape);
+    }
+    put("clip", &cfg.clip.to_bits().to_le_bytes());
+    put("modulus_bits", &[cfg.modulus_bits]);
+    put("max_weight", &cfg.max_weight.to_le_bytes());
+    put("phase_timeout_ms", &cfg.phase_timeout_ms.to_le_bytes());
+    put("graph_seed", cfg.graph_seed.as_bytes());
+    out
+}
+
+/// Chooses the neighbour count `k` and the share threshold for `n` clients, following
+/// the analysis of SecAgg+ (Bell et al. 2020, Sec. 4): each client's secrets must stay
+/// recoverable when a fraction `dropout` of its neighbours vanish, and must stay secret
+/// when a fraction `corruption` of them collude with the server.
+///
+/// We take the smallest even `k` (up to `n-1`) and threshold `t_k > k/2` such that, with
+/// a union bound over all `n` clients, the probability that some neighbourhood has fewer
+/// than `t_k` survivors is below 2^-20 (correctness) and the probability that some
+/// neighbourhood has `t_k` or more corrupt members is below 2^-40 (security). When no
+/// sparse graph meets both bounds the complete graph (`k = n-1`, classic SecAgg) is used
+/// with the smallest threshold above `(n-1)/2`.
+pub fn default_neighbours(n: u32, dropout: f64, corruption: f64) -> (u32, u32) {
+    let n = n.max(2);
+    let union = (n as f64).log2();
+    let mut k = 2u32;
+    while k < n - 1 && k <= 254 {
+        for t in (k / 2 + 1)..=k {
+            // P[Binomial(k, 1 - dropout) < t]  and  P[Binomial(k, corruption) >= t].
+            let fail_correct = binomial_cdf_below(k, 1.0 - dropout, t);
+            let fail_secure = 1.0 - binomial_cdf_below(k, corruption, t);
+            let ok_correct = fail_correct.log2() + union <= -20.0;
+            let ok_secure = fail_secure.max(f64::MIN_POSITIVE).log2() + union <= -40.0;
+            if ok_correct && ok_secure {
+                return (k, t);
+            }
+        }
+        k += 2;
+    }
+    let k = (n - 1).min(254);
+    (k, k / 2 + 1)
+}
+
+/// P[X < t] for X ~ Binomial(k, p), summed in log space for stability.
+fn binomial_cdf_below(k: u32, p: f64, t: u32) -> f64 {
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    let mut total = 0.0;
+    let mut log_choose = 0.0f64; // ln C(k, 0)
+    for i in 0..t.min(k + 1) {
+        if i > 0 {
+            log_choose += ((k - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        total += (log_choose + i as f64 * lp + (k - i) as f64 * lq).exp();
+    }
+    total.min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roster(n: usize) -> Vec<String> {
+        (0..n).map(|i| hex::encode([i as u8; 32])).collect()
+    }
+
+    #[test]
+    fn defaults_validate_for_many_sizes() {
+        for n in 2..=300u32 {
+            let cfg = RoundConfig::with_defaults(1, roster(n as usize), 10, [7; 32]);
+            cfg.validate().unwrap_or_else(|e| panic!("n={n}: {e}"));
+        }
+    }
+
+    #[test]
+    fn default_k_is_sparse_for_large_n() {
+        let (k, t) = default_neighbours(1000, 0.1, 0.1);
+        assert!(k < 200 && k % 2 == 0, "k={k}");
+        assert!(2 * t > k);
+        let (k_small, _) = default_neighbours(10, 0.1, 0.1);
+        assert_eq!(k_small, 9, "small rounds use the complete graph");
+    }
+
+    #[test]
+    fn binomial_matches_direct_sum() {
+        // P[Bin(4, 0.5) < 2] = (1 + 4) / 16
+        assert!((binomial_cdf_below(4, 0.5, 2) - 5.0 / 16.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut cfg = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
+        cfg.share_threshold = 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("share_threshold"), "{err}");
+        let mut cfg = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
+        cfg.max_weight = u32::MAX;
+        assert!(cfg.validate().unwrap_err().to_string().contains("overflows"));
+    }
+
+    #[test]
+    fn digest_changes_with_every_field() {
+        let base = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
+        let mut other = base.clone();
+        other.round = 2;
+        assert_ne!(base.digest(), other.digest());
+        let mut other = base.clone();
+        other.clip = 2.0;
+        assert_ne!(base.digest(), other.digest());
+        assert_eq!(base.digest(), base.clone().digest());
+    }
+}

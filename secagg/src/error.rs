@@ -1,0 +1,60 @@
+//! One error type for the crate, with the failing check in the variant, so that the
+//! server can map each refusal to an HTTP status and a caller can match on the cause.
+
+use crate::aggregator::Phase;
+use crate::config::ClientId;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum Error {
+    #[error("invalid round configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("cryptographic failure: {0}")]
+    Crypto(&'static str),
+}
+
+/// A message that is well formed but not acceptable at this point of the round.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("message is for round {got}, this round is {expected}")]
+    WrongRound { expected: u64, got: u64 },
+    #[error("message belongs to phase {got:?} but the round is in phase {current:?}")]
+    WrongPhase { current: Phase, got: Phase },
+    #[error("client {0} is not a participant of this round")]
+    UnknownClient(ClientId),
+    #[error("client {0} already sent this message (replay or duplicate)")]
+    Duplicate(ClientId),
+    #[error("client {0} is not in the set allowed to send this message")]
+    NotInSurvivorSet(ClientId),
+    #[error("signature by client {0} does not verify")]
+    BadSignature(ClientId),
+    #[error("masked input has {got} elements, the round expects {expected}")]
+    WrongLength { expected: usize, got: usize },
+    #[error("share message from client {from} is inconsistent: {why}")]
+    BadShares { from: ClientId, why: &'static str },
+    #[error("survivor set has {got} members, below the threshold {threshold}")]
+    BelowThreshold { threshold: usize, got: usize },
+    #[error("the server asked for a survivor set different from the one this client signed")]
+    ConflictingSurvivorSet,
+    #[error("the server asked to reveal both the self-mask share and the mask-key share of client {0}")]
+    BothSharesRequested(ClientId),
+    #[error("too few valid consistency signatures: {valid} of the {threshold} required")]
+    TooFewConsistencySignatures { threshold: usize, valid: usize },
+    #[error("could not reconstruct the secret of client {0}: too few shares")]
+    TooFewShares(ClientId),
+    #[error("reconstructed secret of client {0} does not match its commitment")]
+    ReconstructionMismatch(ClientId),
+    #[error("the round was aborted: {0}")]
+    Aborted(String),
+    #[error("the client state machine is in state {state}, it cannot accept {got}")]
+    ClientOutOfOrder { state: &'static str, got: &'static str },
+}
+
+impl Error {
+    pub(crate) fn malformed(why: impl Into<String>) -> Self {
+        Error::Malformed(why.into())
+    }
+}

@@ -1,0 +1,168 @@
+//! Quantization of real-valued updates into `Z_{2^b}` so that masks can be added exactly.
+//!
+//! Each coordinate is clipped to `[-c, c]`, scaled by the client's FedAvg weight share
+//! `w / w_max`, mapped affinely onto `[0, L]` and stochastically rounded (unbiased). `L`
+//! is the largest integer with `n * L < 2^b`, so the sum of all `n` inputs never wraps.
+//! The weight itself travels as one extra integer element, so the aggregator learns
+//! `Σ w_i x_i` and `Σ w_i` and nothing per client. Dequantizing the sum of `s` inputs
+//! removes the `s` offsets and divides by the total weight (FedAvg).
+
+use rand::Rng;
+
+use crate::config::RoundConfig;
+use crate::error::Error;
+
+#[derive(Clone, Debug)]
+pub struct Quantizer {
+    clip: f64,
+    levels: u64,
+    max_weight: u32,
+    mask: u32,
+}
+
+/// The released aggregate: the weighted mean of the included clients' updates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightedMean {
+    pub mean: Vec<f32>,
+    pub total_weight: u64,
+    pub included: usize,
+}
+
+impl Quantizer {
+    pub fn new(cfg: &RoundConfig) -> Self {
+        let mask = cfg.modulus_mask();
+        let n = cfg.participants() as u64;
+        Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask }
+    }
+
+    /// Width of one quantization step in the units of the (weight-scaled) update.
+    pub fn step(&self) -> f64 {
+        2.0 * self.clip / self.levels as f64
+    }
+
+    /// Worst-case absolute error of one coordinate of the released mean, given the
+    /// number of included clients and their total weight: each client rounds by at most
+    /// one step, scaled back by `w_max / Σw`.
+    pub fn mean_error_bound(&self, included: usize, total_weight: u64) -> f64 {
+        self.step() * included as f64 * self.max_weight as f64 / total_weight.max(1) as f64
+    }
+
+    /// Clips, weights and stochastically rounds `update`; appends the weight. NaN
+    /// coordinates are refused rather than silently zeroed.
+    pub fn quantize<R: Rng + ?Sized>(&self, update: &[f32], weight: u32, rng: &mut R) -> Result<Vec<u32>, Error> {
+        if weight == 0 || weight > self.max_weight {
+            return Err(Error::Config(format!("weight must be in 1..={}, got {weight}", self.max_weight)));
+        }
+        let scale = weight as f64 / self.max_weight as f64;
+        let to_levels = self.levels as f64 / (2.0 * self.clip);
+        let mut out = Vec::with_capacity(update.len() + 1);
+        for (i, &x) in update.iter().enumerate() {
+            if x.is_nan() {
+                return Err(Error::malformed(format!("update coordinate {i} is NaN")));
+            }
+            let clipped = (x as f64).clamp(-self.clip, self.clip) * scale;
+            let pos = (clipped + self.clip) * to_levels; // in [0, L]
+            let floor = pos.floor();
+            let up = rng.gen::<f64>() < pos - floor;
+            let q = (floor as u64 + up as u64).min(self.levels);
+            out.push(q as u32);
+        }
+        out.push(weight);
+        Ok(out)
+    }
+
+    /// Turns the modular sum of `included` quantized inputs into the weighted mean.
+    pub fn dequantize_sum(&self, sum: &[u32], included: usize) -> Result<WeightedMean, Error> {
+        let (weight, values) = sum.split_last().ok_or_else(|| Error::malformed("empty sum"))?;
+        let total_weight = (*weight & self.mask) as u64;
+        if total_weight == 0 {
+            return Err(Error::malformed("total weight of the sum is zero"));
+        }
+        let from_levels = 2.0 * self.clip / self.levels as f64;
+        let offset = included as f64 * self.clip;
+        let rescale = self.max_weight as f64 / total_weight as f64;
+        let mean = values
+            .iter()
+            .map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32)
+            .collect();
+        Ok(WeightedMean { mean, total_weight, included })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn cfg(n: usize, bits: u8) -> RoundConfig {
+        let mut c = RoundConfig::with_defaults(1, (0..n).map(|i| hex::encode([i as u8; 32])).collect(), 4, [0; 32]);
+        c.modulus_bits = bits;
+        c.max_weight = 100;
+        c.clip = 0.5;
+        c
+    }
+
+    #[test]
+    fn sum_of_n_extremes_does_not_wrap() {
+        for bits in [8u8, 16, 32] {
+            let mut c = cfg(7, bits);
+            c.max_weight = (c.modulus_mask() / 7).min(100);
+            c.validate().unwrap();
+            let w = c.max_weight;
+            let q = Quantizer::new(&c);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            let inputs: Vec<Vec<u32>> = (0..7).map(|_| q.quantize(&[9.0, -9.0, 0.5, -0.5], w, &mut rng).unwrap()).collect();
+            let mut sum = vec![0u32; 5];
+            for v in &inputs {
+                for (s, x) in sum.iter_mut().zip(v) {
+                    *s = s.wrapping_add(*x) & c.modulus_mask();
+                }
+            }
+            let mean = q.dequantize_sum(&sum, 7).unwrap();
+            assert_eq!(mean.total_weight, 7 * w as u64);
+            let bound = q.mean_error_bound(7, 7 * w as u64) as f32;
+            for (got, want) in mean.mean.iter().zip([0.5f32, -0.5, 0.5, -0.5]) {
+                assert!((got - want).abs() <= bound + 1e-6, "bits={bits}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let c = cfg(2, 8);
+        let q = Quantizer::new(&c);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let x = 0.1234f32;
+        let trials = 20_000;
+        let mut acc = 0.0f64;
+        for _ in 0..trials {
+            let v = q.quantize(&[x], 100, &mut rng).unwrap();
+            acc += v[0] as f64 * q.step() - 0.5;
+        }
+        let mean = acc / trials as f64;
+        // Standard error of the mean is at most step / (2 sqrt(trials)).
+        assert!((mean - x as f64).abs() < 4.0 * q.step() / (2.0 * (trials as f64).sqrt()), "{mean}");
+    }
+
+    #[test]
+    fn weighted_mean_is_fedavg() {
+        let c = cfg(3, 32);
+        let q = Quantizer::new(&c);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let a = q.quantize(&[0.4, 0.0, 0.0, 0.0], 10, &mut rng).unwrap();
+        let b = q.quantize(&[-0.2, 0.0, 0.0, 0.0], 30, &mut rng).unwrap();
+        let sum: Vec<u32> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y)).collect();
+        let m = q.dequantize_sum(&sum, 2).unwrap();
+        let want = (0.4 * 10.0 - 0.2 * 30.0) / 40.0;
+        assert!((m.mean[0] - want).abs() < 1e-6, "{} vs {want}", m.mean[0]);
+    }
+
+    #[test]
+    fn refuses_nan_and_bad_weight() {
+        let q = Quantizer::new(&cfg(3, 32));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        assert!(q.quantize(&[f32::NAN], 1, &mut rng).is_err());
+        assert!(q.quantize(&[0.0], 0, &mut rng).is_err());
+        assert!(q.quantize(&[0.0], 101, &mut rng).is_err());
+    }
+}

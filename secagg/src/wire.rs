@@ -1,0 +1,326 @@
+//! Messages of the five SecAgg phases. Control messages travel as JSON (byte fields in
+//! hex); the masked input, the one large message, has a fixed binary layout parsed with
+//! explicit lengths ([`MaskedInput::encode`] / [`MaskedInput::decode`]).
+//!
+//! Every client message carries an Ed25519 signature over a [`Transcript`] that binds the
+//! round-config digest, the round number, the sender and the content, which is what the
+//! active-adversary variant of SecAgg requires (Bonawitz et al. 2017, Sec. 6).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ClientId;
+use crate::crypto::{sha256, Transcript};
+use crate::error::Error;
+use crate::shamir::Share;
+
+/// Serde helper: fixed-size byte arrays as hex strings.
+pub mod hexarr {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let v = hex::decode(s.as_ref()).map_err(serde::de::Error::custom)?;
+        v.try_into().map_err(|v: Vec<u8>| serde::de::Error::custom(format!("expected {N} bytes, got {}", v.len())))
+    }
+}
+
+/// Serde helper: variable-length bytes as hex strings.
+pub mod hexvec {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        hex::decode(s.as_ref()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Phase 0: a client's round keys and its attestation evidence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvertiseKeys {
+    pub round: u64,
+    pub client: ClientId,
+    #[serde(with = "hexarr")]
+    pub enc_pk: [u8; 32],
+    #[serde(with = "hexarr")]
+    pub mask_pk: [u8; 32],
+    /// Attestation evidence bound to these keys; opaque to the protocol core.
+    #[serde(with = "hexvec", default)]
+    pub evidence: Vec<u8>,
+    #[serde(with = "hexarr")]
+    pub signature: [u8; 64],
+}
+
+impl AdvertiseKeys {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("advertise-keys", digest, self.round);
+        t.id(self.client).bytes(&self.enc_pk).bytes(&self.mask_pk).bytes(&sha256(&self.evidence));
+        t
+    }
+}
+
+/// Server to clients after phase 0: every admitted client's advertisement (U1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyDirectory {
+    pub round: u64,
+    pub advertised: Vec<AdvertiseKeys>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptedShare {
+    pub to: ClientId,
+    #[serde(with = "hexvec")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// Phase 1: the shares of a client's mask key and self-mask seed, one AES-GCM
+/// ciphertext per neighbour, plus a commitment to the self-mask seed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareKeys {
+    pub round: u64,
+    pub client: ClientId,
+    #[serde(with = "hexarr")]
+    pub self_mask_commitment: [u8; 32],
+    pub shares: Vec<EncryptedShare>,
+    #[serde(with = "hexarr")]
+    pub signature: [u8; 64],
+}
+
+impl ShareKeys {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("share-keys", digest, self.round);
+        t.id(self.client).bytes(&self.self_mask_commitment).u64(self.shares.len() as u64);
+        for s in &self.shares {
+            t.id(s.to).bytes(&s.ciphertext);
+        }
+        t
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardedShare {
+    pub from: ClientId,
+    #[serde(with = "hexvec")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// Server to one client after phase 1: the set U2 of clients that shared keys and the
+/// ciphertexts its neighbours in U2 addressed to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareBundle {
+    pub round: u64,
+    pub to: ClientId,
+    pub shared: Vec<ClientId>,
+    pub shares: Vec<ForwardedShare>,
+}
+
+/// Phase 2: the masked, quantized update `y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^b`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MaskedInput {
+    pub round: u64,
+    pub client: ClientId,
+    pub data: Vec<u32>,
+    pub signature: [u8; 64],
+}
+
+impl std::fmt::Debug for MaskedInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskedInput").field("round", &self.round).field("client", &self.client).field("len", &self.data.len()).finish()
+    }
+}
+
+const MASKED_MAGIC: &[u8; 4] = b"TSMI";
+const MASKED_VERSION: u8 = 1;
+/// magic, version, round, client, element count, signature.
+pub const MASKED_HEADER_LEN: usize = 4 + 1 + 8 + 4 + 4 + 64;
+
+impl MaskedInput {
+    pub fn data_digest(data: &[u32]) -> [u8; 32] {
+        let mut bytes = Vec::with_capacity(data.len() * 4);
+        for w in data {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        sha256(&bytes)
+    }
+
+    pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("masked-input", digest, round);
+        t.id(client).bytes(data_digest);
+        t
+    }
+
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data))
+    }
+
+    /// Size of the encoding of an input of `elements` words; servers derive their body
+    /// limit from it.
+    pub fn encoded_len(elements: usize) -> usize {
+        MASKED_HEADER_LEN + 4 * elements
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::encoded_len(self.data.len()));
+        out.extend_from_slice(MASKED_MAGIC);
+        out.push(MASKED_VERSION);
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.client.0.to_le_bytes());
+        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.signature);
+        for w in &self.data {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Parses the binary layout; every length is checked before it is used.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.len() < MASKED_HEADER_LEN {
+            return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
+        }
+        let (header, body) = bytes.split_at(MASKED_HEADER_LEN);
+        if &header[..4] != MASKED_MAGIC {
+            return Err(Error::malformed("masked input does not start with TSMI"));
+        }
+        if header[4] != MASKED_VERSION {
+            return Err(Error::malformed(format!("masked input version {} is not supported", header[4])));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
+        let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
+        let round = u64_at(5);
+        let client = ClientId(u32_at(13));
+        let count = u32_at(17) as usize;
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(&header[21..85]);
+        if body.len() != count.saturating_mul(4) {
+            return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
+        }
+        let data = body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        Ok(MaskedInput { round, client, data, signature })
+    }
+}
+
+/// Server to clients after phase 2: U3, the clients whose masked inputs were summed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SurvivorSet {
+    pub round: u64,
+    pub survivors: Vec<ClientId>,
+}
+
+impl SurvivorSet {
+    pub fn transcript(digest: &[u8; 32], round: u64, survivors: &[ClientId]) -> Transcript {
+        let mut t = Transcript::new("consistency-check", digest, round);
+        t.ids(survivors);
+        t
+    }
+}
+
+/// Phase 3: a client's signature over U3. Honest clients sign one survivor set per round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencySignature {
+    pub round: u64,
+    pub client: ClientId,
+    #[serde(with = "hexarr")]
+    pub signature: [u8; 64],
+}
+
+/// Server to clients after phase 3: U3 and at least `t` signatures over it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnmaskRequest {
+    pub round: u64,
+    pub survivors: Vec<ClientId>,
+    pub signatures: Vec<ConsistencySignature>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevealedShare {
+    pub of: ClientId,
+    pub share: Share,
+}
+
+/// Phase 4: self-mask shares of surviving neighbours and mask-key shares of neighbours
+/// that dropped after sharing keys; never both for one neighbour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnmaskShares {
+    pub round: u64,
+    pub client: ClientId,
+    pub self_mask_shares: Vec<RevealedShare>,
+    pub mask_key_shares: Vec<RevealedShare>,
+    #[serde(with = "hexarr")]
+    pub signature: [u8; 64],
+}
+
+impl UnmaskShares {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("unmask-shares", digest, self.round);
+        t.id(self.client);
+        for (label, list) in [(&b"self"[..], &self.self_mask_shares), (&b"mask-key"[..], &self.mask_key_shares)] {
+            t.bytes(label).u64(list.len() as u64);
+            for r in list {
+                t.id(r.of).bytes(&[r.share.x]).bytes(&r.share.y);
+            }
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MaskedInput {
+        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], signature: [5; 64] }
+    }
+
+    #[test]
+    fn masked_input_round_trips() {
+        let m = sample();
+        assert_eq!(MaskedInput::decode(&m.encode()).unwrap(), m);
+        assert_eq!(m.encode().len(), MaskedInput::encoded_len(3));
+    }
+
+    #[test]
+    fn masked_input_rejects_every_truncation_and_bad_header() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            assert!(MaskedInput::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(MaskedInput::decode(&bad).is_err());
+        let mut bad = bytes.clone();
+        bad[4] = 9;
+        assert!(MaskedInput::decode(&bad).is_err());
+        let mut long = bytes;
+        long.push(0);
+        assert!(MaskedInput::decode(&long).is_err());
+    }
+
+    #[test]
+    fn json_rejects_wrong_lengths_and_unknown_fields() {
+        let ok = r#"{"round":1,"client":0,"signature":"00"}"#;
+        assert!(serde_json::from_str::<ConsistencySignature>(ok).is_err());
+        let extra = format!(r#"{{"round":1,"client":0,"signature":"{}","x":1}}"#, "00".repeat(64));
+        assert!(serde_json::from_str::<ConsistencySignature>(&extra).is_err());
+        let good = format!(r#"{{"round":1,"client":0,"signature":"{}"}}"#, "00".repeat(64));
+        assert!(serde_json::from_str::<ConsistencySignature>(&good).is_ok());
+    }
+}

@@ -1,0 +1,410 @@
+//! Whole SecAgg+ rounds in memory, deterministic under a seeded RNG: the released sum
+//! is exactly the sum of the included inputs for every dropout schedule that leaves
+//! enough survivors, and nothing is released otherwise.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use tessera_secagg::aggregator::{Aggregator, Outcome, Phase};
+use tessera_secagg::client::Client;
+use tessera_secagg::crypto::MessageSigner;
+use tessera_secagg::graph::CommunicationGraph;
+use tessera_secagg::wire::*;
+use tessera_secagg::{ClientId, Error, ProtocolError, RoundConfig, Timestamp};
+
+/// Deterministic Ed25519 keys for tests.
+fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).unwrap())
+}
+
+fn config(n: usize, t: u32, k: u32, ts: u32, m: u32, bits: u8) -> RoundConfig {
+    let roster = (0..n).map(|i| hex::encode(signer(i).public_key())).collect();
+    let mut cfg = RoundConfig::with_defaults(3, roster, m, [42; 32]);
+    cfg.min_survivors = t;
+    cfg.neighbours = k;
+    cfg.share_threshold = ts;
+    cfg.modulus_bits = bits;
+    cfg.max_weight = 1;
+    cfg
+}
+
+/// The last phase a client takes part in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Drop {
+    BeforeAdvertise,
+    BeforeShare,
+    BeforeMasked,
+    BeforeConsistency,
+    BeforeUnmask,
+    Never,
+}
+
+const DROPS: [Drop; 6] = [Drop::BeforeAdvertise, Drop::BeforeShare, Drop::BeforeMasked, Drop::BeforeConsistency, Drop::BeforeUnmask, Drop::Never];
+
+struct RoundResult {
+    outcome: Outcome,
+    masked_inputs: Vec<MaskedInput>,
+}
+
+fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) -> RoundResult {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let n = cfg.participants();
+    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
+    // Each phase is closed by its deadline: the clock jumps past it every time.
+    let step = cfg.phase_timeout_ms;
+    let mut clock = 0u64;
+    let mut far = || {
+        clock += step;
+        Timestamp(clock)
+    };
+    let mut clients: Vec<Option<Client>> = (0..n)
+        .map(|i| Some(Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()))
+        .collect();
+    let alive = |c: &mut Vec<Option<Client>>, i: usize, at: Drop| {
+        if drops[i] <= at {
+            c[i] = None;
+        }
+        c[i].is_some()
+    };
+
+    for i in 0..n {
+        if alive(&mut clients, i, Drop::BeforeAdvertise) {
+            let c = clients[i].as_ref().unwrap();
+            agg.handle_advertise(c.advertise(vec![])).unwrap();
+        }
+    }
+    agg.advance(far());
+    if let Some(dir) = agg.key_directory() {
+        for i in 0..n {
+            if alive(&mut clients, i, Drop::BeforeShare) {
+                match clients[i].as_mut().unwrap().handle_key_directory(&dir, &mut rng) {
+                    Ok(msg) => agg.handle_share_keys(msg).unwrap(),
+                    // Too few neighbours advertised: the client cannot protect its secrets
+                    // and leaves the round, as the protocol requires.
+                    Err(Error::Protocol(ProtocolError::BelowThreshold { .. })) => clients[i] = None,
+                    Err(e) => panic!("client {i}: {e}"),
+                }
+            }
+        }
+        agg.advance(far());
+    }
+    let mut masked_inputs = Vec::new();
+    for i in 0..n {
+        if alive(&mut clients, i, Drop::BeforeMasked) {
+            let Some(bundle) = agg.share_bundle(ClientId(i as u32)) else { continue };
+            let masked = clients[i].as_mut().unwrap().handle_share_bundle(&bundle, &inputs[i]).unwrap();
+            agg.handle_masked_input(&masked).unwrap();
+            masked_inputs.push(masked);
+        }
+    }
+    agg.advance(far());
+    if let Some(set) = agg.survivor_set() {
+        for i in 0..n {
+            if set.survivors.contains(&ClientId(i as u32)) && alive(&mut clients, i, Drop::BeforeConsistency) {
+                let sig = clients[i].as_mut().unwrap().handle_survivor_set(&set).unwrap();
+                agg.handle_consistency(sig).unwrap();
+            }
+        }
+        agg.advance(far());
+    }
+    if let Some(req) = agg.unmask_request() {
+        for i in 0..n {
+            if req.signatures.iter().any(|s| s.client.0 as usize == i) && alive(&mut clients, i, Drop::BeforeUnmask) {
+                let shares = clients[i].as_mut().unwrap().handle_unmask_request(&req).unwrap();
+                agg.handle_unmask(shares).unwrap();
+            }
+        }
+        agg.advance(far());
+    }
+    let outcome = agg.outcome().cloned().expect("round ended");
+    RoundResult { outcome, masked_inputs }
+}
+
+/// Independent model of who survives and whether every needed secret is recoverable.
+fn expected_included(cfg: &RoundConfig, drops: &[Drop]) -> Option<Vec<ClientId>> {
+    let n = cfg.participants();
+    let t = cfg.min_survivors as usize;
+    let ts = cfg.share_threshold as usize;
+    let g = CommunicationGraph::for_config(cfg).unwrap();
+    let set = |d: Drop| -> BTreeSet<usize> { (0..n).filter(|&i| drops[i] > d).collect() };
+    let u1 = set(Drop::BeforeAdvertise);
+    if u1.len() < t {
+        return None;
+    }
+    let nb = |i: usize| g.neighbours(ClientId(i as u32)).iter().map(|c| c.0 as usize).collect::<Vec<_>>();
+    let u2: BTreeSet<usize> =
+        set(Drop::BeforeShare).into_iter().filter(|&i| nb(i).iter().filter(|v| u1.contains(v)).count() >= ts).collect();
+    let u3: BTreeSet<usize> = u2.iter().copied().filter(|&i| drops[i] > Drop::BeforeMasked).collect();
+    let u4: BTreeSet<usize> = u3.iter().copied().filter(|&i| drops[i] > Drop::BeforeConsistency).collect();
+    let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| drops[i] > Drop::BeforeUnmask).collect();
+    if [u2.len(), u3.len(), u4.len(), u5.len()].iter().any(|&s| s < t) {
+        return None;
+    }
+    let holders = |u: usize| nb(u).iter().filter(|v| u5.contains(v)).count();
+    for &u in &u2 {
+        let needed = u3.contains(&u) || nb(u).iter().any(|v| u3.contains(v));
+        if needed && holders(u) < ts {
+            return None;
+        }
+    }
+    Some(u3.into_iter().map(|i| ClientId(i as u32)).collect())
+}
+
+fn exact_sum(cfg: &RoundConfig, inputs: &[Vec<u32>], included: &[ClientId]) -> Vec<u32> {
+    let mut sum = vec![0u32; cfg.masked_len()];
+    for c in included {
+        for (s, x) in sum.iter_mut().zip(&inputs[c.0 as usize]) {
+            *s = s.wrapping_add(*x);
+        }
+    }
+    sum.iter().map(|x| x & cfg.modulus_mask()).collect()
+}
+
+fn arb_round() -> impl Strategy<Value = (RoundConfig, Vec<Vec<u32>>, Vec<Drop>, u64)> {
+    (3usize..=20, any::<u64>(), 1u32..=40, prop_oneof![Just(32u8), Just(16u8), Just(24u8)]).prop_flat_map(|(n, seed, m, bits)| {
+        let complete = n as u32 - 1;
+        let max_even = (complete / 2) * 2;
+        let k_choices: Vec<u32> = std::iter::once(complete).chain((2..=max_even).step_by(2)).collect();
+        (Just(n), Just(seed), Just(m), Just(bits), proptest::sample::select(k_choices), 0.0f64..1.0, 0.0f64..1.0).prop_flat_map(
+            move |(n, seed, m, bits, k, ts_frac, t_frac)| {
+                let ts = k / 2 + 1 + ((k - k / 2 - 1) as f64 * ts_frac) as u32;
+                let t = 1 + ((n as u32 - 1) as f64 * t_frac) as u32;
+                let cfg = config(n, t, k, ts, m, bits);
+                let mask = cfg.modulus_mask();
+                let inputs = proptest::collection::vec(proptest::collection::vec(0..=mask / n as u32, m as usize + 1), n);
+                let drops = proptest::collection::vec(
+                    prop_oneof![6 => Just(Drop::Never), 1 => proptest::sample::select(DROPS.to_vec())],
+                    n,
+                );
+                (Just(cfg), inputs, drops, Just(seed))
+            },
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn released_sum_is_exact_for_any_dropout_schedule((cfg, inputs, drops, seed) in arb_round()) {
+        let result = run_round(&cfg, &inputs, &drops, seed);
+        match (expected_included(&cfg, &drops), result.outcome) {
+            (Some(included), Outcome::Sum(sum)) => {
+                prop_assert_eq!(&sum.included, &included);
+                prop_assert_eq!(sum.sum, exact_sum(&cfg, &inputs, &included));
+            }
+            (None, Outcome::Aborted { .. }) => {}
+            (want, got) => prop_assert!(false, "expected {:?}, got {:?}", want, got),
+        }
+    }
+}
+
+#[test]
+fn classic_secagg_with_thirty_percent_dropout() {
+    let cfg = config(10, 7, 9, 5, 100, 32);
+    let inputs: Vec<Vec<u32>> = (0..10).map(|i| vec![i * 1000 + 7; 101]).collect();
+    let mut drops = vec![Drop::Never; 10];
+    drops[1] = Drop::BeforeMasked;
+    drops[4] = Drop::BeforeConsistency;
+    drops[8] = Drop::BeforeUnmask;
+    let result = run_round(&cfg, &inputs, &drops, 1);
+    let Outcome::Sum(sum) = result.outcome else { panic!("aborted: {:?}", result.outcome) };
+    let included: Vec<ClientId> = (0..10).filter(|&i| i != 1).map(ClientId).collect();
+    assert_eq!(sum.included, included);
+    assert_eq!(sum.sum, exact_sum(&cfg, &inputs, &included));
+}
+
+#[test]
+fn fewer_than_t_survivors_release_nothing() {
+    let cfg = config(6, 5, 5, 3, 8, 32);
+    let inputs = vec![vec![1u32; 9]; 6];
+    let mut drops = vec![Drop::Never; 6];
+    drops[0] = Drop::BeforeMasked;
+    drops[1] = Drop::BeforeMasked;
+    let result = run_round(&cfg, &inputs, &drops, 2);
+    assert!(matches!(result.outcome, Outcome::Aborted { phase: Phase::MaskedInput, .. }), "{:?}", result.outcome);
+}
+
+/// Bits of a masked input of all zeros are indistinguishable from uniform: the
+/// frequency of ones and the byte histogram (chi-square, 255 degrees of freedom) are
+/// within what a uniform source gives.
+#[test]
+fn masked_input_looks_uniform() {
+    let cfg = config(3, 2, 2, 2, 65_535, 32);
+    let inputs = vec![vec![0u32; 65_536]; 3];
+    let result = run_round(&cfg, &inputs, &[Drop::Never; 3], 3);
+    for masked in &result.masked_inputs {
+        let bytes: Vec<u8> = masked.data.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let ones: u64 = bytes.iter().map(|b| b.count_ones() as u64).sum();
+        let bits = bytes.len() as f64 * 8.0;
+        let z = (ones as f64 - bits / 2.0) / (bits / 4.0).sqrt();
+        assert!(z.abs() < 5.0, "ones z-score {z}");
+        let mut hist = [0u64; 256];
+        bytes.iter().for_each(|&b| hist[b as usize] += 1);
+        let expected = bytes.len() as f64 / 256.0;
+        let chi2: f64 = hist.iter().map(|&o| (o as f64 - expected).powi(2) / expected).sum();
+        // mean 255, sd ~22.6; 255 + 6 sd keeps the false-failure rate negligible.
+        assert!(chi2 < 390.0 && chi2 > 140.0, "chi-square {chi2}");
+        // Adjacent words are uncorrelated.
+        let corr = masked.data.windows(2).filter(|w| (w[0] ^ w[1]) & 1 == 0).count() as f64 / (masked.data.len() - 1) as f64;
+        assert!((corr - 0.5).abs() < 0.01, "{corr}");
+    }
+}
+
+struct Harness {
+    cfg: RoundConfig,
+    agg: Aggregator,
+    clients: Vec<Client>,
+    rng: ChaCha20Rng,
+}
+
+/// Drives a round with every client honest up to the survivor set.
+fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet) {
+    let cfg = config(n, 3, (n - 1) as u32, 3, 4, 32);
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()).collect();
+    for c in &clients {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    agg.advance(Timestamp(1)).unwrap();
+    let dir = agg.key_directory().unwrap();
+    for c in &mut clients {
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(2)).unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let bundle = agg.share_bundle(ClientId(i as u32)).unwrap();
+        let masked = c.handle_share_bundle(&bundle, &[1, 2, 3, 4, 1]).unwrap();
+        if !drop_masked.contains(&i) {
+            agg.handle_masked_input(&masked).unwrap();
+        }
+    }
+    agg.advance(Timestamp(u64::MAX / 2)).unwrap();
+    let set = agg.survivor_set().unwrap();
+    (Harness { cfg, agg, clients, rng }, set)
+}
+
+#[test]
+fn honest_client_refuses_to_reveal_both_shares_of_a_peer() {
+    let (mut h, set) = up_to_survivor_set(5, &[4]);
+    assert!(!set.survivors.contains(&ClientId(4)));
+    let sigs: Vec<ConsistencySignature> = h.clients[..4].iter_mut().map(|c| c.handle_survivor_set(&set).unwrap()).collect();
+    // A malicious server now claims client 4 survived (to get its self-mask shares) while
+    // the honest clients signed a set without it (for which they reveal its mask key).
+    let mut lying = set.clone();
+    lying.survivors.push(ClientId(4));
+    assert_eq!(
+        h.clients[0].handle_survivor_set(&lying).unwrap_err(),
+        Error::Protocol(ProtocolError::ClientOutOfOrder { state: "awaiting unmask request", got: "a survivor set" })
+    );
+    let honest_req = UnmaskRequest { round: set.round, survivors: set.survivors.clone(), signatures: sigs.clone() };
+    let revealed = h.clients[0].handle_unmask_request(&honest_req).unwrap();
+    assert!(revealed.mask_key_shares.iter().any(|r| r.of == ClientId(4)));
+    assert!(revealed.self_mask_shares.iter().all(|r| r.of != ClientId(4)));
+    let lying_req = UnmaskRequest { round: set.round, survivors: lying.survivors.clone(), signatures: sigs.clone() };
+    assert_eq!(h.clients[0].handle_unmask_request(&lying_req).unwrap_err(), Error::Protocol(ProtocolError::ConflictingSurvivorSet));
+    // The same request again (a retransmission) gives the same shares and nothing more.
+    assert_eq!(h.clients[0].handle_unmask_request(&honest_req).unwrap(), revealed);
+    // Without t valid signatures over the set, nothing is revealed.
+    let unsigned = UnmaskRequest { round: set.round, survivors: set.survivors.clone(), signatures: sigs[..2].to_vec() };
+    assert!(matches!(
+        h.clients[1].handle_unmask_request(&unsigned).unwrap_err(),
+        Error::Protocol(ProtocolError::TooFewConsistencySignatures { threshold: 3, valid: 2 })
+    ));
+    let _ = (&h.cfg, &mut h.rng);
+}
+
+#[test]
+fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
+    let (mut h, set) = up_to_survivor_set(4, &[]);
+    let sig = h.clients[0].handle_survivor_set(&set).unwrap();
+    h.agg.handle_consistency(sig.clone()).unwrap();
+    assert_eq!(h.agg.handle_consistency(sig.clone()).unwrap_err(), Error::Protocol(ProtocolError::Duplicate(ClientId(0))));
+    let mut other_round = sig.clone();
+    other_round.round += 1;
+    assert!(matches!(h.agg.handle_consistency(other_round).unwrap_err(), Error::Protocol(ProtocolError::WrongRound { .. })));
+    let mut forged = h.clients[1].handle_survivor_set(&set).unwrap();
+    forged.signature[0] ^= 1;
+    assert_eq!(h.agg.handle_consistency(forged).unwrap_err(), Error::Protocol(ProtocolError::BadSignature(ClientId(1))));
+    let mut stranger = sig.clone();
+    stranger.client = ClientId(99);
+    assert_eq!(h.agg.handle_consistency(stranger).unwrap_err(), Error::Protocol(ProtocolError::UnknownClient(ClientId(99))));
+    let adv = h.clients[2].advertise(vec![]);
+    assert!(matches!(h.agg.handle_advertise(adv).unwrap_err(), Error::Protocol(ProtocolError::WrongPhase { .. })));
+    // The round still completes after all the rejected messages.
+    for c in &mut h.clients[1..] {
+        h.agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    h.agg.advance(Timestamp(u64::MAX / 2)).unwrap();
+    let req = h.agg.unmask_request().unwrap();
+    for c in &mut h.clients {
+        h.agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    h.agg.advance(Timestamp(u64::MAX / 2)).unwrap();
+    let Some(Outcome::Sum(sum)) = h.agg.outcome() else { panic!("{:?}", h.agg.outcome()) };
+    assert_eq!(sum.sum, vec![4, 8, 12, 16, 4]);
+}
+
+#[test]
+fn tampered_masked_input_is_rejected_and_sum_unaffected() {
+    let cfg = config(3, 2, 2, 2, 4, 32);
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> = (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    for c in &clients {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    agg.advance(Timestamp(1));
+    let dir = agg.key_directory().unwrap();
+    for c in &mut clients {
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(2));
+    let mut masked: Vec<MaskedInput> =
+        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
+    let mut tampered = masked[0].clone();
+    tampered.data[0] ^= 1;
+    assert_eq!(agg.handle_masked_input(&tampered).unwrap_err(), Error::Protocol(ProtocolError::BadSignature(ClientId(0))));
+    let mut short = masked[0].clone();
+    short.data.pop();
+    assert!(matches!(agg.handle_masked_input(&short).unwrap_err(), Error::Protocol(ProtocolError::WrongLength { .. })));
+    for m in masked.drain(..) {
+        agg.handle_masked_input(&m).unwrap();
+    }
+    agg.advance(Timestamp(3));
+    let set = agg.survivor_set().unwrap();
+    for c in &mut clients {
+        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(4));
+    let req = agg.unmask_request().unwrap();
+    for c in &mut clients {
+        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(5));
+    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!() };
+    assert_eq!(sum.sum, vec![15; 5]);
+}
+
+#[test]
+fn deadline_closes_a_phase_without_stragglers() {
+    let cfg = config(4, 3, 3, 2, 2, 32);
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let mut agg = Aggregator::new(cfg.clone(), Timestamp(1000)).unwrap();
+    let clients: Vec<Client> = (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    for c in &clients[..3] {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    assert_eq!(agg.advance(Timestamp(1000 + cfg.phase_timeout_ms - 1)), None);
+    assert_eq!(agg.poll_timeout(), Some(Timestamp(1000 + cfg.phase_timeout_ms)));
+    let change = agg.advance(Timestamp(1000 + cfg.phase_timeout_ms)).unwrap();
+    assert_eq!(change.to, Phase::ShareKeys);
+    assert_eq!(change.responded.len(), 3);
+    let _ = rng.gen::<u8>();
+}
