@@ -1,0 +1,109 @@
+//! Attestation for Tessera: evidence formats, verification, and node policy.
+//!
+//! Three steps, three error kinds, and the time is always an argument:
+//! 1. **parse and verify** the evidence of one format against its endorsements
+//!    ([`Verifier::verify`] → [`Claims`] or [`VerifyError`]);
+//! 2. **check the binding**: the evidence's report data must equal the 64 bytes derived
+//!    from the keys it vouches for (see `tessera_secagg::client::key_binding`);
+//! 3. **apply policy** ([`policy::NodePolicy::evaluate`] → [`policy::Verdict`] naming
+//!    every failed check).
+//!
+//! Formats plug in as a small table ([`registry`]): detect, verify. This crate ships the
+//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy; the
+//! hardware formats (SEV-SNP, TDX/SGX DCAP, Nitro) plug into the same table.
+
+pub mod dev;
+pub mod policy;
+
+use serde::{Deserialize, Serialize};
+
+/// The evidence formats Tessera knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Simulated evidence for machines without a TEE. Proves nothing.
+    DevInsecure,
+    SevSnp,
+    Tdx,
+    SgxDcap,
+    AwsNitro,
+}
+
+impl Format {
+    pub fn is_insecure(self) -> bool {
+        matches!(self, Format::DevInsecure)
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::DevInsecure => "dev-insecure (SIMULATED, NO HARDWARE GUARANTEE)",
+            Format::SevSnp => "amd-sev-snp",
+            Format::Tdx => "intel-tdx",
+            Format::SgxDcap => "intel-sgx-dcap",
+            Format::AwsNitro => "aws-nitro",
+        })
+    }
+}
+
+/// What verified evidence says about the attested node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub format: Format,
+    /// Launch measurement (SNP MEASUREMENT, TDX MRTD, Nitro PCR0, dev: SHA-384 of the binary), hex.
+    pub measurement: String,
+    /// 64 bytes the attested code chose to bind (report_data / user_data), hex.
+    pub report_data: String,
+    pub debug: bool,
+    /// Seconds since the Unix epoch at which the evidence was produced, where the format says.
+    pub issued_at: Option<u64>,
+}
+
+/// Why evidence failed verification (step 1).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    #[error("evidence format not recognised")]
+    UnknownFormat,
+    #[error("malformed {format:?} evidence: {why}")]
+    Malformed { format: Format, why: String },
+    #[error("{format:?} evidence signature does not verify")]
+    BadSignature { format: Format },
+    #[error("{format:?} evidence is not yet valid or has expired at the verification time")]
+    NotValidAtTime { format: Format },
+}
+
+/// One evidence format: recognise it, and verify it at a given time.
+pub trait Verifier: Send + Sync {
+    fn format(&self) -> Format;
+    fn detect(&self, evidence: &[u8]) -> bool;
+    fn verify(&self, evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError>;
+}
+
+/// Produces evidence over 64 bytes of report data on this node.
+pub trait Attester: Send + Sync {
+    fn format(&self) -> Format;
+    fn attest(&self, report_data: &[u8; 64], now_secs: u64) -> Result<Vec<u8>, AttestError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    #[error("attestation is unavailable on this machine: {0}")]
+    Unavailable(String),
+    #[error("the attestation interface failed: {0}")]
+    Interface(String),
+}
+
+/// The verifiers this build knows, in detection order.
+pub fn registry() -> Vec<Box<dyn Verifier>> {
+    vec![Box::new(dev::DevVerifier)]
+}
+
+/// Detects the format of `evidence` and verifies it.
+pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
+    registry()
+        .into_iter()
+        .find(|v| v.detect(evidence))
+        .ok_or(VerifyError::UnknownFormat)?
+        .verify(evidence, endorsements, now_secs)
+}

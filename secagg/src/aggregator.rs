@@ -160,13 +160,19 @@ impl Aggregator {
 
     /// Phase 0. Attestation of the evidence is the enclave's job and happens before this.
     pub fn handle_advertise(&mut self, msg: AdvertiseKeys) -> Result<(), Error> {
+        self.check_advertise(&msg)?;
+        self.u1.insert(msg.client, msg);
+        Ok(())
+    }
+
+    /// Every protocol check of [`Aggregator::handle_advertise`], without accepting the
+    /// message; the enclave runs it before spending time on the client's evidence.
+    pub fn check_advertise(&self, msg: &AdvertiseKeys) -> Result<(), Error> {
         let key = self.check(msg.round, Phase::AdvertiseKeys, msg.client)?;
         if self.u1.contains_key(&msg.client) {
             return Err(ProtocolError::Duplicate(msg.client).into());
         }
-        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
-        self.u1.insert(msg.client, msg);
-        Ok(())
+        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)
     }
 
     /// Phase 1: one ciphertext for each neighbour in U1, no more, no less.

@@ -1,0 +1,150 @@
+//! Node policy: which verified evidence is acceptable. Evaluation never stops at the
+//! first problem; the [`Verdict`] names every failed check so an operator (or an
+//! auditor's script) sees all of them at once.
+
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::{Claims, Format, VerifyError};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodePolicy {
+    /// Accept simulated evidence. Never true in production; printed loudly when it is.
+    pub allow_insecure_dev: bool,
+    /// Accepted launch measurements (hex). Empty means any measurement, which is only
+    /// sensible together with dev evidence on a developer machine.
+    pub allowed_measurements: Vec<String>,
+    pub allow_debug: bool,
+    /// Evidence older than this many seconds is refused.
+    pub max_age_secs: u64,
+}
+
+impl Default for NodePolicy {
+    fn default() -> Self {
+        NodePolicy { allow_insecure_dev: false, allowed_measurements: Vec::new(), allow_debug: false, max_age_secs: 3600 }
+    }
+}
+
+/// One failed check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "check", rename_all = "snake_case")]
+pub enum PolicyFailure {
+    #[error("no evidence was presented")]
+    MissingEvidence,
+    #[error("evidence did not verify: {reason}")]
+    Unverified { reason: String },
+    #[error("simulated (dev) evidence is not allowed by this policy")]
+    InsecureDevEvidence,
+    #[error("measurement {measurement} is not in the allowed list")]
+    MeasurementNotAllowed { measurement: String },
+    #[error("debug-mode evidence is not allowed")]
+    DebugMode,
+    #[error("evidence is {age_secs} s old, the maximum is {max_age_secs} s")]
+    TooOld { age_secs: u64, max_age_secs: u64 },
+    #[error("evidence is not bound to the presented keys (report_data mismatch)")]
+    ReportDataMismatch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub accepted: bool,
+    pub format: Option<Format>,
+    pub claims: Option<Claims>,
+    pub failures: Vec<PolicyFailure>,
+}
+
+impl Verdict {
+    pub fn reasons(&self) -> String {
+        self.failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    }
+}
+
+impl NodePolicy {
+    /// A policy for a developer machine: dev evidence accepted, any measurement.
+    pub fn insecure_dev() -> Self {
+        NodePolicy { allow_insecure_dev: true, ..NodePolicy::default() }
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks claims against the policy and the expected binding.
+    pub fn evaluate(&self, claims: &Claims, expected_report_data: &[u8; 64], now_secs: u64) -> Verdict {
+        let mut failures = Vec::new();
+        if claims.format.is_insecure() && !self.allow_insecure_dev {
+            failures.push(PolicyFailure::InsecureDevEvidence);
+        }
+        let m = claims.measurement.to_ascii_lowercase();
+        if !self.allowed_measurements.is_empty() && !self.allowed_measurements.iter().any(|a| a.to_ascii_lowercase() == m) {
+            failures.push(PolicyFailure::MeasurementNotAllowed { measurement: claims.measurement.clone() });
+        }
+        if claims.debug && !self.allow_debug {
+            failures.push(PolicyFailure::DebugMode);
+        }
+        if let Some(at) = claims.issued_at {
+            let age = now_secs.saturating_sub(at);
+            if age > self.max_age_secs {
+                failures.push(PolicyFailure::TooOld { age_secs: age, max_age_secs: self.max_age_secs });
+            }
+        }
+        let bound = hex::decode(&claims.report_data).map(|rd| bool::from(rd.ct_eq(expected_report_data.as_slice()))).unwrap_or(false);
+        if !bound {
+            failures.push(PolicyFailure::ReportDataMismatch);
+        }
+        Verdict { accepted: failures.is_empty(), format: Some(claims.format), claims: Some(claims.clone()), failures }
+    }
+
+    /// Verifies `evidence` (any known format) and evaluates it in one step.
+    pub fn check(&self, evidence: &[u8], endorsements: &[Vec<u8>], expected_report_data: &[u8; 64], now_secs: u64) -> Verdict {
+        if evidence.is_empty() {
+            return Verdict { accepted: false, format: None, claims: None, failures: vec![PolicyFailure::MissingEvidence] };
+        }
+        match crate::verify(evidence, endorsements, now_secs) {
+            Ok(claims) => self.evaluate(&claims, expected_report_data, now_secs),
+            Err(e) => Verdict { accepted: false, format: format_of(&e), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
+        }
+    }
+}
+
+fn format_of(e: &VerifyError) -> Option<Format> {
+    match e {
+        VerifyError::UnknownFormat => None,
+        VerifyError::Malformed { format, .. } | VerifyError::BadSignature { format } | VerifyError::NotValidAtTime { format } => Some(*format),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::DevAttester;
+    use crate::Attester;
+
+    #[test]
+    fn default_policy_rejects_dev_evidence_and_names_every_failure() {
+        let ev = DevAttester::new([1; 32], [2; 48], true).attest(&[7; 64], 0).unwrap();
+        let v = NodePolicy { allowed_measurements: vec!["00".into()], ..NodePolicy::default() }.check(&ev, &[], &[9; 64], 10_000);
+        assert!(!v.accepted);
+        assert_eq!(v.failures.len(), 5, "{:?}", v.failures);
+        assert!(v.failures.contains(&PolicyFailure::InsecureDevEvidence));
+        assert!(v.failures.contains(&PolicyFailure::DebugMode));
+        assert!(v.failures.contains(&PolicyFailure::ReportDataMismatch));
+        assert!(v.failures.iter().any(|f| matches!(f, PolicyFailure::TooOld { .. })));
+    }
+
+    #[test]
+    fn dev_policy_accepts_bound_fresh_evidence() {
+        let ev = DevAttester::new([1; 32], [2; 48], false).attest(&[7; 64], 100).unwrap();
+        let v = NodePolicy::insecure_dev().check(&ev, &[], &[7; 64], 150);
+        assert!(v.accepted, "{}", v.reasons());
+        assert!(!NodePolicy::insecure_dev().check(&[], &[], &[7; 64], 150).accepted);
+    }
+
+    #[test]
+    fn policy_parses_from_toml_and_refuses_unknown_keys() {
+        let p = NodePolicy::from_toml("allow_insecure_dev = true\nallowed_measurements = [\"ab\"]\n").unwrap();
+        assert!(p.allow_insecure_dev && p.max_age_secs == 3600);
+        assert!(NodePolicy::from_toml("allow_everything = true").is_err());
+    }
+}

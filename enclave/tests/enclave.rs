@@ -1,0 +1,176 @@
+//! The enclave end to end in memory: admission by evidence, release of the weighted
+//! mean, and rebuilding a round from stored events after a "crash".
+
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tessera_attestation::dev::DevAttester;
+use tessera_attestation::policy::{NodePolicy, PolicyFailure};
+use tessera_attestation::Attester;
+use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey, StoredEvent};
+use tessera_secagg::aggregator::Phase;
+use tessera_secagg::client::Client;
+use tessera_secagg::crypto::MessageSigner;
+use tessera_secagg::quantize::Quantizer;
+use tessera_secagg::{ClientId, RoundConfig, Timestamp};
+
+fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
+    Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(&[i as u8 + 1; 32]).unwrap())
+}
+
+fn config(n: usize) -> RoundConfig {
+    let roster = (0..n).map(|i| hex::encode(signer(i).public_key())).collect();
+    let mut cfg = RoundConfig::with_defaults(1, roster, 6, [1; 32]);
+    cfg.min_survivors = 3;
+    cfg.max_weight = 1000;
+    cfg
+}
+
+fn enclave(key: [u8; 32]) -> Enclave {
+    let attester = Box::new(DevAttester::new([9; 32], [3; 48], false));
+    Enclave::start(SealingKey::from_bytes(key), None, attester, NodePolicy::insecure_dev()).unwrap().0
+}
+
+/// Runs a round with `n` clients where the listed clients never send a masked input.
+/// Returns the enclave, the stored events, and the plaintext updates with weights.
+fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Vec<(Vec<f32>, u32)>) {
+    let cfg = config(n);
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let mut e = enclave([1; 32]);
+    let mut log = Vec::new();
+    let mut now = Timestamp(1_700_000_000_000);
+    e.open_round(cfg.clone(), now).unwrap();
+    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()).collect();
+    let updates: Vec<(Vec<f32>, u32)> = (0..n).map(|i| ((0..6).map(|j| (i as f32 - j as f32) / 10.0).collect(), 10 + i as u32 * 5)).collect();
+    let q = Quantizer::new(&cfg);
+    let feed = |e: &mut Enclave, log: &mut Vec<StoredEvent>, kind, body: Vec<u8>, now| {
+        e.handle_message(kind, &body, now).unwrap();
+        log.push(StoredEvent::Message { kind, received_at: now, body });
+    };
+    let step = |e: &mut Enclave, log: &mut Vec<StoredEvent>, now: &mut Timestamp| {
+        *now = now.saturating_add_ms(cfg.phase_timeout_ms);
+        let t = e.advance(*now).unwrap().expect("phase closes");
+        log.push(StoredEvent::Sealed { seq: t.seq, sealed: t.sealed });
+    };
+    for c in &clients {
+        let ev = DevAttester::new([i_seed(c.id()); 32], [3; 48], false).attest(&c.key_binding(), now.0 / 1000).unwrap();
+        feed(&mut e, &mut log, MessageKind::Advertise, serde_json::to_vec(&c.advertise(ev)).unwrap(), now);
+    }
+    step(&mut e, &mut log, &mut now);
+    let dir = e.aggregator().unwrap().key_directory().unwrap();
+    for c in &mut clients {
+        let m = c.handle_key_directory(&dir, &mut rng).unwrap();
+        feed(&mut e, &mut log, MessageKind::ShareKeys, serde_json::to_vec(&m).unwrap(), now);
+    }
+    step(&mut e, &mut log, &mut now);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let bundle = e.aggregator().unwrap().share_bundle(c.id()).unwrap();
+        let input = q.quantize(&updates[i].0, updates[i].1, &mut rng).unwrap();
+        let m = c.handle_share_bundle(&bundle, &input).unwrap();
+        if !drop.contains(&i) {
+            feed(&mut e, &mut log, MessageKind::MaskedInput, m.encode(), now);
+        }
+    }
+    step(&mut e, &mut log, &mut now);
+    let set = e.aggregator().unwrap().survivor_set().unwrap();
+    for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
+        let m = c.handle_survivor_set(&set).unwrap();
+        feed(&mut e, &mut log, MessageKind::Consistency, serde_json::to_vec(&m).unwrap(), now);
+    }
+    step(&mut e, &mut log, &mut now);
+    let req = e.aggregator().unwrap().unmask_request().unwrap();
+    for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
+        let m = c.handle_unmask_request(&req).unwrap();
+        feed(&mut e, &mut log, MessageKind::Unmask, serde_json::to_vec(&m).unwrap(), now);
+    }
+    step(&mut e, &mut log, &mut now);
+    (e, log, updates)
+}
+
+fn i_seed(id: ClientId) -> u8 {
+    100 + id.0 as u8
+}
+
+#[test]
+fn release_is_the_signed_weighted_mean_of_survivors() {
+    let (e, _, updates) = run(6, &[2]);
+    let r = e.release().expect("released");
+    assert_eq!(r.included.len(), 5);
+    assert!(r.verify(&e.identity_public_key()));
+    let total: u32 = updates.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, u)| u.1).sum();
+    assert_eq!(r.total_weight, total as u64);
+    for j in 0..6 {
+        let want: f32 = updates.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, u)| u.0[j] * u.1 as f32).sum::<f32>() / total as f32;
+        assert!((r.mean[j] - want).abs() as f64 <= r.error_bound + 1e-6, "coord {j}: {} vs {want}", r.mean[j]);
+    }
+    let mut forged = r.clone();
+    forged.mean[0] += 1.0;
+    assert!(!forged.verify(&e.identity_public_key()));
+}
+
+#[test]
+fn replay_after_crash_rebuilds_the_same_round() {
+    let (e, log, _) = run(5, &[]);
+    let want = e.release().unwrap().clone();
+    // Replay every prefix: each must restore cleanly, and the full log reproduces the result.
+    for cut in 0..=log.len() {
+        let mut fresh = enclave([1; 32]);
+        fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &log[..cut]).unwrap();
+        if cut == log.len() {
+            assert_eq!(fresh.phase(), Some(Phase::Finished));
+            let got = fresh.release().unwrap();
+            assert_eq!(got.mean, want.mean);
+            assert_eq!(got.included, want.included);
+        }
+    }
+    // Under another sealing key the records do not unseal.
+    let mut other = enclave([2; 32]);
+    assert!(matches!(other.restore_round(config(5), Timestamp(1_700_000_000_000), &log), Err(EnclaveError::Unseal(_))));
+    // Dropping a stored masked input makes the replay disagree with the sealed record.
+    let pos = log.iter().position(|ev| matches!(ev, StoredEvent::Message { kind: MessageKind::MaskedInput, .. })).unwrap();
+    let mut rolled_back = log.clone();
+    rolled_back.remove(pos);
+    let mut fresh = enclave([1; 32]);
+    assert!(matches!(fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &rolled_back), Err(EnclaveError::ReplayMismatch { .. })));
+}
+
+#[test]
+fn admission_refuses_missing_replayed_and_debug_evidence() {
+    let cfg = config(4);
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let mut e = enclave([1; 32]);
+    let now = Timestamp(1_700_000_000_000);
+    e.open_round(cfg.clone(), now).unwrap();
+    let clients: Vec<Client> = (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    let secs = now.0 / 1000;
+    let reasons = |r: Result<_, EnclaveError>| match r {
+        Err(EnclaveError::NotAdmitted { verdict, .. }) => verdict.failures,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // No evidence.
+    assert_eq!(reasons(e.handle_advertise(clients[0].advertise(vec![]), now)), vec![PolicyFailure::MissingEvidence]);
+    // Evidence bound to another client's keys (replayed).
+    let other = DevAttester::new([1; 32], [3; 48], false).attest(&clients[1].key_binding(), secs).unwrap();
+    assert_eq!(reasons(e.handle_advertise(clients[2].advertise(other), now)), vec![PolicyFailure::ReportDataMismatch]);
+    // Debug-mode evidence.
+    let debug = DevAttester::new([1; 32], [3; 48], true).attest(&clients[3].key_binding(), secs).unwrap();
+    assert_eq!(reasons(e.handle_advertise(clients[3].advertise(debug), now)), vec![PolicyFailure::DebugMode]);
+    // Good evidence is admitted; the rejected ones are recorded with their reasons.
+    let good = DevAttester::new([1; 32], [3; 48], false).attest(&clients[1].key_binding(), secs).unwrap();
+    assert!(e.handle_advertise(clients[1].advertise(good), now).unwrap().accepted);
+    assert_eq!(e.verdicts().unwrap().len(), 4);
+    // Only one client admitted: with t = 3 the round cannot start.
+    let t = e.advance(now.saturating_add_ms(cfg.phase_timeout_ms)).unwrap().unwrap();
+    assert_eq!(t.change.to, Phase::Aborted);
+    assert!(e.release().is_none());
+}
+
+#[test]
+fn sealed_identity_survives_restart_and_rejects_other_keys() {
+    let attester = || Box::new(DevAttester::new([9; 32], [3; 48], false)) as Box<dyn Attester>;
+    let (a, sealed) = Enclave::start(SealingKey::from_bytes([1; 32]), None, attester(), NodePolicy::default()).unwrap();
+    let (b, _) = Enclave::start(SealingKey::from_bytes([1; 32]), Some(&sealed), attester(), NodePolicy::default()).unwrap();
+    assert_eq!(a.identity_public_key(), b.identity_public_key());
+    assert!(Enclave::start(SealingKey::from_bytes([2; 32]), Some(&sealed), attester(), NodePolicy::default()).is_err());
+}
