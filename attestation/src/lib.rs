@@ -12,6 +12,7 @@
 //! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy; the
 //! hardware formats (SEV-SNP, TDX/SGX DCAP, Nitro) plug into the same table.
 
+pub mod binding;
 pub mod dev;
 pub mod policy;
 

@@ -16,7 +16,8 @@ pub mod sealing;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha256};
+pub use tessera_attestation::binding::aggregator_report_data;
 use tessera_attestation::policy::{NodePolicy, Verdict};
 use tessera_attestation::Attester;
 use tessera_secagg::aggregator::{Aggregator, Outcome, Phase, PhaseChange};
@@ -336,14 +337,4 @@ fn record_aad(round: u64, seq: u64) -> Vec<u8> {
     aad.extend_from_slice(&round.to_le_bytes());
     aad.extend_from_slice(&seq.to_le_bytes());
     aad
-}
-
-/// Report data binding aggregator evidence to its identity key and a context.
-pub fn aggregator_report_data(identity: &[u8; 32], context: &[u8]) -> [u8; 64] {
-    let mut h = Sha512::new();
-    h.update(b"tessera/aggregator-evidence/v1");
-    h.update(identity);
-    h.update((context.len() as u64).to_le_bytes());
-    h.update(context);
-    h.finalize().into()
 }

@@ -1,0 +1,71 @@
+//! Tessera's aggregator host: the untrusted shell around the enclave. It terminates TLS
+//! (axum over rustls), speaks the REST API, persists every accepted message in SQLite
+//! before acknowledging it, and measures request latency. It routes bytes to
+//! `tessera_enclave` and never computes on an update itself.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::ServerConfig;
+pub use service::Service;
+
+/// A running server: its address, certificate fingerprint and enclave identity.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub fingerprint: [u8; 32],
+    pub service: Arc<Service>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds, starts the enclave (resuming an interrupted round), and serves in the
+/// background.
+pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Running> {
+    let tls = tls::load_or_create(&cfg.data_dir.join("tls"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let service = Service::start(cfg, tls.fingerprint).await?;
+    let server_tls = tls::server_config(&tls)?;
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let app = api::app(service.clone());
+    let ticker = service.clone();
+    let mut tick_rx = tx.subscribe();
+    let task = tokio::spawn(async move {
+        let tick = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        if let Err(e) = ticker.tick().await {
+                            tracing::error!(error = %e.message, "tick failed");
+                        }
+                    }
+                    _ = tick_rx.changed() => return,
+                }
+            }
+        });
+        tls::serve(listener, server_tls, app, async move {
+            let _ = rx.changed().await;
+        })
+        .await;
+        tick.abort();
+    });
+    Ok(Running { addr, fingerprint: tls.fingerprint, service, shutdown: tx, task })
+}

@@ -1,0 +1,129 @@
+//! The server's configuration file (TOML), edited by the operator. Institutions are
+//! admitted by listing their Ed25519 public keys here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tessera_attestation::policy::NodePolicy;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Where the database, the TLS certificate and sealed blobs live.
+    pub data_dir: PathBuf,
+    /// Bearer token for the admin endpoints (opening rounds).
+    pub admin_token: String,
+    /// INSECURE developer mode: simulated attestation and a sealing key in a file.
+    #[serde(default)]
+    pub dev_insecure: bool,
+    #[serde(default)]
+    pub node_policy: NodePolicy,
+    #[serde(default)]
+    pub rounds: RoundSchedule,
+    #[serde(default)]
+    pub institutions: Vec<Institution>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Institution {
+    pub name: String,
+    /// Ed25519 public key, hex (printed by `tessera-client init`).
+    pub public_key: String,
+}
+
+/// Parameters of rounds the server opens by itself, one after the other.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundSchedule {
+    /// Open rounds automatically (otherwise an admin opens them with POST /v1/rounds).
+    pub auto_open: bool,
+    /// How many rounds to run; 0 means no limit.
+    pub count: u64,
+    pub params: RoundParams,
+}
+
+impl Default for RoundSchedule {
+    fn default() -> Self {
+        RoundSchedule { auto_open: false, count: 0, params: RoundParams::default() }
+    }
+}
+
+/// What an admin chooses when opening a round; the rest is derived (round number,
+/// roster, graph seed, defaults for k and thresholds).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundParams {
+    pub vector_len: u32,
+    pub layout: Vec<tessera_secagg::config::TensorSpec>,
+    pub clip: f32,
+    pub max_weight: u32,
+    pub phase_timeout_ms: u64,
+    /// 0 picks the default (two thirds of the participants).
+    pub min_survivors: u32,
+    /// 0 picks the default from the SecAgg+ analysis.
+    pub neighbours: u32,
+    /// Institution names; empty means all configured institutions.
+    pub participants: Vec<String>,
+}
+
+impl Default for RoundParams {
+    fn default() -> Self {
+        RoundParams {
+            vector_len: 0,
+            layout: Vec::new(),
+            clip: 1.0,
+            max_weight: 1 << 16,
+            phase_timeout_ms: 30_000,
+            min_survivors: 0,
+            neighbours: 0,
+            participants: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut cfg: ServerConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
+        if cfg.data_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.data_dir = dir.join(&cfg.data_dir);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.admin_token.len() < 16 {
+            return Err(ConfigError::Invalid("admin_token must be at least 16 characters".into()));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for inst in &self.institutions {
+            if !names.insert(&inst.name) {
+                return Err(ConfigError::Invalid(format!("institution {} is listed twice", inst.name)));
+            }
+            let ok = hex::decode(&inst.public_key).map(|k| k.len() == 32).unwrap_or(false);
+            if !ok {
+                return Err(ConfigError::Invalid(format!("institution {}: public_key must be 32 bytes of hex", inst.name)));
+            }
+        }
+        if self.node_policy.allow_insecure_dev && !self.dev_insecure {
+            return Err(ConfigError::Invalid("node_policy.allow_insecure_dev requires dev_insecure = true".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,91 @@
+//! Every refusal the API gives, mapped to an HTTP status in one place. Bodies are JSON
+//! `{"error": CODE, "message": TEXT}` (plus `"verdict"` for admission refusals); an
+//! internal fault answers 500 with no detail while the cause is logged.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tessera_enclave::EnclaveError;
+use tessera_secagg::{Error as CoreError, ProtocolError};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub verdict: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<&'a serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), verdict: None }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_yet(what: &str) -> Self {
+        Self::new(StatusCode::TOO_EARLY, "not_ready", format!("{what} is not available yet; retry shortly"))
+    }
+
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { error: self.code, message: &self.message, verdict: self.verdict.as_ref() };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<EnclaveError> for ApiError {
+    fn from(e: EnclaveError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EnclaveError::Protocol(core) => core_error(core, msg),
+            EnclaveError::NotAdmitted { verdict, .. } => ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "not_admitted",
+                message: msg,
+                verdict: serde_json::to_value(&*verdict).ok(),
+            },
+            EnclaveError::NoRound => ApiError::new(StatusCode::NOT_FOUND, "no_round", msg),
+            EnclaveError::RoundOpen(_) => ApiError::new(StatusCode::CONFLICT, "round_open", msg),
+            EnclaveError::Unseal(_) | EnclaveError::ReplayMismatch { .. } | EnclaveError::Attestation(_) | EnclaveError::Internal(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+fn core_error(e: CoreError, msg: String) -> ApiError {
+    use StatusCode as S;
+    let (status, code) = match &e {
+        CoreError::Config(_) => (S::BAD_REQUEST, "invalid_config"),
+        CoreError::Malformed(_) => (S::BAD_REQUEST, "malformed"),
+        CoreError::Crypto(_) => (S::BAD_REQUEST, "crypto"),
+        CoreError::Protocol(p) => match p {
+            ProtocolError::WrongRound { .. } => (S::CONFLICT, "wrong_round"),
+            ProtocolError::WrongPhase { .. } => (S::CONFLICT, "wrong_phase"),
+            ProtocolError::UnknownClient(_) => (S::FORBIDDEN, "unknown_client"),
+            ProtocolError::Duplicate(_) => (S::CONFLICT, "duplicate"),
+            ProtocolError::NotInSurvivorSet(_) => (S::FORBIDDEN, "not_in_survivor_set"),
+            ProtocolError::BadSignature(_) => (S::UNAUTHORIZED, "bad_signature"),
+            ProtocolError::WrongLength { .. } => (S::BAD_REQUEST, "wrong_length"),
+            ProtocolError::BadShares { .. } => (S::BAD_REQUEST, "bad_shares"),
+            ProtocolError::Aborted(_) => (S::GONE, "round_aborted"),
+            _ => (S::BAD_REQUEST, "protocol"),
+        },
+    };
+    ApiError::new(status, code, msg)
+}

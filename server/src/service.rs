@@ -1,0 +1,409 @@
+//! The host side of a round: owns the enclave and the store, and keeps them in step.
+//!
+//! One lock covers "the enclave accepts a message" and "the store appends it", so the
+//! stored order is the order the enclave saw, and a sealed phase record is always stored
+//! after the messages it closed over. A client hears 2xx only after its message is on
+//! disk; if the append fails the round is rebuilt from the store, so the enclave never
+//! holds a message the store lacks.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use serde::Serialize;
+use tessera_attestation::dev::{measure_bytes, DevAttester};
+use tessera_attestation::policy::Verdict;
+use tessera_attestation::Attester;
+use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey, StoredEvent};
+use tessera_secagg::aggregator::{Outcome, Phase};
+use tessera_secagg::wire::*;
+use tessera_secagg::{ClientId, RoundConfig, Timestamp};
+use tokio::sync::Mutex;
+
+use crate::config::{RoundParams, ServerConfig};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+pub fn now() -> Timestamp {
+    Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// Pause between one scheduled round ending and the next opening.
+const ROUND_GAP: Duration = Duration::from_secs(2);
+
+struct Inner {
+    enclave: Enclave,
+    current: Option<Current>,
+}
+
+struct Current {
+    cfg: RoundConfig,
+    opened_at: Timestamp,
+    finished_at: Option<Timestamp>,
+}
+
+pub struct Service {
+    inner: Mutex<Inner>,
+    store: Store,
+    cfg: ServerConfig,
+    identity: [u8; 32],
+    tls_fingerprint: [u8; 32],
+    evidence: Vec<u8>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("identity", &hex::encode(self.identity)).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Enclave(#[from] EnclaveError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// What the server tells anyone about its enclave.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttestationInfo {
+    pub format: String,
+    pub insecure: bool,
+    pub identity_public_key: String,
+    pub tls_fingerprint: String,
+    pub evidence: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundStatus {
+    pub round: u64,
+    pub phase: Phase,
+    pub config: RoundConfig,
+    pub participants: Vec<String>,
+    pub waiting_for: Vec<ClientId>,
+    pub outcome: Option<String>,
+    pub admission: Vec<AdmissionRecord>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AdmissionRecord {
+    pub client: ClientId,
+    pub accepted: bool,
+    pub reasons: String,
+}
+
+impl Service {
+    pub async fn start(cfg: ServerConfig, tls_fingerprint: [u8; 32]) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+        let store = Store::open(&cfg.data_dir.join("tessera.db")).await?;
+        if !cfg.dev_insecure {
+            return Err(StartError::Setup(
+                "no TEE sealing or attestation backend is available in this build; set dev_insecure = true to run with \
+                 SIMULATED attestation and a sealing key on disk (INSECURE)"
+                    .into(),
+            ));
+        }
+        tracing::warn!("INSECURE DEV MODE: simulated attestation, sealing key stored in a file; not for production");
+        let sealing = SealingKey::load_or_create_dev(&cfg.data_dir.join("dev-sealing.key")).map_err(|e| StartError::Setup(e.to_string()))?;
+        let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| StartError::Setup(format!("cannot measure own executable: {e}")))?;
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        let attester: Box<dyn Attester> = Box::new(DevAttester::new(seed, measure_bytes(&exe), false));
+        let sealed_identity = store.get_kv("enclave_identity").await?;
+        let (mut enclave, sealed) = Enclave::start(sealing, sealed_identity.as_deref(), attester, cfg.node_policy.clone())?;
+        store.put_kv("enclave_identity", &sealed).await?;
+        let identity = enclave.identity_public_key();
+        let evidence = enclave.evidence(&tls_fingerprint, now().0 / 1000)?;
+
+        // Resume the last round if it was still running when the process stopped.
+        let mut current = None;
+        if let Some(row) = store.latest_round().await? {
+            if row.status == "open" {
+                let events = store.events(row.round).await?;
+                match enclave.restore_round(row.config.clone(), row.opened_at, &events) {
+                    Ok(()) => {
+                        tracing::info!(round = row.round, events = events.len(), phase = ?enclave.phase(), "resumed round from the store");
+                        current = Some(Current { cfg: row.config, opened_at: row.opened_at, finished_at: None });
+                    }
+                    Err(e) => {
+                        tracing::error!(round = row.round, error = %e, "cannot resume round; marking it aborted");
+                        store.finish_round(row.round, "aborted", &format!("not resumable after restart: {e}"), None, None).await?;
+                    }
+                }
+            } else {
+                current = Some(Current { cfg: row.config.clone(), opened_at: row.opened_at, finished_at: Some(row.opened_at) });
+            }
+        }
+        let service = Arc::new(Service { inner: Mutex::new(Inner { enclave, current }), store, cfg, identity, tls_fingerprint, evidence, metrics: Arc::new(Metrics::default()) });
+        // A round that finished just before a crash may not have its result stored yet.
+        service.tick().await.map_err(|e| StartError::Setup(e.message))?;
+        Ok(service)
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn attestation(&self) -> AttestationInfo {
+        AttestationInfo {
+            format: tessera_attestation::Format::DevInsecure.to_string(),
+            insecure: self.cfg.dev_insecure,
+            identity_public_key: hex::encode(self.identity),
+            tls_fingerprint: hex::encode(self.tls_fingerprint),
+            evidence: hex::encode(&self.evidence),
+        }
+    }
+
+    fn names(&self, cfg: &RoundConfig) -> Vec<String> {
+        cfg.roster
+            .iter()
+            .map(|k| self.cfg.institutions.iter().find(|i| i.public_key.eq_ignore_ascii_case(k)).map(|i| i.name.clone()).unwrap_or_else(|| "(unknown)".into()))
+            .collect()
+    }
+
+    /// Opens the next round with `params`.
+    pub async fn open_round(&self, params: &RoundParams) -> Result<RoundConfig, ApiError> {
+        let mut inner = self.inner.lock().await;
+        if let Some(cur) = &inner.current {
+            if cur.finished_at.is_none() {
+                return Err(ApiError::new(StatusCode::CONFLICT, "round_open", format!("round {} is still running", cur.cfg.round)));
+            }
+        }
+        let round = self.store.latest_round().await?.map(|r| r.round + 1).unwrap_or(1);
+        let cfg = self.round_config(round, params)?;
+        let opened_at = now();
+        inner.enclave.open_round(cfg.clone(), opened_at)?;
+        self.store.insert_round(&cfg, opened_at).await?;
+        tracing::info!(round, participants = cfg.participants(), k = cfg.neighbours, t = cfg.min_survivors, m = cfg.vector_len, "round opened");
+        inner.current = Some(Current { cfg: cfg.clone(), opened_at, finished_at: None });
+        Ok(cfg)
+    }
+
+    fn round_config(&self, round: u64, p: &RoundParams) -> Result<RoundConfig, ApiError> {
+        let bad = |m: String| ApiError::bad_request("invalid_round_params", m);
+        let institutions: Vec<_> = if p.participants.is_empty() {
+            self.cfg.institutions.iter().collect()
+        } else {
+            p.participants
+                .iter()
+                .map(|n| self.cfg.institutions.iter().find(|i| &i.name == n).ok_or_else(|| bad(format!("unknown institution {n}"))))
+                .collect::<Result<_, _>>()?
+        };
+        let vector_len = if p.vector_len == 0 { p.layout.iter().map(|t| t.numel()).sum::<u64>() as u32 } else { p.vector_len };
+        let roster = institutions.iter().map(|i| i.public_key.to_ascii_lowercase()).collect();
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        let mut cfg = RoundConfig::with_defaults(round, roster, vector_len, seed);
+        cfg.layout = p.layout.clone();
+        cfg.clip = p.clip;
+        cfg.max_weight = p.max_weight;
+        cfg.phase_timeout_ms = p.phase_timeout_ms;
+        if p.neighbours != 0 {
+            cfg.neighbours = p.neighbours;
+            cfg.share_threshold = p.neighbours / 2 + 1;
+        }
+        if p.min_survivors != 0 {
+            cfg.min_survivors = p.min_survivors;
+        }
+        cfg.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    fn current<'a>(&self, inner: &'a Inner, round: u64) -> Result<&'a Current, ApiError> {
+        let cur = inner.current.as_ref().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_round", "no round has been opened"))?;
+        if cur.cfg.round != round {
+            return Err(ApiError::new(StatusCode::CONFLICT, "wrong_round", format!("round {round} is not the current round ({})", cur.cfg.round)));
+        }
+        Ok(cur)
+    }
+
+    pub fn masked_input_limit(cfg: &RoundConfig) -> usize {
+        MaskedInput::encoded_len(cfg.masked_len())
+    }
+
+    pub async fn current_config(&self) -> Option<RoundConfig> {
+        self.inner.lock().await.current.as_ref().map(|c| c.cfg.clone())
+    }
+
+    /// Accepts one client message for `round`: enclave first, then the store, then any
+    /// phase change that it completes.
+    pub async fn submit(&self, round: u64, kind: MessageKind, body: &[u8]) -> Result<Option<Verdict>, ApiError> {
+        let mut inner = self.inner.lock().await;
+        self.current(&inner, round)?;
+        let t = now();
+        let verdict = match kind {
+            MessageKind::Advertise => {
+                let msg: AdvertiseKeys = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
+                Some(inner.enclave.handle_advertise(msg, t)?)
+            }
+            _ => {
+                inner.enclave.handle_message(kind, body, t)?;
+                None
+            }
+        };
+        let event = StoredEvent::Message { kind, received_at: t, body: body.to_vec() };
+        if let Err(e) = self.store.append_event(round, &event).await {
+            tracing::error!(error = %e, "could not store an accepted message; rebuilding the round from the store");
+            self.rebuild(&mut inner).await?;
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "the message could not be stored; retry"));
+        }
+        self.advance_locked(&mut inner, t).await?;
+        Ok(verdict)
+    }
+
+    async fn rebuild(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        let Some(cur) = &inner.current else { return Ok(()) };
+        let events = self.store.events(cur.cfg.round).await?;
+        inner.enclave.restore_round(cur.cfg.clone(), cur.opened_at, &events)?;
+        Ok(())
+    }
+
+    /// Closes due phases and opens scheduled rounds; the server calls it periodically.
+    pub async fn tick(&self) -> Result<(), ApiError> {
+        let mut inner = self.inner.lock().await;
+        let t = now();
+        self.advance_locked(&mut inner, t).await?;
+        let schedule = &self.cfg.rounds;
+        let due = match &inner.current {
+            None => true,
+            Some(c) => c.finished_at.is_some_and(|f| t.0 >= f.0 + ROUND_GAP.as_millis() as u64),
+        };
+        if schedule.auto_open && due {
+            let done = self.store.latest_round().await?.map(|r| r.round).unwrap_or(0);
+            if schedule.count == 0 || done < schedule.count {
+                drop(inner);
+                if let Err(e) = self.open_round(&schedule.params).await {
+                    tracing::error!(error = %e.message, "scheduled round could not open");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn advance_locked(&self, inner: &mut Inner, t: Timestamp) -> Result<(), ApiError> {
+        let Some(cur) = &inner.current else { return Ok(()) };
+        if cur.finished_at.is_some() {
+            return Ok(());
+        }
+        let round = cur.cfg.round;
+        let transition = match inner.enclave.advance(t) {
+            Ok(Some(tr)) => tr,
+            Ok(None) => {
+                // Replay can finish a round whose result was not stored before a crash.
+                if inner.enclave.phase().is_some_and(Phase::is_terminal) {
+                    self.record_end(inner, round, t).await?;
+                }
+                return Ok(());
+            }
+            Err(EnclaveError::NoRound) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        self.store.append_event(round, &StoredEvent::Sealed { seq: transition.seq, sealed: transition.sealed }).await?;
+        let change = &transition.change;
+        tracing::info!(round, from = ?change.from, to = ?change.to, responded = change.responded.len(), "phase closed");
+        if change.to.is_terminal() {
+            self.record_end(inner, round, t).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
+        match inner.enclave.outcome() {
+            Some(Outcome::Sum(_)) => {
+                let release = inner.enclave.release().ok_or_else(|| ApiError::internal("finished without a release"))?;
+                let json = serde_json::to_string(release).map_err(ApiError::internal)?;
+                let mean = tessera_enclave::Release::mean_bytes(&release.mean);
+                tracing::info!(round, included = release.included.len(), total_weight = release.total_weight, "aggregate released");
+                self.store.finish_round(round, "finished", "released", Some(&json), Some(&mean)).await?;
+            }
+            Some(Outcome::Aborted { phase, reason }) => {
+                tracing::warn!(round, ?phase, %reason, "round aborted; nothing released");
+                self.store.finish_round(round, "aborted", reason, None, None).await?;
+            }
+            None => return Ok(()),
+        }
+        if let Some(cur) = inner.current.as_mut() {
+            cur.finished_at = Some(t);
+        }
+        Ok(())
+    }
+
+    /// Reads something the enclave hands out after a phase closed; 425 before, 410 after an abort.
+    pub async fn read<T>(&self, round: u64, what: &str, f: impl FnOnce(&Enclave) -> Option<T>) -> Result<T, ApiError> {
+        let inner = self.inner.lock().await;
+        self.current(&inner, round)?;
+        if let Some(v) = f(&inner.enclave) {
+            return Ok(v);
+        }
+        if let Some(Outcome::Aborted { reason, .. }) = inner.enclave.outcome() {
+            return Err(ApiError::new(StatusCode::GONE, "round_aborted", format!("round {round} was aborted: {reason}")));
+        }
+        Err(ApiError::not_yet(what))
+    }
+
+    pub async fn status(&self, round: u64) -> Result<RoundStatus, ApiError> {
+        let inner = self.inner.lock().await;
+        if let Ok(cur) = self.current(&inner, round) {
+            let agg = inner.enclave.aggregator()?;
+            let outcome = inner.enclave.outcome().map(|o| match o {
+                Outcome::Sum(_) => "released".to_string(),
+                Outcome::Aborted { reason, .. } => format!("aborted: {reason}"),
+            });
+            let admission = inner
+                .enclave
+                .verdicts()?
+                .iter()
+                .map(|(c, v)| AdmissionRecord { client: *c, accepted: v.accepted, reasons: v.reasons() })
+                .collect();
+            return Ok(RoundStatus {
+                round,
+                phase: agg.phase(),
+                participants: self.names(&cur.cfg),
+                config: cur.cfg.clone(),
+                waiting_for: agg.waiting_for(),
+                outcome,
+                admission,
+            });
+        }
+        drop(inner);
+        let row = self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
+        Ok(RoundStatus {
+            round,
+            phase: if row.status == "finished" { Phase::Finished } else { Phase::Aborted },
+            participants: self.names(&row.config),
+            config: row.config,
+            waiting_for: Vec::new(),
+            outcome: row.outcome,
+            admission: Vec::new(),
+        })
+    }
+
+    /// The signed release of a finished round (JSON, without the mean) and the mean.
+    pub async fn result(&self, round: u64) -> Result<(String, Vec<u8>), ApiError> {
+        let row = self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
+        match row.status.as_str() {
+            "finished" => {
+                let release = row.release.ok_or_else(|| ApiError::internal("finished round without a release"))?;
+                let mean = self.store.mean(round).await?.ok_or_else(|| ApiError::internal("finished round without a mean"))?;
+                Ok((release, mean))
+            }
+            "aborted" => Err(ApiError::new(StatusCode::GONE, "round_aborted", format!("round {round} was aborted: {}", row.outcome.unwrap_or_default()))),
+            _ => Err(ApiError::not_yet("the result")),
+        }
+    }
+}
