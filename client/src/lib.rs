@@ -1,0 +1,13 @@
+//! The institution's side of Tessera: its identity, HTTPS to the aggregator with a
+//! pinned certificate, reading updates from safetensors, and the round driver. The
+//! `tessera-client` binary is thin glue over these modules; local LoRA training plugs
+//! into [`participate::participate`] as the update provider.
+
+pub mod http;
+pub mod identity;
+pub mod participate;
+pub mod update;
+
+pub use http::Api;
+pub use identity::Identity;
+pub use participate::{participate, DropPoint, Options, Participation, ParticipateError, RoundReport};

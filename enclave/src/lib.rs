@@ -17,12 +17,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+pub use tessera_secagg::wire::Release;
 pub use tessera_attestation::binding::aggregator_report_data;
 use tessera_attestation::policy::{NodePolicy, Verdict};
 use tessera_attestation::Attester;
 use tessera_secagg::aggregator::{Aggregator, Outcome, Phase, PhaseChange};
 use tessera_secagg::client::key_binding;
-use tessera_secagg::crypto::{MessageSigner, Transcript};
+use tessera_secagg::crypto::MessageSigner;
 use tessera_secagg::quantize::Quantizer;
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
@@ -47,44 +48,6 @@ pub enum EnclaveError {
     Attestation(#[from] tessera_attestation::AttestError),
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-/// The aggregate the enclave releases: the weighted mean and what it covers, signed by
-/// the enclave's identity key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Release {
-    pub round: u64,
-    #[serde(with = "tessera_secagg::wire::hexarr")]
-    pub config_digest: [u8; 32],
-    pub included: Vec<ClientId>,
-    pub total_weight: u64,
-    /// SHA-256 of the mean as little-endian f32 bytes.
-    #[serde(with = "tessera_secagg::wire::hexarr")]
-    pub mean_sha256: [u8; 32],
-    /// Worst-case quantization error of one coordinate.
-    pub error_bound: f64,
-    #[serde(with = "tessera_secagg::wire::hexarr")]
-    pub signature: [u8; 64],
-    #[serde(skip)]
-    pub mean: Vec<f32>,
-}
-
-impl Release {
-    pub fn transcript(&self) -> Transcript {
-        let mut t = Transcript::new("release", &self.config_digest, self.round);
-        t.ids(&self.included).u64(self.total_weight).bytes(&self.mean_sha256);
-        t
-    }
-
-    pub fn mean_bytes(mean: &[f32]) -> Vec<u8> {
-        mean.iter().flat_map(|x| x.to_le_bytes()).collect()
-    }
-
-    /// Checks the signature against the enclave's identity key and the mean against its hash.
-    pub fn verify(&self, identity: &[u8; 32]) -> bool {
-        Sha256::digest(Self::mean_bytes(&self.mean)).as_slice() == self.mean_sha256
-            && tessera_secagg::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
-    }
 }
 
 /// What the host stores for a round, in order, to replay after a crash. Client messages

@@ -282,6 +282,45 @@ impl UnmaskShares {
     }
 }
 
+/// The released aggregate: the weighted mean and what it covers, signed by the enclave's
+/// identity key. The mean travels separately (binary); its hash is signed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub round: u64,
+    #[serde(with = "hexarr")]
+    pub config_digest: [u8; 32],
+    pub included: Vec<ClientId>,
+    pub total_weight: u64,
+    /// SHA-256 of the mean as little-endian f32 bytes.
+    #[serde(with = "hexarr")]
+    pub mean_sha256: [u8; 32],
+    /// Worst-case quantization error of one coordinate.
+    pub error_bound: f64,
+    #[serde(with = "hexarr")]
+    pub signature: [u8; 64],
+    #[serde(skip)]
+    pub mean: Vec<f32>,
+}
+
+impl Release {
+    pub fn transcript(&self) -> Transcript {
+        let mut t = Transcript::new("release", &self.config_digest, self.round);
+        t.ids(&self.included).u64(self.total_weight).bytes(&self.mean_sha256);
+        t
+    }
+
+    pub fn mean_bytes(mean: &[f32]) -> Vec<u8> {
+        mean.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Checks the signature against the enclave's identity key and the mean against its hash.
+    pub fn verify(&self, identity: &[u8; 32]) -> bool {
+        sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256
+            && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

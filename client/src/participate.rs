@@ -1,0 +1,333 @@
+//! Drives one round from the institution's side: checks the aggregator's evidence,
+//! obtains the update through a caller-supplied provider (a file today, local training
+//! tomorrow), then runs the five SecAgg+ phases against the server, retrying through
+//! server restarts, and verifies the signed release.
+
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::OsRng;
+use serde::Deserialize;
+use tessera_attestation::binding::aggregator_report_data;
+use tessera_attestation::dev::{measure_bytes, DevAttester};
+use tessera_attestation::policy::NodePolicy;
+use tessera_attestation::Attester;
+use tessera_secagg::aggregator::Phase;
+use tessera_secagg::client::Client;
+use tessera_secagg::quantize::Quantizer;
+use tessera_secagg::wire::*;
+use tessera_secagg::{ClientId, RoundConfig};
+
+use crate::http::{Api, HttpError};
+use crate::identity::Identity;
+
+/// Where a client deliberately leaves the round (fault injection for tests and demos).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DropPoint {
+    /// After advertising keys, before sharing them.
+    AfterAdvertise,
+    /// After sharing keys, before sending the masked input.
+    AfterShareKeys,
+    /// After sending the masked input, before the consistency check.
+    AfterMaskedInput,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Accept the aggregator's SIMULATED evidence and present simulated evidence ourselves.
+    pub insecure_dev: bool,
+    pub drop_after: Option<DropPoint>,
+    /// How long to wait in total for the round to progress.
+    pub wait: Duration,
+    /// Take part in this round number (waiting for it to open) instead of the current one.
+    pub round: Option<u64>,
+    pub quiet: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipateError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("this institution ({0}) is not a participant of round {1}")]
+    NotParticipant(String, u64),
+    #[error("round {0} has already passed key advertisement; wait for the next round")]
+    RoundInProgress(u64),
+    #[error("protocol: {0}")]
+    Protocol(#[from] tessera_secagg::Error),
+    #[error("update: {0}")]
+    Update(String),
+    #[error("the aggregator's attestation was refused: {0}")]
+    AggregatorAttestation(String),
+    #[error("the aggregator refused our admission: {0}")]
+    NotAdmitted(String),
+    #[error("round {round} was aborted: {reason}")]
+    Aborted { round: u64, reason: String },
+    #[error("gave up after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("the aggregator excluded this client from the survivor set of round {0}")]
+    Excluded(u64),
+    #[error("the released aggregate does not verify against the enclave's identity key")]
+    BadRelease,
+    #[error("no attestation backend is available here; pass --insecure-dev to use SIMULATED evidence")]
+    NoAttester,
+}
+
+/// What a finished round gave this institution.
+#[derive(Clone, Debug)]
+pub struct RoundReport {
+    pub round: u64,
+    pub client: ClientId,
+    pub config: RoundConfig,
+    pub release: Release,
+    pub bytes_sent: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug)]
+pub enum Participation {
+    Completed(RoundReport),
+    Dropped { round: u64, after: DropPoint },
+}
+
+#[derive(Deserialize)]
+struct StatusView {
+    round: u64,
+    phase: Phase,
+    config: RoundConfig,
+}
+
+#[derive(Deserialize)]
+struct AttestationView {
+    identity_public_key: String,
+    tls_fingerprint: String,
+    evidence: String,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+struct Driver<'a> {
+    who: &'a str,
+    opts: &'a Options,
+    start: Instant,
+    bytes_sent: u64,
+}
+
+impl Driver<'_> {
+    fn say(&self, msg: &str) {
+        if !self.opts.quiet {
+            eprintln!("[{}] {msg}", self.who);
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> Option<ParticipateError> {
+        (self.start.elapsed() > self.opts.wait).then(|| ParticipateError::Timeout(self.opts.wait, what.to_string()))
+    }
+
+    /// Repeats `f` while the answer is "not ready yet" or the server is unreachable.
+    async fn poll<T, F, Fut>(&self, round: u64, what: &str, f: F) -> Result<T, ParticipateError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, HttpError>>,
+    {
+        let mut delay = Duration::from_millis(25);
+        let mut warned = false;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.code() == Some("round_aborted") => {
+                    return Err(ParticipateError::Aborted { round, reason: e.to_string() });
+                }
+                Err(e) if e.code() == Some("not_ready") => {}
+                Err(e) if e.is_transient() => {
+                    if !warned {
+                        self.say(&format!("server unreachable ({e}); retrying"));
+                        warned = true;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(e) = self.timed_out(what) {
+                return Err(e);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(400));
+        }
+    }
+
+    /// Sends a message, retrying through restarts; a "duplicate" answer means an earlier
+    /// attempt was stored, which is success.
+    async fn send<F, Fut>(&mut self, round: u64, what: &str, size: usize, f: F) -> Result<(), ParticipateError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<bytes::Bytes, HttpError>>,
+    {
+        let result = self
+            .poll(round, what, || async {
+                match f().await {
+                    Err(e) if e.code() == Some("duplicate") => Ok(()),
+                    other => other.map(|_| ()),
+                }
+            })
+            .await;
+        if let Err(ParticipateError::Http(HttpError::Status { code, message, .. })) = &result {
+            if code == "not_admitted" {
+                return Err(ParticipateError::NotAdmitted(message.clone()));
+            }
+        }
+        result?;
+        self.bytes_sent += size as u64;
+        Ok(())
+    }
+}
+
+/// Verifies the aggregator's evidence against the pinned TLS certificate and returns
+/// its identity key (which signs releases).
+pub async fn check_aggregator(api: &Api, insecure_dev: bool) -> Result<[u8; 32], ParticipateError> {
+    let info: AttestationView = api.get_json("/v1/attestation").await?;
+    let bad = |m: String| ParticipateError::AggregatorAttestation(m);
+    let identity: [u8; 32] = hex::decode(&info.identity_public_key).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("identity key is not 32 bytes of hex".into()))?;
+    if !info.tls_fingerprint.eq_ignore_ascii_case(&hex::encode(api.fingerprint())) {
+        return Err(bad("evidence names another TLS certificate".into()));
+    }
+    let evidence = hex::decode(&info.evidence).map_err(|_| bad("evidence is not hex".into()))?;
+    let policy = if insecure_dev { NodePolicy::insecure_dev() } else { NodePolicy::default() };
+    let verdict = policy.check(&evidence, &[], &aggregator_report_data(&identity, &api.fingerprint()), now_secs());
+    if !verdict.accepted {
+        return Err(bad(verdict.reasons()));
+    }
+    Ok(identity)
+}
+
+/// Runs one round. `provide` returns the flat update (in the round's layout) and its
+/// FedAvg weight; it is called once the round's configuration is known.
+pub async fn participate<F>(api: &Api, identity: &Identity, opts: &Options, provide: F) -> Result<Participation, ParticipateError>
+where
+    F: FnOnce(&RoundConfig) -> Result<(Vec<f32>, u32), ParticipateError>,
+{
+    let mut d = Driver { who: &identity.name, opts, start: Instant::now(), bytes_sent: 0 };
+    let enclave_key = d.poll(0, "the aggregator", || async {
+        match check_aggregator(api, opts.insecure_dev).await {
+            Ok(k) => Ok(Ok(k)),
+            Err(ParticipateError::Http(e)) => Err(e),
+            Err(other) => Ok(Err(other)),
+        }
+    })
+    .await??;
+    if opts.insecure_dev {
+        d.say("WARNING: aggregator evidence is SIMULATED (dev mode); no hardware guarantee");
+    }
+
+    // Wait for the round to be open for key advertisement.
+    let status: StatusView = loop {
+        let s: StatusView = d.poll(0, "an open round", || api.get_json("/v1/rounds/current")).await.or_else(|e| match e {
+            ParticipateError::Http(HttpError::Status { ref code, .. }) if code == "no_round" => Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config() }),
+            e => Err(e),
+        })?;
+        let wanted = opts.round.unwrap_or(s.round);
+        if s.round == wanted && s.phase == Phase::AdvertiseKeys {
+            break s;
+        }
+        if s.round > wanted || (opts.round.is_none() && s.round != 0 && !s.phase.is_terminal()) {
+            return Err(ParticipateError::RoundInProgress(s.round));
+        }
+        if let Some(e) = d.timed_out("the round to open") {
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let cfg = status.config;
+    let round = cfg.round;
+    let me = cfg
+        .roster
+        .iter()
+        .position(|k| k.eq_ignore_ascii_case(&identity.public_key_hex()))
+        .map(|i| ClientId(i as u32))
+        .ok_or_else(|| ParticipateError::NotParticipant(identity.name.clone(), round))?;
+    d.say(&format!("round {round}: joined as participant {me} of {} (k = {}, t = {}, m = {})", cfg.participants(), cfg.neighbours, cfg.min_survivors, cfg.vector_len));
+
+    let (update, weight) = provide(&cfg)?;
+    if update.len() != cfg.vector_len as usize {
+        return Err(ParticipateError::Update(format!("the update has {} values, round {round} aggregates {}", update.len(), cfg.vector_len)));
+    }
+    let quantized = Quantizer::new(&cfg).quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
+    drop(update);
+
+    let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &mut OsRng)?;
+    if !opts.insecure_dev {
+        return Err(ParticipateError::NoAttester);
+    }
+    let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| ParticipateError::Update(format!("cannot measure own executable: {e}")))?;
+    let mut seed = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut OsRng, &mut seed);
+    let evidence = DevAttester::new(seed, measure_bytes(&exe), false).attest(&client.key_binding(), now_secs()).map_err(|e| ParticipateError::Update(e.to_string()))?;
+    let adv = client.advertise(evidence);
+    let path = |p: &str| format!("/v1/rounds/{round}/{p}");
+    let size = serde_json::to_vec(&adv).map(|v| v.len()).unwrap_or(0);
+    d.send(round, "key advertisement", size, || api.post_json(path("advertise"), &adv)).await?;
+    d.say("phase 1/5: keys advertised, evidence accepted");
+    if opts.drop_after == Some(DropPoint::AfterAdvertise) {
+        d.say("leaving the round after advertising keys (--drop-after)");
+        return Ok(Participation::Dropped { round, after: DropPoint::AfterAdvertise });
+    }
+
+    let dir: KeyDirectory = d.poll(round, "the key directory", || api.get_json(path("key-directory"))).await?;
+    let shares = client.handle_key_directory(&dir, &mut OsRng)?;
+    let size = serde_json::to_vec(&shares).map(|v| v.len()).unwrap_or(0);
+    d.send(round, "key shares", size, || api.post_json(path("share-keys"), &shares)).await?;
+    d.say(&format!("phase 2/5: {} admitted; shares sent to {} neighbours", dir.advertised.len(), shares.shares.len()));
+    if opts.drop_after == Some(DropPoint::AfterShareKeys) {
+        d.say("leaving the round after sharing keys (--drop-after)");
+        return Ok(Participation::Dropped { round, after: DropPoint::AfterShareKeys });
+    }
+
+    let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)))).await?;
+    let masked = client.handle_share_bundle(&bundle, &quantized)?.encode();
+    d.send(round, "masked input", masked.len(), || api.post_bytes(path("masked-input"), masked.clone())).await?;
+    d.say(&format!("phase 3/5: masked input sent ({:.1} MB)", masked.len() as f64 / 1e6));
+    drop(masked);
+    if opts.drop_after == Some(DropPoint::AfterMaskedInput) {
+        d.say("leaving the round after sending the masked input (--drop-after)");
+        return Ok(Participation::Dropped { round, after: DropPoint::AfterMaskedInput });
+    }
+
+    let set: SurvivorSet = d.poll(round, "the survivor set", || api.get_json(path("survivors"))).await?;
+    if !set.survivors.contains(&me) {
+        return Err(ParticipateError::Excluded(round));
+    }
+    let sig = client.handle_survivor_set(&set)?;
+    d.send(round, "consistency signature", 200, || api.post_json(path("consistency"), &sig)).await?;
+    d.say(&format!("phase 4/5: signed the survivor set ({} of {})", set.survivors.len(), cfg.participants()));
+
+    let req: UnmaskRequest = d.poll(round, "the unmask request", || api.get_json(path("unmask-request"))).await?;
+    let reveal = client.handle_unmask_request(&req)?;
+    let size = serde_json::to_vec(&reveal).map(|v| v.len()).unwrap_or(0);
+    d.send(round, "unmask shares", size, || api.post_json(path("unmask"), &reveal)).await?;
+    d.say(&format!("phase 5/5: revealed {} self-mask and {} mask-key shares", reveal.self_mask_shares.len(), reveal.mask_key_shares.len()));
+
+    let mut release: Release = d.poll(round, "the released aggregate", || api.get_json(path("result"))).await?;
+    let mean = d.poll(round, "the released aggregate", || api.get_bytes(path("result/mean"))).await?;
+    release.mean = mean.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    if release.round != round || release.config_digest != cfg.digest() || !release.verify(&enclave_key) {
+        return Err(ParticipateError::BadRelease);
+    }
+    d.say(&format!(
+        "round {round} done: aggregate of {} institutions (total weight {}) verified; {:.1} MB sent in {:.1} s",
+        release.included.len(),
+        release.total_weight,
+        d.bytes_sent as f64 / 1e6,
+        d.start.elapsed().as_secs_f64()
+    ));
+    Ok(Participation::Completed(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed() }))
+}
+
+fn placeholder_config() -> RoundConfig {
+    RoundConfig::with_defaults(0, Vec::new(), 1, [0; 32])
+}
