@@ -70,6 +70,8 @@ pub enum ParticipateError {
     Aborted { round: u64, reason: String },
     #[error("gave up after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error("the {what} reached the aggregator after that phase of round {round} had closed; this client is out of the round")]
+    TooLate { round: u64, what: String },
     #[error("the aggregator excluded this client from the survivor set of round {0}")]
     Excluded(u64),
     #[error("the released aggregate does not verify against the enclave's identity key")]
@@ -182,6 +184,11 @@ impl Driver<'_> {
                 return Err(ParticipateError::NotAdmitted(message.clone()));
             }
         }
+        if let Err(ParticipateError::Http(e)) = &result {
+            if e.code() == Some("wrong_phase") && what != "unmask shares" {
+                return Err(ParticipateError::TooLate { round, what: what.to_string() });
+            }
+        }
         result?;
         self.bytes_sent += size as u64;
         Ok(())
@@ -264,10 +271,10 @@ where
     if !opts.insecure_dev {
         return Err(ParticipateError::NoAttester);
     }
-    let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| ParticipateError::Update(format!("cannot measure own executable: {e}")))?;
+    let measurement = own_measurement().map_err(|e| ParticipateError::Update(format!("cannot measure own executable: {e}")))?;
     let mut seed = [0u8; 32];
     rand::RngCore::fill_bytes(&mut OsRng, &mut seed);
-    let evidence = DevAttester::new(seed, measure_bytes(&exe), false).attest(&client.key_binding(), now_secs()).map_err(|e| ParticipateError::Update(e.to_string()))?;
+    let evidence = DevAttester::new(seed, measurement, false).attest(&client.key_binding(), now_secs()).map_err(|e| ParticipateError::Update(e.to_string()))?;
     let adv = client.advertise(evidence);
     let path = |p: &str| format!("/v1/rounds/{round}/{p}");
     let size = serde_json::to_vec(&adv).map(|v| v.len()).unwrap_or(0);
@@ -309,8 +316,12 @@ where
     let req: UnmaskRequest = d.poll(round, "the unmask request", || api.get_json(path("unmask-request"))).await?;
     let reveal = client.handle_unmask_request(&req)?;
     let size = serde_json::to_vec(&reveal).map(|v| v.len()).unwrap_or(0);
-    d.send(round, "unmask shares", size, || api.post_json(path("unmask"), &reveal)).await?;
-    d.say(&format!("phase 5/5: revealed {} self-mask and {} mask-key shares", reveal.self_mask_shares.len(), reveal.mask_key_shares.len()));
+    match d.send(round, "unmask shares", size, || api.post_json(path("unmask"), &reveal)).await {
+        Ok(()) => d.say(&format!("phase 5/5: revealed {} self-mask and {} mask-key shares", reveal.self_mask_shares.len(), reveal.mask_key_shares.len())),
+        // The aggregator closes unmasking as soon as it holds enough shares; ours were not needed.
+        Err(ParticipateError::Http(e)) if e.code() == Some("wrong_phase") => d.say("phase 5/5: unmasking had already completed without our shares"),
+        Err(e) => return Err(e),
+    }
 
     let mut release: Release = d.poll(round, "the released aggregate", || api.get_json(path("result"))).await?;
     let mean = d.poll(round, "the released aggregate", || api.get_bytes(path("result/mean"))).await?;
@@ -326,6 +337,17 @@ where
         d.start.elapsed().as_secs_f64()
     ));
     Ok(Participation::Completed(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed() }))
+}
+
+/// SHA-384 of this executable, computed once per process (the dev stand-in for a launch
+/// measurement).
+fn own_measurement() -> std::io::Result<[u8; 48]> {
+    static MEASUREMENT: std::sync::OnceLock<[u8; 48]> = std::sync::OnceLock::new();
+    if let Some(m) = MEASUREMENT.get() {
+        return Ok(*m);
+    }
+    let m = measure_bytes(&std::fs::read(std::env::current_exe()?)?);
+    Ok(*MEASUREMENT.get_or_init(|| m))
 }
 
 fn placeholder_config() -> RoundConfig {

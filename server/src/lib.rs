@@ -4,6 +4,7 @@
 //! `tessera_enclave` and never computes on an update itself.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod metrics;

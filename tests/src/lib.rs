@@ -1,0 +1,50 @@
+//! Shared harness for Tessera's integration tests and the demo: institutions with real
+//! identities, server configurations on loopback, synthetic updates and plaintext FedAvg
+//! to check the secure aggregate against.
+
+use std::path::{Path, PathBuf};
+
+use tessera_client::Identity;
+use tessera_server::config::{Institution, RoundParams, RoundSchedule, ServerConfig};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// `n` institutions, each with an identity directory under `root`.
+pub fn institutions(root: &Path, n: usize) -> Vec<(PathBuf, Identity)> {
+    (0..n)
+        .map(|i| {
+            let dir = root.join(format!("institution-{i}"));
+            let id = Identity::init(&dir, &format!("institution-{i}")).expect("identity");
+            (dir, id)
+        })
+        .collect()
+}
+
+pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(PathBuf, Identity)], params: RoundParams, rounds: u64) -> ServerConfig {
+    ServerConfig {
+        listen,
+        data_dir: data_dir.to_path_buf(),
+        admin_token: ADMIN_TOKEN.into(),
+        dev_insecure: true,
+        node_policy: tessera_attestation::policy::NodePolicy::insecure_dev(),
+        rounds: RoundSchedule { auto_open: rounds > 0, count: rounds, params },
+        institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),
+    }
+}
+
+/// A deterministic, institution-specific update with values in [-0.5, 0.5].
+pub fn synthetic_update(institution: usize, round: u64, m: usize) -> Vec<f32> {
+    (0..m).map(|j| (((institution * 7919 + j * 104_729 + round as usize * 31) % 1000) as f32 / 1000.0) - 0.5).collect()
+}
+
+/// Plaintext FedAvg: Σ w_i x_i / Σ w_i over the included institutions.
+pub fn fedavg(updates: &[(Vec<f32>, u32)], included: &[usize]) -> Vec<f32> {
+    let m = updates[0].0.len();
+    let total: f64 = included.iter().map(|&i| updates[i].1 as f64).sum();
+    (0..m).map(|j| (included.iter().map(|&i| updates[i].0[j] as f64 * updates[i].1 as f64).sum::<f64>() / total) as f32).collect()
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}

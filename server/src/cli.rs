@@ -1,0 +1,75 @@
+//! The `tessera-server` command line (the binary is a one-line wrapper, so test
+//! harnesses can run the same code as a separate process).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tessera-server", version, about = "Tessera secure-aggregation server (aggregator host + enclave)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve rounds as configured.
+    Run {
+        #[arg(long, default_value = "tessera-server.toml")]
+        config: PathBuf,
+    },
+    /// Print the TLS certificate fingerprint clients must pin (creating the certificate if needed).
+    Fingerprint {
+        #[arg(long, default_value = "tessera-server.toml")]
+        config: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the server; returns the process exit code.
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Fingerprint { config } => {
+            let cfg = crate::ServerConfig::load(&config)?;
+            let tls = crate::tls::load_or_create(&cfg.data_dir.join("tls"))?;
+            println!("{}", hex::encode(tls.fingerprint));
+            Ok(())
+        }
+        Command::Run { config } => {
+            let cfg = crate::ServerConfig::load(&config)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let running = crate::spawn(cfg).await?;
+                if running.service.config().dev_insecure {
+                    eprintln!("WARNING: INSECURE DEV MODE — simulated attestation; sealing key on disk. Never use with real data.");
+                }
+                eprintln!("tessera-server listening on https://{}", running.addr);
+                eprintln!("TLS certificate SHA-256 fingerprint: {}", hex::encode(running.fingerprint));
+                eprintln!("enclave identity key: {}", running.service.attestation().identity_public_key);
+                // Machine-readable line for scripts and tests.
+                println!("READY addr={} fingerprint={}", running.addr, hex::encode(running.fingerprint));
+                use std::io::Write;
+                std::io::stdout().flush()?;
+                tokio::signal::ctrl_c().await?;
+                eprintln!("shutting down");
+                running.stop().await;
+                Ok(())
+            })
+        }
+    }
+}
