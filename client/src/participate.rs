@@ -72,6 +72,8 @@ pub enum ParticipateError {
     Timeout(Duration, String),
     #[error("the {what} reached the aggregator after that phase of round {round} had closed; this client is out of the round")]
     TooLate { round: u64, what: String },
+    #[error("the aggregator holds a different {what} from this institution for round {round}; is another process using the same identity?")]
+    Conflict { round: u64, what: String },
     #[error("the aggregator excluded this client from the survivor set of round {0}")]
     Excluded(u64),
     #[error("the released aggregate does not verify against the enclave's identity key")]
@@ -171,17 +173,13 @@ impl Driver<'_> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<bytes::Bytes, HttpError>>,
     {
-        let result = self
-            .poll(round, what, || async {
-                match f().await {
-                    Err(e) if e.code() == Some("duplicate") => Ok(()),
-                    other => other.map(|_| ()),
-                }
-            })
-            .await;
+        let result = self.poll(round, what, || async { f().await.map(|_| ()) }).await;
         if let Err(ParticipateError::Http(HttpError::Status { code, message, .. })) = &result {
             if code == "not_admitted" {
                 return Err(ParticipateError::NotAdmitted(message.clone()));
+            }
+            if code == "duplicate" {
+                return Err(ParticipateError::Conflict { round, what: what.to_string() });
             }
         }
         if let Err(ParticipateError::Http(e)) = &result {

@@ -82,7 +82,8 @@ pub struct Aggregator {
     deadline: Timestamp,
     u1: BTreeMap<ClientId, AdvertiseKeys>,
     u2: BTreeMap<ClientId, ShareKeys>,
-    u3: BTreeSet<ClientId>,
+    /// U3 with the signature of each accepted masked input (to recognise retransmissions).
+    u3: BTreeMap<ClientId, [u8; 64]>,
     sum: Vec<u32>,
     u4: BTreeMap<ClientId, ConsistencySignature>,
     u5: BTreeMap<ClientId, UnmaskShares>,
@@ -109,7 +110,7 @@ impl Aggregator {
             cfg,
             u1: BTreeMap::new(),
             u2: BTreeMap::new(),
-            u3: BTreeSet::new(),
+            u3: BTreeMap::new(),
             u4: BTreeMap::new(),
             u5: BTreeMap::new(),
             outcome: None,
@@ -137,9 +138,22 @@ impl Aggregator {
         self.outcome.as_ref()
     }
 
-    fn check(&self, round: u64, phase: Phase, client: ClientId) -> Result<[u8; 32], Error> {
+    /// Checks common to every message, in this order: round, sender, retransmission or
+    /// equivocation (`previous` is the signature already accepted from this sender in
+    /// this phase), abort, phase. A byte-identical retransmission is recognised even
+    /// after its phase closed, so a client whose acknowledgement was lost can tell.
+    fn check(&self, round: u64, phase: Phase, client: ClientId, previous: Option<&[u8; 64]>, signature: &[u8; 64]) -> Result<[u8; 32], Error> {
         if round != self.cfg.round {
             return Err(ProtocolError::WrongRound { expected: self.cfg.round, got: round }.into());
+        }
+        let key = self.roster.get(client.0 as usize).copied().ok_or(ProtocolError::UnknownClient(client))?;
+        if let Some(prev) = previous {
+            return Err(if bool::from(subtle::ConstantTimeEq::ct_eq(&prev[..], &signature[..])) {
+                ProtocolError::AlreadyAccepted(client)
+            } else {
+                ProtocolError::Duplicate(client)
+            }
+            .into());
         }
         if let Some(Outcome::Aborted { reason, .. }) = &self.outcome {
             return Err(ProtocolError::Aborted(reason.clone()).into());
@@ -147,7 +161,7 @@ impl Aggregator {
         if self.phase != phase {
             return Err(ProtocolError::WrongPhase { current: self.phase, got: phase }.into());
         }
-        self.roster.get(client.0 as usize).copied().ok_or_else(|| ProtocolError::UnknownClient(client).into())
+        Ok(key)
     }
 
     fn verify(&self, key: &[u8; 32], client: ClientId, transcript: &crypto::Transcript, sig: &[u8; 64]) -> Result<(), Error> {
@@ -168,21 +182,15 @@ impl Aggregator {
     /// Every protocol check of [`Aggregator::handle_advertise`], without accepting the
     /// message; the enclave runs it before spending time on the client's evidence.
     pub fn check_advertise(&self, msg: &AdvertiseKeys) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::AdvertiseKeys, msg.client)?;
-        if self.u1.contains_key(&msg.client) {
-            return Err(ProtocolError::Duplicate(msg.client).into());
-        }
+        let key = self.check(msg.round, Phase::AdvertiseKeys, msg.client, self.u1.get(&msg.client).map(|m| &m.signature), &msg.signature)?;
         self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)
     }
 
     /// Phase 1: one ciphertext for each neighbour in U1, no more, no less.
     pub fn handle_share_keys(&mut self, msg: ShareKeys) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::ShareKeys, msg.client)?;
+        let key = self.check(msg.round, Phase::ShareKeys, msg.client, self.u2.get(&msg.client).map(|m| &m.signature), &msg.signature)?;
         if !self.u1.contains_key(&msg.client) {
             return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
-        }
-        if self.u2.contains_key(&msg.client) {
-            return Err(ProtocolError::Duplicate(msg.client).into());
         }
         self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
         let expected: BTreeSet<ClientId> =
@@ -206,12 +214,9 @@ impl Aggregator {
 
     /// Phase 2: verifies and folds the masked input into the running sum.
     pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::MaskedInput, msg.client)?;
+        let key = self.check(msg.round, Phase::MaskedInput, msg.client, self.u3.get(&msg.client), &msg.signature)?;
         if !self.u2.contains_key(&msg.client) {
             return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
-        }
-        if self.u3.contains(&msg.client) {
-            return Err(ProtocolError::Duplicate(msg.client).into());
         }
         if msg.data.len() != self.sum.len() {
             return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: msg.data.len() }.into());
@@ -224,19 +229,16 @@ impl Aggregator {
         for (s, x) in self.sum.iter_mut().zip(&msg.data) {
             *s = s.wrapping_add(*x);
         }
-        self.u3.insert(msg.client);
+        self.u3.insert(msg.client, msg.signature);
         Ok(())
     }
 
     pub fn handle_consistency(&mut self, msg: ConsistencySignature) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::ConsistencyCheck, msg.client)?;
-        if !self.u3.contains(&msg.client) {
+        let key = self.check(msg.round, Phase::ConsistencyCheck, msg.client, self.u4.get(&msg.client).map(|m| &m.signature), &msg.signature)?;
+        if !self.u3.contains_key(&msg.client) {
             return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
         }
-        if self.u4.contains_key(&msg.client) {
-            return Err(ProtocolError::Duplicate(msg.client).into());
-        }
-        let u3: Vec<ClientId> = self.u3.iter().copied().collect();
+        let u3: Vec<ClientId> = self.u3.keys().copied().collect();
         self.verify(&key, msg.client, &SurvivorSet::transcript(&self.digest, self.cfg.round, &u3), &msg.signature)?;
         self.u4.insert(msg.client, msg);
         Ok(())
@@ -245,12 +247,9 @@ impl Aggregator {
     /// Phase 4: every revealed share must be of a neighbour, of the right kind for that
     /// neighbour's fate, and carry the x-coordinate the dealer gave this holder.
     pub fn handle_unmask(&mut self, msg: UnmaskShares) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::Unmasking, msg.client)?;
+        let key = self.check(msg.round, Phase::Unmasking, msg.client, self.u5.get(&msg.client).map(|m| &m.signature), &msg.signature)?;
         if !self.u4.contains_key(&msg.client) {
             return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
-        }
-        if self.u5.contains_key(&msg.client) {
-            return Err(ProtocolError::Duplicate(msg.client).into());
         }
         self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
         let bad = |why| Err(ProtocolError::BadShares { from: msg.client, why }.into());
@@ -260,7 +259,7 @@ impl Aggregator {
                 if !seen.insert(r.of) {
                     return bad("two shares of one neighbour");
                 }
-                if !self.u2.contains_key(&r.of) || self.u3.contains(&r.of) != want_survivor {
+                if !self.u2.contains_key(&r.of) || self.u3.contains_key(&r.of) != want_survivor {
                     return bad("share kind does not match the neighbour's fate");
                 }
                 if self.graph.share_index(r.of, msg.client) != Some(r.share.x) {
@@ -277,7 +276,7 @@ impl Aggregator {
             Phase::AdvertiseKeys => (0..self.roster.len() as u32).map(ClientId).collect(),
             Phase::ShareKeys => self.u1.keys().copied().collect(),
             Phase::MaskedInput => self.u2.keys().copied().collect(),
-            Phase::ConsistencyCheck => self.u3.clone(),
+            Phase::ConsistencyCheck => self.u3.keys().copied().collect(),
             Phase::Unmasking => self.u4.keys().copied().collect(),
             Phase::Finished | Phase::Aborted => BTreeSet::new(),
         }
@@ -287,7 +286,7 @@ impl Aggregator {
         match self.phase {
             Phase::AdvertiseKeys => self.u1.keys().copied().collect(),
             Phase::ShareKeys => self.u2.keys().copied().collect(),
-            Phase::MaskedInput => self.u3.iter().copied().collect(),
+            Phase::MaskedInput => self.u3.keys().copied().collect(),
             Phase::ConsistencyCheck => self.u4.keys().copied().collect(),
             Phase::Unmasking => self.u5.keys().copied().collect(),
             Phase::Finished | Phase::Aborted => Vec::new(),
@@ -360,7 +359,7 @@ impl Aggregator {
             }
         }
         self.u2.keys().all(|c| {
-            let needed = self.u3.contains(c) || self.graph.neighbours(*c).iter().any(|v| self.u3.contains(v));
+            let needed = self.u3.contains_key(c) || self.graph.neighbours(*c).iter().any(|v| self.u3.contains_key(v));
             !needed || counts.get(c).copied().unwrap_or(0) >= ts
         })
     }
@@ -379,7 +378,7 @@ impl Aggregator {
     fn unmask(&mut self) -> Result<AggregateSum, Error> {
         let ts = self.cfg.share_threshold as usize;
         let mut streams = Vec::new();
-        for &u in &self.u3 {
+        for &u in self.u3.keys() {
             let shares = self.collect_shares(u, true);
             if shares.len() < ts {
                 return Err(ProtocolError::TooFewShares(u).into());
@@ -391,9 +390,9 @@ impl Aggregator {
             }
             streams.push(MaskStream::new(&seed, SELF_MASK_LABEL, Sign::Subtract));
         }
-        let dropped: Vec<ClientId> = self.u2.keys().filter(|c| !self.u3.contains(c)).copied().collect();
+        let dropped: Vec<ClientId> = self.u2.keys().filter(|c| !self.u3.contains_key(c)).copied().collect();
         for u in dropped {
-            let survivors: Vec<ClientId> = self.graph.neighbours(u).iter().filter(|v| self.u3.contains(v)).copied().collect();
+            let survivors: Vec<ClientId> = self.graph.neighbours(u).iter().filter(|v| self.u3.contains_key(v)).copied().collect();
             if survivors.is_empty() {
                 continue;
             }
@@ -418,7 +417,7 @@ impl Aggregator {
         apply_masks(&mut sum, &mut streams);
         let mask = self.cfg.modulus_mask();
         sum.iter_mut().for_each(|x| *x &= mask);
-        Ok(AggregateSum { round: self.cfg.round, included: self.u3.iter().copied().collect(), sum })
+        Ok(AggregateSum { round: self.cfg.round, included: self.u3.keys().copied().collect(), sum })
     }
 
     /// Whether `phase` closed successfully (an aborted round hands out nothing more).
@@ -448,14 +447,14 @@ impl Aggregator {
     /// U3, once phase 2 has closed.
     pub fn survivor_set(&self) -> Option<SurvivorSet> {
         (self.closed(Phase::MaskedInput) && !self.u3.is_empty())
-            .then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.iter().copied().collect() })
+            .then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.keys().copied().collect() })
     }
 
     /// U3 with the consistency signatures, once phase 3 has closed.
     pub fn unmask_request(&self) -> Option<UnmaskRequest> {
         (self.closed(Phase::ConsistencyCheck) && !self.u4.is_empty()).then(|| UnmaskRequest {
             round: self.cfg.round,
-            survivors: self.u3.iter().copied().collect(),
+            survivors: self.u3.keys().copied().collect(),
             signatures: self.u4.values().cloned().collect(),
         })
     }

@@ -25,8 +25,10 @@ pub enum ProtocolError {
     WrongPhase { current: Phase, got: Phase },
     #[error("client {0} is not a participant of this round")]
     UnknownClient(ClientId),
-    #[error("client {0} already sent this message (replay or duplicate)")]
+    #[error("client {0} already sent a different message for this phase (replay or equivocation)")]
     Duplicate(ClientId),
+    #[error("client {0} already sent this exact message; nothing changed")]
+    AlreadyAccepted(ClientId),
     #[error("client {0} is not in the set allowed to send this message")]
     NotInSurvivorSet(ClientId),
     #[error("signature by client {0} does not verify")]

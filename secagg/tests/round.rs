@@ -325,7 +325,11 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
     let (mut h, set) = up_to_survivor_set(4, &[]);
     let sig = h.clients[0].handle_survivor_set(&set).unwrap();
     h.agg.handle_consistency(sig.clone()).unwrap();
-    assert_eq!(h.agg.handle_consistency(sig.clone()).unwrap_err(), Error::Protocol(ProtocolError::Duplicate(ClientId(0))));
+    // A byte-identical retransmission is recognised; a different message is equivocation.
+    assert_eq!(h.agg.handle_consistency(sig.clone()).unwrap_err(), Error::Protocol(ProtocolError::AlreadyAccepted(ClientId(0))));
+    let mut equivocation = sig.clone();
+    equivocation.signature[5] ^= 1;
+    assert_eq!(h.agg.handle_consistency(equivocation).unwrap_err(), Error::Protocol(ProtocolError::Duplicate(ClientId(0))));
     let mut other_round = sig.clone();
     other_round.round += 1;
     assert!(matches!(h.agg.handle_consistency(other_round).unwrap_err(), Error::Protocol(ProtocolError::WrongRound { .. })));
@@ -335,8 +339,15 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
     let mut stranger = sig.clone();
     stranger.client = ClientId(99);
     assert_eq!(h.agg.handle_consistency(stranger).unwrap_err(), Error::Protocol(ProtocolError::UnknownClient(ClientId(99))));
-    let adv = h.clients[2].advertise(vec![]);
-    assert!(matches!(h.agg.handle_advertise(adv).unwrap_err(), Error::Protocol(ProtocolError::WrongPhase { .. })));
+    // A replayed advertisement is recognised as such; one with other content is equivocation.
+    assert_eq!(h.agg.handle_advertise(h.clients[2].advertise(vec![])).unwrap_err(), Error::Protocol(ProtocolError::AlreadyAccepted(ClientId(2))));
+    assert_eq!(h.agg.handle_advertise(h.clients[2].advertise(vec![1])).unwrap_err(), Error::Protocol(ProtocolError::Duplicate(ClientId(2))));
+    // A message of a later phase is refused with both phases named.
+    let early = UnmaskShares { round: set.round, client: ClientId(0), self_mask_shares: vec![], mask_key_shares: vec![], signature: [0; 64] };
+    assert_eq!(
+        h.agg.handle_unmask(early).unwrap_err(),
+        Error::Protocol(ProtocolError::WrongPhase { current: Phase::ConsistencyCheck, got: Phase::Unmasking })
+    );
     // The round still completes after all the rejected messages.
     for c in &mut h.clients[1..] {
         h.agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();

@@ -246,15 +246,18 @@ impl Service {
         let mut inner = self.inner.lock().await;
         self.current(&inner, round)?;
         let t = now();
-        let verdict = match kind {
+        let result = match kind {
             MessageKind::Advertise => {
                 let msg: AdvertiseKeys = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
-                Some(inner.enclave.handle_advertise(msg, t)?)
+                inner.enclave.handle_advertise(msg, t).map(Some)
             }
-            _ => {
-                inner.enclave.handle_message(kind, body, t)?;
-                None
-            }
+            _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
+        };
+        let verdict = match result {
+            Ok(v) => v,
+            // A retransmission of a message already stored (its acknowledgement was lost).
+            Err(EnclaveError::Protocol(tessera_secagg::Error::Protocol(tessera_secagg::ProtocolError::AlreadyAccepted(_)))) => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
         let event = StoredEvent::Message { kind, received_at: t, body: body.to_vec() };
         if let Err(e) = self.store.append_event(round, &event).await {

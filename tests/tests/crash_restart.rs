@@ -1,0 +1,102 @@
+//! SIGKILL the aggregator process in the middle of a round, twice, and restart it: the
+//! round resumes from the store with every accepted submission and completes correctly.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_client::{participate, Api, Options, Participation};
+use tessera_server::config::RoundParams;
+use tessera_tests::*;
+
+const N: usize = 5;
+const M: usize = 512;
+
+fn start(config: &Path) -> (Child, [u8; 32]) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-test-aggregator"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start aggregator");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let fp = line.split("fingerprint=").nth(1).map(str::trim).unwrap_or_else(|| panic!("no READY line: {line:?}"));
+    (child, hex::decode(fp).unwrap().try_into().unwrap())
+}
+
+async fn phase(api: &Api) -> Option<(String, usize)> {
+    let s: serde_json::Value = api.get_json("/v1/rounds/1").await.ok()?;
+    Some((s["phase"].as_str()?.to_string(), s["waiting_for"].as_array()?.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_round_then_restart_completes_the_round() {
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), N);
+    let port = free_port();
+    let params = RoundParams { vector_len: M as u32, max_weight: 100, phase_timeout_ms: 60_000, ..RoundParams::default() };
+    let cfg = server_config(&root.path().join("server"), format!("127.0.0.1:{port}").parse().unwrap(), &ids, params, 1);
+    let config_path = root.path().join("server.toml");
+    std::fs::write(&config_path, toml::to_string(&cfg).unwrap()).unwrap();
+
+    let (mut server, fp) = start(&config_path);
+    let url = format!("https://127.0.0.1:{port}");
+    let api = Api::new(&url, fp).unwrap();
+    let updates: Vec<(Vec<f32>, u32)> = (0..N).map(|i| (synthetic_update(i, 1, M), 5 + i as u32)).collect();
+    let spawn_client = |i: usize| {
+        let identity = tessera_client::Identity::load(&ids[i].0).unwrap();
+        let api = Api::new(&url, fp).unwrap();
+        let update = updates[i].clone();
+        let opts = Options { insecure_dev: true, wait: Duration::from_secs(180), round: Some(1), ..Options::default() };
+        tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok(update)).await })
+    };
+    // Four institutions advertise; the fifth is late, so the round waits in phase 0.
+    let mut tasks: Vec<_> = (0..N - 1).map(spawn_client).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while phase(&api).await != Some(("advertise_keys".into(), 1)) {
+        assert!(Instant::now() < deadline, "four advertisements never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Crash 1: with four accepted advertisements on disk.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (mut server, fp2) = start(&config_path);
+    assert_eq!(fp, fp2, "the certificate survives a restart");
+    assert_eq!(phase(&api).await, Some(("advertise_keys".into(), 1)), "accepted advertisements survived the crash");
+
+    // The last institution joins; crash 2 somewhere later in the round.
+    tasks.push(spawn_client(N - 1));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((p, _)) = phase(&api).await {
+            if p != "advertise_keys" && p != "share_keys" {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "round never reached the masked-input phase");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (mut server, _) = start(&config_path);
+
+    let mut release = None;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap().unwrap_or_else(|e| panic!("institution {i}: {e}")) {
+            Participation::Completed(r) => release = Some(r.release),
+            Participation::Dropped { .. } => unreachable!(),
+        }
+    }
+    let release = release.unwrap();
+    let included: Vec<usize> = release.included.iter().map(|c| c.0 as usize).collect();
+    assert_eq!(included, (0..N).collect::<Vec<_>>(), "no accepted submission was lost");
+    let want = fedavg(&updates, &included);
+    let max_err = release.mean.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    assert!(max_err <= release.error_bound + 1e-6, "error {max_err} > bound {}", release.error_bound);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
