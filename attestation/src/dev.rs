@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AttestError, Attester, Claims, Format, VerifyError, Verifier};
+use crate::{AttestError, Attester, Claims, Format, Verifier, VerifyError};
 
 pub const DEV_MAGIC: &str = "tessera-dev-evidence-INSECURE";
 
@@ -24,7 +24,8 @@ struct DevEvidence {
 
 fn signed_bytes(e: &DevEvidence) -> Vec<u8> {
     let mut v = Vec::new();
-    for part in [e.format.as_bytes(), e.measurement.as_bytes(), e.report_data.as_bytes(), &e.issued_at.to_le_bytes(), &[e.debug as u8], e.public_key.as_bytes()] {
+    for part in [e.format.as_bytes(), e.measurement.as_bytes(), e.report_data.as_bytes(), &e.issued_at.to_le_bytes(), &[e.debug as u8], e.public_key.as_bytes()]
+    {
         v.extend_from_slice(&(part.len() as u64).to_le_bytes());
         v.extend_from_slice(part);
     }

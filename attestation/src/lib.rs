@@ -102,9 +102,5 @@ pub fn registry() -> Vec<Box<dyn Verifier>> {
 
 /// Detects the format of `evidence` and verifies it.
 pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
-    registry()
-        .into_iter()
-        .find(|v| v.detect(evidence))
-        .ok_or(VerifyError::UnknownFormat)?
-        .verify(evidence, endorsements, now_secs)
+    registry().into_iter().find(|v| v.detect(evidence)).ok_or(VerifyError::UnknownFormat)?.verify(evidence, endorsements, now_secs)
 }

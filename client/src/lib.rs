@@ -10,4 +10,4 @@ pub mod update;
 
 pub use http::Api;
 pub use identity::Identity;
-pub use participate::{participate, DropPoint, Options, Participation, ParticipateError, RoundReport};
+pub use participate::{participate, DropPoint, Options, ParticipateError, Participation, RoundReport};

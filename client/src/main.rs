@@ -118,7 +118,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let api = api(&server)?;
             let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false };
             let result = participate(&api, &identity, &opts, |cfg| {
-                let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64).map_err(|e| ParticipateError::Update(e.to_string()))?;
+                let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
+                    .map_err(|e| ParticipateError::Update(e.to_string()))?;
                 Ok((flat, weight))
             })
             .await?;

@@ -95,7 +95,7 @@ pub struct RoundReport {
 
 #[derive(Debug)]
 pub enum Participation {
-    Completed(RoundReport),
+    Completed(Box<RoundReport>),
     Dropped { round: u64, after: DropPoint },
 }
 
@@ -198,7 +198,8 @@ impl Driver<'_> {
 pub async fn check_aggregator(api: &Api, insecure_dev: bool) -> Result<[u8; 32], ParticipateError> {
     let info: AttestationView = api.get_json("/v1/attestation").await?;
     let bad = |m: String| ParticipateError::AggregatorAttestation(m);
-    let identity: [u8; 32] = hex::decode(&info.identity_public_key).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("identity key is not 32 bytes of hex".into()))?;
+    let identity: [u8; 32] =
+        hex::decode(&info.identity_public_key).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("identity key is not 32 bytes of hex".into()))?;
     if !info.tls_fingerprint.eq_ignore_ascii_case(&hex::encode(api.fingerprint())) {
         return Err(bad("evidence names another TLS certificate".into()));
     }
@@ -218,14 +219,15 @@ where
     F: FnOnce(&RoundConfig) -> Result<(Vec<f32>, u32), ParticipateError>,
 {
     let mut d = Driver { who: &identity.name, opts, start: Instant::now(), bytes_sent: 0 };
-    let enclave_key = d.poll(0, "the aggregator", || async {
-        match check_aggregator(api, opts.insecure_dev).await {
-            Ok(k) => Ok(Ok(k)),
-            Err(ParticipateError::Http(e)) => Err(e),
-            Err(other) => Ok(Err(other)),
-        }
-    })
-    .await??;
+    let enclave_key = d
+        .poll(0, "the aggregator", || async {
+            match check_aggregator(api, opts.insecure_dev).await {
+                Ok(k) => Ok(Ok(k)),
+                Err(ParticipateError::Http(e)) => Err(e),
+                Err(other) => Ok(Err(other)),
+            }
+        })
+        .await??;
     if opts.insecure_dev {
         d.say("WARNING: aggregator evidence is SIMULATED (dev mode); no hardware guarantee");
     }
@@ -233,7 +235,9 @@ where
     // Wait for the round to be open for key advertisement.
     let status: StatusView = loop {
         let s: StatusView = d.poll(0, "an open round", || api.get_json("/v1/rounds/current")).await.or_else(|e| match e {
-            ParticipateError::Http(HttpError::Status { ref code, .. }) if code == "no_round" => Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config() }),
+            ParticipateError::Http(HttpError::Status { ref code, .. }) if code == "no_round" => {
+                Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config() })
+            }
             e => Err(e),
         })?;
         let wanted = opts.round.unwrap_or(s.round);
@@ -256,7 +260,13 @@ where
         .position(|k| k.eq_ignore_ascii_case(&identity.public_key_hex()))
         .map(|i| ClientId(i as u32))
         .ok_or_else(|| ParticipateError::NotParticipant(identity.name.clone(), round))?;
-    d.say(&format!("round {round}: joined as participant {me} of {} (k = {}, t = {}, m = {})", cfg.participants(), cfg.neighbours, cfg.min_survivors, cfg.vector_len));
+    d.say(&format!(
+        "round {round}: joined as participant {me} of {} (k = {}, t = {}, m = {})",
+        cfg.participants(),
+        cfg.neighbours,
+        cfg.min_survivors,
+        cfg.vector_len
+    ));
 
     let (update, weight) = provide(&cfg)?;
     if update.len() != cfg.vector_len as usize {
@@ -334,7 +344,7 @@ where
         d.bytes_sent as f64 / 1e6,
         d.start.elapsed().as_secs_f64()
     ));
-    Ok(Participation::Completed(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed() }))
+    Ok(Participation::Completed(Box::new(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed() })))
 }
 
 /// SHA-384 of this executable, computed once per process (the dev stand-in for a launch

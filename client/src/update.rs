@@ -101,7 +101,12 @@ pub fn load_update(local: &Path, global: Option<&Path>, layout: &[TensorSpec], v
         }
     } else {
         for spec in layout {
-            let (shape, values) = tensors.remove(&spec.name).ok_or_else(|| UpdateError::Shape { path: p.clone(), name: spec.name.clone(), expected: spec.shape.clone(), found: "no such tensor".into() })?;
+            let (shape, values) = tensors.remove(&spec.name).ok_or_else(|| UpdateError::Shape {
+                path: p.clone(),
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                found: "no such tensor".into(),
+            })?;
             if shape != spec.shape {
                 return Err(UpdateError::Shape { path: p.clone(), name: spec.name.clone(), expected: spec.shape.clone(), found: format!("shape {shape:?}") });
             }
@@ -129,7 +134,11 @@ pub fn save_flat(path: &Path, flat: &[f32], layout: &[TensorSpec]) -> Result<(),
     for s in &specs {
         let n = s.numel() as usize;
         let chunk = flat.get(offset..offset + n).ok_or_else(|| UpdateError::Length { expected: offset as u64 + n as u64, got: flat.len() as u64 })?;
-        buffers.push((s.name.clone(), s.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), chunk.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+        buffers.push((
+            s.name.clone(),
+            s.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(),
+            chunk.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+        ));
         offset += n;
     }
     let views: Vec<(String, TensorView<'_>)> = buffers

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-pub use tessera_secagg::wire::Release;
 pub use tessera_attestation::binding::aggregator_report_data;
 use tessera_attestation::policy::{NodePolicy, Verdict};
 use tessera_attestation::Attester;
@@ -25,6 +24,7 @@ use tessera_secagg::aggregator::{Aggregator, Outcome, Phase, PhaseChange};
 use tessera_secagg::client::key_binding;
 use tessera_secagg::crypto::MessageSigner;
 use tessera_secagg::quantize::Quantizer;
+pub use tessera_secagg::wire::Release;
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 
@@ -110,7 +110,12 @@ impl Enclave {
     /// Starts the enclave. `sealed_identity` is the host-stored identity key from an
     /// earlier start; without one a new identity is generated. Returns the enclave and
     /// the sealed identity for the host to store.
-    pub fn start(sealing: SealingKey, sealed_identity: Option<&[u8]>, attester: Box<dyn Attester>, node_policy: NodePolicy) -> Result<(Self, Vec<u8>), EnclaveError> {
+    pub fn start(
+        sealing: SealingKey,
+        sealed_identity: Option<&[u8]>,
+        attester: Box<dyn Attester>,
+        node_policy: NodePolicy,
+    ) -> Result<(Self, Vec<u8>), EnclaveError> {
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         match sealed_identity {
             Some(blob) => {
@@ -284,7 +289,8 @@ impl Enclave {
                 StoredEvent::Sealed { seq, sealed } => {
                     let plain = self.sealing.unseal(&record_aad(round, *seq), sealed).map_err(|_| EnclaveError::Unseal("phase record"))?;
                     let recorded: PhaseChange = serde_json::from_slice(&plain).map_err(|e| EnclaveError::ReplayMismatch { seq: *seq, why: e.to_string() })?;
-                    let transition = self.advance(recorded.at)?.ok_or_else(|| EnclaveError::ReplayMismatch { seq: *seq, why: "the phase did not close".into() })?;
+                    let transition =
+                        self.advance(recorded.at)?.ok_or_else(|| EnclaveError::ReplayMismatch { seq: *seq, why: "the phase did not close".into() })?;
                     if transition.seq != *seq || transition.change != recorded {
                         return Err(EnclaveError::ReplayMismatch { seq: *seq, why: format!("replayed {:?}, recorded {:?}", transition.change, recorded) });
                     }

@@ -1,6 +1,8 @@
 //! The enclave end to end in memory: admission by evidence, release of the weighted
 //! mean, and rebuilding a round from stored events after a "crash".
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -34,7 +36,10 @@ fn enclave(key: [u8; 32]) -> Enclave {
 
 /// Runs a round with `n` clients where the listed clients never send a masked input.
 /// Returns the enclave, the stored events, and the plaintext updates with weights.
-fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Vec<(Vec<f32>, u32)>) {
+/// Plaintext updates with their FedAvg weights.
+type Updates = Vec<(Vec<f32>, u32)>;
+
+fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
     let cfg = config(n);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let mut e = enclave([1; 32]);
@@ -42,7 +47,7 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Vec<(Vec<f32>, u
     let mut now = Timestamp(1_700_000_000_000);
     e.open_round(cfg.clone(), now).unwrap();
     let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()).collect();
-    let updates: Vec<(Vec<f32>, u32)> = (0..n).map(|i| ((0..6).map(|j| (i as f32 - j as f32) / 10.0).collect(), 10 + i as u32 * 5)).collect();
+    let updates: Updates = (0..n).map(|i| ((0..6).map(|j| (i as f32 - j as f32) / 10.0).collect(), 10 + i as u32 * 5)).collect();
     let q = Quantizer::new(&cfg);
     let feed = |e: &mut Enclave, log: &mut Vec<StoredEvent>, kind, body: Vec<u8>, now| {
         e.handle_message(kind, &body, now).unwrap();

@@ -193,8 +193,7 @@ impl Aggregator {
             return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
         }
         self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
-        let expected: BTreeSet<ClientId> =
-            self.graph.neighbours(msg.client).iter().filter(|v| self.u1.contains_key(v)).copied().collect();
+        let expected: BTreeSet<ClientId> = self.graph.neighbours(msg.client).iter().filter(|v| self.u1.contains_key(v)).copied().collect();
         let got: BTreeSet<ClientId> = msg.shares.iter().map(|s| s.to).collect();
         if got.len() != msg.shares.len() {
             return Err(ProtocolError::BadShares { from: msg.client, why: "two shares for one neighbour" }.into());
@@ -446,8 +445,7 @@ impl Aggregator {
 
     /// U3, once phase 2 has closed.
     pub fn survivor_set(&self) -> Option<SurvivorSet> {
-        (self.closed(Phase::MaskedInput) && !self.u3.is_empty())
-            .then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.keys().copied().collect() })
+        (self.closed(Phase::MaskedInput) && !self.u3.is_empty()).then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.keys().copied().collect() })
     }
 
     /// U3 with the consistency signatures, once phase 3 has closed.

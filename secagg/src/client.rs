@@ -97,12 +97,7 @@ impl Client {
     /// round's two X25519 keys and the self-mask seed, and signs the advertisement.
     /// `evidence` is the client's attestation evidence, bound by the caller to the keys
     /// through [`Client::key_binding`].
-    pub fn new<R: RngCore + CryptoRng>(
-        cfg: RoundConfig,
-        id: ClientId,
-        signer: Arc<dyn MessageSigner>,
-        rng: &mut R,
-    ) -> Result<Self, Error> {
+    pub fn new<R: RngCore + CryptoRng>(cfg: RoundConfig, id: ClientId, signer: Arc<dyn MessageSigner>, rng: &mut R) -> Result<Self, Error> {
         cfg.validate()?;
         if cfg.roster_key(id)? != signer.public_key() {
             return Err(Error::Config(format!("the signing key does not match roster entry {id}")));

@@ -91,10 +91,7 @@ impl RoundConfig {
     }
 
     pub fn roster_key(&self, id: ClientId) -> Result<[u8; 32], Error> {
-        let hex_key = self
-            .roster
-            .get(id.0 as usize)
-            .ok_or(Error::Protocol(crate::ProtocolError::UnknownClient(id)))?;
+        let hex_key = self.roster.get(id.0 as usize).ok_or(Error::Protocol(crate::ProtocolError::UnknownClient(id)))?;
         let v = hex::decode(hex_key).map_err(|_| Error::Config(format!("roster key {id} is not hex")))?;
         v.try_into().map_err(|_| Error::Config(format!("roster key {id} must be 32 bytes")))
     }
@@ -134,7 +131,7 @@ impl RoundConfig {
         if k == 0 || k > n - 1 {
             return bad(format!("neighbours must be in 1..={}, got {k}", n - 1));
         }
-        if k != n - 1 && k % 2 != 0 {
+        if k != n - 1 && !k.is_multiple_of(2) {
             return bad(format!("neighbours must be even unless it is n-1 (got {k})"));
         }
         if k > 254 {
@@ -170,11 +167,7 @@ impl RoundConfig {
         }
         let modulus_max = self.modulus_mask() as u64;
         if n * self.max_weight as u64 > modulus_max {
-            return bad(format!(
-                "n * max_weight = {} overflows the modulus 2^{}",
-                n * self.max_weight as u64,
-                self.modulus_bits
-            ));
+            return bad(format!("n * max_weight = {} overflows the modulus 2^{}", n * self.max_weight as u64, self.modulus_bits));
         }
         if modulus_max / n < 2 {
             return bad(format!("modulus 2^{} leaves fewer than 2 levels for {n} inputs", self.modulus_bits));

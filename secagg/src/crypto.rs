@@ -41,9 +41,7 @@ impl MessageSigner for ring::signature::Ed25519KeyPair {
 }
 
 pub fn verify_signature(public_key: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(message, signature)
-        .is_ok()
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key).verify(message, signature).is_ok()
 }
 
 /// A domain-separated, length-prefixed byte string to sign.
@@ -161,12 +159,17 @@ fn share_aad(config_digest: &[u8; 32], round: u64, from: ClientId, to: ClientId)
 pub fn encrypt_share(key: &[u8; 32], config_digest: &[u8; 32], round: u64, from: ClientId, to: ClientId, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
     let cipher = Aes256Gcm::new(key.into());
     let aad = share_aad(config_digest, round, from, to);
-    cipher
-        .encrypt(Nonce::from_slice(&share_nonce(from, to)), Payload { msg: plaintext, aad: &aad })
-        .map_err(|_| Error::Crypto("share encryption failed"))
+    cipher.encrypt(Nonce::from_slice(&share_nonce(from, to)), Payload { msg: plaintext, aad: &aad }).map_err(|_| Error::Crypto("share encryption failed"))
 }
 
-pub fn decrypt_share(key: &[u8; 32], config_digest: &[u8; 32], round: u64, from: ClientId, to: ClientId, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+pub fn decrypt_share(
+    key: &[u8; 32],
+    config_digest: &[u8; 32],
+    round: u64,
+    from: ClientId,
+    to: ClientId,
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, Error> {
     let cipher = Aes256Gcm::new(key.into());
     let aad = share_aad(config_digest, round, from, to);
     cipher

@@ -81,10 +81,7 @@ impl Quantizer {
         let from_levels = 2.0 * self.clip / self.levels as f64;
         let offset = included as f64 * self.clip;
         let rescale = self.max_weight as f64 / total_weight as f64;
-        let mean = values
-            .iter()
-            .map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32)
-            .collect();
+        let mean = values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect();
         Ok(WeightedMean { mean, total_weight, included })
     }
 }

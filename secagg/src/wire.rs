@@ -315,11 +315,9 @@ impl Release {
 
     /// Checks the signature against the enclave's identity key and the mean against its hash.
     pub fn verify(&self, identity: &[u8; 32]) -> bool {
-        sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256
-            && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
+        sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256 && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,8 @@
 //! is exactly the sum of the included inputs for every dropout schedule that leaves
 //! enough survivors, and nothing is released otherwise.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -62,9 +64,7 @@ fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) 
         clock += step;
         Timestamp(clock)
     };
-    let mut clients: Vec<Option<Client>> = (0..n)
-        .map(|i| Some(Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()))
-        .collect();
+    let mut clients: Vec<Option<Client>> = (0..n).map(|i| Some(Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap())).collect();
     let alive = |c: &mut Vec<Option<Client>>, i: usize, at: Drop| {
         if drops[i] <= at {
             c[i] = None;
@@ -137,8 +137,7 @@ fn expected_included(cfg: &RoundConfig, drops: &[Drop]) -> Option<Vec<ClientId>>
         return None;
     }
     let nb = |i: usize| g.neighbours(ClientId(i as u32)).iter().map(|c| c.0 as usize).collect::<Vec<_>>();
-    let u2: BTreeSet<usize> =
-        set(Drop::BeforeShare).into_iter().filter(|&i| nb(i).iter().filter(|v| u1.contains(v)).count() >= ts).collect();
+    let u2: BTreeSet<usize> = set(Drop::BeforeShare).into_iter().filter(|&i| nb(i).iter().filter(|v| u1.contains(v)).count() >= ts).collect();
     let u3: BTreeSet<usize> = u2.iter().copied().filter(|&i| drops[i] > Drop::BeforeMasked).collect();
     let u4: BTreeSet<usize> = u3.iter().copied().filter(|&i| drops[i] > Drop::BeforeConsistency).collect();
     let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| drops[i] > Drop::BeforeUnmask).collect();
@@ -177,10 +176,7 @@ fn arb_round() -> impl Strategy<Value = (RoundConfig, Vec<Vec<u32>>, Vec<Drop>, 
                 let cfg = config(n, t, k, ts, m, bits);
                 let mask = cfg.modulus_mask();
                 let inputs = proptest::collection::vec(proptest::collection::vec(0..=mask / n as u32, m as usize + 1), n);
-                let drops = proptest::collection::vec(
-                    prop_oneof![6 => Just(Drop::Never), 1 => proptest::sample::select(DROPS.to_vec())],
-                    n,
-                );
+                let drops = proptest::collection::vec(prop_oneof![6 => Just(Drop::Never), 1 => proptest::sample::select(DROPS.to_vec())], n);
                 (Just(cfg), inputs, drops, Just(seed))
             },
         )
@@ -344,10 +340,7 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
     assert_eq!(h.agg.handle_advertise(h.clients[2].advertise(vec![1])).unwrap_err(), Error::Protocol(ProtocolError::Duplicate(ClientId(2))));
     // A message of a later phase is refused with both phases named.
     let early = UnmaskShares { round: set.round, client: ClientId(0), self_mask_shares: vec![], mask_key_shares: vec![], signature: [0; 64] };
-    assert_eq!(
-        h.agg.handle_unmask(early).unwrap_err(),
-        Error::Protocol(ProtocolError::WrongPhase { current: Phase::ConsistencyCheck, got: Phase::Unmasking })
-    );
+    assert_eq!(h.agg.handle_unmask(early).unwrap_err(), Error::Protocol(ProtocolError::WrongPhase { current: Phase::ConsistencyCheck, got: Phase::Unmasking }));
     // The round still completes after all the rejected messages.
     for c in &mut h.clients[1..] {
         h.agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();

@@ -35,7 +35,7 @@ pub struct Institution {
 }
 
 /// Parameters of rounds the server opens by itself, one after the other.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundSchedule {
     /// Open rounds automatically (otherwise an admin opens them with POST /v1/rounds).
@@ -43,12 +43,6 @@ pub struct RoundSchedule {
     /// How many rounds to run; 0 means no limit.
     pub count: u64,
     pub params: RoundParams,
-}
-
-impl Default for RoundSchedule {
-    fn default() -> Self {
-        RoundSchedule { auto_open: false, count: 0, params: RoundParams::default() }
-    }
 }
 
 /// What an admin chooses when opening a round; the rest is derived (round number,

@@ -55,12 +55,9 @@ impl From<EnclaveError> for ApiError {
         let msg = e.to_string();
         match e {
             EnclaveError::Protocol(core) => core_error(core, msg),
-            EnclaveError::NotAdmitted { verdict, .. } => ApiError {
-                status: StatusCode::FORBIDDEN,
-                code: "not_admitted",
-                message: msg,
-                verdict: serde_json::to_value(&*verdict).ok(),
-            },
+            EnclaveError::NotAdmitted { verdict, .. } => {
+                ApiError { status: StatusCode::FORBIDDEN, code: "not_admitted", message: msg, verdict: serde_json::to_value(&*verdict).ok() }
+            }
             EnclaveError::NoRound => ApiError::new(StatusCode::NOT_FOUND, "no_round", msg),
             EnclaveError::RoundOpen(_) => ApiError::new(StatusCode::CONFLICT, "round_open", msg),
             EnclaveError::Unseal(_) | EnclaveError::ReplayMismatch { .. } | EnclaveError::Attestation(_) | EnclaveError::Internal(_) => ApiError::internal(msg),

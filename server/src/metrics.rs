@@ -35,7 +35,8 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::from("# HELP tessera_http_request_duration_seconds Request latency by route.\n# TYPE tessera_http_request_duration_seconds summary\n");
+        let mut out =
+            String::from("# HELP tessera_http_request_duration_seconds Request latency by route.\n# TYPE tessera_http_request_duration_seconds summary\n");
         for ((method, route), s) in routes.iter() {
             let labels = format!("method=\"{method}\",route=\"{route}\"");
             for q in [0.5, 0.9, 0.99, 0.999] {

@@ -145,7 +145,15 @@ impl Service {
                 current = Some(Current { cfg: row.config.clone(), opened_at: row.opened_at, finished_at: Some(row.opened_at) });
             }
         }
-        let service = Arc::new(Service { inner: Mutex::new(Inner { enclave, current }), store, cfg, identity, tls_fingerprint, evidence, metrics: Arc::new(Metrics::default()) });
+        let service = Arc::new(Service {
+            inner: Mutex::new(Inner { enclave, current }),
+            store,
+            cfg,
+            identity,
+            tls_fingerprint,
+            evidence,
+            metrics: Arc::new(Metrics::default()),
+        });
         // A round that finished just before a crash may not have its result stored yet.
         service.tick().await.map_err(|e| StartError::Setup(e.message))?;
         Ok(service)
@@ -367,12 +375,7 @@ impl Service {
                 Outcome::Sum(_) => "released".to_string(),
                 Outcome::Aborted { reason, .. } => format!("aborted: {reason}"),
             });
-            let admission = inner
-                .enclave
-                .verdicts()?
-                .iter()
-                .map(|(c, v)| AdmissionRecord { client: *c, accepted: v.accepted, reasons: v.reasons() })
-                .collect();
+            let admission = inner.enclave.verdicts()?.iter().map(|(c, v)| AdmissionRecord { client: *c, accepted: v.accepted, reasons: v.reasons() }).collect();
             return Ok(RoundStatus {
                 round,
                 phase: agg.phase(),
@@ -384,7 +387,8 @@ impl Service {
             });
         }
         drop(inner);
-        let row = self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
+        let row =
+            self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
         Ok(RoundStatus {
             round,
             phase: if row.status == "finished" { Phase::Finished } else { Phase::Aborted },
@@ -398,7 +402,8 @@ impl Service {
 
     /// The signed release of a finished round (JSON, without the mean) and the mean.
     pub async fn result(&self, round: u64) -> Result<(String, Vec<u8>), ApiError> {
-        let row = self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
+        let row =
+            self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
         match row.status.as_str() {
             "finished" => {
                 let release = row.release.ok_or_else(|| ApiError::internal("finished round without a release"))?;

@@ -163,11 +163,7 @@ impl Store {
     }
 
     pub async fn mean(&self, round: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query("SELECT mean FROM rounds WHERE round = ? AND mean IS NOT NULL")
-            .bind(round as i64)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| r.get(0)))
+        Ok(sqlx::query("SELECT mean FROM rounds WHERE round = ? AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
     }
 
     /// Appends one event in one transaction; `idx` orders a round's events.

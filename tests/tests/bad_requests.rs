@@ -1,6 +1,8 @@
 //! Malformed, replayed, forged, oversized and wrong-round requests get a 4xx with a
 //! typed JSON error body, and the round they were thrown at completes unaffected.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,6 +119,16 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &forged).await.unwrap_err()), (409, "duplicate"));
     assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &c0.advertise(vec![])).await.unwrap_err()), (409, "duplicate"));
     // Replaying a masked input of this round to the finished round changes nothing.
-    assert_eq!(status_code(&post("/v1/rounds/1/masked-input", "application/octet-stream", MaskedInput { round: 1, client: ClientId(2), data: vec![0; cfg.masked_len()], signature: [0; 64] }.encode()).await), (409, "duplicate"));
+    assert_eq!(
+        status_code(
+            &post(
+                "/v1/rounds/1/masked-input",
+                "application/octet-stream",
+                MaskedInput { round: 1, client: ClientId(2), data: vec![0; cfg.masked_len()], signature: [0; 64] }.encode()
+            )
+            .await
+        ),
+        (409, "duplicate")
+    );
     server.stop().await;
 }

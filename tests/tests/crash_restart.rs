@@ -1,6 +1,8 @@
 //! SIGKILL the aggregator process in the middle of a round, twice, and restart it: the
 //! round resumes from the store with every accepted submission and completes correctly.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

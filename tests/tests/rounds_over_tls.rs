@@ -2,6 +2,8 @@
 //! second; every released mean is checked against plaintext FedAvg of the institutions
 //! the enclave says it included, within the quantization error bound.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use tessera_client::{participate, Api, DropPoint, Options, Participation};
