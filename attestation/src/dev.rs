@@ -138,6 +138,23 @@ mod tests {
         assert_eq!(claims.measurement, hex::encode([2u8; 48]));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn verification_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600), flip in 0usize..2000) {
+            let _ = crate::verify(&bytes, &[], 1000);
+            // Single-byte corruptions of real evidence are refused, never accepted or panicking.
+            let mut ev = attester().attest(&[7; 64], 1000).unwrap();
+            let i = flip % ev.len();
+            ev[i] ^= 1 + (bytes.first().copied().unwrap_or(0) % 254);
+            if let Ok(claims) = crate::verify(&ev, &[], 1000) {
+                // A flip inside insignificant JSON whitespace or the unsigned warning text may keep it valid,
+                // but the signed claims must then be unchanged.
+                proptest::prop_assert_eq!(claims.report_data, hex::encode([7u8; 64]));
+                proptest::prop_assert_eq!(claims.measurement, hex::encode([2u8; 48]));
+            }
+        }
+    }
+
     #[test]
     fn tampering_is_detected() {
         let ev = attester().attest(&[7; 64], 1000).unwrap();

@@ -351,6 +351,20 @@ mod tests {
         assert!(MaskedInput::decode(&long).is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = MaskedInput::decode(&bytes);
+            let mut framed = MASKED_MAGIC.to_vec();
+            framed.push(MASKED_VERSION);
+            framed.extend_from_slice(&bytes);
+            let _ = MaskedInput::decode(&framed);
+            let _ = serde_json::from_slice::<AdvertiseKeys>(&bytes);
+            let _ = serde_json::from_slice::<ShareKeys>(&bytes);
+            let _ = serde_json::from_slice::<UnmaskShares>(&bytes);
+        }
+    }
+
     #[test]
     fn json_rejects_wrong_lengths_and_unknown_fields() {
         let ok = r#"{"round":1,"client":0,"signature":"00"}"#;

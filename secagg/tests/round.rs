@@ -412,3 +412,30 @@ fn deadline_closes_a_phase_without_stragglers() {
     assert_eq!(change.responded.len(), 3);
     let _ = rng.gen::<u8>();
 }
+
+/// A neighbour that reveals a wrong (but validly signed) self-mask share cannot make the
+/// aggregator release a wrong sum: the reconstruction fails its commitment and the round
+/// aborts instead.
+#[test]
+fn lying_neighbour_aborts_instead_of_corrupting_the_sum() {
+    let (mut h, set) = up_to_survivor_set(4, &[]);
+    for c in &mut h.clients {
+        h.agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    h.agg.advance(Timestamp(u64::MAX / 2)).unwrap();
+    let req = h.agg.unmask_request().unwrap();
+    let digest = h.cfg.digest();
+    for (i, c) in h.clients.iter_mut().enumerate() {
+        let mut shares = c.handle_unmask_request(&req).unwrap();
+        if i == 0 {
+            shares.self_mask_shares[0].share.y[0] ^= 0x55;
+            shares.signature = MessageSigner::sign(&*signer(0), shares.transcript(&digest).as_bytes());
+        }
+        h.agg.handle_unmask(shares).unwrap();
+    }
+    h.agg.advance(Timestamp(u64::MAX / 2 + 1)).unwrap();
+    match h.agg.outcome() {
+        Some(Outcome::Aborted { reason, .. }) => assert!(reason.contains("does not match its commitment"), "{reason}"),
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
