@@ -110,12 +110,21 @@ impl Verifier for DevVerifier {
         }
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &pk)
             .verify(&signed_bytes(&e), &sig)
-            .map_err(|_| VerifyError::BadSignature { format: Format::DevInsecure })?;
+            .map_err(|_| VerifyError::BadSignature { format: Format::DevInsecure, what: "the dev report".into() })?;
         // Evidence from the future (beyond a minute of clock skew) is refused.
         if e.issued_at > now_secs.saturating_add(60) {
-            return Err(VerifyError::NotValidAtTime { format: Format::DevInsecure });
+            return Err(VerifyError::NotValidAtTime { format: Format::DevInsecure, what: "the dev report (issued in the future)".into() });
         }
-        Ok(Claims { format: Format::DevInsecure, measurement: e.measurement, report_data: e.report_data, debug: e.debug, issued_at: Some(e.issued_at) })
+        Ok(Claims {
+            format: Format::DevInsecure,
+            measurement: e.measurement,
+            report_data: e.report_data,
+            debug: e.debug,
+            issued_at: Some(e.issued_at),
+            tcb: None,
+            signer: Some(format!("dev key {} (INSECURE)", e.public_key)),
+            fields: Default::default(),
+        })
     }
 }
 
@@ -160,7 +169,7 @@ mod tests {
         let ev = attester().attest(&[7; 64], 1000).unwrap();
         let text = String::from_utf8(ev).unwrap();
         let tampered = text.replace(&hex::encode([7u8; 64]), &hex::encode([8u8; 64]));
-        assert_eq!(crate::verify(tampered.as_bytes(), &[], 1000).unwrap_err(), VerifyError::BadSignature { format: Format::DevInsecure });
+        assert!(matches!(crate::verify(tampered.as_bytes(), &[], 1000).unwrap_err(), VerifyError::BadSignature { format: Format::DevInsecure, .. }));
         let debug_flip = text.replace("\"debug\":false", "\"debug\":true");
         assert!(crate::verify(debug_flip.as_bytes(), &[], 1000).is_err());
         assert!(matches!(crate::verify(&text.as_bytes()[..40], &[], 1000), Err(VerifyError::Malformed { .. })));

@@ -52,26 +52,45 @@ impl std::fmt::Display for Format {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub format: Format,
-    /// Launch measurement (SNP MEASUREMENT, TDX MRTD, Nitro PCR0, dev: SHA-384 of the binary), hex.
+    /// Launch measurement (SNP MEASUREMENT, TDX MRTD, SGX MRENCLAVE, Nitro PCR0, dev: SHA-384 of the binary), hex.
     pub measurement: String,
     /// 64 bytes the attested code chose to bind (report_data / user_data), hex.
     pub report_data: String,
     pub debug: bool,
     /// Seconds since the Unix epoch at which the evidence was produced, where the format says.
     pub issued_at: Option<u64>,
+    /// Platform TCB as the format states it (SNP reported TCB, DCAP TCB status, …), if any.
+    #[serde(default)]
+    pub tcb: Option<String>,
+    /// Who signed the evidence (e.g. the VCEK/VLEK subject, the PCK, the Nitro leaf certificate).
+    #[serde(default)]
+    pub signer: Option<String>,
+    /// Every other decoded field, by its specification name (hex for byte strings).
+    #[serde(default)]
+    pub fields: std::collections::BTreeMap<String, String>,
 }
 
-/// Why evidence failed verification (step 1).
+/// Why evidence failed verification (step 1). Each variant names the failing check.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum VerifyError {
     #[error("evidence format not recognised")]
     UnknownFormat,
     #[error("malformed {format:?} evidence: {why}")]
     Malformed { format: Format, why: String },
-    #[error("{format:?} evidence signature does not verify")]
-    BadSignature { format: Format },
-    #[error("{format:?} evidence is not yet valid or has expired at the verification time")]
-    NotValidAtTime { format: Format },
+    #[error("{format:?}: a required endorsement is missing: {what}")]
+    MissingEndorsement { format: Format, what: String },
+    #[error("{format:?}: signature over {what} does not verify")]
+    BadSignature { format: Format, what: String },
+    #[error("{format:?}: certificate chain is invalid: {why}")]
+    CertificateChain { format: Format, why: String },
+    #[error("{format:?}: the chain does not end at a pinned vendor root")]
+    UntrustedRoot { format: Format },
+    #[error("{format:?}: {what} is not valid at the verification time")]
+    NotValidAtTime { format: Format, what: String },
+    #[error("{format:?}: {what} is revoked")]
+    Revoked { format: Format, what: String },
+    #[error("{format:?}: TCB check failed: {status}")]
+    Tcb { format: Format, status: String },
 }
 
 /// One evidence format: recognise it, and verify it at a given time.

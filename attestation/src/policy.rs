@@ -111,7 +111,14 @@ impl NodePolicy {
 fn format_of(e: &VerifyError) -> Option<Format> {
     match e {
         VerifyError::UnknownFormat => None,
-        VerifyError::Malformed { format, .. } | VerifyError::BadSignature { format } | VerifyError::NotValidAtTime { format } => Some(*format),
+        VerifyError::Malformed { format, .. }
+        | VerifyError::MissingEndorsement { format, .. }
+        | VerifyError::BadSignature { format, .. }
+        | VerifyError::CertificateChain { format, .. }
+        | VerifyError::UntrustedRoot { format }
+        | VerifyError::NotValidAtTime { format, .. }
+        | VerifyError::Revoked { format, .. }
+        | VerifyError::Tcb { format, .. } => Some(*format),
     }
 }
 
