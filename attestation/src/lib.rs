@@ -13,6 +13,7 @@
 //! hardware formats (SEV-SNP, TDX/SGX DCAP, Nitro) plug into the same table.
 
 pub mod binding;
+pub mod bundle;
 pub mod dev;
 pub mod policy;
 
@@ -119,7 +120,16 @@ pub fn registry() -> Vec<Box<dyn Verifier>> {
     vec![Box::new(dev::DevVerifier)]
 }
 
-/// Detects the format of `evidence` and verifies it.
+/// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
+/// unwrapped first; its endorsements come before the ones given here.
 pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
+    if bundle::EvidenceBundle::detect(evidence) {
+        let inner = bundle::EvidenceBundle::decode(evidence)?;
+        if bundle::EvidenceBundle::detect(&inner.evidence) {
+            return Err(VerifyError::Malformed { format: Format::DevInsecure, why: "nested evidence bundles".into() });
+        }
+        let all: Vec<Vec<u8>> = inner.endorsements.iter().chain(endorsements).cloned().collect();
+        return verify(&inner.evidence, &all, now_secs);
+    }
     registry().into_iter().find(|v| v.detect(evidence)).ok_or(VerifyError::UnknownFormat)?.verify(evidence, endorsements, now_secs)
 }

@@ -12,6 +12,7 @@
 //!   ([`Enclave::restore_round`]), checking every sealed record on the way.
 
 pub mod sealing;
+pub mod tsm;
 
 use std::collections::BTreeMap;
 
