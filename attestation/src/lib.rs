@@ -9,11 +9,13 @@
 //!    every failed check).
 //!
 //! Formats plug in as a small table ([`registry`]): detect, verify. This crate ships the
-//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy; the
-//! hardware formats (SEV-SNP, TDX/SGX DCAP, Nitro) plug into the same table.
+//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy, and AWS
+//! Nitro Enclaves attestation documents ([`nitro`]); the other hardware formats (SEV-SNP,
+//! TDX/SGX DCAP) plug into the same table.
 
 pub mod binding;
 pub mod dev;
+pub mod nitro;
 pub mod policy;
 
 use serde::{Deserialize, Serialize};
@@ -116,7 +118,7 @@ pub enum AttestError {
 
 /// The verifiers this build knows, in detection order.
 pub fn registry() -> Vec<Box<dyn Verifier>> {
-    vec![Box::new(dev::DevVerifier)]
+    vec![Box::new(dev::DevVerifier), Box::new(nitro::NitroVerifier)]
 }
 
 /// Detects the format of `evidence` and verifies it.
