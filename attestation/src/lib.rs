@@ -9,12 +9,14 @@
 //!    every failed check).
 //!
 //! Formats plug in as a small table ([`registry`]): detect, verify. This crate ships the
-//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy, and AMD
-//! SEV-SNP ([`snp`]); the other hardware formats (TDX/SGX DCAP, Nitro) plug into the same table.
+//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy, AMD
+//! SEV-SNP ([`snp`]) and AWS Nitro Enclaves attestation documents ([`nitro`]); Intel DCAP plugs
+//! into the same table.
 
 pub mod binding;
 pub mod bundle;
 pub mod dev;
+pub mod nitro;
 pub mod policy;
 pub mod snp;
 
@@ -118,7 +120,7 @@ pub enum AttestError {
 
 /// The verifiers this build knows, in detection order.
 pub fn registry() -> Vec<Box<dyn Verifier>> {
-    vec![Box::new(dev::DevVerifier), Box::new(snp::SnpVerifier)]
+    vec![Box::new(dev::DevVerifier), Box::new(snp::SnpVerifier), Box::new(nitro::NitroVerifier)]
 }
 
 /// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
