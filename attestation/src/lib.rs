@@ -9,10 +9,12 @@
 //!    every failed check).
 //!
 //! Formats plug in as a small table ([`registry`]): detect, verify. This crate ships the
-//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy; the
-//! hardware formats (SEV-SNP, TDX/SGX DCAP, Nitro) plug into the same table.
+//! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy, and
+//! Intel DCAP quotes ([`dcap`]: TDX and SGX); the other hardware formats (SEV-SNP, Nitro)
+//! plug into the same table.
 
 pub mod binding;
+pub mod dcap;
 pub mod dev;
 pub mod policy;
 
@@ -116,7 +118,7 @@ pub enum AttestError {
 
 /// The verifiers this build knows, in detection order.
 pub fn registry() -> Vec<Box<dyn Verifier>> {
-    vec![Box::new(dev::DevVerifier)]
+    vec![Box::new(dev::DevVerifier), Box::new(dcap::DcapVerifier::tdx()), Box::new(dcap::DcapVerifier::sgx())]
 }
 
 /// Detects the format of `evidence` and verifies it.
