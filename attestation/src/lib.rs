@@ -10,11 +10,12 @@
 //!
 //! Formats plug in as a small table ([`registry`]): detect, verify. This crate ships the
 //! simulated dev format ([`dev`]), which is INSECURE and rejected by default policy, AMD
-//! SEV-SNP ([`snp`]) and AWS Nitro Enclaves attestation documents ([`nitro`]); Intel DCAP plugs
-//! into the same table.
+//! SEV-SNP ([`snp`]), Intel DCAP quotes ([`dcap`]: TDX and SGX) and AWS Nitro Enclaves
+//! attestation documents ([`nitro`]).
 
 pub mod binding;
 pub mod bundle;
+pub mod dcap;
 pub mod dev;
 pub mod nitro;
 pub mod policy;
@@ -120,7 +121,13 @@ pub enum AttestError {
 
 /// The verifiers this build knows, in detection order.
 pub fn registry() -> Vec<Box<dyn Verifier>> {
-    vec![Box::new(dev::DevVerifier), Box::new(snp::SnpVerifier), Box::new(nitro::NitroVerifier)]
+    vec![
+        Box::new(dev::DevVerifier),
+        Box::new(snp::SnpVerifier),
+        Box::new(dcap::DcapVerifier::tdx()),
+        Box::new(dcap::DcapVerifier::sgx()),
+        Box::new(nitro::NitroVerifier),
+    ]
 }
 
 /// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
