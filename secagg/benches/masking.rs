@@ -1,1 +1,917 @@
-fn main(){}
+//! SecAgg+ cost benchmark: client masking, aggregator folding and unmasking, each stated
+//! as a multiple of the raw AES-CTR keystream bound, and the aggregator's peak memory.
+//!
+//! ```text
+//! cargo bench -p tessera-secagg --bench masking                 # m = 1_000_000 and 6_815_744, n = 100
+//! cargo bench -p tessera-secagg --bench masking -- --quick      # m = 100_000 smoke run
+//! cargo bench -p tessera-secagg --bench masking -- --m 250000 --n 50
+//! cargo bench -p tessera-secagg --bench masking -- --compare m=1000000,n=100,k=46   # one JSON line
+//! cargo bench -p tessera-secagg --bench masking -- --kernels    # variants of the mask loop
+//! ```
+//!
+//! No criterion and no global allocator (the workspace forbids `unsafe`, so a counting
+//! `GlobalAlloc` is impossible). Instead one whole round is driven per `m` with the
+//! aggregator in a *child process* (this binary re-executed with `--aggregator-child`):
+//! the parent plays the `n` clients and ships every message over a pipe, in the wire
+//! encodings of `tessera_secagg::wire`, so the child's `VmHWM` (read from
+//! `/proc/self/status`, and reset between phases by writing `5` to
+//! `/proc/self/clear_refs`) is the aggregator's own peak resident memory: its state, the
+//! running sum, and the one masked input being received and folded. Each client's
+//! masked input is encoded, sent and dropped immediately, as a server would stream it.
+//!
+//! Times are wall-clock (`std::time::Instant`). Per-client operations are sampled once
+//! per surviving client and reported as the median. The keystream bound is measured in
+//! the same run, interleaved with the work it bounds so that both see the same machine
+//! load: right after each client's masking the parent times the bare kernel
+//! (`prg::apply_masks` with k+1 fresh streams on a scratch vector), `prg::keystream` over
+//! (k+1)·4(m+1) bytes, and one 4(m+1)-byte stream; the "× bound" column is the median of
+//! the per-client ratios. The unmasking (one `advance()` per round) is compared with
+//! `prg::keystream` over its own number of streams, measured just before and just after
+//! it (mean of the two). The fold breakdown (SHA-256, Ed25519, one add pass) is timed in
+//! the parent on the first `--reps` masked inputs, each the median of 3 calls.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tessera_secagg::aggregator::{Aggregator, Outcome, Phase};
+use tessera_secagg::client::Client;
+use tessera_secagg::config::{default_neighbours, DEFAULT_CORRUPTION_RATE, DEFAULT_DROPOUT_RATE};
+use tessera_secagg::crypto::{self, MessageSigner};
+use tessera_secagg::graph::CommunicationGraph;
+use tessera_secagg::prg::{self, MaskStream, Sign};
+use tessera_secagg::quantize::Quantizer;
+use tessera_secagg::wire::*;
+use tessera_secagg::{ClientId, RoundConfig, Timestamp};
+
+const LLAMA8B_LORA_R16_QV: usize = 6_815_744;
+
+// ---------------------------------------------------------------------------------------
+// Small statistics helper.
+
+fn median(xs: &[f64]) -> f64 {
+    assert!(!xs.is_empty(), "median of nothing");
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// Runs `f` `reps` times and returns the median wall time in seconds.
+fn time_median(reps: usize, mut f: impl FnMut()) -> f64 {
+    let samples: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&samples)
+}
+
+fn fmt_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc/self/status.
+
+/// (VmRSS, VmHWM) in bytes.
+fn vm_status() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Resets VmHWM to the current RSS (Linux >= 4.0). Returns whether it worked.
+fn reset_hwm() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Framing between the client parent and the aggregator child: tag, u64 length, payload.
+
+fn write_frame(w: &mut impl Write, tag: u8, payload: &[u8]) -> io::Result<()> {
+    w.write_all(&[tag])?;
+    w.write_all(&(payload.len() as u64).to_le_bytes())?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+fn read_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head)?;
+    let len = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8])) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok((head[0], payload))
+}
+
+// ---------------------------------------------------------------------------------------
+// The aggregator child.
+
+fn phase_payload(agg: &Aggregator, to: Phase) -> Value {
+    match to {
+        Phase::ShareKeys => json!({ "key_directory": agg.key_directory() }),
+        Phase::MaskedInput => {
+            let bundles: Vec<ShareBundle> = (0..agg.config().participants() as u32).filter_map(|i| agg.share_bundle(ClientId(i))).collect();
+            json!({ "share_bundles": bundles })
+        }
+        Phase::ConsistencyCheck => json!({ "survivor_set": agg.survivor_set() }),
+        Phase::Unmasking => json!({ "unmask_request": agg.unmask_request() }),
+        Phase::Finished => match agg.outcome() {
+            Some(Outcome::Sum(s)) => {
+                let mut h = Sha256::new();
+                for w in &s.sum {
+                    h.update(w.to_le_bytes());
+                }
+                json!({ "included": s.included, "sum_sha256": hex::encode(h.finalize()) })
+            }
+            other => json!({ "error": format!("{other:?}") }),
+        },
+        Phase::AdvertiseKeys | Phase::Aborted => json!({ "outcome": format!("{:?}", agg.outcome()) }),
+    }
+}
+
+fn aggregator_child() {
+    let (baseline_rss, baseline_hwm) = vm_status();
+    let mut r = BufReader::with_capacity(1 << 20, io::stdin().lock());
+    let mut w = BufWriter::new(io::stdout().lock());
+    let mut agg: Option<Aggregator> = None;
+    let mut clock = 0u64;
+    loop {
+        let Ok((tag, payload)) = read_frame(&mut r) else { return };
+        let reply: Result<Value, String> = (|| {
+            if tag == b'G' {
+                let cfg: RoundConfig = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                agg = Some(Aggregator::new(cfg, Timestamp(0)).map_err(|e| e.to_string())?);
+                return Ok(json!({ "baseline_rss": baseline_rss, "baseline_hwm": baseline_hwm }));
+            }
+            if tag == b'Q' {
+                return Ok(json!({}));
+            }
+            let a = agg.as_mut().ok_or("no round configured")?;
+            let e = |e: tessera_secagg::Error| e.to_string();
+            let j = |e: serde_json::Error| e.to_string();
+            match tag {
+                b'A' => a.handle_advertise(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
+                b'S' => a.handle_share_keys(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
+                b'C' => a.handle_consistency(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
+                b'U' => a.handle_unmask(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
+                b'M' => {
+                    // As a server would: decode the received body, release it, fold. The
+                    // high-water mark is reset (to the RSS, which includes the received
+                    // body) before the decode and again before the fold.
+                    reset_hwm();
+                    let msg = MaskedInput::decode(&payload).map_err(e)?;
+                    drop(payload);
+                    let (_, hwm_decode) = vm_status();
+                    reset_hwm();
+                    let t = Instant::now();
+                    a.handle_masked_input(&msg).map_err(e)?;
+                    let fold_s = t.elapsed().as_secs_f64();
+                    let (_, hwm_fold) = vm_status();
+                    drop(msg);
+                    Ok(json!({ "fold_s": fold_s, "hwm_decode": hwm_decode, "hwm_fold": hwm_fold }))
+                }
+                b'V' => {
+                    clock += a.config().phase_timeout_ms;
+                    let t = Instant::now();
+                    let change = a.advance(Timestamp(clock));
+                    let advance_s = t.elapsed().as_secs_f64();
+                    let (rss, hwm) = vm_status();
+                    let Some(change) = change else { return Err("phase did not close".into()) };
+                    let mut v = phase_payload(a, change.to);
+                    v["advance_s"] = json!(advance_s);
+                    v["to"] = json!(change.to);
+                    v["rss"] = json!(rss);
+                    v["hwm"] = json!(hwm);
+                    Ok(v)
+                }
+                b'H' => {
+                    let (rss, hwm) = vm_status();
+                    Ok(json!({ "rss": rss, "hwm": hwm }))
+                }
+                b'R' => {
+                    let ok = reset_hwm();
+                    let (rss, hwm) = vm_status();
+                    Ok(json!({ "reset": ok, "rss": rss, "hwm": hwm }))
+                }
+                _ => Err(format!("unknown frame tag {tag}")),
+            }
+        })();
+        let body = match reply {
+            Ok(v) => v,
+            Err(msg) => json!({ "error": msg }),
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        if write_frame(&mut w, b'r', &bytes).is_err() || tag == b'Q' {
+            return;
+        }
+    }
+}
+
+struct AggregatorProcess {
+    child: Child,
+    stdin: BufWriter<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl AggregatorProcess {
+    fn spawn() -> Self {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut child = Command::new(exe)
+            .arg("--aggregator-child")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the aggregator child");
+        let stdin = BufWriter::with_capacity(1 << 20, child.stdin.take().expect("child stdin"));
+        let stdout = BufReader::new(child.stdout.take().expect("child stdout"));
+        AggregatorProcess { child, stdin, stdout }
+    }
+
+    fn call(&mut self, tag: u8, payload: &[u8]) -> Value {
+        write_frame(&mut self.stdin, tag, payload).expect("write to the aggregator child");
+        let (_, reply) = read_frame(&mut self.stdout).expect("read from the aggregator child");
+        let v: Value = serde_json::from_slice(&reply).expect("child reply is JSON");
+        if let Some(e) = v.get("error") {
+            panic!("aggregator child, frame {}: {e}", tag as char);
+        }
+        v
+    }
+
+    fn send_json<T: serde::Serialize>(&mut self, tag: u8, msg: &T) -> Value {
+        let bytes = serde_json::to_vec(msg).expect("serialize");
+        self.call(tag, &bytes)
+    }
+
+    fn advance(&mut self) -> Value {
+        self.call(b'V', &[])
+    }
+}
+
+impl Drop for AggregatorProcess {
+    fn drop(&mut self) {
+        let _ = write_frame(&mut self.stdin, b'Q', &[]);
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One round, clients in this process.
+
+/// Deterministic Ed25519 keys, as in the round tests.
+fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).expect("valid Ed25519 seed"))
+}
+
+#[derive(Clone, Debug)]
+struct Spec {
+    m: usize,
+    n: usize,
+    /// Neighbours; `None` takes the default of `RoundConfig::with_defaults`.
+    k: Option<u32>,
+    dropout: f64,
+    reps: usize,
+}
+
+#[derive(Debug, Default)]
+struct RoundStats {
+    m: usize,
+    n: usize,
+    k: u32,
+    share_threshold: u32,
+    min_survivors: u32,
+    dropped: Vec<u32>,
+    quantize_s: Vec<f64>,
+    mask_s: Vec<f64>,
+    fold_s: Vec<f64>,
+    digest_s: Vec<f64>,
+    digest_stream_sha2_s: Vec<f64>,
+    digest_stream_ring_s: Vec<f64>,
+    verify_s: Vec<f64>,
+    add_pass_s: f64,
+    /// Per surviving client, measured right after its masking: the bare kernel, the
+    /// keystream bound for k+1 streams, and one keystream stream.
+    kernel_s: Vec<f64>,
+    mask_bound_s: Vec<f64>,
+    stream_s: Vec<f64>,
+    keystream_unmask_bound_s: f64,
+    load_before: String,
+    load_after: String,
+    unmask_s: f64,
+    unmask_streams: usize,
+    baseline_rss: u64,
+    decode_peak: u64,
+    fold_peak: u64,
+    fold_end_rss: u64,
+    unmask_peak: u64,
+    hwm_reset_ok: bool,
+    sum_ok: bool,
+    round_wall_s: f64,
+}
+
+fn config_for(spec: &Spec) -> RoundConfig {
+    let roster = (0..spec.n).map(|i| hex::encode(signer(i).public_key())).collect();
+    let mut cfg = RoundConfig::with_defaults(1, roster, spec.m as u32, [42; 32]);
+    if let Some(k) = spec.k {
+        let (dk, dts) = default_neighbours(spec.n as u32, DEFAULT_DROPOUT_RATE, DEFAULT_CORRUPTION_RATE);
+        cfg.neighbours = k;
+        cfg.share_threshold = if k == dk { dts } else { k / 2 + 1 };
+        cfg.min_survivors = cfg.min_survivors.max(cfg.share_threshold).min(spec.n as u32);
+    }
+    cfg.validate().expect("benchmark configuration is valid");
+    cfg
+}
+
+/// SHA-256 of the little-endian words, as `MaskedInput::data_digest`, but streamed
+/// through a 16 KiB buffer instead of a copy of the whole vector.
+fn digest_streaming_sha2(data: &[u32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut buf = [0u8; 16384];
+    for chunk in data.chunks(buf.len() / 4) {
+        for (b, w) in buf.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        h.update(&buf[..chunk.len() * 4]);
+    }
+    h.finalize().into()
+}
+
+/// The same with `ring::digest` (already a dependency, for Ed25519).
+fn digest_streaming_ring(data: &[u32]) -> [u8; 32] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = [0u8; 16384];
+    for chunk in data.chunks(buf.len() / 4) {
+        for (b, w) in buf.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        h.update(&buf[..chunk.len() * 4]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
+}
+
+/// `prg::keystream` for `count` distinct seeds over `buf` (one stream of 4(m+1) bytes each).
+fn keystreams(count: usize, buf: &mut [u8], ctr: &mut u64) {
+    for _ in 0..count {
+        *ctr += 1;
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&ctr.to_le_bytes());
+        prg::keystream(&seed, buf);
+    }
+    std::hint::black_box(&buf);
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+}
+
+/// A deterministic float update for client `i`, in [-1, 1].
+fn update_for(i: usize, m: usize) -> Vec<f32> {
+    let mut rng = ChaCha20Rng::seed_from_u64(1000 + i as u64);
+    (0..m).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
+    let started = Instant::now();
+    let load_before = loadavg();
+    let cfg = config_for(spec);
+    let n = spec.n;
+    let m = spec.m;
+    let k = cfg.neighbours;
+    let words = cfg.masked_len();
+    let mut st = RoundStats { m, n, k, share_threshold: cfg.share_threshold, min_survivors: cfg.min_survivors, load_before, ..RoundStats::default() };
+    let d = ((n as f64) * spec.dropout).round() as usize;
+    st.dropped = (0..d).map(|j| (j * n / d.max(1)) as u32).collect();
+    let dropped = |i: usize| st.dropped.contains(&(i as u32));
+    let log = |s: String| {
+        if verbose {
+            eprintln!("[m={m}] {s}");
+        }
+    };
+    log(format!("n={n} k={k} share_threshold={} min_survivors={} dropped={:?}", cfg.share_threshold, cfg.min_survivors, st.dropped));
+
+    let mut aggp = AggregatorProcess::spawn();
+    let g = aggp.send_json(b'G', &cfg);
+    st.baseline_rss = g["baseline_rss"].as_u64().unwrap_or(0);
+
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).expect("client")).collect();
+    for c in &clients {
+        aggp.send_json(b'A', &c.advertise(vec![]));
+    }
+    let v = aggp.advance();
+    let dir: KeyDirectory = serde_json::from_value(v["key_directory"].clone()).expect("key directory");
+    for c in &mut clients {
+        let msg = c.handle_key_directory(&dir, &mut rng).expect("share keys");
+        aggp.send_json(b'S', &msg);
+    }
+    let v = aggp.advance();
+    let bundles: Vec<ShareBundle> = serde_json::from_value(v["share_bundles"].clone()).expect("share bundles");
+    log(format!("setup done in {:.1} s; masking {} clients", started.elapsed().as_secs_f64(), n - d));
+
+    // Phase 2: mask, ship and drop each input in turn; the child folds it on arrival.
+    let r = aggp.call(b'R', &[]);
+    st.hwm_reset_ok = r["reset"].as_bool().unwrap_or(false);
+    let quantizer = Quantizer::new(&cfg);
+    let digest = cfg.digest();
+    let mut expected = vec![0u32; words];
+    let mut qrng = ChaCha20Rng::seed_from_u64(99);
+    let mut ks_buf = vec![0u8; 4 * words];
+    let mut ks_ctr = 0u64;
+    let mut scratch = vec![1u32; words];
+    for (i, client) in clients.iter_mut().enumerate() {
+        if dropped(i) {
+            continue; // shared its keys, then vanished before sending a masked input
+        }
+        let bundle = bundles.iter().find(|b| b.to == ClientId(i as u32)).expect("bundle for every client in U2");
+        let update = update_for(i, m);
+        let t = Instant::now();
+        let input = quantizer.quantize(&update, 100, &mut qrng).expect("quantize");
+        st.quantize_s.push(t.elapsed().as_secs_f64());
+        drop(update);
+        let t = Instant::now();
+        let masked = client.handle_share_bundle(bundle, &input).expect("mask");
+        st.mask_s.push(t.elapsed().as_secs_f64());
+        // Right after, under the same machine conditions: the bare kernel on a scratch
+        // vector, the keystream bound for the same k+1 streams, and one stream.
+        let t = Instant::now();
+        let mut streams: Vec<MaskStream> = (0..=k)
+            .map(|s| {
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&s.to_le_bytes());
+                seed[4..12].copy_from_slice(&(i as u64).to_le_bytes());
+                MaskStream::new(&seed, b"bench", if s.is_multiple_of(2) { Sign::Add } else { Sign::Subtract })
+            })
+            .collect();
+        prg::apply_masks(&mut scratch, &mut streams);
+        st.kernel_s.push(t.elapsed().as_secs_f64());
+        drop(streams);
+        let t = Instant::now();
+        keystreams(k as usize + 1, &mut ks_buf, &mut ks_ctr);
+        st.mask_bound_s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        keystreams(1, &mut ks_buf, &mut ks_ctr);
+        st.stream_s.push(t.elapsed().as_secs_f64());
+        for (e, x) in expected.iter_mut().zip(&input) {
+            *e = e.wrapping_add(*x);
+        }
+        drop(input);
+        if st.digest_s.len() < spec.reps {
+            // Break the fold down (in this process, so the child's memory stays clean).
+            let dd = MaskedInput::data_digest(&masked.data);
+            st.digest_s.push(time_median(3, || {
+                std::hint::black_box(MaskedInput::data_digest(&masked.data));
+            }));
+            assert_eq!(digest_streaming_sha2(&masked.data), dd);
+            assert_eq!(digest_streaming_ring(&masked.data), dd);
+            st.digest_stream_sha2_s.push(time_median(3, || {
+                std::hint::black_box(digest_streaming_sha2(&masked.data));
+            }));
+            st.digest_stream_ring_s.push(time_median(3, || {
+                std::hint::black_box(digest_streaming_ring(&masked.data));
+            }));
+            let transcript = MaskedInput::transcript_for(&digest, masked.round, masked.client, &dd);
+            let key = signer(i).public_key();
+            let t = Instant::now();
+            assert!(crypto::verify_signature(&key, transcript.as_bytes(), &masked.signature));
+            st.verify_s.push(t.elapsed().as_secs_f64());
+        }
+        let bytes = masked.encode();
+        drop(masked);
+        let f = aggp.call(b'M', &bytes);
+        drop(bytes);
+        st.fold_s.push(f["fold_s"].as_f64().unwrap_or(f64::NAN));
+        st.decode_peak = st.decode_peak.max(f["hwm_decode"].as_u64().unwrap_or(0));
+        st.fold_peak = st.fold_peak.max(f["hwm_fold"].as_u64().unwrap_or(0));
+        if verbose && st.mask_s.len().is_multiple_of(10) {
+            log(format!("{} inputs masked and folded ({:.1} s)", st.mask_s.len(), started.elapsed().as_secs_f64()));
+        }
+    }
+    drop(scratch);
+    let h = aggp.call(b'H', &[]);
+    st.fold_end_rss = h["rss"].as_u64().unwrap_or(0);
+
+    let v = aggp.advance();
+    let set: SurvivorSet = serde_json::from_value(v["survivor_set"].clone()).expect("survivor set");
+    // PRG streams the unmasking regenerates: one self mask per survivor, one pairwise
+    // mask per (dropped, surviving neighbour) pair.
+    let graph = CommunicationGraph::for_config(&cfg).expect("graph");
+    let survivors = &set.survivors;
+    st.unmask_streams =
+        survivors.len() + st.dropped.iter().map(|&u| graph.neighbours(ClientId(u)).iter().filter(|v| survivors.contains(v)).count()).sum::<usize>();
+    for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
+        aggp.send_json(b'C', &c.handle_survivor_set(&set).expect("consistency"));
+    }
+    let v = aggp.advance();
+    let req: UnmaskRequest = serde_json::from_value(v["unmask_request"].clone()).expect("unmask request");
+    for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
+        aggp.send_json(b'U', &c.handle_unmask_request(&req).expect("unmask shares"));
+    }
+    // The unmasking's keystream bound, (streams) x 4(m+1) bytes, measured right before
+    // and right after it; the mean of the two is reported.
+    let t = Instant::now();
+    keystreams(st.unmask_streams, &mut ks_buf, &mut ks_ctr);
+    let bound_before = t.elapsed().as_secs_f64();
+    aggp.call(b'R', &[]);
+    let v = aggp.advance();
+    let t = Instant::now();
+    keystreams(st.unmask_streams, &mut ks_buf, &mut ks_ctr);
+    st.keystream_unmask_bound_s = (bound_before + t.elapsed().as_secs_f64()) / 2.0;
+    st.unmask_s = v["advance_s"].as_f64().unwrap_or(f64::NAN);
+    st.unmask_peak = v["hwm"].as_u64().unwrap_or(0);
+    let included: Vec<ClientId> = serde_json::from_value(v["included"].clone()).expect("the round finished with a sum");
+    let mut h = Sha256::new();
+    for w in &expected {
+        h.update(w.to_le_bytes());
+    }
+    st.sum_ok = included == set.survivors && v["sum_sha256"].as_str() == Some(&hex::encode(h.finalize()));
+    assert!(st.sum_ok, "the released sum is not the sum of the included inputs");
+    drop(aggp);
+    drop(clients);
+    drop(expected);
+    log(format!("round done in {:.1} s, unmasking {}", started.elapsed().as_secs_f64(), fmt_time(st.unmask_s)));
+
+    drop(ks_buf);
+    let mut data = vec![1u32; words];
+    // One pass of wrapping adds over m+1 words (the fold's arithmetic alone).
+    let other = vec![3u32; words];
+    st.add_pass_s = time_median(spec.reps.max(3), || {
+        for (s, x) in data.iter_mut().zip(&other) {
+            *s = s.wrapping_add(*x);
+        }
+        std::hint::black_box(&data);
+    });
+    st.round_wall_s = started.elapsed().as_secs_f64();
+    st.load_after = loadavg();
+    st
+}
+
+// ---------------------------------------------------------------------------------------
+// Reports.
+
+fn print_tables(all: &[RoundStats]) {
+    println!("\n### Time (median over clients; keystream bound measured in the same run)\n");
+    println!("| m | n | k | t_s | operation | time | PRG bytes | keystream bound | × bound |");
+    println!("|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+    for s in all {
+        let words = s.m + 1;
+        let stream_bytes = 4 * words;
+        let mb = |streams: usize| mib((streams * stream_bytes) as f64);
+        let ks1 = median(&s.stream_s);
+        let row_ratio = |op: &str, t: f64, bytes: String, b: String, x: String| {
+            println!("| {} | {} | {} | {} | {op} | {} | {bytes} | {b} | {x} |", s.m, s.n, s.k, s.share_threshold, fmt_time(t));
+        };
+        let row = |op: &str, t: f64, bytes: String, bound: Option<f64>| {
+            let (b, x) = match bound {
+                Some(b) => (fmt_time(b), format!("{:.2}×", t / b)),
+                None => ("—".into(), "—".into()),
+            };
+            row_ratio(op, t, bytes, b, x);
+        };
+        // Per-client ratio against the bound measured right after that client's masking.
+        let paired = |xs: &[f64], bounds: &[f64]| -> f64 { median(&xs.iter().zip(bounds).map(|(x, b)| x / b).collect::<Vec<_>>()) };
+        let kp1 = s.k as usize + 1;
+        row_ratio(
+            &format!("client masking: `handle_share_bundle` (1 self + {} pairwise streams, decrypt shares, SHA-256, sign)", s.k),
+            median(&s.mask_s),
+            mb(kp1),
+            fmt_time(median(&s.mask_bound_s)),
+            format!("{:.2}×", paired(&s.mask_s, &s.mask_bound_s)),
+        );
+        row_ratio(
+            &format!("masking kernel alone: `prg::apply_masks`, {kp1} streams"),
+            median(&s.kernel_s),
+            mb(kp1),
+            fmt_time(median(&s.mask_bound_s)),
+            format!("{:.2}×", paired(&s.kernel_s, &s.mask_bound_s)),
+        );
+        row("client quantization (`Quantizer::quantize`, not part of masking)", median(&s.quantize_s), "—".into(), None);
+        row_ratio(
+            "aggregator fold of one input: `handle_masked_input` (SHA-256 + Ed25519 verify + add)",
+            median(&s.fold_s),
+            format!("(1 stream: {})", mb(1)),
+            fmt_time(ks1),
+            format!("{:.2}×", paired(&s.fold_s, &s.stream_s)),
+        );
+        row("  of which SHA-256 data digest (`MaskedInput::data_digest`)", median(&s.digest_s), "—".into(), Some(ks1));
+        row("  of which Ed25519 verify of the transcript", median(&s.verify_s), "—".into(), None);
+        row("  (alternative: sha2 SHA-256 streamed, no copy)", median(&s.digest_stream_sha2_s), "—".into(), Some(ks1));
+        row("  (alternative: ring SHA-256 streamed, no copy)", median(&s.digest_stream_ring_s), "—".into(), Some(ks1));
+        row("  of which one wrapping-add pass over m+1 words", s.add_pass_s, "—".into(), Some(ks1));
+        row(&format!("aggregator fold of all {} received inputs (sum of the above)", s.fold_s.len()), s.fold_s.iter().sum(), "—".into(), None);
+        row(&format!("aggregator fold, n = {} inputs (n × median)", s.n), s.n as f64 * median(&s.fold_s), "—".into(), None);
+        row(
+            &format!(
+                "unmasking: `advance()` closing Unmasking, {} dropped ({} streams: {} self + {} pairwise)",
+                s.dropped.len(),
+                s.unmask_streams,
+                s.n - s.dropped.len(),
+                s.unmask_streams - (s.n - s.dropped.len())
+            ),
+            s.unmask_s,
+            mb(s.unmask_streams),
+            Some(s.keystream_unmask_bound_s),
+        );
+        row("keystream reference: `prg::keystream` over one stream of 4(m+1) bytes", ks1, mb(1), None);
+    }
+    println!("\n### Aggregator peak memory (child process VmHWM above its RSS before `Aggregator::new`)\n");
+    println!("| m | n | m·4 bytes | baseline RSS | peak decoding an input | ÷ m·4 | peak folding an input | ÷ m·4 | RSS after all folds | ÷ m·4 | peak unmasking | ÷ m·4 |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in all {
+        let m4 = (s.m * 4) as f64;
+        let above = |b: u64| b.saturating_sub(s.baseline_rss) as f64;
+        println!(
+            "| {} | {} | {} | {} | {} | {:.2}× | {} | {:.2}× | {} | {:.2}× | {} | {:.2}× |",
+            s.m,
+            s.n,
+            mib(m4),
+            mib(s.baseline_rss as f64),
+            mib(above(s.decode_peak)),
+            above(s.decode_peak) / m4,
+            mib(above(s.fold_peak)),
+            above(s.fold_peak) / m4,
+            mib(above(s.fold_end_rss)),
+            above(s.fold_end_rss) / m4,
+            mib(above(s.unmask_peak)),
+            above(s.unmask_peak) / m4,
+        );
+    }
+    for s in all {
+        if !s.hwm_reset_ok {
+            println!("\nnote: /proc/self/clear_refs could not reset VmHWM; peaks for m={} are since process start", s.m);
+        }
+    }
+    println!();
+    for s in all {
+        println!(
+            "m={}: released sum verified exact for {} included clients; whole round incl. bounds {:.1} s; load average before {} / after {}",
+            s.m,
+            s.n - s.dropped.len(),
+            s.round_wall_s,
+            s.load_before,
+            s.load_after
+        );
+    }
+}
+
+fn compare_json(s: &RoundStats) -> Value {
+    json!({
+        "impl": "tessera",
+        "m": s.m,
+        "n": s.n,
+        "k": s.k,
+        "share_threshold": s.share_threshold,
+        "min_survivors": s.min_survivors,
+        "dropped": s.dropped.len(),
+        "client_mask_s": median(&s.mask_s),
+        "client_mask_min_s": min(&s.mask_s),
+        "client_mask_samples": s.mask_s.len(),
+        "client_quantize_s": median(&s.quantize_s),
+        "mask_kernel_s": median(&s.kernel_s),
+        "fold_one_s": median(&s.fold_s),
+        "server_unmask_s": s.unmask_s,
+        "aggregator_peak_over_m4": (s.decode_peak.max(s.fold_peak).max(s.unmask_peak).saturating_sub(s.baseline_rss)) as f64 / (s.m * 4) as f64,
+        "unmask_streams": s.unmask_streams,
+        "keystream_stream_s": median(&s.stream_s),
+        "keystream_mask_bound_s": median(&s.mask_bound_s),
+        "load_before": s.load_before,
+        "load_after": s.load_after,
+        "keystream_unmask_bound_s": s.keystream_unmask_bound_s,
+        "sum_ok": s.sum_ok,
+    })
+}
+
+fn parse_compare(arg: &str) -> Spec {
+    let mut spec = Spec { m: 1_000_000, n: 100, k: None, dropout: 0.1, reps: 3 };
+    for kv in arg.split(',').filter(|s| !s.is_empty()) {
+        let (key, val) = kv.split_once('=').unwrap_or_else(|| panic!("expected key=value, got {kv}"));
+        match key.trim() {
+            "m" => spec.m = val.replace('_', "").parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
+            "n" => spec.n = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
+            "k" => spec.k = Some(val.parse().unwrap_or_else(|_| panic!("bad value in {kv}"))),
+            "dropout" => spec.dropout = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
+            "reps" => spec.reps = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
+            other => panic!("unknown compare key {other}"),
+        }
+    }
+    spec
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if args.iter().any(|a| a == "--aggregator-child") {
+        aggregator_child();
+        return;
+    }
+    let mut ms = vec![1_000_000, LLAMA8B_LORA_R16_QV];
+    let mut n = 100usize;
+    let mut reps = 3usize;
+    let mut compare: Option<Spec> = None;
+    let mut kernels_only = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => ms = vec![100_000],
+            "--kernels" => kernels_only = true,
+            "--m" => {
+                ms = it.next().expect("--m LIST").split(',').map(|s| s.replace('_', "").parse().expect("m")).collect();
+            }
+            "--n" => n = it.next().expect("--n N").parse().expect("n"),
+            "--reps" => reps = it.next().expect("--reps R").parse().expect("reps"),
+            "--compare" => compare = Some(parse_compare(it.next().map(String::as_str).unwrap_or(""))),
+            s if s.starts_with("--compare=") => compare = Some(parse_compare(&s["--compare=".len()..])),
+            other => {
+                eprintln!("unknown argument {other}; usage: masking [--quick] [--kernels] [--m LIST] [--n N] [--reps R] [--compare m=..,n=..,k=..]");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Some(spec) = compare {
+        let stats = run_round(&spec, true);
+        println!("{}", compare_json(&stats));
+        return;
+    }
+    let (k, ts) = default_neighbours(n as u32, DEFAULT_DROPOUT_RATE, DEFAULT_CORRUPTION_RATE);
+    if kernels_only {
+        for &m in &ms {
+            kernel_variants(m, k as usize, reps.max(5));
+        }
+        return;
+    }
+    eprintln!("default_neighbours({n}, {DEFAULT_DROPOUT_RATE}, {DEFAULT_CORRUPTION_RATE}) = (k={k}, t_s={ts})");
+    let all: Vec<RoundStats> = ms.iter().map(|&m| run_round(&Spec { m, n, k: None, dropout: 0.1, reps }, true)).collect();
+    print_tables(&all);
+}
+
+// ---------------------------------------------------------------------------------------
+// `--kernels`: variants of the fused mask loop of `prg::apply_masks`, to size a proposed
+// patch. Same HKDF and AES-128-CTR as `prg::MaskStream`; each variant is checked to give
+// exactly the output of `prg::apply_masks`.
+
+mod kernels {
+    use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherCore};
+    use hkdf::Hkdf;
+    use sha2::Sha256;
+
+    type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
+    type Aes128CtrCore = ctr::CtrCore<aes::Aes128, ctr::flavors::Ctr128BE>;
+    type AesBlock = aes::cipher::Block<Aes128CtrCore>;
+
+    const BLOCK_WORDS: usize = 4096;
+    static ZERO: [u8; BLOCK_WORDS * 4] = [0; BLOCK_WORDS * 4];
+
+    fn okm(seed: &[u8; 32], label: &[u8]) -> [u8; 32] {
+        let hk = Hkdf::<Sha256>::new(Some(b"tessera/prg/v1"), seed);
+        let mut okm = [0u8; 32];
+        hk.expand(label, &mut okm).expect("HKDF length");
+        okm
+    }
+
+    pub fn wrapper(seed: &[u8; 32], label: &[u8]) -> Aes128Ctr {
+        let k = okm(seed, label);
+        Aes128Ctr::new((&k[..16]).into(), (&k[16..]).into())
+    }
+
+    pub fn core(seed: &[u8; 32], label: &[u8]) -> Aes128CtrCore {
+        let k = okm(seed, label);
+        Aes128CtrCore::new((&k[..16]).into(), (&k[16..]).into())
+    }
+
+    fn add_words(block: &mut [u32], bytes: &[u8], add: bool) {
+        if add {
+            for (o, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = o.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            }
+        } else {
+            for (o, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = o.wrapping_sub(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            }
+        }
+    }
+
+    /// (B) `apply_keystream_b2b` from a static zero block instead of `fill(0)` then
+    /// `apply_keystream`: one 16 KiB memset per stream and block less; same semantics
+    /// (streams resume mid-block) since the wrapper still buffers partial blocks.
+    pub fn b2b(out: &mut [u32], streams: &mut [(Aes128Ctr, bool)]) {
+        let mut ks = [0u8; BLOCK_WORDS * 4];
+        for block in out.chunks_mut(BLOCK_WORDS) {
+            let n = block.len() * 4;
+            for (c, add) in streams.iter_mut() {
+                c.apply_keystream_b2b(&ZERO[..n], &mut ks[..n]).expect("keystream length");
+                add_words(block, &ks[..n], *add);
+            }
+        }
+    }
+
+    /// (C) The raw CTR core writes keystream blocks directly (no XOR at all). Whole
+    /// 16-byte blocks only: fine for one call over the whole vector, which is how the
+    /// client and the aggregator use `apply_masks`.
+    pub fn raw_core(out: &mut [u32], streams: &mut [(Aes128CtrCore, bool)]) {
+        let mut ks = vec![AesBlock::default(); BLOCK_WORDS / 4];
+        for block in out.chunks_mut(BLOCK_WORDS) {
+            let nblocks = block.len().div_ceil(4);
+            for (c, add) in streams.iter_mut() {
+                c.write_keystream_blocks(&mut ks[..nblocks]);
+                let (full, tail) = block.split_at_mut(block.len() / 4 * 4);
+                if *add {
+                    for (o4, b) in full.chunks_exact_mut(4).zip(&ks) {
+                        for j in 0..4 {
+                            o4[j] = o4[j].wrapping_add(u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]]));
+                        }
+                    }
+                } else {
+                    for (o4, b) in full.chunks_exact_mut(4).zip(&ks) {
+                        for j in 0..4 {
+                            o4[j] = o4[j].wrapping_sub(u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]]));
+                        }
+                    }
+                }
+                if !tail.is_empty() {
+                    let b = &ks[full.len() / 4];
+                    add_words(tail, &b[..tail.len() * 4], *add);
+                }
+            }
+        }
+    }
+}
+
+fn kernel_variants(m: usize, k: usize, reps: usize) {
+    use tessera_secagg::prg::{apply_masks, MaskStream, Sign};
+    let words = m + 1;
+    let seeds: Vec<[u8; 32]> = (0..=k).map(|s| [s as u8 + 1; 32]).collect();
+    let sign = |s: usize| if s.is_multiple_of(2) { Sign::Add } else { Sign::Subtract };
+    let mut reference = vec![7u32; words];
+    let mut streams: Vec<MaskStream> = seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect();
+    apply_masks(&mut reference, &mut streams);
+    let mut b = vec![7u32; words];
+    kernels::b2b(&mut b, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::wrapper(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
+    assert_eq!(b, reference, "variant B differs from prg::apply_masks");
+    let mut c = vec![7u32; words];
+    kernels::raw_core(&mut c, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::core(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
+    assert_eq!(c, reference, "variant C differs from prg::apply_masks");
+    drop((b, c));
+
+    let (mut ta, mut tb, mut tc, mut tk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut data = vec![7u32; words];
+    let mut buf = vec![0u8; 4 * words];
+    let mut ctr = 0u64;
+    for _ in 0..reps {
+        // Interleaved, so that all four see the same machine conditions.
+        let t = Instant::now();
+        apply_masks(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect::<Vec<_>>());
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        kernels::b2b(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::wrapper(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
+        tb.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        kernels::raw_core(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::core(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
+        tc.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        keystreams(k + 1, &mut buf, &mut ctr);
+        tk.push(t.elapsed().as_secs_f64());
+    }
+    let bound = median(&tk);
+    println!("\n### Masking kernel variants, m = {m}, {} streams, median of {reps} interleaved repetitions\n", k + 1);
+    println!("| kernel | time | × keystream bound |");
+    println!("|---|---:|---:|");
+    for (name, t) in [
+        ("`prg::apply_masks` (current: `fill(0)` + `apply_keystream` + add, per stream per 16 KiB block)", median(&ta)),
+        ("(B) `apply_keystream_b2b` from a static zero block (no memset)", median(&tb)),
+        ("(C) `CtrCore::write_keystream_blocks` straight into the block buffer (no memset, no XOR)", median(&tc)),
+        ("keystream bound: `prg::keystream` over the same bytes", bound),
+    ] {
+        println!("| {name} | {} | {:.2}× |", fmt_time(t), t / bound);
+    }
+}
