@@ -130,6 +130,43 @@ pub fn registry() -> Vec<Box<dyn Verifier>> {
     ]
 }
 
+/// Decodes `evidence` without verifying anything and returns every field, for display.
+pub fn inspect(evidence: &[u8]) -> Result<(Format, String), VerifyError> {
+    if bundle::EvidenceBundle::detect(evidence) {
+        let inner = bundle::EvidenceBundle::decode(evidence)?;
+        let (format, text) = inspect(&inner.evidence)?;
+        return Ok((
+            format,
+            format!(
+                "{text}\nendorsements in the bundle: {} (sizes {:?})",
+                inner.endorsements.len(),
+                inner.endorsements.iter().map(Vec::len).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    if dev::DevVerifier.detect(evidence) {
+        let v: serde_json::Value = serde_json::from_slice(evidence).map_err(|e| VerifyError::Malformed { format: Format::DevInsecure, why: e.to_string() })?;
+        return Ok((Format::DevInsecure, serde_json::to_string_pretty(&v).unwrap_or_default()));
+    }
+    if nitro::looks_like_cose_sign1(evidence) {
+        let doc = nitro::SignedAttestationDocument::parse(evidence)?;
+        return Ok((Format::AwsNitro, format!("{:#?}", doc.document())));
+    }
+    if let Some(tee) = dcap::detect_tee(evidence) {
+        return Ok((tee.format(), format!("{:#?}", dcap::parse_quote(evidence)?)));
+    }
+    if evidence.len() == 0x4A0 {
+        let report = snp::AttestationReport::parse(evidence)?;
+        let fields: String = report.fields().iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+        return Ok((Format::SevSnp, format!("{report:#?}\n{fields}")));
+    }
+    if let Ok(hcl) = snp::AzureHclReport::parse(evidence) {
+        let fields: String = hcl.report.fields().iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+        return Ok((Format::SevSnp, format!("Azure HCL report, user_data {:?}\n{fields}", hcl.user_data())));
+    }
+    Err(VerifyError::UnknownFormat)
+}
+
 /// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
 /// unwrapped first; its endorsements come before the ones given here.
 pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {

@@ -1,0 +1,285 @@
+//! `tessera-attest`: the auditor's command line. Scripts rely on its contract:
+//!
+//! - `verify EVIDENCE [ENDORSEMENT ...] [--policy FILE] [--at RFC3339] [--report-data HEX] [--json]`
+//!   detects the format from the bytes and verifies signatures up to the pinned vendor
+//!   root at the given time (default: now), then applies the policy (default: the
+//!   secure default policy, which refuses simulated evidence). Exit 0 only when every
+//!   check passes; 1 when verification or policy fails (each failed check named); 2 when
+//!   the input is unusable (unreadable file, unknown format, malformed evidence, bad policy).
+//! - `inspect EVIDENCE` decodes and prints every field without verifying anything.
+//! - `fetch URL` gets a running aggregator's evidence over TLS and verifies it, including
+//!   its binding to the certificate the server presented in that very connection.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tessera_attestation::policy::{NodePolicy, PolicyFailure, Verdict};
+use tessera_attestation::VerifyError;
+
+#[derive(Parser)]
+#[command(name = "tessera-attest", version, about = "Verify and inspect TEE attestation evidence (SEV-SNP, TDX, SGX DCAP, Nitro, dev)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct PolicyArgs {
+    /// Node policy (TOML). Default: the secure default (no dev evidence, no debug, any measurement).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Verification time, RFC 3339 (default: now).
+    #[arg(long)]
+    at: Option<String>,
+    /// Expected 64-byte report data (hex); without it the binding is not checked.
+    #[arg(long)]
+    report_data: Option<String>,
+    /// Print one JSON object: verified, format, claims, failures.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Verify evidence (and endorsements) against the vendor roots and a policy.
+    Verify {
+        evidence: PathBuf,
+        endorsements: Vec<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Decode and print every field of the evidence, verifying nothing.
+    Inspect { evidence: PathBuf },
+    /// Fetch a running aggregator's evidence (https://HOST:PORT) and verify it.
+    Fetch {
+        url: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+/// Unusable input: exit code 2.
+struct Unusable(String);
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(Unusable(why)) => {
+            eprintln!("error: {why}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, Unusable> {
+    std::fs::read(path).map_err(|e| Unusable(format!("cannot read {}: {e}", path.display())))
+}
+
+fn now_or(at: &Option<String>) -> Result<u64, Unusable> {
+    match at {
+        None => Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)),
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map_err(|e| Unusable(format!("--at {t:?} is not an RFC 3339 time: {e}")))
+            .and_then(|d| u64::try_from(d.timestamp()).map_err(|_| Unusable(format!("--at {t:?} is before 1970")))),
+    }
+}
+
+fn run(cli: Cli) -> Result<bool, Unusable> {
+    match cli.command {
+        Command::Inspect { evidence } => {
+            let bytes = read(&evidence)?;
+            let (format, text) = tessera_attestation::inspect(&bytes).map_err(|e| Unusable(e.to_string()))?;
+            println!("format: {format}\n{text}");
+            Ok(true)
+        }
+        Command::Verify { evidence, endorsements, policy } => {
+            let bytes = read(&evidence)?;
+            let endorsements = endorsements.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+            check(&bytes, &endorsements, &policy, None)
+        }
+        Command::Fetch { url, policy } => {
+            let (body, cert_der) = fetch(&url)?;
+            let info: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Unusable(format!("{url}: not an attestation answer: {e}")))?;
+            let field = |k: &str| info[k].as_str().map(str::to_string).ok_or_else(|| Unusable(format!("{url}: answer lacks {k}")));
+            let evidence = hex::decode(field("evidence")?).map_err(|_| Unusable("evidence is not hex".into()))?;
+            let identity: [u8; 32] = hex::decode(field("identity_public_key")?)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| Unusable("identity_public_key is not 32 bytes of hex".into()))?;
+            use sha2::Digest;
+            let fingerprint: [u8; 32] = sha2::Sha256::digest(&cert_der).into();
+            let expected = tessera_attestation::binding::aggregator_report_data(&identity, &fingerprint);
+            if !policy.json {
+                println!("aggregator {url}: TLS certificate SHA-256 {}, enclave identity {}", hex::encode(fingerprint), hex::encode(identity));
+            }
+            check(&evidence, &[], &policy, Some(expected))
+        }
+    }
+}
+
+/// Verifies, applies the policy, prints the outcome; Ok(true) when everything passed.
+fn check(evidence: &[u8], endorsements: &[Vec<u8>], args: &PolicyArgs, bound: Option<[u8; 64]>) -> Result<bool, Unusable> {
+    let now = now_or(&args.at)?;
+    let policy = match &args.policy {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Unusable(format!("cannot read {}: {e}", p.display())))?;
+            NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))?
+        }
+        None => NodePolicy::default(),
+    };
+    let expected = match (&args.report_data, bound) {
+        (_, Some(b)) => Some(b),
+        (Some(h), None) => {
+            Some(hex::decode(h).ok().and_then(|v| <[u8; 64]>::try_from(v).ok()).ok_or_else(|| Unusable("--report-data must be 64 bytes of hex".into()))?)
+        }
+        (None, None) => None,
+    };
+    let claims = match tessera_attestation::verify(evidence, endorsements, now) {
+        Ok(c) => c,
+        Err(e @ (VerifyError::UnknownFormat | VerifyError::Malformed { .. })) => return Err(Unusable(e.to_string())),
+        Err(e) => {
+            report(
+                &Verdict { accepted: false, format: None, claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
+                args.json,
+                expected.is_some(),
+            );
+            return Ok(false);
+        }
+    };
+    let mut verdict = policy.evaluate(&claims, &expected.unwrap_or([0; 64]), now);
+    if expected.is_none() {
+        verdict.failures.retain(|f| *f != PolicyFailure::ReportDataMismatch);
+        verdict.accepted = verdict.failures.is_empty();
+    }
+    report(&verdict, args.json, expected.is_some());
+    Ok(verdict.accepted)
+}
+
+fn report(v: &Verdict, as_json: bool, binding_checked: bool) {
+    if as_json {
+        let out = json!({
+            "verified": v.accepted,
+            "format": v.format,
+            "claims": v.claims,
+            "failures": v.failures.iter().map(|f| json!({"check": f, "message": f.to_string()})).collect::<Vec<_>>(),
+            "binding_checked": binding_checked,
+        });
+        println!("{out}");
+        return;
+    }
+    if let Some(c) = &v.claims {
+        println!("format:       {}", c.format);
+        println!("measurement:  {}", c.measurement);
+        println!("report_data:  {}", c.report_data);
+        println!("debug:        {}", c.debug);
+        if let Some(t) = &c.tcb {
+            println!("tcb:          {t}");
+        }
+        if let Some(s) = &c.signer {
+            println!("signer:       {s}");
+        }
+    }
+    if !binding_checked {
+        println!("binding:      not checked (no --report-data)");
+    }
+    if v.accepted {
+        println!("VERIFIED: every check passed");
+    } else {
+        for f in &v.failures {
+            eprintln!("FAILED: {f}");
+        }
+    }
+}
+
+/// GET /v1/attestation over TLS, returning the body and the certificate the server used.
+/// The certificate is not trusted by itself: the evidence must vouch for it.
+fn fetch(url: &str) -> Result<(Vec<u8>, Vec<u8>), Unusable> {
+    let bad = |why: String| Unusable(format!("{url}: {why}"));
+    let hostport = url.strip_prefix("https://").ok_or_else(|| bad("expected https://HOST:PORT".into()))?.trim_end_matches('/');
+    let (host, _) = hostport.rsplit_once(':').ok_or_else(|| bad("expected https://HOST:PORT".into()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let verifier = Arc::new(RecordCert { seen: seen.clone(), provider: provider.clone() });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| bad(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| bad(e.to_string()))?;
+    let tcp = std::net::TcpStream::connect(hostport).map_err(|e| bad(e.to_string()))?;
+    let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)));
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(tls, "GET /v1/attestation HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| bad(e.to_string()))?;
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // Servers may close without close_notify after a Connection: close response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no HTTP response".into()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(bad(format!("server answered {}", head.lines().next().unwrap_or(""))));
+    }
+    let body = raw[split + 4..].to_vec();
+    let cert = seen.lock().map(|c| c.clone()).unwrap_or_default();
+    if cert.is_empty() {
+        return Err(bad("the server presented no certificate".into()));
+    }
+    Ok((body, cert))
+}
+
+/// Accepts the server's certificate provisionally and records it; the handshake
+/// signature is still checked against it, so the peer holds its private key.
+#[derive(Debug)]
+struct RecordCert {
+    seen: Arc<Mutex<Vec<u8>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RecordCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Ok(mut s) = self.seen.lock() {
+            *s = end_entity.to_vec();
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

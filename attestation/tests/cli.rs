@@ -1,0 +1,78 @@
+//! The `tessera-attest` contract auditors script against: exit 0 only when every check
+//! passes, 1 when verification or policy fails (each failure named), 2 for unusable input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera-attest");
+const V: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).current_dir(V).output().unwrap();
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+const SNP: [&str; 3] = ["sev-snp/milan-virtee/report.bin", "sev-snp/milan-virtee/vcek.der", "sev-snp/milan-virtee/cert_chain.pem"];
+
+#[test]
+fn verify_exit_codes_follow_the_contract() {
+    let (code, out, _) = run(&["verify", SNP[0], SNP[1], SNP[2], "--at", "2026-01-01T00:00:00Z"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("VERIFIED") && out.contains("7a1e5c266c0108db"), "{out}");
+    // Expired at the given time: a named failure, exit 1.
+    let (code, _, err) = run(&["verify", SNP[0], SNP[1], SNP[2], "--at", "2040-01-01T00:00:00Z"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not valid at the verification time"), "{err}");
+    // Wrong binding: exit 1 naming the binding.
+    let (code, _, err) = run(&["verify", SNP[0], SNP[1], SNP[2], "--at", "2026-01-01T00:00:00Z", "--report-data", &"00".repeat(64)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("report_data mismatch"), "{err}");
+    // Unusable input: exit 2.
+    assert_eq!(run(&["verify", "PROVENANCE.md"]).0, 2, "not evidence");
+    assert_eq!(run(&["verify", "does-not-exist"]).0, 2);
+    assert_eq!(run(&["verify", SNP[0], "--at", "yesterday"]).0, 2);
+}
+
+#[test]
+fn json_output_has_verified_format_claims_failures() {
+    let (code, out, _) =
+        run(&["verify", "tdx-sgx-dcap/tdx-v4-uptodate/quote.bin", "tdx-sgx-dcap/tdx-v4-uptodate/collateral.json", "--at", "2025-07-01T00:00:00Z", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["format"], "tdx");
+    assert!(v["claims"]["measurement"].as_str().unwrap().len() == 96);
+    assert_eq!(v["failures"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn policy_file_decides_debug_and_measurements() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = "aws-nitro/beta-2022-10-12-debug/attestation_doc.cbor";
+    let (_, inspect, _) = run(&["inspect", doc]);
+    assert!(inspect.contains("aws-nitro"), "{inspect}");
+    let strict = dir.path().join("strict.toml");
+    std::fs::write(&strict, "allowed_measurements = [\"00\"]\nmax_age_secs = 999999999999\n").unwrap();
+    let policy = strict.to_str().unwrap();
+    // Inside the sample's window (PROVENANCE.md): verifies, but the policy names both failures.
+    let (code, out, _) = run(&["verify", doc, "--json", "--at", "2022-10-12T14:00:00Z", "--policy", policy]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["claims"]["debug"], true);
+    let checks: Vec<&str> = v["failures"].as_array().unwrap().iter().filter_map(|f| f["check"]["check"].as_str()).collect();
+    assert_eq!(checks, vec!["measurement_not_allowed", "debug_mode"]);
+    std::fs::write(&strict, "allow_everything = true\n").unwrap();
+    assert_eq!(run(&["verify", SNP[0], SNP[1], SNP[2], "--policy", policy]).0, 2, "a bad policy file is unusable input");
+}
+
+#[test]
+fn inspect_prints_fields_without_verifying() {
+    let (code, out, _) = run(&["inspect", "tdx-sgx-dcap/sgx-v3/quote.bin"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("intel-sgx-dcap") && out.contains("version: 3"), "{out}");
+    let (code, out, _) = run(&["inspect", SNP[0]]);
+    assert_eq!(code, 0);
+    assert!(out.contains("measurement"), "{out}");
+    assert_eq!(run(&["inspect", "PROVENANCE.md"]).0, 2);
+}

@@ -1,0 +1,48 @@
+//! `tessera-attest fetch` against a running aggregator over TLS: the evidence must be
+//! bound to the certificate the server presented, and the policy decides on dev evidence.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use tessera_server::config::RoundParams;
+use tessera_tests::*;
+
+/// The auditor CLI, built by `cargo test --workspace` next to this test's directory.
+fn attest_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("tessera-attest");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_verifies_the_live_aggregator_and_its_tls_binding() {
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 2);
+    let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, RoundParams { vector_len: 4, ..RoundParams::default() }, 0);
+    let server = tessera_server::spawn(cfg).await.unwrap();
+    let url = format!("https://{}", server.addr);
+    let dev_policy = root.path().join("dev.toml");
+    std::fs::write(&dev_policy, "allow_insecure_dev = true\n").unwrap();
+
+    let run = |args: Vec<String>| {
+        let bin = attest_bin();
+        async move { tokio::process::Command::new(bin).args(args).output().await.unwrap() }
+    };
+    // The secure default refuses simulated evidence: exit 1, the reason named.
+    let out = run(vec!["fetch".into(), url.clone()]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("simulated (dev) evidence is not allowed"));
+    // A dev policy accepts it, and the binding to this TLS certificate was checked.
+    let out = run(vec!["fetch".into(), url.clone(), "--policy".into(), dev_policy.display().to_string(), "--json".into()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["binding_checked"], true);
+    assert_eq!(v["format"], "dev-insecure");
+    // Nothing listens here: unusable input, exit 2.
+    let out = run(vec!["fetch".into(), format!("https://127.0.0.1:{}", free_port())]).await;
+    assert_eq!(out.status.code(), Some(2));
+    server.stop().await;
+}
