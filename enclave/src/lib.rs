@@ -221,7 +221,7 @@ impl Enclave {
         match kind {
             MessageKind::Advertise => self.handle_advertise(serde_json::from_slice(bytes).map_err(parse_err)?, received_at).map(|_| ()),
             MessageKind::ShareKeys => self.handle_share_keys(serde_json::from_slice(bytes).map_err(parse_err)?),
-            MessageKind::MaskedInput => self.handle_masked_input(&MaskedInput::decode(bytes)?),
+            MessageKind::MaskedInput => Ok(self.state_mut()?.aggregator.handle_masked_input_encoded(bytes)?),
             MessageKind::Consistency => self.handle_consistency(serde_json::from_slice(bytes).map_err(parse_err)?),
             MessageKind::Unmask => self.handle_unmask(serde_json::from_slice(bytes).map_err(parse_err)?),
         }

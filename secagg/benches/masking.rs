@@ -184,19 +184,16 @@ fn aggregator_child() {
                 b'C' => a.handle_consistency(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
                 b'U' => a.handle_unmask(serde_json::from_slice(&payload).map_err(j)?).map_err(e).map(|_| json!({})),
                 b'M' => {
-                    // As a server would: decode the received body, release it, fold. The
-                    // high-water mark is reset (to the RSS, which includes the received
-                    // body) before the decode and again before the fold.
+                    // As the enclave does: verify and fold straight from the received
+                    // body (no decoded copy). The high-water mark is reset (to the RSS,
+                    // which includes the received body) before the fold.
                     reset_hwm();
-                    let msg = MaskedInput::decode(&payload).map_err(e)?;
-                    drop(payload);
                     let (_, hwm_decode) = vm_status();
-                    reset_hwm();
                     let t = Instant::now();
-                    a.handle_masked_input(&msg).map_err(e)?;
+                    a.handle_masked_input_encoded(&payload).map_err(e)?;
                     let fold_s = t.elapsed().as_secs_f64();
                     let (_, hwm_fold) = vm_status();
-                    drop(msg);
+                    drop(payload);
                     Ok(json!({ "fold_s": fold_s, "hwm_decode": hwm_decode, "hwm_fold": hwm_fold }))
                 }
                 b'V' => {

@@ -213,22 +213,41 @@ impl Aggregator {
 
     /// Phase 2: verifies and folds the masked input into the running sum.
     pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), Error> {
-        let key = self.check(msg.round, Phase::MaskedInput, msg.client, self.u3.get(&msg.client), &msg.signature)?;
-        if !self.u2.contains_key(&msg.client) {
-            return Err(ProtocolError::NotInSurvivorSet(msg.client).into());
+        self.fold_masked(msg.round, msg.client, &msg.signature, msg.data.len(), &MaskedInput::data_digest(&msg.data), msg.data.iter().copied())
+    }
+
+    /// Phase 2 from the received bytes, without decoding them into a second vector:
+    /// peak memory for a submission is the received body plus the running sum.
+    pub fn handle_masked_input_encoded(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let view = MaskedInputView::parse(bytes)?;
+        self.fold_masked(view.round, view.client, &view.signature, view.len(), &view.data_digest(), view.words())
+    }
+
+    fn fold_masked(
+        &mut self,
+        round: u64,
+        client: ClientId,
+        signature: &[u8; 64],
+        len: usize,
+        digest: &[u8; 32],
+        words: impl Iterator<Item = u32> + Clone,
+    ) -> Result<(), Error> {
+        let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), signature)?;
+        if !self.u2.contains_key(&client) {
+            return Err(ProtocolError::NotInSurvivorSet(client).into());
         }
-        if msg.data.len() != self.sum.len() {
-            return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: msg.data.len() }.into());
+        if len != self.sum.len() {
+            return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: len }.into());
         }
         let modulus = self.cfg.modulus_mask();
-        if modulus != u32::MAX && msg.data.iter().any(|&x| x & !modulus != 0) {
+        if modulus != u32::MAX && words.clone().any(|x| x & !modulus != 0) {
             return Err(Error::malformed("masked input exceeds the modulus"));
         }
-        self.verify(&key, msg.client, &msg.transcript(&self.digest), &msg.signature)?;
-        for (s, x) in self.sum.iter_mut().zip(&msg.data) {
-            *s = s.wrapping_add(*x);
+        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest), signature)?;
+        for (s, x) in self.sum.iter_mut().zip(words) {
+            *s = s.wrapping_add(x);
         }
-        self.u3.insert(msg.client, msg.signature);
+        self.u3.insert(client, *signature);
         Ok(())
     }
 

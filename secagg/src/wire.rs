@@ -148,12 +148,19 @@ const MASKED_VERSION: u8 = 1;
 pub const MASKED_HEADER_LEN: usize = 4 + 1 + 8 + 4 + 4 + 64;
 
 impl MaskedInput {
+    /// SHA-256 of the words as little-endian bytes (the encoded body), hashed in
+    /// blocks rather than copied whole.
     pub fn data_digest(data: &[u32]) -> [u8; 32] {
-        let mut bytes = Vec::with_capacity(data.len() * 4);
-        for w in data {
-            bytes.extend_from_slice(&w.to_le_bytes());
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut block = [0u8; 16 * 1024];
+        for chunk in data.chunks(block.len() / 4) {
+            for (dst, w) in block.chunks_exact_mut(4).zip(chunk) {
+                dst.copy_from_slice(&w.to_le_bytes());
+            }
+            h.update(&block[..chunk.len() * 4]);
         }
-        sha256(&bytes)
+        h.finalize().into()
     }
 
     pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32]) -> Transcript {
@@ -188,6 +195,26 @@ impl MaskedInput {
 
     /// Parses the binary layout; every length is checked before it is used.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        let view = MaskedInputView::parse(bytes)?;
+        let data = view.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+        Ok(MaskedInput { round: view.round, client: view.client, data, signature: view.signature })
+    }
+}
+
+/// A masked input still in its received bytes: the header decoded, the body borrowed.
+/// The aggregator verifies and folds straight from it, so a submission never exists
+/// twice in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskedInputView<'a> {
+    pub round: u64,
+    pub client: ClientId,
+    pub signature: [u8; 64],
+    /// `len` little-endian u32 words.
+    pub body: &'a [u8],
+}
+
+impl<'a> MaskedInputView<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
         if bytes.len() < MASKED_HEADER_LEN {
             return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
         }
@@ -200,16 +227,30 @@ impl MaskedInput {
         }
         let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
-        let round = u64_at(5);
-        let client = ClientId(u32_at(13));
         let count = u32_at(17) as usize;
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&header[21..85]);
         if body.len() != count.saturating_mul(4) {
             return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
         }
-        let data = body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-        Ok(MaskedInput { round, client, data, signature })
+        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, body })
+    }
+
+    pub fn len(&self) -> usize {
+        self.body.len() / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    pub fn words(&self) -> impl Iterator<Item = u32> + Clone + 'a {
+        self.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    }
+
+    /// Equal to [`MaskedInput::data_digest`] of the decoded words.
+    pub fn data_digest(&self) -> [u8; 32] {
+        sha256(self.body)
     }
 }
 
@@ -331,6 +372,11 @@ mod tests {
     fn masked_input_round_trips() {
         let m = sample();
         assert_eq!(MaskedInput::decode(&m.encode()).unwrap(), m);
+        let big = MaskedInput { data: (0..10_000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect(), ..sample() };
+        let bytes = big.encode();
+        let view = MaskedInputView::parse(&bytes).unwrap();
+        assert_eq!(view.data_digest(), MaskedInput::data_digest(&big.data));
+        assert_eq!(view.words().collect::<Vec<_>>(), big.data);
         assert_eq!(m.encode().len(), MaskedInput::encoded_len(3));
     }
 

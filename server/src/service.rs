@@ -267,8 +267,7 @@ impl Service {
             Err(EnclaveError::Protocol(tessera_secagg::Error::Protocol(tessera_secagg::ProtocolError::AlreadyAccepted(_)))) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let event = StoredEvent::Message { kind, received_at: t, body: body.to_vec() };
-        if let Err(e) = self.store.append_event(round, &event).await {
+        if let Err(e) = self.store.append_message(round, kind, t, body).await {
             tracing::error!(error = %e, "could not store an accepted message; rebuilding the round from the store");
             self.rebuild(&mut inner).await?;
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "the message could not be stored; retry"));

@@ -168,10 +168,18 @@ impl Store {
 
     /// Appends one event in one transaction; `idx` orders a round's events.
     pub async fn append_event(&self, round: u64, event: &StoredEvent) -> Result<(), StoreError> {
-        let (kind, received_at, seq, body): (&str, u64, Option<i64>, &[u8]) = match event {
-            StoredEvent::Message { kind, received_at, body } => (kind_name(*kind), received_at.0, None, body),
-            StoredEvent::Sealed { seq, sealed } => ("sealed", 0, Some(*seq as i64), sealed),
-        };
+        match event {
+            StoredEvent::Message { kind, received_at, body } => self.append_raw(round, kind_name(*kind), received_at.0, None, body).await,
+            StoredEvent::Sealed { seq, sealed } => self.append_raw(round, "sealed", 0, Some(*seq as i64), sealed).await,
+        }
+    }
+
+    /// Appends a client message from borrowed bytes (a masked input is not copied again).
+    pub async fn append_message(&self, round: u64, kind: MessageKind, received_at: Timestamp, body: &[u8]) -> Result<(), StoreError> {
+        self.append_raw(round, kind_name(kind), received_at.0, None, body).await
+    }
+
+    async fn append_raw(&self, round: u64, kind: &str, received_at: u64, seq: Option<i64>, body: &[u8]) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO events (round, idx, kind, received_at, seq, body) \
              VALUES (?1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = ?1), ?2, ?3, ?4, ?5)",
