@@ -62,6 +62,9 @@ enum Command {
         /// Seconds to wait for the round to progress before giving up.
         #[arg(long, default_value_t = 300)]
         wait: u64,
+        /// Policy (TOML) the aggregator's evidence must meet, e.g. its allowed measurements.
+        #[arg(long)]
+        aggregator_policy: Option<PathBuf>,
         /// Fault injection for tests and demos: leave the round at this point.
         #[arg(long, value_enum)]
         drop_after: Option<DropPoint>,
@@ -113,36 +116,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }),
-        Command::Submit { dir, server, update: update_path, global, weight, round, out, insecure_dev, wait, drop_after } => rt.block_on(async {
-            let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
-            let api = api(&server)?;
-            let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false };
-            let result = participate(&api, &identity, &opts, |cfg| {
-                let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
-                    .map_err(|e| ParticipateError::Update(e.to_string()))?;
-                Ok((flat, weight))
-            })
-            .await?;
-            match result {
-                Participation::Completed(report) => {
-                    if let Some(out) = out {
-                        update::save_flat(&out, &report.release.mean, &report.config.layout)?;
-                        eprintln!("aggregate written to {}", out.display());
+        Command::Submit { dir, server, update: update_path, global, weight, round, out, insecure_dev, wait, drop_after, aggregator_policy } => {
+            rt.block_on(async {
+                let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
+                let api = api(&server)?;
+                let aggregator_policy = match aggregator_policy {
+                    Some(p) => Some(
+                        tessera_attestation::policy::NodePolicy::from_toml(
+                            &std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?,
+                        )
+                        .with_context(|| format!("invalid policy {}", p.display()))?,
+                    ),
+                    None => None,
+                };
+                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy };
+                let result = participate(&api, &identity, &opts, |cfg| {
+                    let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
+                        .map_err(|e| ParticipateError::Update(e.to_string()))?;
+                    Ok((flat, weight))
+                })
+                .await?;
+                match result {
+                    Participation::Completed(report) => {
+                        if let Some(out) = out {
+                            update::save_flat(&out, &report.release.mean, &report.config.layout)?;
+                            eprintln!("aggregate written to {}", out.display());
+                        }
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "round": report.round,
+                                "included": report.release.included,
+                                "total_weight": report.release.total_weight,
+                                "error_bound": report.release.error_bound,
+                                "bytes_sent": report.bytes_sent,
+                            })
+                        );
                     }
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "round": report.round,
-                            "included": report.release.included,
-                            "total_weight": report.release.total_weight,
-                            "error_bound": report.release.error_bound,
-                            "bytes_sent": report.bytes_sent,
-                        })
-                    );
+                    Participation::Dropped { round, after } => eprintln!("left round {round} {after:?} as asked"),
                 }
-                Participation::Dropped { round, after } => eprintln!("left round {round} {after:?} as asked"),
-            }
-            Ok(())
-        }),
+                Ok(())
+            })
+        }
     }
 }

@@ -42,11 +42,14 @@ pub struct Options {
     /// Take part in this round number (waiting for it to open) instead of the current one.
     pub round: Option<u64>,
     pub quiet: bool,
+    /// Policy for the aggregator's evidence (measurements, debug, age). Default: the
+    /// secure default, or the dev policy with `insecure_dev`.
+    pub aggregator_policy: Option<NodePolicy>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false }
+        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false, aggregator_policy: None }
     }
 }
 
@@ -195,7 +198,7 @@ impl Driver<'_> {
 
 /// Verifies the aggregator's evidence against the pinned TLS certificate and returns
 /// its identity key (which signs releases).
-pub async fn check_aggregator(api: &Api, insecure_dev: bool) -> Result<[u8; 32], ParticipateError> {
+pub async fn check_aggregator(api: &Api, insecure_dev: bool, policy: Option<&NodePolicy>) -> Result<[u8; 32], ParticipateError> {
     let info: AttestationView = api.get_json("/v1/attestation").await?;
     let bad = |m: String| ParticipateError::AggregatorAttestation(m);
     let identity: [u8; 32] =
@@ -204,7 +207,7 @@ pub async fn check_aggregator(api: &Api, insecure_dev: bool) -> Result<[u8; 32],
         return Err(bad("evidence names another TLS certificate".into()));
     }
     let evidence = hex::decode(&info.evidence).map_err(|_| bad("evidence is not hex".into()))?;
-    let policy = if insecure_dev { NodePolicy::insecure_dev() } else { NodePolicy::default() };
+    let policy = policy.cloned().unwrap_or_else(|| if insecure_dev { NodePolicy::insecure_dev() } else { NodePolicy::default() });
     let verdict = policy.check(&evidence, &[], &aggregator_report_data(&identity, &api.fingerprint()), now_secs());
     if !verdict.accepted {
         return Err(bad(verdict.reasons()));
@@ -221,7 +224,7 @@ where
     let mut d = Driver { who: &identity.name, opts, start: Instant::now(), bytes_sent: 0 };
     let enclave_key = d
         .poll(0, "the aggregator", || async {
-            match check_aggregator(api, opts.insecure_dev).await {
+            match check_aggregator(api, opts.insecure_dev, opts.aggregator_policy.as_ref()).await {
                 Ok(k) => Ok(Ok(k)),
                 Err(ParticipateError::Http(e)) => Err(e),
                 Err(other) => Ok(Err(other)),

@@ -36,7 +36,8 @@ async fn three_rounds_with_thirty_percent_dropout() {
             let identity = tessera_client::Identity::load(dir).unwrap();
             let api = Api::new(&url, server.fingerprint).unwrap();
             let update = updates[i].clone();
-            let opts = Options { insecure_dev: true, drop_after: drops(i), wait: Duration::from_secs(120), round: Some(round), quiet: true };
+            let opts =
+                Options { insecure_dev: true, drop_after: drops(i), wait: Duration::from_secs(120), round: Some(round), quiet: true, aggregator_policy: None };
             tasks.push(tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok(update)).await }));
         }
         let mut releases = Vec::new();
@@ -79,5 +80,27 @@ async fn wrong_fingerprint_is_refused_before_anything_is_sent() {
     assert!(matches!(err, tessera_client::http::HttpError::Tls { .. }), "{err}");
     assert!(err.to_string().contains("fingerprint"), "{err}");
     assert!(!err.is_transient());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_an_aggregator_whose_measurement_is_not_in_its_policy() {
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 2);
+    let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, RoundParams { vector_len: 4, ..RoundParams::default() }, 1);
+    let server = tessera_server::spawn(cfg).await.unwrap();
+    let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
+    let identity = tessera_client::Identity::load(&ids[0].0).unwrap();
+    let policy =
+        tessera_attestation::policy::NodePolicy { allowed_measurements: vec!["00".repeat(48)], ..tessera_attestation::policy::NodePolicy::insecure_dev() };
+    let opts = Options { insecure_dev: true, aggregator_policy: Some(policy), quiet: true, wait: Duration::from_secs(20), ..Options::default() };
+    let err = participate(&api, &identity, &opts, |_| -> Result<(Vec<f32>, u32), _> { panic!("no update may be prepared for a refused aggregator") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, tessera_client::ParticipateError::AggregatorAttestation(_)), "{err}");
+    assert!(err.to_string().contains("is not in the allowed list"), "{err}");
+    // Nothing was sent: the round still waits for both institutions.
+    let status: serde_json::Value = api.get_json("/v1/rounds/1").await.unwrap();
+    assert_eq!(status["waiting_for"].as_array().unwrap().len(), 2);
     server.stop().await;
 }
