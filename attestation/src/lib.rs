@@ -19,6 +19,7 @@ pub mod dcap;
 pub mod dev;
 pub mod nitro;
 pub mod policy;
+pub mod ratls;
 pub mod snp;
 
 use serde::{Deserialize, Serialize};

@@ -13,7 +13,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -49,9 +48,13 @@ impl HttpError {
     }
 }
 
+/// Checks the aggregator's certificate inside the handshake: its public key must match
+/// the pin (SHA-256 of the SubjectPublicKeyInfo), and with a policy, the evidence it
+/// carries must verify, be bound to that key, and meet the policy (attested TLS).
 #[derive(Debug)]
 struct PinnedCert {
     fingerprint: [u8; 32],
+    policy: Option<tessera_attestation::policy::NodePolicy>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -62,18 +65,23 @@ impl ServerCertVerifier for PinnedCert {
         _intermediates: &[CertificateDer<'_>],
         _name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if ct::constant_time_eq(&got, &self.fingerprint) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "server certificate fingerprint is {}, but {} was pinned (wrong server, or its certificate changed)",
+        let got = tessera_attestation::ratls::spki_sha256(end_entity.as_ref()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        if !ct::constant_time_eq(&got, &self.fingerprint) {
+            return Err(rustls::Error::General(format!(
+                "server public key fingerprint is {}, but {} was pinned (wrong server, or its key changed)",
                 hex::encode(got),
                 hex::encode(self.fingerprint)
-            )))
+            )));
         }
+        if let Some(policy) = &self.policy {
+            let (verdict, _) = tessera_attestation::ratls::verify_certificate(end_entity.as_ref(), policy, now.as_secs());
+            if !verdict.accepted {
+                return Err(rustls::Error::General(format!("aggregator attestation refused in the TLS handshake: {}", verdict.reasons())));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
@@ -116,7 +124,14 @@ struct ErrorBody {
 }
 
 impl Api {
+    /// HTTPS to `url`, pinning the server's public key (SHA-256 of its SPKI).
     pub fn new(url: &str, fingerprint: [u8; 32]) -> Result<Api, HttpError> {
+        Self::attested(url, fingerprint, None)
+    }
+
+    /// As [`Api::new`], and with `policy` the server's certificate must also carry
+    /// evidence that meets it (checked in every handshake).
+    pub fn attested(url: &str, fingerprint: [u8; 32], policy: Option<tessera_attestation::policy::NodePolicy>) -> Result<Api, HttpError> {
         let rest = url.strip_prefix("https://").ok_or_else(|| HttpError::Url(url.into()))?.trim_end_matches('/');
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| HttpError::Url(url.into()))?;
         let port: u16 = port.parse().map_err(|_| HttpError::Url(url.into()))?;
@@ -125,7 +140,7 @@ impl Api {
             return Err(HttpError::Url(url.into()));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(PinnedCert { fingerprint, provider: provider.clone() });
+        let verifier = Arc::new(PinnedCert { fingerprint, policy, provider: provider.clone() });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| HttpError::Tls { addr: url.into(), why: e.to_string() })?

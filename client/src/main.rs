@@ -21,7 +21,7 @@ struct ServerArgs {
     /// Aggregator URL, https://HOST:PORT
     #[arg(long, env = "TESSERA_SERVER")]
     server: String,
-    /// SHA-256 fingerprint of the aggregator's TLS certificate (hex), as printed by the server.
+    /// SHA-256 of the aggregator's TLS public key (hex), as printed by the server.
     #[arg(long, env = "TESSERA_FINGERPRINT")]
     fingerprint: String,
 }
@@ -88,12 +88,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn api(args: &ServerArgs) -> anyhow::Result<Api> {
-    let fp: [u8; 32] = hex::decode(args.fingerprint.trim())
+fn pin(args: &ServerArgs) -> anyhow::Result<[u8; 32]> {
+    hex::decode(args.fingerprint.trim())
         .ok()
         .and_then(|v| v.try_into().ok())
-        .context("--fingerprint must be the 64 hex digits of a SHA-256 certificate fingerprint")?;
-    Ok(Api::new(&args.server, fp)?)
+        .context("--fingerprint must be the 64 hex digits of the SHA-256 of the server's public key")
+}
+
+fn api(args: &ServerArgs) -> anyhow::Result<Api> {
+    Ok(Api::new(&args.server, pin(args)?)?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -119,7 +122,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Submit { dir, server, update: update_path, global, weight, round, out, insecure_dev, wait, drop_after, aggregator_policy } => {
             rt.block_on(async {
                 let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
-                let api = api(&server)?;
                 let aggregator_policy = match aggregator_policy {
                     Some(p) => Some(
                         tessera_attestation::policy::NodePolicy::from_toml(
@@ -129,6 +131,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                // The aggregator's evidence is checked in every TLS handshake (attested TLS)
+                // and once more, with the same policy, before anything is prepared.
+                let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| {
+                    if insecure_dev {
+                        tessera_attestation::policy::NodePolicy::insecure_dev()
+                    } else {
+                        tessera_attestation::policy::NodePolicy::default()
+                    }
+                });
+                let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
                 let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)

@@ -20,7 +20,7 @@ enum Command {
         #[arg(long, default_value = "tessera-server.toml")]
         config: PathBuf,
     },
-    /// Print the TLS certificate fingerprint clients must pin (creating the certificate if needed).
+    /// Print the SHA-256 of the TLS public key that clients pin (creating the key if needed).
     Fingerprint {
         #[arg(long, default_value = "tessera-server.toml")]
         config: PathBuf,
@@ -46,8 +46,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Fingerprint { config } => {
             let cfg = crate::ServerConfig::load(&config)?;
-            let tls = crate::tls::load_or_create(&cfg.data_dir.join("tls"))?;
-            println!("{}", hex::encode(tls.fingerprint));
+            let key = crate::tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
+            println!("{}", hex::encode(key.spki_sha256));
             Ok(())
         }
         Command::Run { config } => {
@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("WARNING: INSECURE DEV MODE — simulated attestation; sealing key on disk. Never use with real data.");
                 }
                 eprintln!("tessera-server listening on https://{}", running.addr);
-                eprintln!("TLS certificate SHA-256 fingerprint: {}", hex::encode(running.fingerprint));
+                eprintln!("TLS public key SHA-256 (pin this): {}", hex::encode(running.fingerprint));
                 eprintln!("enclave identity key: {}", running.service.attestation().identity_public_key);
                 // Machine-readable line for scripts and tests.
                 println!("READY addr={} fingerprint={}", running.addr, hex::encode(running.fingerprint));

@@ -39,10 +39,13 @@ impl Running {
 /// Binds, starts the enclave (resuming an interrupted round), and serves in the
 /// background.
 pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Running> {
-    let tls = tls::load_or_create(&cfg.data_dir.join("tls"))?;
+    let key = tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let service = Service::start(cfg, tls.fingerprint).await?;
+    let service = Service::start(cfg, key.spki_sha256).await?;
+    let info = service.attestation();
+    let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
+    let tls = tls::issue_certificate(&key, Some(&evidence))?;
     let server_tls = tls::server_config(&tls)?;
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let app = api::app(service.clone());

@@ -1,6 +1,7 @@
-//! TLS is always on. On first start a self-signed certificate is generated into the data
-//! directory and its SHA-256 fingerprint printed; institutions pin that fingerprint (or,
-//! with attested TLS, the aggregator's evidence vouches for it).
+//! TLS is always on. On first start a TLS key is generated into the data directory; at
+//! every start a self-signed certificate for it is issued carrying the enclave's evidence
+//! (attested TLS, see `tessera_attestation::ratls`). Institutions pin the SHA-256 of the
+//! public key (printed at start) and/or check the evidence in the handshake.
 
 use std::future::Future;
 use std::path::Path;
@@ -10,12 +11,12 @@ use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 pub struct TlsIdentity {
     pub cert_der: Vec<u8>,
     key_der: Vec<u8>,
+    /// SHA-256 of the SubjectPublicKeyInfo: stable across restarts, what clients pin.
     pub fingerprint: [u8; 32],
 }
 
@@ -35,27 +36,53 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-pub fn load_or_create(dir: &Path) -> Result<TlsIdentity, TlsError> {
-    let err = |why: String| TlsError::Files { dir: dir.display().to_string(), why };
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    if !cert_path.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
-        write_private(&key_path, ck.key_pair.serialize_pem().as_bytes()).map_err(|e| err(e.to_string()))?;
-        std::fs::write(&cert_path, ck.cert.pem()).map_err(|e| err(e.to_string()))?;
-        tracing::info!(path = %cert_path.display(), "generated a self-signed development certificate");
+/// The server's long-lived TLS key (`key.pem`, created on first start, mode 0600).
+pub struct TlsKey {
+    key_pem: String,
+    dir: std::path::PathBuf,
+    /// SHA-256 of the SubjectPublicKeyInfo.
+    pub spki_sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for TlsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsKey {{ spki_sha256: {} }}", hex::encode(self.spki_sha256))
     }
-    let cert_pem = std::fs::read(&cert_path).map_err(|e| err(e.to_string()))?;
-    let key_pem = std::fs::read(&key_path).map_err(|e| err(e.to_string()))?;
-    let cert_der = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .next()
-        .ok_or_else(|| err("cert.pem holds no certificate".into()))?
-        .map_err(|e| err(e.to_string()))?
-        .to_vec();
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice()).map_err(|e| err(e.to_string()))?.ok_or_else(|| err("key.pem holds no key".into()))?;
-    let key_der = key.secret_der().to_vec();
-    let fingerprint = Sha256::digest(&cert_der).into();
-    Ok(TlsIdentity { cert_der, key_der, fingerprint })
+}
+
+const NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+pub fn load_or_create_key(dir: &Path) -> Result<TlsKey, TlsError> {
+    let err = |why: String| TlsError::Files { dir: dir.display().to_string(), why };
+    let key_path = dir.join("key.pem");
+    if !key_path.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        let key = rcgen::KeyPair::generate()?;
+        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(|e| err(e.to_string()))?;
+        tracing::info!(path = %key_path.display(), "generated the server's TLS key");
+    }
+    let key_pem = std::fs::read_to_string(&key_path).map_err(|e| err(e.to_string()))?;
+    let key = rcgen::KeyPair::from_pem(&key_pem)?;
+    // The SPKI hash is read back from a certificate so it is exactly what clients see.
+    let probe = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec())?.self_signed(&key)?;
+    let spki_sha256 = tessera_attestation::ratls::spki_sha256(probe.der()).map_err(|e| err(e.to_string()))?;
+    Ok(TlsKey { key_pem, dir: dir.to_path_buf(), spki_sha256 })
+}
+
+/// Issues a self-signed certificate for the key, carrying `evidence` in the Tessera
+/// evidence extension (attested TLS), and writes it to `cert.pem` for operators.
+pub fn issue_certificate(key: &TlsKey, evidence: Option<&tessera_attestation::ratls::CertEvidence>) -> Result<TlsIdentity, TlsError> {
+    let err = |why: String| TlsError::Files { dir: key.dir.display().to_string(), why };
+    let pair = rcgen::KeyPair::from_pem(&key.key_pem)?;
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec())?;
+    if let Some(ev) = evidence {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(tessera_attestation::ratls::EVIDENCE_OID, tessera_attestation::ratls::encode_extension(ev)));
+    }
+    let cert = params.self_signed(&pair)?;
+    std::fs::write(key.dir.join("cert.pem"), cert.pem()).map_err(|e| err(e.to_string()))?;
+    Ok(TlsIdentity { cert_der: cert.der().to_vec(), key_der: pair.serialize_der(), fingerprint: key.spki_sha256 })
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -104,3 +104,54 @@ async fn client_refuses_an_aggregator_whose_measurement_is_not_in_its_policy() {
     assert_eq!(status["waiting_for"].as_array().unwrap().len(), 2);
     server.stop().await;
 }
+
+/// Attested TLS: the aggregator's certificate carries its evidence, bound to the TLS
+/// public key; the client's verifier applies its policy inside the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attested_tls_applies_the_client_policy_in_the_handshake() {
+    use tessera_attestation::policy::NodePolicy;
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 2);
+    let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, RoundParams { vector_len: 4, ..RoundParams::default() }, 0);
+    let server = tessera_server::spawn(cfg).await.unwrap();
+    let url = format!("https://{}", server.addr);
+    // The secure default refuses the simulated evidence before any request is sent.
+    let strict = Api::attested(&url, server.fingerprint, Some(NodePolicy::default())).unwrap();
+    let err = strict.get_bytes("/v1/health").await.unwrap_err();
+    assert!(matches!(err, tessera_client::http::HttpError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("simulated (dev) evidence is not allowed"), "{err}");
+    // A policy naming another measurement is refused too, naming the measurement.
+    let other = NodePolicy { allowed_measurements: vec!["11".repeat(48)], ..NodePolicy::insecure_dev() };
+    let err = Api::attested(&url, server.fingerprint, Some(other)).unwrap().get_bytes("/v1/health").await.unwrap_err();
+    assert!(err.to_string().contains("is not in the allowed list"), "{err}");
+    // The dev policy accepts it: the evidence verifies and is bound to this key.
+    Api::attested(&url, server.fingerprint, Some(NodePolicy::insecure_dev())).unwrap().get_bytes("/v1/health").await.unwrap();
+    // The certificate the server presents carries the extension and it checks out offline.
+    let pem = std::fs::read_to_string(root.path().join("server/tls/cert.pem")).unwrap();
+    let der = pem.lines().filter(|l| !l.starts_with("-----")).collect::<String>();
+    let der = base64_decode(&der);
+    assert_eq!(tessera_attestation::ratls::spki_sha256(&der).unwrap(), server.fingerprint);
+    let (verdict, identity) = tessera_attestation::ratls::verify_certificate(&der, &NodePolicy::insecure_dev(), now_secs());
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    assert_eq!(hex::encode(identity.unwrap()), server.service.attestation().identity_public_key);
+    server.stop().await;
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        acc = acc << 6 | A.iter().position(|&a| a == c).unwrap() as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}

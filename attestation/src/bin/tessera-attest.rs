@@ -111,11 +111,10 @@ fn run(cli: Cli) -> Result<bool, Unusable> {
                 .ok()
                 .and_then(|v| v.try_into().ok())
                 .ok_or_else(|| Unusable("identity_public_key is not 32 bytes of hex".into()))?;
-            use sha2::Digest;
-            let fingerprint: [u8; 32] = sha2::Sha256::digest(&cert_der).into();
+            let fingerprint = tessera_attestation::ratls::spki_sha256(&cert_der).map_err(|e| Unusable(format!("{url}: {e}")))?;
             let expected = tessera_attestation::binding::aggregator_report_data(&identity, &fingerprint);
             if !policy.json {
-                println!("aggregator {url}: TLS certificate SHA-256 {}, enclave identity {}", hex::encode(fingerprint), hex::encode(identity));
+                println!("aggregator {url}: TLS public key SHA-256 {}, enclave identity {}", hex::encode(fingerprint), hex::encode(identity));
             }
             check(&evidence, &[], &policy, Some(expected))
         }
