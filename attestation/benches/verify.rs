@@ -16,8 +16,11 @@ fn read(p: &str) -> Vec<u8> {
     std::fs::read(format!("{V}/{p}")).unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
+/// (name, evidence, endorsements, verification time).
+type Case = (&'static str, Vec<u8>, Vec<Vec<u8>>, u64);
+
 fn main() {
-    let cases: Vec<(&str, Vec<u8>, Vec<Vec<u8>>, u64)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "AMD SEV-SNP (Milan, VCEK + ASK/ARK)",
             read("sev-snp/milan-virtee/report.bin"),
