@@ -199,7 +199,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let server = Server(child);
     let fingerprint = line.split("fingerprint=").nth(1).map(str::trim).context("aggregator did not start")?.to_string();
     let url = format!("https://127.0.0.1:{port}");
-    println!("aggregator up at {url}, certificate fingerprint {}…\n", &fingerprint[..16]);
+    println!("aggregator up at {url}, TLS public key {}… (institutions pin it and check its evidence in every handshake)\n", &fingerprint[..16]);
 
     // 4. Rounds.
     let mut rng = ChaCha8Rng::seed_from_u64(2026);
