@@ -18,11 +18,26 @@ pub struct NodePolicy {
     pub allow_debug: bool,
     /// Evidence older than this many seconds is refused.
     pub max_age_secs: u64,
+    /// DCAP TCB statuses accepted (e.g. `["UpToDate", "SWHardeningNeeded"]`); empty: any.
+    /// Applies to evidence that states a `TCB_STATUS`.
+    pub allowed_tcb_status: Vec<String>,
+    /// Minimum values of numeric claim fields, by name: DCAP `QE_ISVSVN`, `PCK_PCESVN`,
+    /// SGX `ISVSVN`, SNP `guest_svn`; SNP TCB components as `reported_tcb.boot_loader`,
+    /// `reported_tcb.tee`, `reported_tcb.snp`, `reported_tcb.microcode`. A named field the
+    /// evidence lacks is a failure.
+    pub min_svn: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for NodePolicy {
     fn default() -> Self {
-        NodePolicy { allow_insecure_dev: false, allowed_measurements: Vec::new(), allow_debug: false, max_age_secs: 3600 }
+        NodePolicy {
+            allow_insecure_dev: false,
+            allowed_measurements: Vec::new(),
+            allow_debug: false,
+            max_age_secs: 3600,
+            allowed_tcb_status: Vec::new(),
+            min_svn: Default::default(),
+        }
     }
 }
 
@@ -44,6 +59,12 @@ pub enum PolicyFailure {
     TooOld { age_secs: u64, max_age_secs: u64 },
     #[error("evidence is not bound to the presented keys (report_data mismatch)")]
     ReportDataMismatch,
+    #[error("TCB status {status} is not in the allowed list")]
+    TcbStatusNotAllowed { status: String },
+    #[error("{field} is {value}, the policy requires at least {minimum}")]
+    SvnTooLow { field: String, value: u64, minimum: u64 },
+    #[error("the evidence states no numeric {field}, which the policy requires")]
+    SvnMissing { field: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +110,18 @@ impl NodePolicy {
                 failures.push(PolicyFailure::TooOld { age_secs: age, max_age_secs: self.max_age_secs });
             }
         }
+        if let Some(status) = claims.fields.get("TCB_STATUS") {
+            if !self.allowed_tcb_status.is_empty() && !self.allowed_tcb_status.iter().any(|a| a == status) {
+                failures.push(PolicyFailure::TcbStatusNotAllowed { status: status.clone() });
+            }
+        }
+        for (field, &minimum) in &self.min_svn {
+            match numeric_field(claims, field) {
+                Some(value) if value < minimum => failures.push(PolicyFailure::SvnTooLow { field: field.clone(), value, minimum }),
+                Some(_) => {}
+                None => failures.push(PolicyFailure::SvnMissing { field: field.clone() }),
+            }
+        }
         let bound = hex::decode(&claims.report_data).map(|rd| bool::from(rd.ct_eq(expected_report_data.as_slice()))).unwrap_or(false);
         if !bound {
             failures.push(PolicyFailure::ReportDataMismatch);
@@ -106,6 +139,18 @@ impl NodePolicy {
             Err(e) => Verdict { accepted: false, format: format_of(&e), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
         }
     }
+}
+
+/// A decimal claim field, or one component of an SNP TCB field written as
+/// `HEX (boot_loader 3, tee 0, snp 8, microcode 115)` and named `reported_tcb.snp`.
+fn numeric_field(claims: &Claims, name: &str) -> Option<u64> {
+    if let Some(v) = claims.fields.get(name) {
+        return v.trim().parse().ok();
+    }
+    let (field, component) = name.split_once('.')?;
+    let text = claims.fields.get(field)?;
+    let inner = text.split_once('(')?.1.trim_end_matches(')');
+    inner.split(',').filter_map(|part| part.trim().split_once(' ')).find(|(k, _)| *k == component).and_then(|(_, v)| v.trim().parse().ok())
 }
 
 fn format_of(e: &VerifyError) -> Option<Format> {
@@ -146,6 +191,37 @@ mod tests {
         let v = NodePolicy::insecure_dev().check(&ev, &[], &[7; 64], 150);
         assert!(v.accepted, "{}", v.reasons());
         assert!(!NodePolicy::insecure_dev().check(&[], &[], &[7; 64], 150).accepted);
+    }
+
+    #[test]
+    fn tcb_status_and_minimum_svns() {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("TCB_STATUS".to_string(), "OutOfDate".to_string());
+        fields.insert("QE_ISVSVN".to_string(), "6".to_string());
+        fields.insert("reported_tcb".to_string(), "0300000000000873 (boot_loader 3, tee 0, snp 8, microcode 115)".to_string());
+        let claims = Claims {
+            format: Format::SevSnp,
+            measurement: "aa".into(),
+            report_data: hex::encode([7u8; 64]),
+            debug: false,
+            issued_at: None,
+            tcb: None,
+            signer: None,
+            fields,
+        };
+        let policy = NodePolicy::from_toml(
+            "allowed_tcb_status = [\"UpToDate\"]\n[min_svn]\nQE_ISVSVN = 6\n\"reported_tcb.snp\" = 9\n\"reported_tcb.microcode\" = 100\nISVSVN = 1\n",
+        )
+        .unwrap();
+        let v = policy.evaluate(&claims, &[7; 64], 0);
+        assert_eq!(
+            v.failures,
+            vec![
+                PolicyFailure::TcbStatusNotAllowed { status: "OutOfDate".into() },
+                PolicyFailure::SvnMissing { field: "ISVSVN".into() },
+                PolicyFailure::SvnTooLow { field: "reported_tcb.snp".into(), value: 8, minimum: 9 },
+            ]
+        );
     }
 
     #[test]

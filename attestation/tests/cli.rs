@@ -76,3 +76,23 @@ fn inspect_prints_fields_without_verifying() {
     assert!(out.contains("measurement"), "{out}");
     assert_eq!(run(&["inspect", "PROVENANCE.md"]).0, 2);
 }
+
+#[test]
+fn tcb_rules_apply_to_real_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("tcb.toml");
+    let quote =
+        ["verify", "tdx-sgx-dcap/tdx-v4-uptodate/quote.bin", "tdx-sgx-dcap/tdx-v4-uptodate/collateral.json", "--at", "2025-07-01T00:00:00Z", "--policy"];
+    std::fs::write(&policy, "allowed_tcb_status = [\"UpToDate\"]\n[min_svn]\nQE_ISVSVN = 6\n").unwrap();
+    let args: Vec<&str> = quote.iter().copied().chain([policy.to_str().unwrap()]).collect();
+    assert_eq!(run(&args).0, 0, "UpToDate with QE ISVSVN 6 meets the policy");
+    std::fs::write(&policy, "allowed_tcb_status = [\"UpToDate\"]\n[min_svn]\nQE_ISVSVN = 7\n").unwrap();
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 1);
+    assert!(err.contains("QE_ISVSVN is 6, the policy requires at least 7"), "{err}");
+    // SNP: TCB components of the reported TCB.
+    std::fs::write(&policy, "[min_svn]\n\"reported_tcb.snp\" = 8\n\"reported_tcb.microcode\" = 116\n").unwrap();
+    let (code, _, err) = run(&["verify", SNP[0], SNP[1], SNP[2], "--at", "2026-01-01T00:00:00Z", "--policy", policy.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("reported_tcb.microcode is 115") && !err.contains("reported_tcb.snp"), "{err}");
+}
