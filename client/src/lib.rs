@@ -6,6 +6,7 @@
 pub mod http;
 pub mod identity;
 pub mod participate;
+pub mod train;
 pub mod update;
 
 pub use http::Api;

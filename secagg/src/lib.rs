@@ -23,6 +23,7 @@ pub mod aggregator;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod dp;
 pub mod error;
 pub mod graph;
 pub mod prg;

@@ -1,0 +1,164 @@
+//! The local training loop: AdamW with linear warm-up and decay, gradient accumulation,
+//! an optional FedProx proximal term, mixed precision on CUDA, progress with loss and
+//! tokens/s, and held-out evaluation.
+
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::data::{shuffled, Batch, Encoded, TextEncoder};
+use super::lora::Adapter;
+use super::weights::ModelError;
+
+/// A model that maps a batch to class logits `[batch, classes]`.
+pub trait Classify {
+    fn logits(&self, batch: &Batch, train: bool) -> Tensor;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// Fraction of the steps spent warming the learning rate up linearly; it then decays linearly to 0.
+    pub warmup: f64,
+    pub weight_decay: f64,
+    /// FedProx μ: adds μ/2 ‖w − w_global‖² to the loss (0 = plain FedAvg).
+    pub prox_mu: f64,
+    pub seed: u64,
+    /// Print a progress line every this many steps (0: never).
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { steps: 20, batch_size: 8, grad_accum: 1, lr: 1e-3, warmup: 0.1, weight_decay: 0.0, prox_mu: 0.0, seed: 0, log_every: 5 }
+    }
+}
+
+impl TrainConfig {
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let warm = ((self.steps as f64) * self.warmup).ceil().max(1.0);
+        let s = step as f64 + 1.0;
+        if s <= warm {
+            self.lr * s / warm
+        } else {
+            self.lr * ((self.steps as f64 - s + 1.0) / (self.steps as f64 - warm + 1.0)).max(0.0)
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrainStats {
+    pub steps: usize,
+    pub examples: usize,
+    pub tokens: i64,
+    /// Mean training loss over the last quarter of the steps.
+    pub final_loss: f64,
+    pub tokens_per_sec: f64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EvalStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub examples: usize,
+}
+
+/// Trains the adapter's trainable tensors on `data` for `cfg.steps` optimizer steps.
+pub fn train(
+    model: &dyn Classify,
+    adapter: &Adapter,
+    encoder: &TextEncoder,
+    data: &[Encoded],
+    cfg: &TrainConfig,
+    label: &str,
+) -> Result<TrainStats, ModelError> {
+    if data.is_empty() {
+        return Err(ModelError::Adapter("no training examples".into()));
+    }
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let mut opt = adapter.optimizer(cfg.lr, cfg.weight_decay)?;
+    let global = if cfg.prox_mu > 0.0 { adapter.snapshot() } else { Vec::new() };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order = shuffled(data.len(), &mut rng);
+    let mut cursor = 0usize;
+    let started = Instant::now();
+    let mut stats = TrainStats::default();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let autocast = device.is_cuda();
+    for step in 0..cfg.steps {
+        opt.set_lr(cfg.lr_at(step));
+        let mut step_loss = 0.0;
+        for _ in 0..cfg.grad_accum.max(1) {
+            let mut items = Vec::with_capacity(cfg.batch_size);
+            while items.len() < cfg.batch_size.max(1) {
+                if cursor == order.len() {
+                    order = shuffled(data.len(), &mut rng);
+                    cursor = 0;
+                }
+                items.push(&data[order[cursor]]);
+                cursor += 1;
+            }
+            let batch = encoder.batch(&items, device);
+            let logits = tch::autocast(autocast, || model.logits(&batch, true));
+            let mut loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&batch.labels);
+            if cfg.prox_mu > 0.0 {
+                let prox: Tensor = adapter.trainable_in_update_order().iter().zip(&global).map(|(w, g)| (w - g).square().sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+                loss = loss + prox * (cfg.prox_mu / 2.0);
+            }
+            let loss = loss / cfg.grad_accum.max(1) as f64;
+            loss.backward();
+            step_loss += loss.double_value(&[]);
+            stats.tokens += batch.tokens;
+            stats.examples += items.len();
+        }
+        opt.step();
+        opt.zero_grad();
+        if !step_loss.is_finite() {
+            return Err(ModelError::Adapter(format!("training diverged at step {}: loss is {step_loss}", step + 1)));
+        }
+        losses.push(step_loss);
+        stats.steps += 1;
+        if cfg.log_every > 0 && ((step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps) {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "[{label}] step {:>3}/{} loss {:.4} lr {:.1e} {:.0} tok/s",
+                step + 1,
+                cfg.steps,
+                step_loss,
+                cfg.lr_at(step),
+                stats.tokens as f64 / secs.max(1e-9)
+            );
+        }
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    stats.tokens_per_sec = stats.tokens as f64 / stats.seconds.max(1e-9);
+    let tail = &losses[losses.len() - losses.len().div_ceil(4)..];
+    stats.final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
+    Ok(stats)
+}
+
+/// Mean cross-entropy and accuracy on `data`, without dropout or gradients.
+pub fn evaluate(model: &dyn Classify, encoder: &TextEncoder, data: &[Encoded], batch_size: usize, device: Device) -> EvalStats {
+    tch::no_grad(|| {
+        let mut loss = 0.0;
+        let mut correct = 0i64;
+        for chunk in data.chunks(batch_size.max(1)) {
+            let items: Vec<&Encoded> = chunk.iter().collect();
+            let batch = encoder.batch(&items, device);
+            let logits = model.logits(&batch, false).to_kind(Kind::Float);
+            loss += logits.cross_entropy_loss::<Tensor>(&batch.labels, None, tch::Reduction::Sum, -100, 0.0).double_value(&[]);
+            correct += logits.argmax(-1, false).eq_tensor(&batch.labels).sum(Kind::Int64).int64_value(&[]);
+        }
+        let n = data.len().max(1) as f64;
+        EvalStats { loss: loss / n, accuracy: correct as f64 / n, examples: data.len() }
+    })
+}
