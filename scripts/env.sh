@@ -10,3 +10,20 @@ if ! command -v cargo >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# libtorch for the `tch` crate: the PyTorch wheel that scripts/setup installs.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -z "${LIBTORCH:-}" ]; then
+    for t in "$root"/.venv-torch/lib/python3*/site-packages/torch; do
+        if [ -d "$t/lib" ]; then
+            export LIBTORCH="$t"
+        fi
+    done
+fi
+if [ -n "${LIBTORCH:-}" ]; then
+    # tessera-client binaries carry an rpath to it; other binaries that link the client
+    # library (the integration tests, the demo) find it here.
+    export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export TESSERA_DATA="${TESSERA_DATA:-$root/.tessera-data}"
+unset root

@@ -111,7 +111,10 @@ fn mismatched_adapters_are_refused() {
     Tensor::write_safetensors(&foreign, &file).unwrap();
     assert!(matches!(adapter.load_peft(dir.path()), Err(ModelError::Adapter(m)) if m.contains("does not belong")));
 
-    let reshaped: Vec<_> = all.iter().map(|(n, t)| (n.clone(), if n.ends_with("classifier.bias") { Tensor::zeros([5], (Kind::Float, Device::Cpu)) } else { t.shallow_clone() })).collect();
+    let reshaped: Vec<_> = all
+        .iter()
+        .map(|(n, t)| (n.clone(), if n.ends_with("classifier.bias") { Tensor::zeros([5], (Kind::Float, Device::Cpu)) } else { t.shallow_clone() }))
+        .collect();
     Tensor::write_safetensors(&reshaped, &file).unwrap();
     assert!(matches!(adapter.load_peft(dir.path()), Err(ModelError::Shape { .. })));
 

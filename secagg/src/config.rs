@@ -61,6 +61,10 @@ pub struct RoundConfig {
     pub phase_timeout_ms: u64,
     /// Public seed from which the neighbour graph is drawn, hex (32 bytes).
     pub graph_seed: String,
+    /// Distributed differential privacy for this round's release, when set: clients clip
+    /// to `l2_clip` and add their noise share; the aggregator accounts the ε spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<crate::dp::DpParams>,
 }
 
 /// Default statistical parameters for choosing `k` (see [`default_neighbours`]).
@@ -115,6 +119,7 @@ impl RoundConfig {
             max_weight: 1 << 16,
             phase_timeout_ms: 30_000,
             graph_seed: hex::encode(graph_seed),
+            dp: None,
         }
     }
 
@@ -171,6 +176,14 @@ impl RoundConfig {
         }
         if modulus_max / n < 2 {
             return bad(format!("modulus 2^{} leaves fewer than 2 levels for {n} inputs", self.modulus_bits));
+        }
+        if let Some(dp) = &self.dp {
+            dp.validate()?;
+            // A client's weight scales its update and its noise share alike; weighting
+            // would change both the sensitivity and the noise in the sum.
+            if self.max_weight != 1 {
+                return bad(format!("a round with DP must be unweighted (max_weight = 1), got max_weight = {}", self.max_weight));
+            }
         }
         self.graph_seed_bytes()?;
         for i in 0..self.roster.len() {

@@ -74,13 +74,19 @@ pub fn gaussian_rdp(z: f64, rounds: u64, alpha: f64) -> f64 {
 /// (ε, δ)-DP of `rounds` Gaussian releases with noise multiplier `z`: the best order's
 /// conversion. 0 rounds cost nothing.
 pub fn epsilon(z: f64, rounds: u64, delta: f64) -> f64 {
-    if rounds == 0 {
+    epsilon_of(&[(z, rounds)], delta)
+}
+
+/// ε of a sequence of Gaussian releases given as (noise multiplier, how many rounds used
+/// it): RDP adds up order by order across the groups, then converts once.
+pub fn epsilon_of(groups: &[(f64, u64)], delta: f64) -> f64 {
+    if groups.iter().all(|&(_, n)| n == 0) {
         return 0.0;
     }
     default_orders()
         .into_iter()
         .map(|a| {
-            let rdp = gaussian_rdp(z, rounds, a);
+            let rdp: f64 = groups.iter().map(|&(z, n)| gaussian_rdp(z, n, a)).sum();
             (rdp - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln()).max(0.0)
         })
         .fold(f64::INFINITY, f64::min)
@@ -112,15 +118,20 @@ mod tests {
     ///   rdp=compute_rdp(q=1.0, noise_multiplier=z, steps=T, orders=…), delta=d)[0]`.
     #[test]
     fn matches_opacus_within_one_percent() {
-        for (z, t, d, opacus) in [
-            (1.0, 10, 1e-5, 19.05359753163139),
-            (0.8, 3, 1e-5, 11.819742782514052),
-            (2.0, 100, 1e-6, 37.42921619684438),
-            (5.0, 1, 1e-5, 0.794522032537103),
-        ] {
+        for (z, t, d, opacus) in
+            [(1.0, 10, 1e-5, 19.05359753163139), (0.8, 3, 1e-5, 11.819742782514052), (2.0, 100, 1e-6, 37.42921619684438), (5.0, 1, 1e-5, 0.794522032537103)]
+        {
             let ours = epsilon(z, t, d);
             assert!((ours - opacus).abs() / opacus < 0.01, "z={z} T={t} δ={d}: {ours} vs Opacus {opacus}");
         }
+    }
+
+    #[test]
+    fn mixed_noise_composes_by_order() {
+        let mixed = epsilon_of(&[(1.0, 2), (2.0, 3)], 1e-5);
+        assert!(mixed > epsilon(2.0, 5, 1e-5) && mixed < epsilon(1.0, 5, 1e-5));
+        assert_eq!(epsilon_of(&[(1.0, 4)], 1e-5), epsilon(1.0, 4, 1e-5));
+        assert_eq!(epsilon_of(&[], 1e-5), 0.0);
     }
 
     #[test]

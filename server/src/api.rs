@@ -43,6 +43,7 @@ pub fn app(service: Arc<Service>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/attestation", get(attestation))
         .route("/v1/rounds", post(open_round))
+        .route("/v1/privacy", get(privacy))
         .route("/v1/rounds/current", get(current))
         .route("/v1/rounds/{round}", get(status))
         .route("/v1/rounds/{round}/advertise", post(advertise))
@@ -116,6 +117,10 @@ async fn open_round(State(s): State<Arc<Service>>, headers: HeaderMap, body: Bod
 async fn current(State(s): State<Arc<Service>>) -> Result<Response, ApiError> {
     let cfg = s.current_config().await.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_round", "no round has been opened"))?;
     Ok(json(&s.status(cfg.round).await?))
+}
+
+async fn privacy(State(s): State<Arc<Service>>) -> Result<Response, ApiError> {
+    Ok(json(&s.privacy().await?))
 }
 
 async fn status(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {

@@ -61,6 +61,9 @@ pub struct RoundParams {
     pub neighbours: u32,
     /// Institution names; empty means all configured institutions.
     pub participants: Vec<String>,
+    /// Distributed DP for every round opened with these parameters (needs max_weight = 1).
+    /// The server refuses to open a round that would take the federation's ε past the budget.
+    pub dp: Option<tessera_secagg::dp::DpParams>,
 }
 
 impl Default for RoundParams {
@@ -74,6 +77,7 @@ impl Default for RoundParams {
             min_survivors: 0,
             neighbours: 0,
             participants: Vec::new(),
+            dp: None,
         }
     }
 }

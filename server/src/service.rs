@@ -51,6 +51,7 @@ pub struct Service {
     tls_fingerprint: [u8; 32],
     evidence: Vec<u8>,
     pub metrics: Arc<Metrics>,
+    last_schedule_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -94,6 +95,29 @@ pub struct RoundStatus {
     pub waiting_for: Vec<ClientId>,
     pub outcome: Option<String>,
     pub admission: Vec<AdmissionRecord>,
+}
+
+/// The federation's privacy accounting (GET /v1/privacy).
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyReport {
+    /// The DP parameters of the round schedule, if any.
+    pub params: Option<tessera_secagg::dp::DpParams>,
+    pub rounds_released: u64,
+    /// Cumulative ε over every released DP round, at `delta`.
+    pub epsilon_spent: f64,
+    pub delta: Option<f64>,
+    /// Further rounds the schedule's budget allows.
+    pub rounds_remaining: Option<u64>,
+    pub per_round: Vec<RoundPrivacy>,
+    #[serde(skip)]
+    pub groups: Vec<(f64, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundPrivacy {
+    pub round: u64,
+    pub noise_multiplier: f64,
+    pub epsilon_cumulative: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -153,6 +177,7 @@ impl Service {
             tls_fingerprint,
             evidence,
             metrics: Arc::new(Metrics::default()),
+            last_schedule_error: Mutex::new(None),
         });
         // A round that finished just before a crash may not have its result stored yet.
         service.tick().await.map_err(|e| StartError::Setup(e.message))?;
@@ -194,6 +219,22 @@ impl Service {
         }
         let round = self.store.latest_round().await?.map(|r| r.round + 1).unwrap_or(1);
         let cfg = self.round_config(round, params)?;
+        if let Some(dp) = &cfg.dp {
+            let spent = self.privacy().await?;
+            let mut groups = spent.groups.clone();
+            groups.push((dp.noise_multiplier, 1));
+            let after = tessera_secagg::dp::epsilon_of(&groups, dp.delta);
+            if after > dp.epsilon_budget {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "privacy_budget_exhausted",
+                    format!(
+                        "round {round} would take the federation to ε = {after:.3} (δ = {:e}), past its budget of {}; {} DP round(s) released so far spent ε = {:.3}",
+                        dp.delta, dp.epsilon_budget, spent.rounds_released, spent.epsilon_spent
+                    ),
+                ));
+            }
+        }
         let opened_at = now();
         inner.enclave.open_round(cfg.clone(), opened_at)?;
         self.store.insert_round(&cfg, opened_at).await?;
@@ -221,6 +262,7 @@ impl Service {
         cfg.clip = p.clip;
         cfg.max_weight = p.max_weight;
         cfg.phase_timeout_ms = p.phase_timeout_ms;
+        cfg.dp = p.dp;
         if p.neighbours != 0 {
             cfg.neighbours = p.neighbours;
             cfg.share_threshold = p.neighbours / 2 + 1;
@@ -283,6 +325,46 @@ impl Service {
         Ok(())
     }
 
+    /// The privacy spent so far: every released round whose configuration carried DP
+    /// parameters counts, at its own noise multiplier (RDP composition).
+    pub async fn privacy(&self) -> Result<PrivacyReport, ApiError> {
+        let schedule_dp = self.cfg.rounds.params.dp;
+        let mut groups: Vec<(f64, u64)> = Vec::new();
+        let mut per_round = Vec::new();
+        let mut delta = schedule_dp.map(|d| d.delta);
+        for row in self.store.rounds().await? {
+            let Some(dp) = row.config.dp else { continue };
+            if row.outcome.as_deref() != Some("released") {
+                continue;
+            }
+            delta.get_or_insert(dp.delta);
+            match groups.iter_mut().find(|(z, _)| *z == dp.noise_multiplier) {
+                Some(g) => g.1 += 1,
+                None => groups.push((dp.noise_multiplier, 1)),
+            }
+            let d = delta.unwrap_or(dp.delta);
+            per_round.push(RoundPrivacy {
+                round: row.round,
+                noise_multiplier: dp.noise_multiplier,
+                epsilon_cumulative: tessera_secagg::dp::epsilon_of(&groups, d),
+            });
+        }
+        let rounds_released = groups.iter().map(|g| g.1).sum();
+        let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
+        let rounds_remaining = schedule_dp.map(|dp| {
+            let mut extra = 0u64;
+            loop {
+                let mut g = groups.clone();
+                g.push((dp.noise_multiplier, extra + 1));
+                if extra >= 100_000 || tessera_secagg::dp::epsilon_of(&g, dp.delta) > dp.epsilon_budget {
+                    break extra;
+                }
+                extra += 1;
+            }
+        });
+        Ok(PrivacyReport { params: schedule_dp, rounds_released, epsilon_spent, delta, rounds_remaining, per_round, groups })
+    }
+
     /// Closes due phases and opens scheduled rounds; the server calls it periodically.
     pub async fn tick(&self) -> Result<(), ApiError> {
         let mut inner = self.inner.lock().await;
@@ -298,7 +380,12 @@ impl Service {
             if schedule.count == 0 || done < schedule.count {
                 drop(inner);
                 if let Err(e) = self.open_round(&schedule.params).await {
-                    tracing::error!(error = %e.message, "scheduled round could not open");
+                    // Said once per distinct reason, not at every tick.
+                    let mut last = self.last_schedule_error.lock().await;
+                    if last.as_deref() != Some(e.message.as_str()) {
+                        tracing::error!(error = %e.message, "scheduled round could not open");
+                        *last = Some(e.message.clone());
+                    }
                 }
             }
         }

@@ -97,7 +97,9 @@ impl Bert {
     pub fn from_weights(config: BertConfig, w: &Weights, adapter: &mut Adapter) -> Result<Bert, ModelError> {
         let h = config.hidden_size;
         let get = |name: &str, shape: &[i64]| w.get_any(&PREFIXES, name, shape);
-        let norm = |p: &str| -> Result<LayerNorm, ModelError> { Ok(LayerNorm { w: get(&format!("{p}.weight"), &[h])?, b: get(&format!("{p}.bias"), &[h])?, eps: config.layer_norm_eps }) };
+        let norm = |p: &str| -> Result<LayerNorm, ModelError> {
+            Ok(LayerNorm { w: get(&format!("{p}.weight"), &[h])?, b: get(&format!("{p}.bias"), &[h])?, eps: config.layer_norm_eps })
+        };
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
@@ -179,7 +181,8 @@ impl BertClassifier {
     pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let hidden = self.bert.forward(ids, mask, train);
         let m = mask.to_kind(Kind::Float).unsqueeze(-1);
-        let pooled = (hidden * &m).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) / m.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).clamp_min(1e-9);
+        let pooled =
+            (hidden * &m).sum_dim_intlist([1i64].as_slice(), false, Kind::Float) / m.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).clamp_min(1e-9);
         let pooled = pooled.dropout(self.bert.config.hidden_dropout_prob, train);
         self.head.forward(&pooled, train)
     }

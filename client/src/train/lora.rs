@@ -148,7 +148,8 @@ impl Adapter {
     }
 
     fn seeded_uniform(&self, name: &str, shape: &[i64], bound: f64) -> Tensor {
-        let key: [u8; 32] = Sha256::new().chain_update(b"tessera lora init v1").chain_update(self.config.seed.to_le_bytes()).chain_update(name.as_bytes()).finalize().into();
+        let key: [u8; 32] =
+            Sha256::new().chain_update(b"tessera lora init v1").chain_update(self.config.seed.to_le_bytes()).chain_update(name.as_bytes()).finalize().into();
         let mut rng = ChaCha20Rng::from_seed(key);
         let n: i64 = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-bound..bound) as f32).collect();
@@ -205,7 +206,8 @@ impl Adapter {
         for n in self.update_names() {
             let t = &all[&n];
             let len = t.numel();
-            let chunk = delta.get(offset..offset + len).ok_or_else(|| ModelError::Adapter(format!("update has {} values, the adapter needs more", delta.len())))?;
+            let chunk =
+                delta.get(offset..offset + len).ok_or_else(|| ModelError::Adapter(format!("update has {} values, the adapter needs more", delta.len())))?;
             let d = Tensor::from_slice(chunk).reshape(t.size()).to_kind(t.kind()).to_device(t.device());
             tch::no_grad(|| {
                 let _ = t.shallow_clone().g_add_(&d);
@@ -235,7 +237,8 @@ impl Adapter {
     /// Writes `adapter_model.safetensors` and `adapter_config.json` (PEFT's format) into `dir`.
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::Read { path: dir.into(), reason: e.to_string() })?;
-        let named: Vec<(String, Tensor)> = self.tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t.detach().to_device(Device::Cpu).contiguous())).collect();
+        let named: Vec<(String, Tensor)> =
+            self.tensors().into_iter().map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t.detach().to_device(Device::Cpu).contiguous())).collect();
         let file = dir.join("adapter_model.safetensors");
         Tensor::write_safetensors(&named, &file)?;
         let config = serde_json::json!({

@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod data;
+pub mod federated;
 pub mod lora;
 pub mod privacy;
 pub mod trainer;

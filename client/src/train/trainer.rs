@@ -111,7 +111,12 @@ pub fn train(
             let logits = tch::autocast(autocast, || model.logits(&batch, true));
             let mut loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&batch.labels);
             if cfg.prox_mu > 0.0 {
-                let prox: Tensor = adapter.trainable_in_update_order().iter().zip(&global).map(|(w, g)| (w - g).square().sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+                let prox: Tensor = adapter
+                    .trainable_in_update_order()
+                    .iter()
+                    .zip(&global)
+                    .map(|(w, g)| (w - g).square().sum(Kind::Float))
+                    .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
                 loss = loss + prox * (cfg.prox_mu / 2.0);
             }
             let loss = loss / cfg.grad_accum.max(1) as f64;

@@ -1,0 +1,116 @@
+//! One institution's part of federated LoRA fine-tuning: hold the global adapter, train
+//! locally from it, hand over `delta = local − global` (clipped and noised when the
+//! round has DP), and apply each released mean to the global adapter.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind};
+use tessera_secagg::config::TensorSpec;
+use tessera_secagg::RoundConfig;
+
+use super::bert::BertClassifier;
+use super::data::{read_jsonl, Encoded, Example, TextEncoder};
+use super::lora::{Adapter, LoraConfig};
+use super::privacy;
+use super::trainer::{evaluate, train, Classify, EvalStats, TrainConfig, TrainStats};
+use super::weights::ModelError;
+
+/// A sequence classifier with its adapter and an institution's data.
+#[derive(Debug)]
+pub struct Institution {
+    pub name: String,
+    pub model: BertClassifier,
+    pub adapter: Adapter,
+    pub encoder: TextEncoder,
+    pub train: Vec<Encoded>,
+    pub test: Vec<Encoded>,
+    pub train_config: TrainConfig,
+    pub device: Device,
+}
+
+#[derive(Debug)]
+pub struct LocalUpdate {
+    /// local − global, in the adapter's update order (not yet clipped or noised).
+    pub delta: Vec<f32>,
+    pub examples: usize,
+    pub stats: TrainStats,
+}
+
+impl Institution {
+    /// Loads the encoder model of `model_dir` with a fresh adapter (identical in every
+    /// process for the same LoRA seed) and encodes the institution's examples.
+    pub fn new(
+        name: &str,
+        model_dir: &Path,
+        lora: LoraConfig,
+        num_labels: i64,
+        max_len: usize,
+        train_examples: &[Example],
+        test_examples: &[Example],
+        train_config: TrainConfig,
+    ) -> Result<Institution, ModelError> {
+        let device = super::device();
+        let mut adapter = Adapter::new(lora, "SEQ_CLS", device, Kind::Float)?;
+        let model = BertClassifier::load(model_dir, &mut adapter, num_labels, device)?;
+        let encoder = TextEncoder::load(&model_dir.join("tokenizer.json"), max_len)?;
+        let train = encoder.encode_all(train_examples)?;
+        let test = encoder.encode_all(test_examples)?;
+        Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device })
+    }
+
+    /// The round layout of this adapter's update.
+    pub fn layout(&self) -> Vec<TensorSpec> {
+        self.adapter.update_layout().into_iter().map(|(name, shape)| TensorSpec { name, shape: shape.into_iter().map(|d| d as u64).collect() }).collect()
+    }
+
+    /// Trains from the current global adapter; returns the delta and leaves the adapter
+    /// at the global values again (the local model never replaces the global one).
+    pub fn local_update(&mut self, round: u64) -> Result<LocalUpdate, ModelError> {
+        let global = self.adapter.snapshot();
+        let before = self.adapter.flatten_update()?;
+        let cfg = TrainConfig { seed: self.train_config.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15), ..self.train_config.clone() };
+        let label = format!("{} round {round}", self.name);
+        let stats = train(&self.model, &self.adapter, &self.encoder, &self.train, &cfg, &label)?;
+        let after = self.adapter.flatten_update()?;
+        self.adapter.restore(&global);
+        let delta = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        Ok(LocalUpdate { delta, examples: self.train.len(), stats })
+    }
+
+    /// global += mean (FedAvg with server learning rate 1).
+    pub fn apply_mean(&self, mean: &[f32]) -> Result<(), ModelError> {
+        self.adapter.add_flat(mean)
+    }
+
+    pub fn evaluate(&self, data: &[Encoded]) -> EvalStats {
+        evaluate(&self.model as &dyn Classify, &self.encoder, data, 32, self.device)
+    }
+}
+
+/// What leaves the institution for a round: the delta clipped to the round's L2 bound and
+/// with its DP noise share when the round has DP; unchanged otherwise. Returns the norm
+/// before clipping (for the institution's own log, never sent).
+pub fn prepare_for_round(delta: &mut [f32], cfg: &RoundConfig) -> Option<f64> {
+    cfg.dp.as_ref().map(|dp| privacy::privatize(delta, dp, cfg.min_survivors))
+}
+
+/// Reads a JSON-lines dataset and splits it into `n` non-IID shards by `group`: groups
+/// go, largest first, to the shard with the fewest examples so far. Deterministic.
+pub fn split_by_group(path: &Path, n: usize) -> Result<(Vec<Vec<Example>>, Vec<Vec<String>>), ModelError> {
+    let all = read_jsonl(path)?;
+    let mut groups: BTreeMap<String, Vec<Example>> = BTreeMap::new();
+    for e in all {
+        groups.entry(e.group.clone()).or_default().push(e);
+    }
+    let mut ordered: Vec<(String, Vec<Example>)> = groups.into_iter().collect();
+    ordered.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    let mut shards: Vec<Vec<Example>> = vec![Vec::new(); n.max(1)];
+    let mut names: Vec<Vec<String>> = vec![Vec::new(); n.max(1)];
+    for (g, ex) in ordered {
+        let i = (0..shards.len()).min_by_key(|&i| shards[i].len()).unwrap_or(0);
+        names[i].push(g);
+        shards[i].extend(ex);
+    }
+    Ok((shards, names))
+}
