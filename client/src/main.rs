@@ -7,6 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tessera_client::participate::ParticipateError;
+use tessera_client::train::data::read_jsonl;
+use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec};
+use tessera_client::train::trainer::TrainConfig;
+use tessera_client::train::{LoraConfig, LoraMode};
 use tessera_client::{participate, update, Api, DropPoint, Identity, Options, Participation};
 
 #[derive(Parser)]
@@ -24,6 +28,49 @@ struct ServerArgs {
     /// SHA-256 of the aggregator's TLS public key (hex), as printed by the server.
     #[arg(long, env = "TESSERA_FINGERPRINT")]
     fingerprint: String,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model folder: config.json, *.safetensors, tokenizer.json (a BertModel checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    /// Classes of the sequence classifier.
+    #[arg(long, default_value_t = 3)]
+    num_labels: i64,
+    /// Tokens per example (longer texts are truncated).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 8)]
+    lora_r: i64,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Modules that get adapters (last path component), comma-separated.
+    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    lora_targets: Vec<String>,
+    /// ffa: A frozen at the shared seeded initialisation, only B trained and sent (exact
+    /// aggregation of B·A); both: A and B trained and averaged separately.
+    #[arg(long, value_enum, default_value_t = LoraMode::Ffa)]
+    lora_mode: LoraMode,
+    /// Seed of the shared adapter initialisation: the same for every institution.
+    #[arg(long, default_value_t = 2026)]
+    lora_seed: u64,
+}
+
+impl ModelArgs {
+    fn spec(&self) -> ModelSpec {
+        let lora = LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: self.lora_targets.clone(),
+            mode: self.lora_mode,
+            seed: self.lora_seed,
+        };
+        ModelSpec { dir: self.model.clone(), lora, num_labels: self.num_labels, max_len: self.max_len }
+    }
 }
 
 #[derive(Subcommand)]
@@ -69,6 +116,65 @@ enum Command {
         #[arg(long, value_enum)]
         drop_after: Option<DropPoint>,
     },
+    /// Fine-tune a LoRA adapter locally (libtorch; CUDA when present) and take part in
+    /// successive rounds: train from the global adapter, submit the clipped and noised
+    /// delta through secure aggregation, apply the released mean, evaluate.
+    Federate {
+        #[arg(long, default_value = "tessera-client")]
+        dir: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Local training examples (JSON lines: text, label, group).
+        #[arg(long)]
+        train: PathBuf,
+        /// Local held-out examples, evaluated after every round.
+        #[arg(long)]
+        test: PathBuf,
+        /// Rounds to take part in.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Optimizer steps per round.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        /// FedProx proximal coefficient μ (0: FedAvg).
+        #[arg(long, default_value_t = 0.0)]
+        prox_mu: f64,
+        /// Write the global adapter (PEFT format) here after every round.
+        #[arg(long)]
+        adapter_out: Option<PathBuf>,
+        /// Append one JSON object per round (losses, accuracy, bytes, tokens/s) to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Accept SIMULATED aggregator evidence and present simulated evidence (INSECURE dev mode).
+        #[arg(long)]
+        insecure_dev: bool,
+        /// Seconds to wait for each round to progress.
+        #[arg(long, default_value_t = 600)]
+        wait: u64,
+        /// Policy (TOML) the aggregator's evidence must meet.
+        #[arg(long)]
+        aggregator_policy: Option<PathBuf>,
+        /// Fault injection for demos: leave round N after sharing keys.
+        #[arg(long)]
+        drop_in_round: Option<u64>,
+        /// libtorch CPU threads (0: libtorch's default, one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
+    /// Print the round layout (tensor names and shapes) of an adapter, for the server's
+    /// `[[rounds.params.layout]]`: every institution must use the same model and LoRA flags.
+    Layout {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// Show the state of the current (or a given) round.
     Status {
         #[command(flatten)]
@@ -95,6 +201,41 @@ fn pin(args: &ServerArgs) -> anyhow::Result<[u8; 32]> {
         .context("--fingerprint must be the 64 hex digits of the SHA-256 of the server's public key")
 }
 
+fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Option<tessera_attestation::policy::NodePolicy>> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(Some(tessera_attestation::policy::NodePolicy::from_toml(&text).with_context(|| format!("invalid policy {}", p.display()))?))
+}
+
+fn default_policy(insecure_dev: bool) -> tessera_attestation::policy::NodePolicy {
+    if insecure_dev {
+        tessera_attestation::policy::NodePolicy::insecure_dev()
+    } else {
+        tessera_attestation::policy::NodePolicy::default()
+    }
+}
+
+/// The released mean of `round`, for an institution that left it (it still needs the
+/// global model), checked against the attested enclave's signature.
+fn fetch_release(rt: &tokio::runtime::Runtime, api: &Api, round: u64, opts: &Options) -> anyhow::Result<Vec<f32>> {
+    rt.block_on(async {
+        let enclave_key = tessera_client::participate::check_aggregator(api, opts.insecure_dev, opts.aggregator_policy.as_ref()).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(opts.wait.as_secs());
+        loop {
+            match api.get_json::<tessera_secagg::wire::Release>(format!("/v1/rounds/{round}/result")).await {
+                Ok(mut release) => {
+                    let bytes = api.get_bytes(format!("/v1/rounds/{round}/result/mean")).await?;
+                    release.mean = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    anyhow::ensure!(release.round == round && release.verify(&enclave_key), "round {round}: the release's signature does not verify");
+                    return Ok(release.mean);
+                }
+                Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    })
+}
+
 fn api(args: &ServerArgs) -> anyhow::Result<Api> {
     Ok(Api::new(&args.server, pin(args)?)?)
 }
@@ -107,6 +248,118 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("created identity {name} in {} (private key: identity.pk8, mode 0600)", dir.display());
             eprintln!("send this entry to the aggregator's operator for its configuration:\n");
             println!("{}", id.server_config_snippet());
+            Ok(())
+        }
+        Command::Layout { model } => {
+            let inst = Institution::new("layout", &model.spec(), &[], &[], TrainConfig::default())?;
+            let layout = inst.layout();
+            let m: u64 = layout.iter().map(|t| t.numel()).sum();
+            eprintln!("{} tensors, {m} parameters per update", layout.len());
+            println!("{}", serde_json::to_string(&layout)?);
+            Ok(())
+        }
+        Command::Federate {
+            dir,
+            server,
+            model,
+            train,
+            test,
+            rounds,
+            steps,
+            batch_size,
+            grad_accum,
+            lr,
+            prox_mu,
+            adapter_out,
+            report,
+            insecure_dev,
+            wait,
+            aggregator_policy,
+            drop_in_round,
+            threads,
+        } => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
+            let train_examples = read_jsonl(&train)?;
+            let test_examples = read_jsonl(&test)?;
+            let device = tessera_client::train::device();
+            eprintln!(
+                "[{}] loading {} on {device:?}; {} training and {} held-out examples",
+                identity.name,
+                model.model.display(),
+                train_examples.len(),
+                test_examples.len()
+            );
+            let cfg = TrainConfig {
+                steps,
+                batch_size,
+                grad_accum,
+                lr,
+                prox_mu,
+                seed: u64::from_str_radix(&identity.public_key_hex()[..16], 16)?,
+                log_every: 5,
+                ..TrainConfig::default()
+            };
+            let mut inst = Institution::new(&identity.name, &model.spec(), &train_examples, &test_examples, cfg)?;
+            let aggregator_policy = load_policy(aggregator_policy.as_deref())?;
+            let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
+            let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
+            let before = inst.evaluate(&inst.test);
+            eprintln!("[{}] initial model: held-out loss {:.4}, accuracy {:.3}", identity.name, before.loss, before.accuracy);
+            let mut next_round: Option<u64> = None;
+            for i in 1..=rounds {
+                let update = inst.local_update(next_round.unwrap_or(i))?;
+                let drop_after = (drop_in_round == Some(i)).then_some(DropPoint::AfterShareKeys);
+                let opts = Options {
+                    insecure_dev,
+                    drop_after,
+                    wait: Duration::from_secs(wait),
+                    round: next_round,
+                    quiet: false,
+                    aggregator_policy: aggregator_policy.clone(),
+                };
+                let delta = update.delta;
+                let examples = update.examples;
+                let result = rt.block_on(participate(&api, &identity, &opts, move |cfg| {
+                    let mut delta = delta;
+                    let dp = prepare_for_round(&mut delta, cfg).is_some();
+                    Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
+                }))?;
+                let (round, bytes, included) = match result {
+                    Participation::Completed(r) => {
+                        inst.apply_mean(&r.release.mean)?;
+                        (r.round, r.bytes_sent, r.release.included.len())
+                    }
+                    Participation::Dropped { round, .. } => {
+                        // The others' aggregate is still ours to apply: fetch the signed release.
+                        let release = fetch_release(&rt, &api, round, &opts)?;
+                        inst.apply_mean(&release)?;
+                        (round, 0, 0)
+                    }
+                };
+                next_round = Some(round + 1);
+                let eval = inst.evaluate(&inst.test);
+                let row = serde_json::json!({
+                    "institution": identity.name, "round": round, "train_loss": update.stats.final_loss,
+                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "tokens_per_sec": update.stats.tokens_per_sec,
+                    "train_seconds": update.stats.seconds, "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),
+                    "initial_loss": before.loss, "initial_accuracy": before.accuracy,
+                });
+                eprintln!(
+                    "[{}] round {round}: train loss {:.4}, held-out loss {:.4}, accuracy {:.3}, {:.0} tok/s",
+                    identity.name, update.stats.final_loss, eval.loss, eval.accuracy, update.stats.tokens_per_sec
+                );
+                if let Some(path) = &report {
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+                    writeln!(f, "{row}")?;
+                }
+                if let Some(out) = &adapter_out {
+                    inst.adapter.save_peft(out, &model.model.display().to_string())?;
+                }
+            }
             Ok(())
         }
         Command::Status { server, round } => rt.block_on(async {
@@ -143,8 +396,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
                 let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy };
                 let result = participate(&api, &identity, &opts, |cfg| {
-                    let flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
+                    let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
                         .map_err(|e| ParticipateError::Update(e.to_string()))?;
+                    // A round with DP: clip to its L2 bound and add this institution's noise share.
+                    if let Some(norm) = prepare_for_round(&mut flat, cfg) {
+                        eprintln!("DP: update norm {norm:.4} clipped to {} and noised", cfg.dp.map(|d| d.l2_clip).unwrap_or_default());
+                        return Ok((flat, 1));
+                    }
                     Ok((flat, weight))
                 })
                 .await?;

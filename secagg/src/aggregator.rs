@@ -105,7 +105,7 @@ impl Aggregator {
             graph: CommunicationGraph::for_config(&cfg)?,
             roster,
             phase: Phase::AdvertiseKeys,
-            deadline: now.saturating_add_ms(cfg.phase_timeout_ms),
+            deadline: now.saturating_add_ms(cfg.advertise_timeout_ms()),
             sum: vec![0; cfg.masked_len()],
             cfg,
             u1: BTreeMap::new(),

@@ -61,6 +61,10 @@ pub struct RoundConfig {
     pub phase_timeout_ms: u64,
     /// Public seed from which the neighbour graph is drawn, hex (32 bytes).
     pub graph_seed: String,
+    /// Milliseconds the key-advertisement phase waits, when institutions train after the
+    /// round opens (0: `phase_timeout_ms`, like every other phase).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub advertise_timeout_ms: u64,
     /// Distributed differential privacy for this round's release, when set: clients clip
     /// to `l2_clip` and add their noise share; the aggregator accounts the ε spent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -71,7 +75,20 @@ pub struct RoundConfig {
 pub const DEFAULT_DROPOUT_RATE: f64 = 0.1;
 pub const DEFAULT_CORRUPTION_RATE: f64 = 0.1;
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 impl RoundConfig {
+    /// How long the key-advertisement phase waits.
+    pub fn advertise_timeout_ms(&self) -> u64 {
+        if self.advertise_timeout_ms == 0 {
+            self.phase_timeout_ms
+        } else {
+            self.advertise_timeout_ms
+        }
+    }
+
     pub fn participants(&self) -> usize {
         self.roster.len()
     }
@@ -120,6 +137,7 @@ impl RoundConfig {
             phase_timeout_ms: 30_000,
             graph_seed: hex::encode(graph_seed),
             dp: None,
+            advertise_timeout_ms: 0,
         }
     }
 
@@ -228,6 +246,16 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
     put("max_weight", &cfg.max_weight.to_le_bytes());
     put("phase_timeout_ms", &cfg.phase_timeout_ms.to_le_bytes());
     put("graph_seed", cfg.graph_seed.as_bytes());
+    // Fields added later enter the digest only when set, so earlier digests are unchanged.
+    if cfg.advertise_timeout_ms != 0 {
+        put("advertise_timeout_ms", &cfg.advertise_timeout_ms.to_le_bytes());
+    }
+    if let Some(dp) = &cfg.dp {
+        put("dp.noise_multiplier", &dp.noise_multiplier.to_bits().to_le_bytes());
+        put("dp.l2_clip", &dp.l2_clip.to_bits().to_le_bytes());
+        put("dp.delta", &dp.delta.to_bits().to_le_bytes());
+        put("dp.epsilon_budget", &dp.epsilon_budget.to_bits().to_le_bytes());
+    }
     out
 }
 
@@ -329,5 +357,15 @@ mod tests {
         other.clip = 2.0;
         assert_ne!(base.digest(), other.digest());
         assert_eq!(base.digest(), base.clone().digest());
+        let mut other = base.clone();
+        other.advertise_timeout_ms = 1;
+        assert_ne!(base.digest(), other.digest());
+        let dp = crate::dp::DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0 };
+        let mut with_dp = base.clone();
+        with_dp.dp = Some(dp);
+        assert_ne!(base.digest(), with_dp.digest());
+        let mut more_noise = with_dp.clone();
+        more_noise.dp = Some(crate::dp::DpParams { noise_multiplier: 1.5, ..dp });
+        assert_ne!(with_dp.digest(), more_noise.digest());
     }
 }

@@ -55,6 +55,9 @@ pub struct RoundParams {
     pub clip: f32,
     pub max_weight: u32,
     pub phase_timeout_ms: u64,
+    /// How long key advertisement waits (institutions that train after a round opens
+    /// need longer than the other phases); 0: phase_timeout_ms.
+    pub advertise_timeout_ms: u64,
     /// 0 picks the default (two thirds of the participants).
     pub min_survivors: u32,
     /// 0 picks the default from the SecAgg+ analysis.
@@ -74,6 +77,7 @@ impl Default for RoundParams {
             clip: 1.0,
             max_weight: 1 << 16,
             phase_timeout_ms: 30_000,
+            advertise_timeout_ms: 0,
             min_survivors: 0,
             neighbours: 0,
             participants: Vec::new(),

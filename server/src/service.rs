@@ -262,6 +262,7 @@ impl Service {
         cfg.clip = p.clip;
         cfg.max_weight = p.max_weight;
         cfg.phase_timeout_ms = p.phase_timeout_ms;
+        cfg.advertise_timeout_ms = p.advertise_timeout_ms;
         cfg.dp = p.dp;
         if p.neighbours != 0 {
             cfg.neighbours = p.neighbours;

@@ -2,6 +2,8 @@
 //! identities, server configurations on loopback, synthetic updates and plaintext FedAvg
 //! to check the secure aggregate against.
 
+pub mod plot;
+
 use std::path::{Path, PathBuf};
 
 use tessera_client::Identity;

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use tessera_client::train::data::{read_jsonl, Example};
-use tessera_client::train::federated::{prepare_for_round, split_by_group, Institution};
+use tessera_client::train::federated::{prepare_for_round, split_by_group, Institution, ModelSpec};
 use tessera_client::train::trainer::TrainConfig;
 use tessera_client::train::{data_root, LoraConfig, LoraMode};
 use tessera_client::{participate, Api, Options, Participation};
@@ -38,8 +38,8 @@ async fn three_institutions_lower_held_out_loss() {
         .enumerate()
         .map(|(i, shard)| {
             let shard: Vec<Example> = shard.iter().take(64).cloned().collect();
-            Institution::new(&format!("institution-{i}"), &model, lora(), 3, 64, &shard, &test_all, TrainConfig { seed: i as u64, ..train_cfg.clone() })
-                .unwrap()
+            let spec = ModelSpec { dir: model.clone(), lora: lora(), num_labels: 3, max_len: 64 };
+            Institution::new(&format!("institution-{i}"), &spec, &shard, &test_all, TrainConfig { seed: i as u64, ..train_cfg.clone() }).unwrap()
         })
         .collect();
     assert!(groups.iter().all(|g| !g.is_empty()), "every institution has its own conditions: {groups:?}");

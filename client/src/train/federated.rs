@@ -3,7 +3,7 @@
 //! round has DP), and apply each released mean to the global adapter.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
 use tessera_secagg::config::TensorSpec;
@@ -29,6 +29,20 @@ pub struct Institution {
     pub device: Device,
 }
 
+/// The model every institution of a federation loads: the same folder, head and LoRA.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// config.json, *.safetensors, tokenizer.json.
+    pub dir: PathBuf,
+    pub lora: LoraConfig,
+    pub num_labels: i64,
+    /// Tokens per example; longer texts are truncated.
+    pub max_len: usize,
+}
+
+/// Examples per shard, and the groups each shard holds.
+pub type Shards = (Vec<Vec<Example>>, Vec<Vec<String>>);
+
 #[derive(Debug)]
 pub struct LocalUpdate {
     /// local − global, in the adapter's update order (not yet clipped or noised).
@@ -38,22 +52,19 @@ pub struct LocalUpdate {
 }
 
 impl Institution {
-    /// Loads the encoder model of `model_dir` with a fresh adapter (identical in every
+    /// Loads the encoder model of `spec` with a fresh adapter (identical in every
     /// process for the same LoRA seed) and encodes the institution's examples.
     pub fn new(
         name: &str,
-        model_dir: &Path,
-        lora: LoraConfig,
-        num_labels: i64,
-        max_len: usize,
+        spec: &ModelSpec,
         train_examples: &[Example],
         test_examples: &[Example],
         train_config: TrainConfig,
     ) -> Result<Institution, ModelError> {
         let device = super::device();
-        let mut adapter = Adapter::new(lora, "SEQ_CLS", device, Kind::Float)?;
-        let model = BertClassifier::load(model_dir, &mut adapter, num_labels, device)?;
-        let encoder = TextEncoder::load(&model_dir.join("tokenizer.json"), max_len)?;
+        let mut adapter = Adapter::new(spec.lora.clone(), "SEQ_CLS", device, Kind::Float)?;
+        let model = BertClassifier::load(&spec.dir, &mut adapter, spec.num_labels, device)?;
+        let encoder = TextEncoder::load(&spec.dir.join("tokenizer.json"), spec.max_len)?;
         let train = encoder.encode_all(train_examples)?;
         let test = encoder.encode_all(test_examples)?;
         Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device })
@@ -97,7 +108,7 @@ pub fn prepare_for_round(delta: &mut [f32], cfg: &RoundConfig) -> Option<f64> {
 
 /// Reads a JSON-lines dataset and splits it into `n` non-IID shards by `group`: groups
 /// go, largest first, to the shard with the fewest examples so far. Deterministic.
-pub fn split_by_group(path: &Path, n: usize) -> Result<(Vec<Vec<Example>>, Vec<Vec<String>>), ModelError> {
+pub fn split_by_group(path: &Path, n: usize) -> Result<Shards, ModelError> {
     let all = read_jsonl(path)?;
     let mut groups: BTreeMap<String, Vec<Example>> = BTreeMap::new();
     for e in all {

@@ -117,7 +117,7 @@ pub fn train(
                     .zip(&global)
                     .map(|(w, g)| (w - g).square().sum(Kind::Float))
                     .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-                loss = loss + prox * (cfg.prox_mu / 2.0);
+                loss += prox * (cfg.prox_mu / 2.0);
             }
             let loss = loss / cfg.grad_accum.max(1) as f64;
             loss.backward();

@@ -1,132 +1,55 @@
-//! `tessera-demo`: a full federated run on this machine. It starts the aggregator and
-//! several institutions as separate processes talking TLS on loopback. Each round, every
-//! institution trains locally on its own non-IID shard, and its `tessera-client submit`
-//! process masks and submits the update. The demo then applies the released mean to the
-//! global model and evaluates it on held-out data.
-//!
-//! Local training here is multinomial logistic regression by SGD on synthetic data;
-//! LoRA fine-tuning of a language model with tch arrives with its own issue and plugs
-//! into the same submit path.
+//! `tessera-demo`: a full federated fine-tuning run on this machine. It starts the
+//! aggregator and several institutions as separate processes talking TLS on loopback.
+//! Each institution (`tessera-client federate`) fine-tunes a LoRA adapter of
+//! all-MiniLM-L6-v2 with libtorch on its own clinics' drug reviews (split by condition,
+//! so the data is non-IID), clips it, adds its DP noise share and submits it masked; the
+//! aggregator releases only the sum. The demo prints a table per round and writes the
+//! curves to a PNG.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use tessera_client::train::data::Example;
+use tessera_client::train::federated::split_by_group;
+use tessera_secagg::dp::{noise_multiplier_for, DpParams};
 
 #[derive(Parser)]
-#[command(name = "tessera-demo", about = "Run a federated training demo: aggregator + institutions over TLS on this machine")]
+#[command(name = "tessera-demo", about = "Federated LoRA fine-tuning: aggregator + institutions over TLS on this machine")]
 struct Args {
-    #[arg(long, default_value_t = 5)]
-    institutions: usize,
     #[arg(long, default_value_t = 4)]
+    institutions: usize,
+    #[arg(long, default_value_t = 3)]
     rounds: u64,
+    /// Local optimizer steps per round.
+    #[arg(long, default_value_t = 16)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per review (longer ones are truncated).
+    #[arg(long, default_value_t = 96)]
+    max_len: usize,
+    /// Held-out reviews per institution (its own conditions).
+    #[arg(long, default_value_t = 64)]
+    held_out: usize,
+    /// ε budget for the whole run (δ = 1e-5); the noise multiplier is calibrated to spend it over all rounds.
+    #[arg(long, default_value_t = 50.0)]
+    epsilon: f64,
+    /// L2 clipping bound of each institution's update.
+    #[arg(long, default_value_t = 0.5)]
+    clip: f64,
     /// Working directory (recreated).
     #[arg(long, default_value = ".tessera-demo")]
     workdir: PathBuf,
     /// Institution that leaves round 2 after sharing its keys, to show dropout recovery (-1: none).
     #[arg(long, default_value_t = 1)]
     dropout: i64,
-}
-
-const FEATURES: usize = 16;
-const CLASSES: usize = 4;
-
-struct Shard {
-    x: Vec<[f32; FEATURES]>,
-    y: Vec<usize>,
-}
-
-/// Gaussian blobs, one per class; institutions see skewed class mixes (non-IID).
-fn make_data(rng: &mut ChaCha8Rng, institutions: usize) -> (Vec<Shard>, Shard) {
-    let centres: Vec<[f32; FEATURES]> = (0..CLASSES).map(|_| std::array::from_fn(|_| rng.gen_range(-1.5..1.5))).collect();
-    let sample = |class: usize, rng: &mut ChaCha8Rng| -> [f32; FEATURES] {
-        std::array::from_fn(|f| centres[class][f] + (rng.gen::<f32>() + rng.gen::<f32>() + rng.gen::<f32>() - 1.5) * 4.0)
-    };
-    let shards = (0..institutions)
-        .map(|i| {
-            let n = 150 + 90 * i;
-            let mut shard = Shard { x: Vec::new(), y: Vec::new() };
-            for _ in 0..n {
-                // 70% of an institution's examples come from its "own" class.
-                let class = if rng.gen::<f32>() < 0.7 { i % CLASSES } else { rng.gen_range(0..CLASSES) };
-                shard.x.push(sample(class, rng));
-                shard.y.push(class);
-            }
-            shard
-        })
-        .collect();
-    let mut test = Shard { x: Vec::new(), y: Vec::new() };
-    for k in 0..2000 {
-        let class = k % CLASSES;
-        test.x.push(sample(class, rng));
-        test.y.push(class);
-    }
-    (shards, test)
-}
-
-/// Parameters: weight [CLASSES x FEATURES] then bias [CLASSES].
-const PARAMS: usize = CLASSES * FEATURES + CLASSES;
-
-fn logits(p: &[f32], x: &[f32; FEATURES]) -> [f32; CLASSES] {
-    std::array::from_fn(|c| p[CLASSES * FEATURES + c] + (0..FEATURES).map(|f| p[c * FEATURES + f] * x[f]).sum::<f32>())
-}
-
-fn softmax(z: [f32; CLASSES]) -> [f32; CLASSES] {
-    let m = z.iter().copied().fold(f32::MIN, f32::max);
-    let e: [f32; CLASSES] = std::array::from_fn(|c| (z[c] - m).exp());
-    let s: f32 = e.iter().sum();
-    std::array::from_fn(|c| e[c] / s)
-}
-
-fn evaluate(p: &[f32], d: &Shard) -> (f32, f32) {
-    let (mut loss, mut correct) = (0.0f64, 0usize);
-    for (x, &y) in d.x.iter().zip(&d.y) {
-        let prob = softmax(logits(p, x));
-        loss -= (prob[y].max(1e-9) as f64).ln();
-        let pred = (0..CLASSES).max_by(|&a, &b| prob[a].total_cmp(&prob[b])).unwrap_or(0);
-        correct += (pred == y) as usize;
-    }
-    ((loss / d.x.len() as f64) as f32, correct as f32 / d.x.len() as f32)
-}
-
-/// Two epochs of minibatch SGD from the global parameters; returns the delta.
-fn train_local(global: &[f32], d: &Shard, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    let mut p = global.to_vec();
-    let lr = 0.05;
-    let mut order: Vec<usize> = (0..d.x.len()).collect();
-    for _ in 0..2 {
-        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), rng);
-        for batch in order.chunks(16) {
-            let mut grad = vec![0.0f32; PARAMS];
-            for &i in batch {
-                let prob = softmax(logits(&p, &d.x[i]));
-                for c in 0..CLASSES {
-                    let g = prob[c] - (c == d.y[i]) as u8 as f32;
-                    for f in 0..FEATURES {
-                        grad[c * FEATURES + f] += g * d.x[i][f];
-                    }
-                    grad[CLASSES * FEATURES + c] += g;
-                }
-            }
-            for (w, g) in p.iter_mut().zip(&grad) {
-                *w -= lr * g / batch.len() as f32;
-            }
-        }
-    }
-    p.iter().zip(global).map(|(a, b)| a - b).collect()
-}
-
-fn layout() -> Vec<tessera_secagg::config::TensorSpec> {
-    use tessera_secagg::config::TensorSpec;
-    vec![
-        TensorSpec { name: "classifier.weight".into(), shape: vec![CLASSES as u64, FEATURES as u64] },
-        TensorSpec { name: "classifier.bias".into(), shape: vec![CLASSES as u64] },
-    ]
+    /// Model folder (default: the MiniLM prepared by scripts/setup).
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -157,41 +80,107 @@ fn main() -> ExitCode {
     }
 }
 
+fn write_jsonl(path: &Path, examples: &[Example]) -> anyhow::Result<()> {
+    let text: String = examples.iter().map(|e| serde_json::json!({"text": e.text, "label": e.label, "group": e.group}).to_string() + "\n").collect();
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[derive(Default, Clone)]
+struct RoundRow {
+    train_loss: Vec<f64>,
+    loss: Vec<f64>,
+    acc: Vec<f64>,
+    tok_s: Vec<f64>,
+    bytes: u64,
+    included: usize,
+    dropped: usize,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let (server_bin, client_bin) = (bin("tessera-server")?, bin("tessera-client")?);
+    let data = tessera_client::train::data_root();
+    let model = args.model.clone().unwrap_or_else(|| data.join("minilm"));
+    if !model.join("config.json").exists() {
+        bail!("no model in {}: run scripts/setup first", model.display());
+    }
     let work = &args.workdir;
     if work.exists() {
         std::fs::remove_dir_all(work).with_context(|| format!("cannot clear {}", work.display()))?;
     }
     std::fs::create_dir_all(work)?;
-    println!("Tessera demo: {} institutions, {} rounds, aggregator over TLS on 127.0.0.1 (workdir {})", args.institutions, args.rounds, work.display());
-    println!("NOTE: dev mode — attestation is SIMULATED and the sealing key is a file. Local model: multinomial logistic regression ({PARAMS} parameters) on synthetic non-IID data.\n");
+    let dp_delta = 1e-5;
+    let z = noise_multiplier_for(args.epsilon, args.rounds, dp_delta);
+    let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon };
+    println!(
+        "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
+        args.institutions,
+        model.file_name().and_then(|n| n.to_str()).unwrap_or("the model"),
+        args.rounds
+    );
+    println!(
+        "Task: drug-review sentiment (negative/neutral/positive), reviews split by condition. Local training: {} steps × batch {} × ≤{} tokens per round, FFA-LoRA r=8 on query/value.",
+        args.steps, args.batch_size, args.max_len
+    );
+    println!(
+        "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds.",
+        args.clip, args.epsilon, args.rounds
+    );
+    println!("NOTE: dev mode — attestation is SIMULATED and the sealing key is a file.\n");
 
-    // 1. Each institution creates its identity with the real CLI.
-    let mut institutions_toml = String::new();
+    // 1. Non-IID shards: clinics by condition.
+    let (shards, groups) = split_by_group(&data.join("drugreview/train.jsonl"), args.institutions)?;
+    let test_all = tessera_client::train::data::read_jsonl(&data.join("drugreview/test.jsonl"))?;
     let inst_dir = |i: usize| work.join(format!("institution-{i}"));
-    for i in 0..args.institutions {
+    let mut institutions_toml = String::new();
+    for (i, (shard, names)) in shards.iter().zip(&groups).enumerate() {
         let out = Command::new(&client_bin).args(["init", "--name", &format!("clinic-{i}"), "--dir"]).arg(inst_dir(i)).stderr(Stdio::null()).output()?;
         if !out.status.success() {
             bail!("tessera-client init failed for institution {i}");
         }
         institutions_toml.push_str(&String::from_utf8_lossy(&out.stdout));
+        let mut test: Vec<Example> = test_all.iter().filter(|e| names.contains(&e.group)).cloned().collect();
+        if test.len() < args.held_out {
+            test.extend(test_all.iter().filter(|e| !names.contains(&e.group)).take(args.held_out - test.len()).cloned());
+        }
+        test.truncate(args.held_out);
+        write_jsonl(&inst_dir(i).join("train.jsonl"), shard)?;
+        write_jsonl(&inst_dir(i).join("test.jsonl"), &test)?;
+        let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+        println!("clinic-{i}: {} reviews, {} conditions ({}{})", shard.len(), names.len(), shown.join(", "), if names.len() > 3 { ", …" } else { "" });
     }
 
-    // 2. The operator's configuration: these institutions, rounds opened on schedule.
+    // 2. The round layout of the adapter, from the same flags every institution uses.
+    let model_flags: Vec<String> = vec!["--model".into(), model.display().to_string(), "--max-len".into(), args.max_len.to_string()];
+    let out = Command::new(&client_bin).arg("layout").args(&model_flags).stderr(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("tessera-client layout failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let layout: Vec<tessera_secagg::config::TensorSpec> = serde_json::from_slice(&out.stdout).context("layout")?;
+    let m: u64 = layout.iter().map(|t| t.numel()).sum();
+    println!("update: {} tensors, {m} parameters (LoRA B of every query/value projection + the classifier head)\n", layout.len());
+
+    // 3. The operator's configuration and the aggregator.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let layout_toml: String = layout().iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
+    let layout_toml: String = layout.iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
+    // Per-coordinate range for quantization: the clipped update plus a wide margin for the noise share.
+    let coord_clip = args.clip + 8.0 * dp.client_noise_std(2);
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n[node_policy]\nallow_insecure_dev = true\n\n\
-         [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = 1.0\nmax_weight = 4096\nphase_timeout_ms = 8000\n\n{layout_toml}\n{institutions_toml}",
+         [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\n\n\
+         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}",
         hex::encode(rand::random::<[u8; 16]>()),
-        args.rounds
+        args.rounds,
+        (args.institutions - usize::from(args.dropout >= 0)).max(2),
+        args.clip,
+        args.epsilon,
     );
     let config_path = work.join("server.toml");
     std::fs::write(&config_path, config)?;
-
-    // 3. The aggregator.
     let mut child =
         Command::new(&server_bin).args(["run", "--config"]).arg(&config_path).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let mut line = String::new();
@@ -201,81 +190,120 @@ fn run(args: Args) -> anyhow::Result<()> {
     let url = format!("https://127.0.0.1:{port}");
     println!("aggregator up at {url}, TLS public key {}… (institutions pin it and check its evidence in every handshake)\n", &fingerprint[..16]);
 
-    // 4. Rounds.
-    let mut rng = ChaCha8Rng::seed_from_u64(2026);
-    let (shards, test) = make_data(&mut rng, args.institutions);
-    let mut global = vec![0.0f32; PARAMS];
-    let (loss0, acc0) = evaluate(&global, &test);
-    println!("{:>5} | {:>8} | {:>9} | {:>13} | {:>12} | {:>8} | {:>7}", "round", "included", "dropouts", "held-out loss", "accuracy", "MB sent", "time s");
-    println!("{:>5} | {:>8} | {:>9} | {:>13.4} | {:>11.1}% | {:>8} | {:>7}", 0, "-", "-", loss0, acc0 * 100.0, "-", "-");
-    for round in 1..=args.rounds {
-        let t0 = Instant::now();
-        let mut children = Vec::new();
-        for (i, shard) in shards.iter().enumerate() {
-            let delta = train_local(&global, shard, &mut rng);
-            let update = inst_dir(i).join(format!("update-round-{round}.safetensors"));
-            tessera_client::update::save_flat(&update, &delta, &layout())?;
-            let mut cmd = Command::new(&client_bin);
-            cmd.args([
-                "submit",
-                "--insecure-dev",
-                "--server",
-                &url,
-                "--fingerprint",
-                &fingerprint,
-                "--round",
-                &round.to_string(),
-                "--weight",
-                &shard.x.len().to_string(),
-                "--dir",
-            ])
-            .arg(inst_dir(i))
-            .arg("--update")
-            .arg(&update)
-            .arg("--out")
-            .arg(inst_dir(i).join(format!("global-delta-round-{round}.safetensors")))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(inst_dir(i).join(format!("round-{round}.log")))?);
-            let dropping = round == 2 && args.dropout >= 0 && i as i64 == args.dropout;
-            if dropping {
-                cmd.args(["--drop-after", "after-share-keys"]);
-            }
-            children.push((i, dropping, cmd.spawn()?));
+    // 4. The institutions, each its own process for all rounds.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / args.institutions).max(1);
+    let mut children = Vec::new();
+    for i in 0..args.institutions {
+        let dir = inst_dir(i);
+        let mut cmd = Command::new(&client_bin);
+        cmd.args(["federate", "--insecure-dev", "--server", &url, "--fingerprint", &fingerprint])
+            .args(&model_flags)
+            .args(["--rounds", &args.rounds.to_string(), "--steps", &args.steps.to_string(), "--batch-size", &args.batch_size.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--train")
+            .arg(dir.join("train.jsonl"))
+            .arg("--test")
+            .arg(dir.join("test.jsonl"))
+            .arg("--report")
+            .arg(dir.join("report.jsonl"))
+            .arg("--adapter-out")
+            .arg(dir.join("global-adapter"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("federate.log"))?);
+        if args.dropout >= 0 && i as i64 == args.dropout && args.rounds >= 2 {
+            cmd.args(["--drop-in-round", "2"]);
         }
-        let (mut included, mut bytes, mut mean_path) = (0usize, 0u64, None);
-        for (i, dropping, child) in children {
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                bail!("institution {i} failed in round {round}; see {}", inst_dir(i).join(format!("round-{round}.log")).display());
-            }
-            if !dropping {
-                let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("client report")?;
-                included = report["included"].as_array().map(Vec::len).unwrap_or(0);
-                bytes += report["bytes_sent"].as_u64().unwrap_or(0);
-                mean_path = Some(inst_dir(i).join(format!("global-delta-round-{round}.safetensors")));
-            }
+        children.push((i, cmd.spawn()?));
+    }
+    println!("{} institutions training (logs: {}/institution-*/federate.log) …", args.institutions, work.display());
+    let mut failed = Vec::new();
+    for (i, mut child) in children {
+        let status = child.wait()?;
+        if !status.success() {
+            failed.push(i);
         }
-        let mean = tessera_client::update::load_update(&mean_path.context("no institution completed the round")?, None, &layout(), PARAMS as u64)?;
-        global.iter_mut().zip(&mean).for_each(|(g, d)| *g += d);
-        let (loss, acc) = evaluate(&global, &test);
+    }
+    if !failed.is_empty() {
+        bail!("institution(s) {failed:?} failed; see {}/institution-N/federate.log", work.display());
+    }
+
+    // 5. The per-round table, from the institutions' reports and the aggregator's accountant.
+    let mut rows = vec![RoundRow::default(); args.rounds as usize + 1];
+    for i in 0..args.institutions {
+        let text = std::fs::read_to_string(inst_dir(i).join("report.jsonl"))?;
+        for (k, line) in text.lines().enumerate() {
+            let r: serde_json::Value = serde_json::from_str(line)?;
+            if k == 0 {
+                rows[0].loss.push(r["initial_loss"].as_f64().unwrap_or(f64::NAN));
+                rows[0].acc.push(r["initial_accuracy"].as_f64().unwrap_or(f64::NAN));
+            }
+            let row = &mut rows[k + 1];
+            row.train_loss.push(r["train_loss"].as_f64().unwrap_or(f64::NAN));
+            row.loss.push(r["held_out_loss"].as_f64().unwrap_or(f64::NAN));
+            row.acc.push(r["held_out_accuracy"].as_f64().unwrap_or(f64::NAN));
+            row.tok_s.push(r["tokens_per_sec"].as_f64().unwrap_or(0.0));
+            row.bytes += r["bytes_sent"].as_u64().unwrap_or(0);
+            row.included = row.included.max(r["included"].as_u64().unwrap_or(0) as usize);
+            row.dropped += usize::from(r["dropped"].as_bool().unwrap_or(false));
+        }
+    }
+    let privacy = privacy_report(&url, &fingerprint)?;
+    let eps_of = |round: u64| -> f64 {
+        privacy["per_round"].as_array().and_then(|a| a.iter().find(|r| r["round"] == round)).and_then(|r| r["epsilon_cumulative"].as_f64()).unwrap_or(f64::NAN)
+    };
+    drop(server);
+    println!(
+        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>7} | {:>8} | {:>8}",
+        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "ε spent", "MB sent", "tok/s"
+    );
+    println!(
+        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>7} | {:>8} | {:>8}",
+        0,
+        "-",
+        "-",
+        "-",
+        mean(&rows[0].loss),
+        100.0 * mean(&rows[0].acc),
+        "0",
+        "-",
+        "-"
+    );
+    for (r, row) in rows.iter().enumerate().skip(1) {
         println!(
-            "{:>5} | {:>8} | {:>9} | {:>13.4} | {:>11.1}% | {:>8.3} | {:>7.1}",
-            round,
-            format!("{included}/{}", args.institutions),
-            args.institutions - included,
-            loss,
-            acc * 100.0,
-            bytes as f64 / 1e6,
-            t0.elapsed().as_secs_f64()
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>7.2} | {:>8.3} | {:>8.0}",
+            r,
+            format!("{}/{}", row.included, args.institutions),
+            row.dropped,
+            mean(&row.train_loss),
+            mean(&row.loss),
+            100.0 * mean(&row.acc),
+            eps_of(r as u64),
+            row.bytes as f64 / 1e6,
+            mean(&row.tok_s)
         );
     }
-    drop(server);
-    println!("\nEvery update left its institution masked; the aggregator released only the signed weighted mean of each round.");
+    let plot = work.join("curves.png");
+    let series: Vec<(f64, f64, f64)> = rows.iter().map(|r| (mean(&r.loss), mean(&r.acc), 0.0)).collect();
+    tessera_tests::plot::curves(&plot, &series)?;
+    println!("\nHeld-out loss and accuracy are averaged over the institutions, each on reviews of its own conditions.");
+    println!("Every update left its institution clipped, noised and masked; the aggregator released only the signed mean of each round.");
     println!(
-        "Logs: {}/institution-*/round-*.log; aggregator state: {}/server-data. Total {:.1} s.",
-        work.display(),
+        "Curves: {}. Global adapters (PEFT format): {}/institution-*/global-adapter. Total {:.0} s.",
+        plot.display(),
         work.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn privacy_report(url: &str, fingerprint: &str) -> anyhow::Result<serde_json::Value> {
+    let pin: [u8; 32] = hex::decode(fingerprint)?.try_into().map_err(|_| anyhow::anyhow!("bad fingerprint"))?;
+    let api = tessera_client::Api::new(url, pin)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report: Result<serde_json::Value, tessera_client::http::HttpError> =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), api.get_json("/v1/privacy")).await }).context("privacy report timed out")?;
+    report.context("privacy report")
 }
