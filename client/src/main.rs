@@ -32,7 +32,8 @@ struct ServerArgs {
 
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
-    /// Model folder: config.json, *.safetensors, tokenizer.json (a BertModel checkpoint).
+    /// Model folder: config.json, *.safetensors, tokenizer.json of a BertModel (classified
+    /// by a pooled head) or LlamaForCausalLM checkpoint (classified by label words).
     #[arg(long)]
     model: PathBuf,
     /// Classes of the sequence classifier.
@@ -47,8 +48,9 @@ struct ModelArgs {
     lora_alpha: f64,
     #[arg(long, default_value_t = 0.05)]
     lora_dropout: f64,
-    /// Modules that get adapters (last path component), comma-separated.
-    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    /// Modules that get adapters (last path component), comma-separated. Default: the
+    /// query and value projections (BERT: query,value; Llama: q_proj,v_proj).
+    #[arg(long, value_delimiter = ',')]
     lora_targets: Vec<String>,
     /// ffa: A frozen at the shared seeded initialisation, only B trained and sent (exact
     /// aggregation of B·A); both: A and B trained and averaged separately.

@@ -154,3 +154,91 @@ fn local_training_lowers_the_loss() {
     assert!(after.loss < before.loss, "loss {} -> {}", before.loss, after.loss);
     assert!(stats.tokens > 0 && stats.tokens_per_sec > 0.0);
 }
+
+fn smollm2() -> PathBuf {
+    let d = data_root().join("smollm2");
+    assert!(d.join("model.safetensors").exists(), "{} missing: run scripts/setup first", d.display());
+    d
+}
+
+/// The Llama decoder (SmolLM2-135M converted from GGUF) matches Hugging Face transformers'
+/// LlamaForCausalLM (reference by scripts/reference/llama_reference.py) on every real
+/// token of a right-padded batch, and the rebuilt tokenizer gives the reference's ids.
+#[test]
+fn llama_matches_pytorch_reference() {
+    use tessera_client::train::llama::Llama;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_reference.safetensors");
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path).unwrap().into_iter().collect();
+    let (ids, mask) = (&t["input_ids"], &t["attention_mask"]);
+
+    let enc = TextEncoder::load(&smollm2().join("tokenizer.json"), 512).unwrap();
+    let short = enc.raw("Review: Terrible headaches.\nSentiment:").unwrap();
+    assert_eq!(short, vec![21465, 42, 7274, 10732, 13071, 30, 198, 35658, 2572, 42]);
+
+    let mut adapter =
+        Adapter::new(LoraConfig { target_modules: vec!["q_proj".into(), "v_proj".into()], ..lora(LoraMode::Both) }, "CAUSAL_LM", Device::Cpu, Kind::Float)
+            .unwrap();
+    let llama = Llama::load(&smollm2(), &mut adapter, Device::Cpu).unwrap();
+    assert_eq!(adapter.tensors().len(), 30 * 2 * 2);
+    let logits = tch::no_grad(|| llama.logits(ids, mask, false)).narrow(-1, 0, 2048);
+    let valid = mask.to_kind(Kind::Float).unsqueeze(-1);
+    let diff = ((&logits - &t["logits_head"]).abs() * &valid).max().double_value(&[]);
+    let scale = t["logits_head"].abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max |tch - pytorch| logit = {diff} (largest logit {scale})");
+    eprintln!("llama parity: max logit difference {diff:e} (largest logit {scale:.1})");
+}
+
+/// A few LoRA steps on SmolLM2 (label words scored after the prompt) lower the loss on
+/// the reviews trained on.
+#[test]
+fn llama_lora_training_lowers_the_loss() {
+    use tessera_client::train::federated::{Institution, ModelSpec};
+    let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
+    let spec = ModelSpec { dir: smollm2(), lora: LoraConfig { target_modules: vec![], ..lora(LoraMode::Ffa) }, num_labels: 3, max_len: 40 };
+    let cfg = TrainConfig { steps: 4, batch_size: 4, lr: 3e-3, log_every: 0, ..Default::default() };
+    let mut inst = Institution::new("t", &spec, &data[..12], &data[..12], cfg).unwrap();
+    assert!(inst.adapter.update_names().iter().all(|n| n.contains("lora_B") && (n.contains("q_proj") || n.contains("v_proj"))));
+    let before = inst.evaluate(&inst.test);
+    let update = inst.local_update(1).unwrap();
+    inst.apply_mean(&update.delta).unwrap();
+    let after = inst.evaluate(&inst.test);
+    assert!(after.loss < before.loss, "loss {} -> {}", before.loss, after.loss);
+}
+
+/// An adapter made by Python PEFT (r = 2, alpha = 6, random B; by
+/// scripts/reference/peft_reference.py) loads with its own config and gives PEFT's outputs.
+#[test]
+fn python_peft_adapter_gives_pefts_outputs() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft_minilm");
+    let cfg = LoraConfig::from_peft(&dir).unwrap();
+    assert_eq!((cfg.r, cfg.alpha, cfg.mode), (2, 6.0, LoraMode::Both));
+    let mut adapter = Adapter::new(cfg, "FEATURE_EXTRACTION", Device::Cpu, Kind::Float).unwrap();
+    let bert = Bert::load(&minilm(), &mut adapter, Device::Cpu).unwrap();
+    adapter.load_peft(&dir).unwrap();
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("reference.safetensors")).unwrap().into_iter().collect();
+    let got = tch::no_grad(|| bert.forward(&t["input_ids"], &t["attention_mask"], false));
+    let diff = (&got - &t["last_hidden_state"]).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max |tch - peft| = {diff}");
+    // And the adapter matters: without it the outputs differ.
+    let mut none = Adapter::new(LoraConfig { target_modules: vec!["none".into()], ..lora(LoraMode::Both) }, "x", Device::Cpu, Kind::Float).unwrap();
+    let plain = Bert::load(&minilm(), &mut none, Device::Cpu).unwrap();
+    let base = tch::no_grad(|| plain.forward(&t["input_ids"], &t["attention_mask"], false));
+    assert!((&base - &t["last_hidden_state"]).abs().max().double_value(&[]) > 1e-2);
+}
+
+/// FedProx: the proximal term keeps the local adapter near the global one; with the same
+/// seed and data, a large μ gives a smaller delta than plain local training.
+#[test]
+fn fedprox_keeps_the_update_near_the_global_adapter() {
+    use tessera_client::train::federated::{Institution, ModelSpec};
+    let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
+    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48 };
+    let norm = |mu: f64| {
+        let cfg = TrainConfig { steps: 6, batch_size: 8, lr: 5e-3, prox_mu: mu, log_every: 0, ..Default::default() };
+        let mut inst = Institution::new("t", &spec, &data[..32], &data[..8], cfg).unwrap();
+        let d = inst.local_update(1).unwrap().delta;
+        d.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
+    };
+    let (plain, prox) = (norm(0.0), norm(50.0));
+    assert!(prox < plain, "‖delta‖ with μ = 50: {prox}, without: {plain}");
+}

@@ -32,10 +32,14 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, ModelError> {
 }
 
 /// A tokenizer with truncation to `max_len` and no padding of its own (we pad per batch).
+/// With a prompt (for decoders), each text becomes `prefix + text + suffix`, the text
+/// truncated so that the suffix (which the label follows) is always kept.
 #[derive(Debug)]
 pub struct TextEncoder {
     tokenizer: Tokenizer,
     pad_id: i64,
+    max_len: usize,
+    prompt: Option<(String, Vec<i64>)>,
 }
 
 #[derive(Debug)]
@@ -59,10 +63,33 @@ impl TextEncoder {
         tokenizer.with_padding(None);
         tokenizer.with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() })).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let pad_id = ["[PAD]", "<pad>", "<|endoftext|>"].iter().find_map(|t| tokenizer.token_to_id(t)).unwrap_or(0) as i64;
-        Ok(TextEncoder { tokenizer, pad_id })
+        Ok(TextEncoder { tokenizer, pad_id, max_len, prompt: None })
+    }
+
+    /// Decoder prompts: `prefix` before each text and `suffix` after it.
+    pub fn with_prompt(mut self, prefix: &str, suffix: &str) -> Result<TextEncoder, ModelError> {
+        self.tokenizer.with_truncation(None).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let suffix_ids = self.raw(suffix)?;
+        if suffix_ids.len() + 8 > self.max_len {
+            return Err(ModelError::Tokenizer(format!("max_len {} leaves no room for text around the prompt", self.max_len)));
+        }
+        self.prompt = Some((prefix.to_string(), suffix_ids));
+        Ok(self)
+    }
+
+    /// Token ids of `text` without special tokens or truncation.
+    pub fn raw(&self, text: &str) -> Result<Vec<i64>, ModelError> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, ModelError> {
+        if let Some((prefix, suffix)) = &self.prompt {
+            let mut ids = self.raw(&format!("{prefix}{text}"))?;
+            ids.truncate(self.max_len - suffix.len());
+            ids.extend_from_slice(suffix);
+            return Ok(ids);
+        }
         let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }

@@ -10,17 +10,18 @@ use tessera_secagg::config::TensorSpec;
 use tessera_secagg::RoundConfig;
 
 use super::bert::BertClassifier;
-use super::data::{read_jsonl, Encoded, Example, TextEncoder};
+use super::data::{read_jsonl, Batch, Encoded, Example, TextEncoder};
+use super::llama::{Llama, LlamaClassifier};
 use super::lora::{Adapter, LoraConfig};
 use super::privacy;
 use super::trainer::{evaluate, train, Classify, EvalStats, TrainConfig, TrainStats};
-use super::weights::ModelError;
+use super::weights::{read_json, ModelError};
 
 /// A sequence classifier with its adapter and an institution's data.
 #[derive(Debug)]
 pub struct Institution {
     pub name: String,
-    pub model: BertClassifier,
+    pub model: TaskModel,
     pub adapter: Adapter,
     pub encoder: TextEncoder,
     pub train: Vec<Encoded>,
@@ -28,6 +29,64 @@ pub struct Institution {
     pub train_config: TrainConfig,
     pub device: Device,
 }
+
+/// A sequence classifier of either architecture.
+#[derive(Debug)]
+pub enum TaskModel {
+    /// Encoder + pooled linear head.
+    Bert(BertClassifier),
+    /// Decoder scoring the label words after a prompt.
+    Llama(LlamaClassifier),
+}
+
+impl Classify for TaskModel {
+    fn logits(&self, batch: &Batch, train: bool) -> tch::Tensor {
+        match self {
+            TaskModel::Bert(m) => m.logits(&batch.ids, &batch.mask, train),
+            TaskModel::Llama(m) => m.logits(&batch.ids, &batch.mask, train),
+        }
+    }
+}
+
+/// Which architecture a model folder holds, from its config.json.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Bert,
+    Llama,
+}
+
+impl Architecture {
+    pub fn detect(dir: &Path) -> Result<Architecture, ModelError> {
+        #[derive(serde::Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            model_type: String,
+            #[serde(default)]
+            architectures: Vec<String>,
+        }
+        let path = dir.join("config.json");
+        let p: Probe = read_json(&path)?;
+        let arch = p.architectures.first().map(String::as_str).unwrap_or("");
+        match (p.model_type.as_str(), arch) {
+            ("bert", _) | (_, "BertModel") => Ok(Architecture::Bert),
+            ("llama", _) | (_, "LlamaForCausalLM") => Ok(Architecture::Llama),
+            (t, a) => Err(ModelError::Config { path, reason: format!("model_type `{t}` / architecture `{a}`: supported are bert and llama") }),
+        }
+    }
+
+    /// PEFT's default LoRA targets for the architecture (query and value projections).
+    pub fn default_targets(self) -> Vec<String> {
+        match self {
+            Architecture::Bert => vec!["query".into(), "value".into()],
+            Architecture::Llama => vec!["q_proj".into(), "v_proj".into()],
+        }
+    }
+}
+
+/// The prompt around each review for decoders, and the label words that follow it.
+pub const PROMPT_PREFIX: &str = "Review: ";
+pub const PROMPT_SUFFIX: &str = "\nSentiment:";
+pub const LABEL_WORDS: [&str; 3] = [" negative", " neutral", " positive"];
 
 /// The model every institution of a federation loads: the same folder, head and LoRA.
 #[derive(Clone, Debug)]
@@ -62,9 +121,39 @@ impl Institution {
         train_config: TrainConfig,
     ) -> Result<Institution, ModelError> {
         let device = super::device();
-        let mut adapter = Adapter::new(spec.lora.clone(), "SEQ_CLS", device, Kind::Float)?;
-        let model = BertClassifier::load(&spec.dir, &mut adapter, spec.num_labels, device)?;
+        let arch = Architecture::detect(&spec.dir)?;
+        let mut lora = spec.lora.clone();
+        if lora.target_modules.is_empty() {
+            lora.target_modules = arch.default_targets();
+        }
         let encoder = TextEncoder::load(&spec.dir.join("tokenizer.json"), spec.max_len)?;
+        let (model, adapter, encoder) = match arch {
+            Architecture::Bert => {
+                let mut adapter = Adapter::new(lora, "SEQ_CLS", device, Kind::Float)?;
+                let model = BertClassifier::load(&spec.dir, &mut adapter, spec.num_labels, device)?;
+                (TaskModel::Bert(model), adapter, encoder)
+            }
+            Architecture::Llama => {
+                if spec.num_labels as usize != LABEL_WORDS.len() {
+                    return Err(ModelError::Config {
+                        path: spec.dir.clone(),
+                        reason: format!("decoder classification knows {} label words", LABEL_WORDS.len()),
+                    });
+                }
+                let mut adapter = Adapter::new(lora, "CAUSAL_LM", device, Kind::Float)?;
+                let llama = Llama::load(&spec.dir, &mut adapter, device)?;
+                let encoder = encoder.with_prompt(PROMPT_PREFIX, PROMPT_SUFFIX)?;
+                let mut label_ids = Vec::new();
+                for w in LABEL_WORDS {
+                    let first = *encoder.raw(w)?.first().ok_or_else(|| ModelError::Tokenizer(format!("label word {w:?} encodes to nothing")))?;
+                    if label_ids.contains(&first) {
+                        return Err(ModelError::Tokenizer(format!("label words share their first token {first}")));
+                    }
+                    label_ids.push(first);
+                }
+                (TaskModel::Llama(LlamaClassifier::new(llama, &label_ids)), adapter, encoder)
+            }
+        };
         let train = encoder.encode_all(train_examples)?;
         let test = encoder.encode_all(test_examples)?;
         Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device })
@@ -95,7 +184,7 @@ impl Institution {
     }
 
     pub fn evaluate(&self, data: &[Encoded]) -> EvalStats {
-        evaluate(&self.model as &dyn Classify, &self.encoder, data, 32, self.device)
+        evaluate(&self.model, &self.encoder, data, 32, self.device)
     }
 }
 

@@ -52,6 +52,57 @@ impl LoraConfig {
         self.alpha / self.r as f64
     }
 
+    /// The configuration of a PEFT adapter folder (`adapter_config.json`), so an adapter
+    /// trained with Python PEFT loads with the same meaning. Variants this trainer does
+    /// not implement (rsLoRA, DoRA, fan-in-fan-out weights, trained biases) are refused.
+    pub fn from_peft(dir: &Path) -> Result<LoraConfig, ModelError> {
+        #[derive(Deserialize)]
+        struct Peft {
+            peft_type: String,
+            r: i64,
+            lora_alpha: f64,
+            #[serde(default)]
+            lora_dropout: f64,
+            target_modules: serde_json::Value,
+            #[serde(default)]
+            use_rslora: bool,
+            #[serde(default)]
+            use_dora: bool,
+            #[serde(default)]
+            fan_in_fan_out: bool,
+            #[serde(default)]
+            bias: Option<String>,
+            #[serde(default)]
+            tessera: Option<Tessera>,
+        }
+        #[derive(Deserialize)]
+        struct Tessera {
+            mode: LoraMode,
+            seed: u64,
+        }
+        let path = dir.join("adapter_config.json");
+        let p: Peft = super::weights::read_json(&path)?;
+        let bad = |reason: String| ModelError::Config { path: path.clone(), reason };
+        if p.peft_type != "LORA" {
+            return Err(bad(format!("peft_type {} is not LORA", p.peft_type)));
+        }
+        if p.use_rslora || p.use_dora || p.fan_in_fan_out || p.bias.as_deref().is_some_and(|b| b != "none") {
+            return Err(bad("rsLoRA, DoRA, fan_in_fan_out and trained biases are not supported".into()));
+        }
+        let target_modules = match p.target_modules {
+            serde_json::Value::String(s) => return Err(bad(format!("target_modules as a regular expression ({s}) is not supported; list the modules"))),
+            serde_json::Value::Array(v) => v
+                .into_iter()
+                .map(|m| m.as_str().map(str::to_owned).ok_or_else(|| bad("target_modules must be strings".into())))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(bad("target_modules must be a list".into())),
+        };
+        let (mode, seed) = p.tessera.map(|t| (t.mode, t.seed)).unwrap_or((LoraMode::Both, 0));
+        let cfg = LoraConfig { r: p.r, alpha: p.lora_alpha, dropout: p.lora_dropout, target_modules, mode, seed };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         if self.r < 1 || self.r > 1024 {
             return Err(ModelError::Adapter(format!("rank must be in 1..=1024, got {}", self.r)));

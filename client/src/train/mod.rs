@@ -5,6 +5,7 @@
 pub mod bert;
 pub mod data;
 pub mod federated;
+pub mod llama;
 pub mod lora;
 pub mod privacy;
 pub mod trainer;
@@ -33,6 +34,12 @@ pub fn data_root() -> std::path::PathBuf {
 /// The device training runs on: the first CUDA GPU when libtorch sees one, else the CPU.
 pub fn device() -> tch::Device {
     tch::Device::cuda_if_available()
+}
+
+impl trainer::Classify for llama::LlamaClassifier {
+    fn logits(&self, batch: &data::Batch, train: bool) -> tch::Tensor {
+        llama::LlamaClassifier::logits(self, &batch.ids, &batch.mask, train)
+    }
 }
 
 impl trainer::Classify for bert::BertClassifier {

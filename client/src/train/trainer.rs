@@ -73,6 +73,8 @@ pub struct EvalStats {
 }
 
 /// Trains the adapter's trainable tensors on `data` for `cfg.steps` optimizer steps.
+// `loss = loss + …`, not `+=`: tch's `+=` works in place on a tensor of the autograd graph.
+#[allow(clippy::assign_op_pattern)]
 pub fn train(
     model: &dyn Classify,
     adapter: &Adapter,
@@ -117,7 +119,7 @@ pub fn train(
                     .zip(&global)
                     .map(|(w, g)| (w - g).square().sum(Kind::Float))
                     .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
-                loss += prox * (cfg.prox_mu / 2.0);
+                loss = loss + prox * (cfg.prox_mu / 2.0);
             }
             let loss = loss / cfg.grad_accum.max(1) as f64;
             loss.backward();

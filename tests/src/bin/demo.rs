@@ -1,10 +1,10 @@
 //! `tessera-demo`: a full federated fine-tuning run on this machine. It starts the
 //! aggregator and several institutions as separate processes talking TLS on loopback.
-//! Each institution (`tessera-client federate`) fine-tunes a LoRA adapter of
-//! all-MiniLM-L6-v2 with libtorch on its own clinics' drug reviews (split by condition,
-//! so the data is non-IID), clips it, adds its DP noise share and submits it masked; the
-//! aggregator releases only the sum. The demo prints a table per round and writes the
-//! curves to a PNG.
+//! Each institution (`tessera-client federate`) fine-tunes a LoRA adapter of SmolLM2-135M
+//! (or, with `--model`, any BERT or Llama checkpoint, e.g. the faster MiniLM) with
+//! libtorch on its own clinics' drug reviews (split by condition, so the data is
+//! non-IID), clips it, adds its DP noise share and submits it masked; the aggregator
+//! releases only the sum. The demo prints a table per round and writes the curves to a PNG.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use tessera_client::train::data::Example;
 use tessera_client::train::federated::split_by_group;
+use tessera_client::train::LoraMode;
 use tessera_secagg::dp::{noise_multiplier_for, DpParams};
 
 #[derive(Parser)]
@@ -24,16 +25,20 @@ struct Args {
     institutions: usize,
     #[arg(long, default_value_t = 3)]
     rounds: u64,
-    /// Local optimizer steps per round.
-    #[arg(long, default_value_t = 16)]
+    /// Local optimizer steps per round. The defaults (with batch and length) are chosen so
+    /// that the SmolLM2 run finishes well within 15 minutes on a 2-core CPU.
+    #[arg(long, default_value_t = 12)]
     steps: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    /// Tokens per review (longer ones are truncated).
-    #[arg(long, default_value_t = 96)]
-    max_len: usize,
-    /// Held-out reviews per institution (its own conditions).
+    /// Tokens per review, prompt included (longer reviews are truncated).
     #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Held-out reviews per institution (its own conditions).
+    #[arg(long, default_value_t = 48)]
     held_out: usize,
     /// ε budget for the whole run (δ = 1e-5); the noise multiplier is calibrated to spend it over all rounds.
     #[arg(long, default_value_t = 50.0)]
@@ -47,7 +52,11 @@ struct Args {
     /// Institution that leaves round 2 after sharing its keys, to show dropout recovery (-1: none).
     #[arg(long, default_value_t = 1)]
     dropout: i64,
-    /// Model folder (default: the MiniLM prepared by scripts/setup).
+    /// ffa: A frozen at the shared seeded initialisation, only B trained and sent; both:
+    /// A and B trained and averaged separately.
+    #[arg(long, value_enum, default_value_t = LoraMode::Ffa)]
+    lora_mode: LoraMode,
+    /// Model folder (default: SmolLM2-135M as converted by scripts/setup; `.tessera-data/minilm` is the fast encoder).
     #[arg(long)]
     model: Option<PathBuf>,
 }
@@ -104,7 +113,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let (server_bin, client_bin) = (bin("tessera-server")?, bin("tessera-client")?);
     let data = tessera_client::train::data_root();
-    let model = args.model.clone().unwrap_or_else(|| data.join("minilm"));
+    let model = args.model.clone().unwrap_or_else(|| data.join("smollm2"));
     if !model.join("config.json").exists() {
         bail!("no model in {}: run scripts/setup first", model.display());
     }
@@ -123,8 +132,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.rounds
     );
     println!(
-        "Task: drug-review sentiment (negative/neutral/positive), reviews split by condition. Local training: {} steps × batch {} × ≤{} tokens per round, FFA-LoRA r=8 on query/value.",
-        args.steps, args.batch_size, args.max_len
+        "Task: drug-review sentiment (negative/neutral/positive), reviews split by condition. Local training per round: {} steps × batch {} × ≤{} tokens, lr {}, {}-LoRA r=8 on the query/value projections{}.",
+        args.steps,
+        args.batch_size,
+        args.max_len,
+        args.lr,
+        if args.lora_mode == LoraMode::Ffa { "FFA" } else { "plain (A and B averaged)" },
+        if model.ends_with("smollm2") { " (sized for a 2-core CPU: raise --steps and --max-len on a GPU)" } else { "" }
     );
     println!(
         "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds.",
@@ -155,14 +169,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // 2. The round layout of the adapter, from the same flags every institution uses.
-    let model_flags: Vec<String> = vec!["--model".into(), model.display().to_string(), "--max-len".into(), args.max_len.to_string()];
+    let mode = match args.lora_mode {
+        LoraMode::Ffa => "ffa",
+        LoraMode::Both => "both",
+    };
+    let model_flags: Vec<String> =
+        vec!["--model".into(), model.display().to_string(), "--max-len".into(), args.max_len.to_string(), "--lora-mode".into(), mode.into()];
     let out = Command::new(&client_bin).arg("layout").args(&model_flags).stderr(Stdio::null()).output()?;
     if !out.status.success() {
         bail!("tessera-client layout failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let layout: Vec<tessera_secagg::config::TensorSpec> = serde_json::from_slice(&out.stdout).context("layout")?;
     let m: u64 = layout.iter().map(|t| t.numel()).sum();
-    println!("update: {} tensors, {m} parameters (LoRA B of every query/value projection + the classifier head)\n", layout.len());
+    let factors = if args.lora_mode == LoraMode::Ffa { "LoRA B" } else { "LoRA A and B" };
+    let what = if layout.iter().any(|t| t.name.starts_with("classifier")) {
+        format!("{factors} of every query/value projection + the classifier head")
+    } else {
+        format!("{factors} of every query/value projection; the label words are scored by the LM head")
+    };
+    println!("update: {} tensors, {m} parameters ({what})\n", layout.len());
 
     // 3. The operator's configuration and the aggregator.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -200,6 +225,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         cmd.args(["federate", "--insecure-dev", "--server", &url, "--fingerprint", &fingerprint])
             .args(&model_flags)
             .args(["--rounds", &args.rounds.to_string(), "--steps", &args.steps.to_string(), "--batch-size", &args.batch_size.to_string()])
+            .args(["--lr", &args.lr.to_string()])
             .args(["--threads", &threads.to_string()])
             .arg("--dir")
             .arg(&dir)

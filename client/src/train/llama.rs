@@ -1,0 +1,219 @@
+//! A Llama decoder (Hugging Face `LlamaForCausalLM`: RMSNorm, rotary position embeddings,
+//! grouped-query attention, SwiGLU, optionally tied embeddings) in libtorch, loaded from
+//! safetensors, with LoRA on the chosen projections. Any checkpoint with these names
+//! loads: SmolLM2 converted by `scripts/setup`, or Llama-3-8B on a GPU box.
+//!
+//! As a classifier it scores the label words after a prompt: the logits of the first
+//! token of each label at the last prompt position, i.e. the causal-LM loss restricted to
+//! the verbalizers, so no new head is trained.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use super::lora::{Adapter, Linear};
+use super::weights::{read_json, ModelError, Weights};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    #[serde(default = "eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+}
+
+fn eps() -> f64 {
+    1e-6
+}
+fn theta() -> f64 {
+    10_000.0
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    lm_head: Tensor,
+    norm: Tensor,
+    layers: Vec<Layer>,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float);
+    let var = xf.square().mean_dim([-1i64].as_slice(), true, Kind::Float);
+    (xf * (var + eps).rsqrt()).to_kind(kind) * w
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+impl Llama {
+    pub fn load(dir: &Path, adapter: &mut Adapter, device: Device) -> Result<Llama, ModelError> {
+        let path = dir.join("config.json");
+        let config: LlamaConfig = read_json(&path)?;
+        if config.hidden_act != "silu" {
+            return Err(ModelError::Config { path, reason: format!("hidden_act `{}` is not supported (silu is)", config.hidden_act) });
+        }
+        let (h, kv) = (config.num_attention_heads, config.kv_heads());
+        if h < 1 || kv < 1 || h % kv != 0 || config.head_dim() % 2 != 0 {
+            return Err(ModelError::Config { path, reason: "attention heads must be a multiple of key/value heads, with an even head dimension".into() });
+        }
+        let w = Weights::load(dir, device, Kind::Float)?;
+        Self::from_weights(config, &w, adapter)
+    }
+
+    pub fn from_weights(config: LlamaConfig, w: &Weights, adapter: &mut Adapter) -> Result<Llama, ModelError> {
+        let (hidden, ffn, d) = (config.hidden_size, config.intermediate_size, config.head_dim());
+        let (qd, kvd) = (config.num_attention_heads * d, config.kv_heads() * d);
+        let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let lm_head = if config.tie_word_embeddings || !w.contains("lm_head.weight") {
+            embed.shallow_clone()
+        } else {
+            w.get("lm_head.weight", &[config.vocab_size, hidden])?
+        };
+        let mut layers = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out_f: i64, in_f: i64| -> Result<Linear, ModelError> {
+                let module = format!("{p}.{name}");
+                let weight = w.get(&format!("{module}.weight"), &[out_f, in_f])?;
+                let bias_name = format!("{module}.bias");
+                let bias = if w.contains(&bias_name) { Some(w.get(&bias_name, &[out_f])?) } else { None };
+                Ok(adapter.linear(&module, weight, bias))
+            };
+            layers.push(Layer {
+                q: lin("self_attn.q_proj", qd, hidden)?,
+                k: lin("self_attn.k_proj", kvd, hidden)?,
+                v: lin("self_attn.v_proj", kvd, hidden)?,
+                o: lin("self_attn.o_proj", hidden, qd)?,
+                gate: lin("mlp.gate_proj", ffn, hidden)?,
+                up: lin("mlp.up_proj", ffn, hidden)?,
+                down: lin("mlp.down_proj", hidden, ffn)?,
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+            });
+        }
+        Ok(Llama { norm: w.get("model.norm.weight", &[hidden])?, embed, lm_head, layers, config })
+    }
+
+    /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm) for right-padded
+    /// token ids and a 0/1 attention mask, both `[batch, len]`.
+    // `x = x + f(x)`, not `x += f(x)`: tch's `+=` adds in place, which would overwrite a
+    // tensor that autograd saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
+    pub fn hidden(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let c = &self.config;
+        let (batch, len) = (ids.size()[0], ids.size()[1]);
+        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let device = ids.device();
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
+        // Rotary embeddings as Hugging Face computes them (rotate-half layout).
+        let inv_freq = (Tensor::arange_start_step(0, d, 2, (Kind::Float, device)) * (-(c.rope_theta.ln()) / d as f64)).exp();
+        let pos = Tensor::arange(len, (Kind::Float, device));
+        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (cos, sin) = (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()));
+        // Causal mask plus padding mask on the keys.
+        let causal = Tensor::ones([len, len], (Kind::Bool, device)).triu(1);
+        let pad = mask.eq(0).view([batch, 1, 1, len]);
+        let blocked = causal.view([1, 1, len, len]).logical_or(&pad);
+        let bias = Tensor::zeros([batch, 1, len, len], (Kind::Float, device)).masked_fill(&blocked, f64::from(f32::MIN));
+        let rep = heads / kv;
+        for l in &self.layers {
+            let h = rms_norm(&x, &l.input_norm, c.rms_norm_eps);
+            let q = l.q.forward(&h, train).view([batch, len, heads, d]).transpose(1, 2);
+            let k = l.k.forward(&h, train).view([batch, len, kv, d]).transpose(1, 2);
+            let v = l.v.forward(&h, train).view([batch, len, kv, d]).transpose(1, 2);
+            let q = &q * &cos + rotate_half(&q) * &sin;
+            let k = &k * &cos + rotate_half(&k) * &sin;
+            let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, Some(1), None), v.repeat_interleave_self_int(rep, Some(1), None)) } else { (k, v) };
+            let scores = q.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) / (d as f64).sqrt() + &bias;
+            let probs = scores.softmax(-1, Kind::Float).to_kind(v.kind());
+            let ctx = probs.matmul(&v).transpose(1, 2).contiguous().view([batch, len, heads * d]);
+            x = x + l.o.forward(&ctx, train);
+            let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps);
+            let ff = l.gate.forward(&h, train).silu() * l.up.forward(&h, train);
+            x = x + l.down.forward(&ff, train);
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Vocabulary logits `[batch, len, vocab]`.
+    pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        self.hidden(ids, mask, train).matmul(&self.lm_head.tr())
+    }
+
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+}
+
+/// Classification by the label words' next-token logits after the prompt.
+#[derive(Debug)]
+pub struct LlamaClassifier {
+    pub llama: Llama,
+    /// The first token of each label word; `label_ids[c]` scores class `c`.
+    pub label_ids: Tensor,
+}
+
+impl LlamaClassifier {
+    pub fn new(llama: Llama, label_ids: &[i64]) -> LlamaClassifier {
+        let device = llama.embed.device();
+        LlamaClassifier { label_ids: Tensor::from_slice(label_ids).to_device(device), llama }
+    }
+
+    /// Class logits `[batch, labels]` at each row's last real token.
+    pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let hidden = self.llama.hidden(ids, mask, train);
+        let last = (mask.sum_dim_intlist([1i64].as_slice(), false, Kind::Int64) - 1).clamp_min(0);
+        let batch = ids.size()[0];
+        let idx = last.view([batch, 1, 1]).expand([batch, 1, hidden.size()[2]], false);
+        let h = hidden.gather(1, &idx, false).squeeze_dim(1);
+        let heads = self.llama.lm_head.index_select(0, &self.label_ids);
+        h.matmul(&heads.tr())
+    }
+}
