@@ -17,6 +17,8 @@ pub mod binding;
 pub mod bundle;
 pub mod dcap;
 pub mod dev;
+pub mod keyfile;
+pub mod translog;
 pub mod nitro;
 pub mod policy;
 pub mod ratls;

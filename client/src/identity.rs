@@ -54,7 +54,7 @@ impl Identity {
         std::fs::create_dir_all(dir).map_err(|e| IdentityError::File { path: dir.to_path_buf(), why: e.to_string() })?;
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Zeroizing::new(Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| IdentityError::BadKey(key_path.clone()))?.as_ref().to_vec());
-        write_private(&key_path, &pkcs8).map_err(|e| IdentityError::File { path: key_path.clone(), why: e.to_string() })?;
+        tessera_attestation::keyfile::write_private(&key_path, &pkcs8, false).map_err(|e| IdentityError::File { path: key_path.clone(), why: e.to_string() })?;
         let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| IdentityError::BadKey(key_path.clone()))?;
         let id = Identity { name: name.to_string(), key: Arc::new(key) };
         let meta = IdentityFile { name: name.to_string(), public_key: id.public_key_hex() };
@@ -81,19 +81,6 @@ impl Identity {
     pub fn server_config_snippet(&self) -> String {
         format!("[[institutions]]\nname = \"{}\"\npublic_key = \"{}\"\n", self.name, self.public_key_hex())
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use tessera_client::participate::ParticipateError;
 use tessera_client::train::data::read_jsonl;
 use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec};
+use tessera_client::train::server_opt::{ServerOptimizer, Strategy};
 use tessera_client::train::trainer::TrainConfig;
 use tessera_client::train::{LoraConfig, LoraMode};
 use tessera_client::{participate, update, Api, DropPoint, Identity, Options, Participation};
@@ -149,6 +150,14 @@ enum Command {
         /// FedProx proximal coefficient μ (0: FedAvg).
         #[arg(long, default_value_t = 0.0)]
         prox_mu: f64,
+        /// Server optimizer applied to each released mean (Reddi et al. 2021). Every
+        /// institution applies it to the same signed release, so all hold the same model;
+        /// they must agree on it, as on the model and LoRA flags.
+        #[arg(long, value_enum, default_value_t = Strategy::FedAvg)]
+        server_opt: Strategy,
+        /// Server learning rate (default: 1 for FedAvg, 0.01 for FedAdam/FedYogi).
+        #[arg(long)]
+        server_lr: Option<f32>,
         /// Write the global adapter (PEFT format) here after every round.
         #[arg(long)]
         adapter_out: Option<PathBuf>,
@@ -272,6 +281,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             grad_accum,
             lr,
             prox_mu,
+            server_opt,
+            server_lr,
             adapter_out,
             report,
             insecure_dev,
@@ -305,6 +316,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..TrainConfig::default()
             };
             let mut inst = Institution::new(&identity.name, &model.spec(), &train_examples, &test_examples, cfg)?;
+            let lr = server_lr.unwrap_or(if server_opt == Strategy::FedAvg { 1.0 } else { 0.01 });
+            inst.server_opt = ServerOptimizer::new(server_opt, lr);
             let aggregator_policy = load_policy(aggregator_policy.as_deref())?;
             let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
             let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;

@@ -44,7 +44,7 @@ impl SealingKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut k = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut k);
-                write_private(path, &k).map_err(|e| err(e.to_string()))?;
+                tessera_attestation::keyfile::write_private(path, &k, false).map_err(|e| err(e.to_string()))?;
                 k
             }
             Err(e) => return Err(err(e.to_string())),
@@ -79,22 +79,6 @@ impl SealingKey {
             .map(Zeroizing::new)
             .map_err(|_| SealError::Authentication)
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ pub fn load_or_create_key(dir: &Path) -> Result<TlsKey, TlsError> {
     if !key_path.exists() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         let key = rcgen::KeyPair::generate()?;
-        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(|e| err(e.to_string()))?;
+        tessera_attestation::keyfile::write_private(&key_path, key.serialize_pem().as_bytes(), false).map_err(|e| err(e.to_string()))?;
         tracing::info!(path = %key_path.display(), "generated the server's TLS key");
     }
     let key_pem = std::fs::read_to_string(&key_path).map_err(|e| err(e.to_string()))?;
@@ -83,17 +83,6 @@ pub fn issue_certificate(key: &TlsKey, evidence: Option<&tessera_attestation::ra
     let cert = params.self_signed(&pair)?;
     std::fs::write(key.dir.join("cert.pem"), cert.pem()).map_err(|e| err(e.to_string()))?;
     Ok(TlsIdentity { cert_der: cert.der().to_vec(), key_der: pair.serialize_der(), fingerprint: key.spki_sha256 })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    opts.open(path)?.write_all(bytes)
 }
 
 pub fn server_config(id: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {

@@ -95,7 +95,7 @@ async fn three_institutions_lower_held_out_loss() {
             }
         }
         assert!(means.iter().all(|m| m == &means[0]));
-        for inst in &insts {
+        for inst in &mut insts {
             inst.apply_mean(&means[0]).unwrap();
         }
     }

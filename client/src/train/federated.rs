@@ -14,6 +14,7 @@ use super::data::{read_jsonl, Batch, Encoded, Example, TextEncoder};
 use super::llama::{Llama, LlamaClassifier};
 use super::lora::{Adapter, LoraConfig};
 use super::privacy;
+use super::server_opt::{ServerOptimizer, Strategy};
 use super::trainer::{evaluate, train, Classify, EvalStats, TrainConfig, TrainStats};
 use super::weights::{read_json, ModelError};
 
@@ -28,6 +29,8 @@ pub struct Institution {
     pub test: Vec<Encoded>,
     pub train_config: TrainConfig,
     pub device: Device,
+    /// How each released mean moves the global adapter (FedAvg unless set).
+    pub server_opt: ServerOptimizer,
 }
 
 /// A sequence classifier of either architecture.
@@ -156,7 +159,7 @@ impl Institution {
         };
         let train = encoder.encode_all(train_examples)?;
         let test = encoder.encode_all(test_examples)?;
-        Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device })
+        Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device, server_opt: ServerOptimizer::new(Strategy::FedAvg, 1.0) })
     }
 
     /// The round layout of this adapter's update.
@@ -178,9 +181,11 @@ impl Institution {
         Ok(LocalUpdate { delta, examples: self.train.len(), stats })
     }
 
-    /// global += mean (FedAvg with server learning rate 1).
-    pub fn apply_mean(&self, mean: &[f32]) -> Result<(), ModelError> {
-        self.adapter.add_flat(mean)
+    /// Moves the global adapter by the server optimizer's step for the released mean
+    /// (global += mean for FedAvg with server learning rate 1).
+    pub fn apply_mean(&mut self, mean: &[f32]) -> Result<(), ModelError> {
+        let step = self.server_opt.step(mean);
+        self.adapter.add_flat(&step)
     }
 
     pub fn evaluate(&self, data: &[Encoded]) -> EvalStats {

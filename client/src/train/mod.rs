@@ -8,6 +8,7 @@ pub mod federated;
 pub mod llama;
 pub mod lora;
 pub mod privacy;
+pub mod server_opt;
 pub mod trainer;
 pub mod weights;
 

@@ -132,12 +132,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.rounds
     );
     println!(
-        "Task: drug-review sentiment (negative/neutral/positive), reviews split by condition. Local training per round: {} steps × batch {} × ≤{} tokens, lr {}, {}-LoRA r=8 on the query/value projections{}.",
+        "Task: drug-review sentiment (negative/neutral/positive), reviews split by condition. Local training per round: {} steps × batch {} × ≤{} tokens, lr {}, {} r=8 on the query/value projections{}.",
         args.steps,
         args.batch_size,
         args.max_len,
         args.lr,
-        if args.lora_mode == LoraMode::Ffa { "FFA" } else { "plain (A and B averaged)" },
+        if args.lora_mode == LoraMode::Ffa { "FFA-LoRA" } else { "LoRA (A and B both averaged)" },
         if model.ends_with("smollm2") { " (sized for a 2-core CPU: raise --steps and --max-len on a GPU)" } else { "" }
     );
     println!(

@@ -1,0 +1,76 @@
+"""Training throughput of Python PyTorch + PEFT, the same measurement as
+client/benches/train.rs: fixed-length random batches, LoRA r=8 alpha=16 no dropout on the
+query/value projections (both factors trained), AdamW lr 1e-3, the same classification
+head (BERT: masked-mean pooling + linear; Llama: label-token logits at the last position).
+
+    python scripts/bench_train_peft.py --model DIR [--batch 8] [--seq 64] [--steps 20] [--warmup 3]
+"""
+import argparse
+import json
+import pathlib
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, BertModel, LlamaForCausalLM
+
+p = argparse.ArgumentParser()
+p.add_argument("--model", default=".tessera-data/smollm2")
+p.add_argument("--batch", type=int, default=8)
+p.add_argument("--seq", type=int, default=64)
+p.add_argument("--steps", type=int, default=20)
+p.add_argument("--warmup", type=int, default=3)
+p.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa, eager)")
+a = p.parse_args()
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+cfg = AutoConfig.from_pretrained(a.model)
+torch.manual_seed(7)
+if cfg.model_type == "llama":
+    base = LlamaForCausalLM.from_pretrained(a.model, attn_implementation=a.attn, torch_dtype=torch.float32)
+    targets = ["q_proj", "v_proj"]
+else:
+    base = BertModel.from_pretrained(a.model, attn_implementation=a.attn)
+    targets = ["query", "value"]
+model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)).to(device)
+model.train()
+head = None
+if cfg.model_type != "llama":
+    head = torch.nn.Linear(cfg.hidden_size, 3).to(device)
+label_ids = torch.tensor([1000, 1001, 1002], device=device)
+params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+vocab = min(cfg.vocab_size, 30000)
+batches = [
+    (torch.randint(100, vocab, (a.batch, a.seq), device=device), torch.randint(0, 3, (a.batch,), device=device))
+    for _ in range(a.steps + a.warmup)
+]
+mask = torch.ones((a.batch, a.seq), dtype=torch.int64, device=device)
+
+
+def logits(ids):
+    if head is None:
+        hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden[:, -1] @ model.base_model.model.lm_head.weight[label_ids].T
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    return head((hidden * m).sum(1) / m.sum(1))
+
+
+for i, (ids, labels) in enumerate(batches):
+    if i == a.warmup:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(logits(ids), labels)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+if device == "cuda":
+    torch.cuda.synchronize()
+secs = time.perf_counter() - start
+print(json.dumps({
+    "impl": f"PyTorch {torch.__version__} + PEFT (attn {a.attn})", "model": pathlib.Path(a.model).name, "device": device,
+    "threads": torch.get_num_threads(), "batch": a.batch, "seq": a.seq, "steps": a.steps,
+    "tokens_per_sec": a.batch * a.seq * a.steps / secs, "seconds": secs,
+}))
