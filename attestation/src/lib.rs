@@ -18,11 +18,11 @@ pub mod bundle;
 pub mod dcap;
 pub mod dev;
 pub mod keyfile;
-pub mod translog;
 pub mod nitro;
 pub mod policy;
 pub mod ratls;
 pub mod snp;
+pub mod translog;
 
 use serde::{Deserialize, Serialize};
 

@@ -54,7 +54,8 @@ impl Identity {
         std::fs::create_dir_all(dir).map_err(|e| IdentityError::File { path: dir.to_path_buf(), why: e.to_string() })?;
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = Zeroizing::new(Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| IdentityError::BadKey(key_path.clone()))?.as_ref().to_vec());
-        tessera_attestation::keyfile::write_private(&key_path, &pkcs8, false).map_err(|e| IdentityError::File { path: key_path.clone(), why: e.to_string() })?;
+        tessera_attestation::keyfile::write_private(&key_path, &pkcs8, false)
+            .map_err(|e| IdentityError::File { path: key_path.clone(), why: e.to_string() })?;
         let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| IdentityError::BadKey(key_path.clone()))?;
         let id = Identity { name: name.to_string(), key: Arc::new(key) };
         let meta = IdentityFile { name: name.to_string(), public_key: id.public_key_hex() };

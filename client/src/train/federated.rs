@@ -159,7 +159,17 @@ impl Institution {
         };
         let train = encoder.encode_all(train_examples)?;
         let test = encoder.encode_all(test_examples)?;
-        Ok(Institution { name: name.into(), model, adapter, encoder, train, test, train_config, device, server_opt: ServerOptimizer::new(Strategy::FedAvg, 1.0) })
+        Ok(Institution {
+            name: name.into(),
+            model,
+            adapter,
+            encoder,
+            train,
+            test,
+            train_config,
+            device,
+            server_opt: ServerOptimizer::new(Strategy::FedAvg, 1.0),
+        })
     }
 
     /// The round layout of this adapter's update.
