@@ -76,6 +76,8 @@ impl ModelArgs {
     }
 }
 
+// Parsed once per process; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create this institution's long-term signing key and print the entry for the server's configuration.
@@ -135,6 +137,9 @@ enum Command {
         /// Local held-out examples, evaluated after every round.
         #[arg(long)]
         test: PathBuf,
+        /// Held-out examples of the whole federation (all groups), also evaluated after every round.
+        #[arg(long)]
+        global_test: Option<PathBuf>,
         /// Rounds to take part in.
         #[arg(long, default_value_t = 3)]
         rounds: u64,
@@ -275,6 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             train,
             test,
+            global_test,
             rounds,
             steps,
             batch_size,
@@ -321,7 +327,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let aggregator_policy = load_policy(aggregator_policy.as_deref())?;
             let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
             let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
+            let global_set = match &global_test {
+                Some(p) => Some(inst.encoder.encode_all(&read_jsonl(p)?)?),
+                None => None,
+            };
             let before = inst.evaluate(&inst.test);
+            let global_before = global_set.as_ref().map(|g| inst.evaluate(g));
             eprintln!("[{}] initial model: held-out loss {:.4}, accuracy {:.3}", identity.name, before.loss, before.accuracy);
             let mut next_round: Option<u64> = None;
             for i in 1..=rounds {
@@ -356,7 +367,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 next_round = Some(round + 1);
                 let eval = inst.evaluate(&inst.test);
+                let global_eval = global_set.as_ref().map(|g| inst.evaluate(g));
                 let row = serde_json::json!({
+                    "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.map(|e| e.accuracy),
+                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.map(|e| e.accuracy),
                     "institution": identity.name, "round": round, "train_loss": update.stats.final_loss,
                     "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "tokens_per_sec": update.stats.tokens_per_sec,
                     "train_seconds": update.stats.seconds, "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),

@@ -72,9 +72,19 @@ pub fn read_tensors(path: &Path) -> Result<Tensors, UpdateError> {
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().iter().map(|&d| d as u64).collect();
-        out.insert(name.clone(), (shape, to_f32(&p, &name, &view)?));
+        let values = to_f32(&p, &name, &view)?;
+        if out.insert(peft_name(&name), (shape, values)).is_some() {
+            return Err(UpdateError::Format { path: p.clone(), why: format!("tensor {name} appears twice (with and without PEFT's prefix)") });
+        }
     }
     Ok(out)
+}
+
+/// The module-path name of a tensor saved by PEFT: without `base_model.model.` and the
+/// adapter name (`lora_A.default.weight`). Other names are unchanged.
+pub fn peft_name(name: &str) -> String {
+    let n = name.strip_prefix("base_model.model.").unwrap_or(name);
+    n.replace(".default.", ".")
 }
 
 /// Flattens the update for a round: `local` (minus `global` if given), in layout order.
@@ -112,6 +122,9 @@ pub fn load_update(local: &Path, global: Option<&Path>, layout: &[TensorSpec], v
             }
             flat.extend(values);
         }
+        // With the global adapter given, tensors the round does not aggregate may remain
+        // when they did not change (FFA-LoRA's frozen A factors); anything else is refused.
+        tensors.retain(|_, (_, values)| global.is_none() || values.iter().any(|&v| v != 0.0));
         if !tensors.is_empty() {
             return Err(UpdateError::Extra { path: p, names: tensors.into_keys().collect() });
         }

@@ -242,3 +242,34 @@ fn fedprox_keeps_the_update_near_the_global_adapter() {
     let (plain, prox) = (norm(0.0), norm(50.0));
     assert!(prox < plain, "‖delta‖ with μ = 50: {prox}, without: {plain}");
 }
+
+/// A PEFT adapter file (PEFT's names, A factors included) is what `tessera-client submit
+/// --update adapter_model.safetensors --global global/adapter_model.safetensors` reads:
+/// the delta in the round's layout, frozen A factors allowed because they did not change.
+#[test]
+fn peft_adapter_files_submit_as_a_delta_in_the_round_layout() {
+    use tessera_client::train::federated::{Institution, ModelSpec};
+    let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
+    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48 };
+    let cfg = TrainConfig { steps: 3, batch_size: 4, lr: 5e-3, log_every: 0, ..Default::default() };
+    let inst = Institution::new("t", &spec, &data[..16], &data[..4], cfg.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    inst.adapter.save_peft(&dir.path().join("global"), "m").unwrap();
+    let before = inst.adapter.flatten_update().unwrap();
+    train(&inst.model, &inst.adapter, &inst.encoder, &inst.train, &cfg, "t").unwrap();
+    inst.adapter.save_peft(&dir.path().join("local"), "m").unwrap();
+    let expected: Vec<f32> = inst.adapter.flatten_update().unwrap().iter().zip(&before).map(|(a, b)| a - b).collect();
+    let layout = inst.layout();
+    let m: u64 = layout.iter().map(|t| t.numel()).sum();
+    let got = tessera_client::update::load_update(
+        &dir.path().join("local/adapter_model.safetensors"),
+        Some(&dir.path().join("global/adapter_model.safetensors")),
+        &layout,
+        m,
+    )
+    .unwrap();
+    assert_eq!(got, expected);
+    // Without the global adapter the A factors are extra tensors the round does not take.
+    let err = tessera_client::update::load_update(&dir.path().join("local/adapter_model.safetensors"), None, &layout, m).unwrap_err();
+    assert!(matches!(err, tessera_client::update::UpdateError::Extra { .. }), "{err}");
+}

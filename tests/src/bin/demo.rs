@@ -96,6 +96,7 @@ fn write_jsonl(path: &Path, examples: &[Example]) -> anyhow::Result<()> {
 
 #[derive(Default, Clone)]
 struct RoundRow {
+    global_acc: Option<f64>,
     train_loss: Vec<f64>,
     loss: Vec<f64>,
     acc: Vec<f64>,
@@ -168,6 +169,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("clinic-{i}: {} reviews, {} conditions ({}{})", shard.len(), names.len(), shown.join(", "), if names.len() > 3 { ", …" } else { "" });
     }
 
+    // Held-out reviews of all conditions, for the global model (clinic-0 evaluates them).
+    let global_test: Vec<Example> = test_all.iter().step_by((test_all.len() / (2 * args.held_out).max(1)).max(1)).take(2 * args.held_out).cloned().collect();
+    write_jsonl(&work.join("global-test.jsonl"), &global_test)?;
+
     // 2. The round layout of the adapter, from the same flags every institution uses.
     let mode = match args.lora_mode {
         LoraMode::Ffa => "ffa",
@@ -239,6 +244,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             .arg(dir.join("global-adapter"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("federate.log"))?);
+        if i == 0 {
+            cmd.arg("--global-test").arg(work.join("global-test.jsonl"));
+        }
         if args.dropout >= 0 && i as i64 == args.dropout && args.rounds >= 2 {
             cmd.args(["--drop-in-round", "2"]);
         }
@@ -265,8 +273,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             if k == 0 {
                 rows[0].loss.push(r["initial_loss"].as_f64().unwrap_or(f64::NAN));
                 rows[0].acc.push(r["initial_accuracy"].as_f64().unwrap_or(f64::NAN));
+                if let Some(g) = r["initial_global_accuracy"].as_f64() {
+                    rows[0].global_acc = Some(g);
+                }
             }
             let row = &mut rows[k + 1];
+            if let Some(g) = r["global_accuracy"].as_f64() {
+                row.global_acc = Some(g);
+            }
             row.train_loss.push(r["train_loss"].as_f64().unwrap_or(f64::NAN));
             row.loss.push(r["held_out_loss"].as_f64().unwrap_or(f64::NAN));
             row.acc.push(r["held_out_accuracy"].as_f64().unwrap_or(f64::NAN));
@@ -282,30 +296,33 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     drop(server);
     println!(
-        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>7} | {:>8} | {:>8}",
-        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "ε spent", "MB sent", "tok/s"
+        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>10} | {:>7} | {:>8} | {:>8}",
+        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "global acc", "ε spent", "MB sent", "tok/s"
     );
+    let pct = |g: Option<f64>| g.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
     println!(
-        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>7} | {:>8} | {:>8}",
+        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>8} | {:>8}",
         0,
         "-",
         "-",
         "-",
         mean(&rows[0].loss),
         100.0 * mean(&rows[0].acc),
+        pct(rows[0].global_acc),
         "0",
         "-",
         "-"
     );
     for (r, row) in rows.iter().enumerate().skip(1) {
         println!(
-            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>7.2} | {:>8.3} | {:>8.0}",
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>8.3} | {:>8.0}",
             r,
             format!("{}/{}", row.included, args.institutions),
             row.dropped,
             mean(&row.train_loss),
             mean(&row.loss),
             100.0 * mean(&row.acc),
+            pct(row.global_acc),
             eps_of(r as u64),
             row.bytes as f64 / 1e6,
             mean(&row.tok_s)
@@ -314,7 +331,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let plot = work.join("curves.png");
     let series: Vec<(f64, f64, f64)> = rows.iter().map(|r| (mean(&r.loss), mean(&r.acc), 0.0)).collect();
     tessera_tests::plot::curves(&plot, &series)?;
-    println!("\nHeld-out loss and accuracy are averaged over the institutions, each on reviews of its own conditions.");
+    println!("\nHeld-out loss and accuracy: averaged over the institutions, each on reviews of its own conditions. Global accuracy: the global model on {} reviews of all conditions (evaluated by clinic-0).", global_test.len());
     println!("Every update left its institution clipped, noised and masked; the aggregator released only the signed mean of each round.");
     println!(
         "Curves: {}. Global adapters (PEFT format): {}/institution-*/global-adapter. Total {:.0} s.",
