@@ -476,7 +476,7 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
     let supplied = parse_all(&supplied, |i, why| malformed(format!("endorsement certificate {i}: {why}")))?;
     let anchors = parse_all(&anchors, |i, why| chain_error(format!("trust anchor {i}: {why}")))?;
 
-    let chain = build_chain(&supplied, &anchors)?;
+    let chain = cached_chain(&supplied, &anchors)?;
     for (cert, what) in [(chain.ark, "the ARK certificate"), (chain.ask, "the ASK certificate"), (chain.leaf, leaf_name(report))] {
         check_validity(cert, what, now_secs)?;
     }
@@ -554,6 +554,58 @@ fn parse_all<'a>(ders: &'a [Vec<u8>], err: impl Fn(usize, String) -> VerifyError
             Err(e) => Err(err(i, format!("not an X.509 certificate: {e}"))),
         })
         .collect()
+}
+
+/// Chains whose signatures verified (ARK self-signature, ARK → ASK, ASK → VCEK), keyed by
+/// the SHA-256 of every certificate involved: the supplied endorsements and the trust
+/// anchors, each length-prefixed. A hit means byte-identical certificates, so the same
+/// signatures verify, and the three RSA-PSS checks are skipped. Validity periods, the
+/// report's own signature and the TCB extensions are still checked on every call, so a
+/// cached chain cannot outlive its certificates. Bounded: emptied when it reaches
+/// [`CHAIN_CACHE_MAX`] entries.
+static CHAIN_CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<[u8; 32], (usize, usize, usize)>>> = std::sync::OnceLock::new();
+pub const CHAIN_CACHE_MAX: usize = 256;
+
+/// Forgets every cached chain (for benchmarks and tests).
+pub fn clear_chain_cache() {
+    if let Some(c) = CHAIN_CACHE.get() {
+        c.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+}
+
+fn chain_key(supplied: &[X509Certificate<'_>], anchors: &[X509Certificate<'_>]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (tag, set) in [(b'S', supplied), (b'A', anchors)] {
+        for c in set {
+            h.update([tag]);
+            h.update((c.as_raw().len() as u64).to_le_bytes());
+            h.update(c.as_raw());
+        }
+    }
+    h.finalize().into()
+}
+
+/// [`build_chain`], remembering the chains that verified.
+fn cached_chain<'c, 'a>(supplied: &'c [X509Certificate<'a>], anchors: &'c [X509Certificate<'a>]) -> Result<Chain<'c, 'a>, VerifyError> {
+    let cache = CHAIN_CACHE.get_or_init(Default::default);
+    let key = chain_key(supplied, anchors);
+    let hit = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).copied();
+    if let Some((l, s, a)) = hit {
+        if let (Some(leaf), Some(ask), Some(ark)) = (supplied.get(l), supplied.get(s), anchors.get(a)) {
+            return Ok(Chain { leaf, ask, ark });
+        }
+    }
+    let chain = build_chain(supplied, anchors)?;
+    let index = |set: &[X509Certificate<'a>], c: &X509Certificate<'a>| set.iter().position(|x| std::ptr::eq(x, c));
+    if let (Some(l), Some(s), Some(a)) = (index(supplied, chain.leaf), index(supplied, chain.ask), index(anchors, chain.ark)) {
+        let mut map = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= CHAIN_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(key, (l, s, a));
+    }
+    Ok(chain)
 }
 
 struct Chain<'c, 'a> {

@@ -430,3 +430,20 @@ proptest! {
         }
     }
 }
+
+/// A chain served from the cache still gets its validity periods checked at the caller's
+/// time, and the report's own signature still verifies (or fails) on every call.
+#[test]
+fn a_cached_chain_still_checks_time_and_the_report() {
+    for s in samples() {
+        let e = endorsements(&s);
+        assert!(verify(s.report, &e, INSIDE).is_ok());
+        assert!(verify(s.report, &e, INSIDE).is_ok(), "second, cached verification");
+        let late = verify(s.report, &e, s.not_after + 1);
+        assert!(matches!(late, Err(VerifyError::NotValidAtTime { .. })), "{late:?}");
+        let mut tampered = s.report.to_vec();
+        tampered[0x90] ^= 1; // inside the signed REPORT_DATA
+        let r = verify(&tampered, &e, INSIDE);
+        assert!(matches!(r, Err(VerifyError::BadSignature { .. })), "{r:?}");
+    }
+}
