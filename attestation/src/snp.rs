@@ -563,7 +563,9 @@ fn parse_all<'a>(ders: &'a [Vec<u8>], err: impl Fn(usize, String) -> VerifyError
 /// report's own signature and the TCB extensions are still checked on every call, so a
 /// cached chain cannot outlive its certificates. Bounded: emptied when it reaches
 /// [`CHAIN_CACHE_MAX`] entries.
-static CHAIN_CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<[u8; 32], (usize, usize, usize)>>> = std::sync::OnceLock::new();
+static CHAIN_CACHE: std::sync::OnceLock<std::sync::Mutex<ChainCache>> = std::sync::OnceLock::new();
+/// Certificate-set digest → (VCEK index, ASK index) among the supplied certificates, ARK index among the anchors.
+type ChainCache = std::collections::HashMap<[u8; 32], (usize, usize, usize)>;
 pub const CHAIN_CACHE_MAX: usize = 256;
 
 /// Forgets every cached chain (for benchmarks and tests).
