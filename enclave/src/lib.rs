@@ -137,6 +137,23 @@ impl Enclave {
         MessageSigner::public_key(&self.identity)
     }
 
+    /// Signs a tree head of the round log with the enclave's identity key (the key the
+    /// aggregator's evidence binds), so an auditor can check heads against the attested key.
+    pub fn sign_tree_head(
+        &self,
+        tree_size: u64,
+        root: &tessera_attestation::translog::Hash,
+        timestamp_ms: u64,
+    ) -> tessera_attestation::translog::SignedTreeHead {
+        let bytes = tessera_attestation::translog::SignedTreeHead::signed_bytes(tree_size, root, timestamp_ms);
+        tessera_attestation::translog::SignedTreeHead {
+            tree_size,
+            root_hash: hex::encode(root),
+            timestamp_ms,
+            signature: hex::encode(self.identity.sign(&bytes).as_ref()),
+        }
+    }
+
     pub fn node_policy(&self) -> &NodePolicy {
         &self.node_policy
     }

@@ -179,3 +179,16 @@ fn sealed_identity_survives_restart_and_rejects_other_keys() {
     assert_eq!(a.identity_public_key(), b.identity_public_key());
     assert!(Enclave::start(SealingKey::from_bytes([2; 32]), Some(&sealed), attester(), NodePolicy::default()).is_err());
 }
+
+/// Tree heads of the round log are signed with the enclave's identity key, the one its
+/// evidence binds, and verify with it after a restart from the sealed identity.
+#[test]
+fn tree_heads_are_signed_by_the_identity_key() {
+    use tessera_attestation::translog::{leaf_hash, root_of, HeadError};
+    let e = enclave([5; 32]);
+    let root = root_of(&[leaf_hash(b"round 1 opened"), leaf_hash(b"client 0 admitted")]);
+    let head = e.sign_tree_head(2, &root, 1_700_000_000_000);
+    head.verify(&e.identity_public_key()).unwrap();
+    let other = enclave([6; 32]);
+    assert_eq!(head.verify(&other.identity_public_key()), Err(HeadError::BadSignature));
+}
