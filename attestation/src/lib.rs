@@ -13,6 +13,7 @@
 //! SEV-SNP ([`snp`]), Intel DCAP quotes ([`dcap`]: TDX and SGX) and AWS Nitro Enclaves
 //! attestation documents ([`nitro`]).
 
+pub mod audit;
 pub mod binding;
 pub mod bundle;
 pub mod dcap;

@@ -109,6 +109,9 @@ pub struct Api {
     port: u16,
     fingerprint: [u8; 32],
     connector: tokio_rustls::TlsConnector,
+    verifier: Arc<PinnedCert>,
+    /// Sent as `Authorization: Bearer …` (compliance endpoints); zeroized on drop.
+    bearer: Option<zeroize::Zeroizing<String>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -141,14 +144,39 @@ impl Api {
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(PinnedCert { fingerprint, policy, provider: provider.clone() });
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        let connector = Self::connector(url, &verifier, None)?;
+        Ok(Api { host, port, fingerprint, connector, verifier, bearer: None })
+    }
+
+    fn connector(url: &str, verifier: &Arc<PinnedCert>, client_cert: Option<(Vec<u8>, Vec<u8>)>) -> Result<tokio_rustls::TlsConnector, HttpError> {
+        let tls_err = |e: rustls::Error| HttpError::Tls { addr: url.into(), why: e.to_string() };
+        let builder = rustls::ClientConfig::builder_with_provider(verifier.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::Tls { addr: url.into(), why: e.to_string() })?
+            .map_err(tls_err)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier.clone());
+        let mut cfg = match client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let key = rustls::pki_types::PrivateKeyDer::try_from(key).map_err(|e| HttpError::Tls { addr: url.into(), why: format!("client key: {e}") })?;
+                builder.with_client_auth_cert(vec![rustls::pki_types::CertificateDer::from(cert)], key).map_err(tls_err)?
+            }
+        };
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Api { host, port, fingerprint, connector: tokio_rustls::TlsConnector::from(Arc::new(cfg)) })
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    }
+
+    /// Authenticates every request with a bearer token (roles for the compliance API).
+    pub fn with_bearer(mut self, token: &str) -> Api {
+        self.bearer = Some(zeroize::Zeroizing::new(token.to_string()));
+        self
+    }
+
+    /// Presents a client certificate (DER) with its PKCS#8 key (DER) in every handshake
+    /// (mTLS; the server pins its public key to a role).
+    pub fn with_client_certificate(mut self, cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<Api, HttpError> {
+        self.connector = Self::connector(&self.base_url(), &self.verifier, Some((cert_der, key_der)))?;
+        Ok(self)
     }
 
     pub fn fingerprint(&self) -> [u8; 32] {
@@ -179,6 +207,9 @@ impl Api {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
         tokio::spawn(conn);
         let mut builder = Request::builder().method(method).uri(path.as_str()).header(hyper::header::HOST, &addr);
+        if let Some(token) = &self.bearer {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.as_str()));
+        }
         let payload = match body {
             Some((ct, bytes)) => {
                 builder = builder.header(hyper::header::CONTENT_TYPE, ct);

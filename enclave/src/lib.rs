@@ -11,10 +11,11 @@
 //! - it rebuilds a round after a crash from the host's stored events
 //!   ([`Enclave::restore_round`]), checking every sealed record on the way.
 
+pub mod log;
 pub mod sealing;
 pub mod tsm;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -29,7 +30,9 @@ pub use tessera_secagg::wire::Release;
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 
+pub use log::{LogError, StoredLogEntry, TransparencyLog};
 pub use sealing::SealingKey;
+use tessera_attestation::audit::{sha256_hex, DpSummary, LogEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnclaveError {
@@ -47,6 +50,8 @@ pub enum EnclaveError {
     ReplayMismatch { seq: u64, why: String },
     #[error("attestation failed: {0}")]
     Attestation(#[from] tessera_attestation::AttestError),
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -89,6 +94,8 @@ struct RoundState {
     verdicts: BTreeMap<ClientId, Verdict>,
     seq: u64,
     release: Option<Release>,
+    /// Clients still expected to answer (for naming dropouts in the log).
+    alive: BTreeSet<u32>,
 }
 
 pub struct Enclave {
@@ -97,6 +104,9 @@ pub struct Enclave {
     attester: Box<dyn Attester>,
     node_policy: NodePolicy,
     round: Option<RoundState>,
+    log: TransparencyLog,
+    /// SHA-256 of the evidence this enclave last presented (named in `round_opened`).
+    evidence_sha256: String,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -130,7 +140,7 @@ impl Enclave {
         }
         let identity = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|e| EnclaveError::Internal(e.to_string()))?;
         let sealed = sealing.seal(IDENTITY_AAD, seed.as_ref());
-        Ok((Enclave { sealing, identity, attester, node_policy, round: None }, sealed))
+        Ok((Enclave { sealing, identity, attester, node_policy, round: None, log: TransparencyLog::default(), evidence_sha256: String::new() }, sealed))
     }
 
     pub fn identity_public_key(&self) -> [u8; 32] {
@@ -160,8 +170,44 @@ impl Enclave {
 
     /// Evidence of this enclave bound to its identity key and to `context` (the TLS key
     /// and a nonce, in attested TLS): report_data = SHA-512(label ‖ identity ‖ context).
-    pub fn evidence(&self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
-        Ok(self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?)
+    /// The log records the digest of the evidence last produced here in every
+    /// `round_opened` entry.
+    pub fn evidence(&mut self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
+        let evidence = self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?;
+        self.evidence_sha256 = sha256_hex(&evidence);
+        Ok(evidence)
+    }
+
+    /// Replaces the log with the host's stored entries (at start, or after a failed
+    /// store), checking them; see [`TransparencyLog::load`].
+    pub fn load_log(&mut self, entries: &[StoredLogEntry]) -> Result<(), EnclaveError> {
+        self.log = TransparencyLog::load(entries)?;
+        Ok(())
+    }
+
+    pub fn log(&self) -> &TransparencyLog {
+        &self.log
+    }
+
+    /// The entries appended since the last call, for the host to store in the same
+    /// transaction as the events that produced them.
+    pub fn take_log_entries(&mut self) -> Vec<StoredLogEntry> {
+        self.log.take_pending()
+    }
+
+    /// The current tree head, signed.
+    pub fn tree_head(&self, timestamp_ms: u64) -> tessera_attestation::translog::SignedTreeHead {
+        self.sign_tree_head(self.log.size(), &self.log.root(), timestamp_ms)
+    }
+
+    /// Records that the host ended `round` without a release (e.g. it could not be
+    /// resumed after a restart). The entry says the host reported it.
+    pub fn log_host_abort(&mut self, round: u64, reason: &str, now: Timestamp) {
+        let phase = match &self.round {
+            Some(state) if state.aggregator.config().round == round => phase_name(state.aggregator.phase()),
+            _ => "unknown".into(),
+        };
+        self.log.append(round, now.0, LogEvent::Aborted { phase, reason: format!("reported by the host: {reason}") });
     }
 
     pub fn attestation_format(&self) -> tessera_attestation::Format {
@@ -176,8 +222,29 @@ impl Enclave {
         }
         let quantizer = Quantizer::new(&cfg);
         let aggregator = Aggregator::new(cfg, now)?;
-        self.round = Some(RoundState { aggregator, quantizer, verdicts: BTreeMap::new(), seq: 0, release: None });
+        let cfg = aggregator.config();
+        let event = LogEvent::RoundOpened {
+            config_digest: hex::encode(aggregator.config_digest()),
+            roster: cfg.roster.iter().map(|k| k.to_ascii_lowercase()).collect(),
+            min_survivors: cfg.min_survivors,
+            neighbours: cfg.neighbours,
+            vector_len: cfg.vector_len,
+            dp: cfg.dp.map(dp_summary),
+            node_policy_sha256: sha256_hex(&serde_json::to_vec(&self.node_policy).map_err(|e| EnclaveError::Internal(e.to_string()))?),
+            aggregator_format: self.attester.format().to_string(),
+            aggregator_evidence_sha256: self.evidence_sha256.clone(),
+        };
+        let round = cfg.round;
+        let alive = (0..cfg.roster.len() as u32).collect();
+        self.log.append(round, now.0, event);
+        self.round = Some(RoundState { aggregator, quantizer, verdicts: BTreeMap::new(), seq: 0, release: None, alive });
         Ok(())
+    }
+
+    /// Forgets the current round (the host could not store its opening, or could not
+    /// resume it); its log entries are whatever the host stored.
+    pub fn discard_round(&mut self) {
+        self.round = None;
     }
 
     fn state(&self) -> Result<&RoundState, EnclaveError> {
@@ -208,6 +275,23 @@ impl Enclave {
         let binding = key_binding(&digest, msg.client, &msg.enc_pk, &msg.mask_pk);
         let verdict = policy.check(&msg.evidence, &[], &binding, now.0 / 1000);
         state.verdicts.insert(msg.client, verdict.clone());
+        let round = state.aggregator.config().round;
+        let identity = state.aggregator.config().roster.get(msg.client.0 as usize).map(|k| k.to_ascii_lowercase()).unwrap_or_default();
+        self.log.append(
+            round,
+            now.0,
+            LogEvent::Admission {
+                client: msg.client.0,
+                identity,
+                accepted: verdict.accepted,
+                evidence_sha256: sha256_hex(&msg.evidence),
+                format: verdict.format.map(|f| f.to_string()),
+                measurement: verdict.claims.as_ref().map(|c| c.measurement.clone()),
+                debug: verdict.claims.as_ref().map(|c| c.debug),
+                failures: verdict.failures.iter().map(ToString::to_string).collect(),
+            },
+        );
+        let state = self.state_mut()?;
         if !verdict.accepted {
             return Err(EnclaveError::NotAdmitted { client: msg.client, reasons: verdict.reasons(), verdict: Box::new(verdict) });
         }
@@ -238,7 +322,15 @@ impl Enclave {
         match kind {
             MessageKind::Advertise => self.handle_advertise(serde_json::from_slice(bytes).map_err(parse_err)?, received_at).map(|_| ()),
             MessageKind::ShareKeys => self.handle_share_keys(serde_json::from_slice(bytes).map_err(parse_err)?),
-            MessageKind::MaskedInput => Ok(self.state_mut()?.aggregator.handle_masked_input_encoded(bytes)?),
+            MessageKind::MaskedInput => {
+                let state = self.state_mut()?;
+                state.aggregator.handle_masked_input_encoded(bytes)?;
+                let round = state.aggregator.config().round;
+                // The client id is the first field the aggregator decoded and accepted.
+                let client = MaskedInputView::parse(bytes)?.client.0;
+                self.log.append(round, received_at.0, LogEvent::MaskedInput { client, sha256: sha256_hex(bytes), bytes: bytes.len() as u64 });
+                Ok(())
+            }
             MessageKind::Consistency => self.handle_consistency(serde_json::from_slice(bytes).map_err(parse_err)?),
             MessageKind::Unmask => self.handle_unmask(serde_json::from_slice(bytes).map_err(parse_err)?),
         }
@@ -256,7 +348,44 @@ impl Enclave {
         state.seq += 1;
         let seq = state.seq;
         let round = state.aggregator.config().round;
+        let responded: BTreeSet<u32> = change.responded.iter().map(|c| c.0).collect();
+        let missing: Vec<u32> = state.alive.difference(&responded).copied().collect();
+        state.alive = responded.clone();
+        self.log.append(
+            round,
+            change.at.0,
+            LogEvent::PhaseClosed { from: phase_name(change.from), to: phase_name(change.to), responded: responded.into_iter().collect(), missing },
+        );
         let release = self.finish_if_done()?;
+        if let Some(r) = &release {
+            let dp = self.state()?.aggregator.config().dp.map(dp_summary);
+            let included: Vec<u32> = r.included.iter().map(|c| c.0).collect();
+            let (epsilon_round, epsilon_cumulative, epsilon_by_participant) = match &dp {
+                Some(dp) => {
+                    let (a, b, c) = self.log.release_figures(round, dp, &included);
+                    (Some(a), Some(b), c)
+                }
+                None => (None, None, BTreeMap::new()),
+            };
+            self.log.append(
+                round,
+                change.at.0,
+                LogEvent::Released {
+                    included,
+                    total_weight: r.total_weight,
+                    mean_sha256: hex::encode(r.mean_sha256),
+                    error_bound: r.error_bound,
+                    release_signature: hex::encode(r.signature),
+                    dp,
+                    epsilon_round,
+                    epsilon_cumulative,
+                    epsilon_by_participant,
+                },
+            );
+        } else if let Some(Outcome::Aborted { phase, reason }) = self.outcome() {
+            let event = LogEvent::Aborted { phase: phase_name(*phase), reason: reason.clone() };
+            self.log.append(round, change.at.0, event);
+        }
         let sealed = self.seal_change(round, seq, &change)?;
         Ok(Some(Transition { change, seq, sealed, release }))
     }
@@ -298,6 +427,13 @@ impl Enclave {
     /// Rebuilds a round from the host's stored events after a restart. Each sealed record
     /// must unseal and must equal the phase change the replay produces at that point.
     pub fn restore_round(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
+        self.log.replaying = true;
+        let result = self.replay(cfg, opened_at, events);
+        self.log.replaying = false;
+        result
+    }
+
+    fn replay(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
         let round = cfg.round;
         self.round = None;
         self.open_round(cfg, opened_at)?;
@@ -317,6 +453,14 @@ impl Enclave {
         }
         Ok(())
     }
+}
+
+fn phase_name(p: Phase) -> String {
+    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{p:?}"))
+}
+
+fn dp_summary(dp: tessera_secagg::dp::DpParams) -> DpSummary {
+    DpSummary { noise_multiplier: dp.noise_multiplier, l2_clip: dp.l2_clip, delta: dp.delta, epsilon_budget: dp.epsilon_budget }
 }
 
 fn record_aad(round: u64, seq: u64) -> Vec<u8> {

@@ -17,24 +17,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, Limited};
-use subtle_eq::constant_time_eq;
 use tessera_enclave::MessageKind;
 use tessera_secagg::ClientId;
 
+use crate::auth::{require, require_participant, PeerCertificate, Principal, Role, SESSION_COOKIE};
+use crate::compliance::RoundFilter;
 use crate::config::RoundParams;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorNote};
 use crate::service::Service;
+use crate::store::Denial;
 
 /// Limit for JSON control messages.
 pub const JSON_LIMIT: usize = 4 << 20;
 
-mod subtle_eq {
-    /// Constant-time comparison of secrets (bearer tokens).
-    pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-        use subtle::ConstantTimeEq;
-        a.len() == b.len() && bool::from(a.ct_eq(b))
-    }
-}
+/// The OpenAPI document of this API (also in the repository as `server/openapi.json`).
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn app(service: Arc<Service>) -> Router {
     let metrics = service.metrics.clone();
@@ -42,8 +39,19 @@ pub fn app(service: Arc<Service>) -> Router {
         .route("/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .route("/v1/attestation", get(attestation))
-        .route("/v1/rounds", post(open_round))
+        .route("/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
+        .route("/v1/rounds", get(list_rounds).post(open_round))
         .route("/v1/privacy", get(privacy))
+        .route("/v1/rounds/{round}/report", get(report))
+        .route("/v1/log/head", get(log_head))
+        .route("/v1/log/entries", get(log_entries))
+        .route("/v1/log/proof/inclusion", get(inclusion_proof))
+        .route("/v1/log/proof/consistency", get(consistency_proof))
+        .route("/v1/denials", get(denials))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/reports", get(reports_page))
+        .route("/reports/{round}", get(report_page))
         .route("/v1/rounds/current", get(current))
         .route("/v1/rounds/{round}", get(status))
         .route("/v1/rounds/{round}/advertise", post(advertise))
@@ -58,8 +66,204 @@ pub fn app(service: Arc<Service>) -> Router {
         .route("/v1/rounds/{round}/result", get(result))
         .route("/v1/rounds/{round}/result/mean", get(result_mean))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(service.clone(), record_denials))
         .layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::track))
         .with_state(service)
+}
+
+/// Every 401/403 goes to the denial log (auditors read it at `/v1/denials`) and to the
+/// server's log.
+async fn record_denials(State(s): State<Arc<Service>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let note = resp.extensions().get::<ErrorNote>().cloned();
+        let reason = note.as_ref().map(|n| format!("{}: {}", n.code, n.message)).unwrap_or_else(|| status.to_string());
+        let principal = note.and_then(|n| n.principal);
+        tracing::warn!(%method, %path, status = status.as_u16(), principal = principal.as_deref().unwrap_or("-"), %reason, "request denied");
+        let d = Denial { at_ms: crate::service::now().0, method, path, status: status.as_u16(), principal, reason };
+        if let Err(e) = s.store().record_denial(&d).await {
+            tracing::error!(error = %e, "could not record a denial");
+        }
+    }
+    resp
+}
+
+/// The authenticated caller, if any: a bearer token, the session cookie, or a pinned
+/// client certificate. A credential that matches nothing is refused here (401).
+struct Caller(Option<Principal>);
+
+impl FromRequestParts<Arc<Service>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<Service>) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<PeerCertificate>().copied();
+        Ok(Caller(state.authenticator().authenticate(&parts.headers, peer)?))
+    }
+}
+
+/// Query parameters; a malformed query is a typed 400.
+struct Query<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::bad_request("bad_query", e.body_text()))
+    }
+}
+
+const READERS: &[Role] = &[Role::Auditor, Role::Admin];
+const ANY_ROLE: &[Role] = &[Role::Institution, Role::Auditor, Role::Admin];
+
+async fn list_rounds(State(s): State<Arc<Service>>, Caller(who): Caller, Query(filter): Query<RoundFilter>) -> Result<Response, ApiError> {
+    let who = require(who, ANY_ROLE, "the round list")?;
+    Ok(json(&s.list_rounds(&filter, &who).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    since_size: Option<u64>,
+}
+
+async fn report(State(s): State<Arc<Service>>, Caller(who): Caller, Path(round): Path<u64>, Query(q): Query<ReportQuery>) -> Result<Response, ApiError> {
+    let who = require(who, ANY_ROLE, "a round report")?;
+    require_participant(&who, &s.roster(round).await?, round)?;
+    Ok(json(&s.bundle(round, q.since_size).await?))
+}
+
+async fn log_head(State(s): State<Arc<Service>>, Caller(who): Caller) -> Result<Response, ApiError> {
+    require(who, ANY_ROLE, "the log's tree head")?;
+    Ok(json(&s.log_head().await))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangeQuery {
+    #[serde(default)]
+    start: u64,
+    end: Option<u64>,
+}
+
+async fn log_entries(State(s): State<Arc<Service>>, Caller(who): Caller, Query(q): Query<RangeQuery>) -> Result<Response, ApiError> {
+    require(who, READERS, "log entries")?;
+    Ok(json(&s.log_entries(q.start, q.end).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InclusionQuery {
+    index: u64,
+    tree_size: Option<u64>,
+}
+
+async fn inclusion_proof(State(s): State<Arc<Service>>, Caller(who): Caller, Query(q): Query<InclusionQuery>) -> Result<Response, ApiError> {
+    require(who, READERS, "inclusion proofs")?;
+    Ok(json(&s.inclusion_proof(q.index, q.tree_size).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsistencyQuery {
+    first: u64,
+    second: Option<u64>,
+}
+
+async fn consistency_proof(State(s): State<Arc<Service>>, Caller(who): Caller, Query(q): Query<ConsistencyQuery>) -> Result<Response, ApiError> {
+    require(who, READERS, "consistency proofs")?;
+    Ok(json(&s.consistency_proof(q.first, q.second).await?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+async fn denials(State(s): State<Arc<Service>>, Caller(who): Caller, Query(q): Query<LimitQuery>) -> Result<Response, ApiError> {
+    require(who, READERS, "the denial log")?;
+    Ok(json(&s.store().denials(q.limit.unwrap_or(100).min(1000)).await?))
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], body).into_response()
+}
+
+/// Pages send a browser without a session to the sign-in form.
+fn page_error(e: ApiError) -> Response {
+    if e.status == StatusCode::UNAUTHORIZED {
+        let mut resp = html(StatusCode::UNAUTHORIZED, crate::pages::login(Some(&e.message)));
+        resp.extensions_mut().insert(ErrorNote { code: e.code, message: e.message, principal: e.principal.map(String::from) });
+        return resp;
+    }
+    let status = e.status;
+    let body = crate::pages::error_page(status, e.code, &e.message);
+    let mut resp = html(status, body);
+    resp.extensions_mut().insert(ErrorNote { code: e.code, message: e.message, principal: e.principal.map(String::from) });
+    resp
+}
+
+async fn login_page() -> Response {
+    html(StatusCode::OK, crate::pages::login(None))
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
+    let result: Result<Response, ApiError> = async {
+        let bytes = read_body(&headers, body, 4096).await?;
+        let form: LoginForm = serde_urlencoded_form(&bytes)?;
+        let mut probe = HeaderMap::new();
+        let value = header::HeaderValue::from_str(&format!("Bearer {}", form.token))
+            .map_err(|_| ApiError::bad_request("malformed", "the token has characters a header cannot carry"))?;
+        probe.insert(header::AUTHORIZATION, value);
+        let who = s.authenticator().authenticate(&probe, None)?.ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "no token given"))?;
+        tracing::info!(principal = %who.name, role = %who.role, "signed in to the report pages");
+        let cookie = format!("{SESSION_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path=/", form.token);
+        Ok((StatusCode::SEE_OTHER, [(header::LOCATION, "/reports".to_string()), (header::SET_COOKIE, cookie)]).into_response())
+    }
+    .await;
+    result.unwrap_or_else(page_error)
+}
+
+fn serde_urlencoded_form<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_urlencoded::from_bytes(bytes).map_err(|e| ApiError::bad_request("malformed", format!("the form does not parse: {e}")))
+}
+
+async fn logout() -> Response {
+    let cookie = format!("{SESSION_COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0");
+    (StatusCode::SEE_OTHER, [(header::LOCATION, "/login".to_string()), (header::SET_COOKIE, cookie)]).into_response()
+}
+
+async fn reports_page(State(s): State<Arc<Service>>, caller: Result<Caller, ApiError>, query: Result<Query<RoundFilter>, ApiError>) -> Response {
+    let result: Result<Response, ApiError> = async {
+        let who = require(caller?.0, ANY_ROLE, "the round list")?;
+        let Query(filter) = query?;
+        let rounds = s.list_rounds(&filter, &who).await?;
+        Ok(html(StatusCode::OK, crate::pages::round_list(&rounds, &format!("{} ({})", who.name, who.role))))
+    }
+    .await;
+    result.unwrap_or_else(page_error)
+}
+
+async fn report_page(State(s): State<Arc<Service>>, caller: Result<Caller, ApiError>, path: Result<Path<u64>, ApiError>) -> Response {
+    let result: Result<Response, ApiError> = async {
+        let who = require(caller?.0, ANY_ROLE, "a round report")?;
+        let Path(round) = path?;
+        require_participant(&who, &s.roster(round).await?, round)?;
+        Ok(html(StatusCode::OK, crate::pages::report(&s.bundle(round, None).await?)))
+    }
+    .await;
+    result.unwrap_or_else(page_error)
 }
 
 /// Path parameters; a malformed one is a typed 400 rather than axum's plain-text reply.
@@ -103,11 +307,8 @@ async fn attestation(State(s): State<Arc<Service>>) -> Response {
     json(&s.attestation())
 }
 
-async fn open_round(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    if !constant_time_eq(token.as_bytes(), s.config().admin_token.as_bytes()) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "opening a round needs the admin bearer token"));
-    }
+async fn open_round(State(s): State<Arc<Service>>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    require(who, &[Role::Admin], "opening a round")?;
     let bytes = read_body(&headers, body, JSON_LIMIT).await?;
     let params: RoundParams = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
     let cfg = s.open_round(&params).await?;
@@ -119,7 +320,8 @@ async fn current(State(s): State<Arc<Service>>) -> Result<Response, ApiError> {
     Ok(json(&s.status(cfg.round).await?))
 }
 
-async fn privacy(State(s): State<Arc<Service>>) -> Result<Response, ApiError> {
+async fn privacy(State(s): State<Arc<Service>>, Caller(who): Caller) -> Result<Response, ApiError> {
+    require(who, ANY_ROLE, "the privacy report")?;
     Ok(json(&s.privacy().await?))
 }
 

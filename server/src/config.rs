@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub rounds: RoundSchedule,
     #[serde(default)]
     pub institutions: Vec<Institution>,
+    /// Who may read reports and the log, and with which role (bearer tokens or mTLS).
+    #[serde(default)]
+    pub access: Vec<crate::auth::AccessGrant>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +126,7 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!("institution {}: public_key must be 32 bytes of hex", inst.name)));
             }
         }
+        crate::auth::validate(self).map_err(ConfigError::Invalid)?;
         if self.node_policy.allow_insecure_dev && !self.dev_insecure {
             return Err(ConfigError::Invalid("node_policy.allow_insecure_dev requires dev_insecure = true".into()));
         }

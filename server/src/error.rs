@@ -13,7 +13,17 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub verdict: Option<serde_json::Value>,
+    pub verdict: Option<Box<serde_json::Value>>,
+    /// Who was refused, when the caller authenticated (for the denial log).
+    pub principal: Option<Box<str>>,
+}
+
+/// Attached to every error response, so the denial log can name what was refused.
+#[derive(Clone, Debug)]
+pub struct ErrorNote {
+    pub code: &'static str,
+    pub message: String,
+    pub principal: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -26,7 +36,13 @@ struct Body<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), verdict: None }
+        ApiError { status, code, message: message.into(), verdict: None, principal: None }
+    }
+
+    /// Names the authenticated caller this refusal is for.
+    pub fn by(mut self, p: &crate::auth::Principal) -> Self {
+        self.principal = Some(format!("{} ({})", p.name, p.role).into_boxed_str());
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -45,8 +61,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: self.code, message: &self.message, verdict: self.verdict.as_ref() };
-        (self.status, axum::Json(body)).into_response()
+        let body = Body { error: self.code, message: &self.message, verdict: self.verdict.as_deref() };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorNote { code: self.code, message: self.message, principal: self.principal.map(String::from) });
+        resp
     }
 }
 
@@ -55,12 +73,18 @@ impl From<EnclaveError> for ApiError {
         let msg = e.to_string();
         match e {
             EnclaveError::Protocol(core) => core_error(core, msg),
-            EnclaveError::NotAdmitted { verdict, .. } => {
-                ApiError { status: StatusCode::FORBIDDEN, code: "not_admitted", message: msg, verdict: serde_json::to_value(&*verdict).ok() }
-            }
+            EnclaveError::NotAdmitted { verdict, .. } => ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "not_admitted",
+                message: msg,
+                verdict: serde_json::to_value(&*verdict).ok().map(Box::new),
+                principal: None,
+            },
             EnclaveError::NoRound => ApiError::new(StatusCode::NOT_FOUND, "no_round", msg),
             EnclaveError::RoundOpen(_) => ApiError::new(StatusCode::CONFLICT, "round_open", msg),
-            EnclaveError::Unseal(_) | EnclaveError::ReplayMismatch { .. } | EnclaveError::Attestation(_) | EnclaveError::Internal(_) => ApiError::internal(msg),
+            EnclaveError::Unseal(_) | EnclaveError::ReplayMismatch { .. } | EnclaveError::Attestation(_) | EnclaveError::Log(_) | EnclaveError::Internal(_) => {
+                ApiError::internal(msg)
+            }
         }
     }
 }

@@ -4,10 +4,13 @@
 //! `tessera_enclave` and never computes on an update itself.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod compliance;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod pages;
 pub mod service;
 pub mod store;
 pub mod tls;

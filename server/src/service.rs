@@ -14,7 +14,7 @@ use serde::Serialize;
 use tessera_attestation::dev::{measure_bytes, DevAttester};
 use tessera_attestation::policy::Verdict;
 use tessera_attestation::Attester;
-use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey, StoredEvent};
+use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey};
 use tessera_secagg::aggregator::{Outcome, Phase};
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
@@ -23,7 +23,20 @@ use tokio::sync::Mutex;
 use crate::config::{RoundParams, ServerConfig};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, Finish, Store, StoreError};
+
+struct End {
+    status: &'static str,
+    outcome: String,
+    release: Option<String>,
+    mean: Option<Vec<u8>>,
+}
+
+impl End {
+    fn finish(&self) -> Finish<'_> {
+        Finish { status: self.status, outcome: &self.outcome, release: self.release.as_deref(), mean: self.mean.as_deref() }
+    }
+}
 
 pub fn now() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
@@ -51,6 +64,7 @@ pub struct Service {
     tls_fingerprint: [u8; 32],
     evidence: Vec<u8>,
     pub metrics: Arc<Metrics>,
+    authenticator: Arc<crate::auth::Authenticator>,
     last_schedule_error: Mutex<Option<String>>,
 }
 
@@ -149,6 +163,9 @@ impl Service {
         store.put_kv("enclave_identity", &sealed).await?;
         let identity = enclave.identity_public_key();
         let evidence = enclave.evidence(&tls_fingerprint, now().0 / 1000)?;
+        let stored_log = store.log_range(0, u64::MAX).await?;
+        enclave.load_log(&stored_log)?;
+        tracing::info!(entries = stored_log.len(), root = %hex::encode(enclave.log().root()), "transparency log loaded");
 
         // Resume the last round if it was still running when the process stopped.
         let mut current = None;
@@ -162,13 +179,19 @@ impl Service {
                     }
                     Err(e) => {
                         tracing::error!(round = row.round, error = %e, "cannot resume round; marking it aborted");
-                        store.finish_round(row.round, "aborted", &format!("not resumable after restart: {e}"), None, None).await?;
+                        let reason = format!("not resumable after restart: {e}");
+                        enclave.discard_round();
+                        enclave.log_host_abort(row.round, &reason, now());
+                        let log = enclave.take_log_entries();
+                        let finish = Finish { status: "aborted", outcome: &reason, release: None, mean: None };
+                        store.commit(Commit { round: row.round, log: &log, finish: Some(finish), ..Default::default() }).await?;
                     }
                 }
             } else {
                 current = Some(Current { cfg: row.config.clone(), opened_at: row.opened_at, finished_at: Some(row.opened_at) });
             }
         }
+        let authenticator = crate::auth::Authenticator::new(&cfg);
         let service = Arc::new(Service {
             inner: Mutex::new(Inner { enclave, current }),
             store,
@@ -177,6 +200,7 @@ impl Service {
             tls_fingerprint,
             evidence,
             metrics: Arc::new(Metrics::default()),
+            authenticator,
             last_schedule_error: Mutex::new(None),
         });
         // A round that finished just before a crash may not have its result stored yet.
@@ -186,6 +210,21 @@ impl Service {
 
     pub fn config(&self) -> &ServerConfig {
         &self.cfg
+    }
+
+    /// Runs `f` on the enclave under the service lock (nothing else moves meanwhile).
+    pub async fn with_enclave<T>(&self, f: impl FnOnce(&Enclave) -> T) -> T {
+        let inner = self.inner.lock().await;
+        f(&inner.enclave)
+    }
+
+    /// Institution names by roster key (display labels; not part of the log).
+    pub fn institution_name(&self, key: &str) -> Option<&str> {
+        self.cfg.institutions.iter().find(|i| i.public_key.eq_ignore_ascii_case(key)).map(|i| i.name.as_str())
+    }
+
+    pub fn authenticator(&self) -> &crate::auth::Authenticator {
+        &self.authenticator
     }
 
     pub fn store(&self) -> &Store {
@@ -237,7 +276,13 @@ impl Service {
         }
         let opened_at = now();
         inner.enclave.open_round(cfg.clone(), opened_at)?;
-        self.store.insert_round(&cfg, opened_at).await?;
+        let log = inner.enclave.take_log_entries();
+        if let Err(e) = self.store.commit(Commit { round, open: Some((&cfg, opened_at)), log: &log, ..Default::default() }).await {
+            tracing::error!(error = %e, "could not store the new round; discarding it");
+            inner.enclave.discard_round();
+            self.reload_log(&mut inner).await?;
+            return Err(e.into());
+        }
         tracing::info!(round, participants = cfg.participants(), k = cfg.neighbours, t = cfg.min_survivors, m = cfg.vector_len, "round opened");
         inner.current = Some(Current { cfg: cfg.clone(), opened_at, finished_at: None });
         Ok(cfg)
@@ -304,13 +349,23 @@ impl Service {
             }
             _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
         };
+        let log = inner.enclave.take_log_entries();
         let verdict = match result {
             Ok(v) => v,
             // A retransmission of a message already stored (its acknowledgement was lost).
             Err(EnclaveError::Protocol(tessera_secagg::Error::Protocol(tessera_secagg::ProtocolError::AlreadyAccepted(_)))) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A refused admission is logged, though the message is not stored.
+                if !log.is_empty() {
+                    if let Err(se) = self.store.commit(Commit { round, log: &log, ..Default::default() }).await {
+                        tracing::error!(error = %se, "could not store log entries; rebuilding from the store");
+                        self.rebuild(&mut inner).await?;
+                    }
+                }
+                return Err(e.into());
+            }
         };
-        if let Err(e) = self.store.append_message(round, kind, t, body).await {
+        if let Err(e) = self.store.commit(Commit { round, message: Some((kind, t, body)), log: &log, ..Default::default() }).await {
             tracing::error!(error = %e, "could not store an accepted message; rebuilding the round from the store");
             self.rebuild(&mut inner).await?;
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "the message could not be stored; retry"));
@@ -319,10 +374,19 @@ impl Service {
         Ok(verdict)
     }
 
+    /// Puts the enclave back in step with the store: the stored log, then the current
+    /// round replayed from its stored events.
     async fn rebuild(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        self.reload_log(inner).await?;
         let Some(cur) = &inner.current else { return Ok(()) };
         let events = self.store.events(cur.cfg.round).await?;
         inner.enclave.restore_round(cur.cfg.clone(), cur.opened_at, &events)?;
+        Ok(())
+    }
+
+    async fn reload_log(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        let stored = self.store.log_range(0, u64::MAX).await?;
+        inner.enclave.load_log(&stored)?;
         Ok(())
     }
 
@@ -411,30 +475,48 @@ impl Service {
             Err(EnclaveError::NoRound) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        self.store.append_event(round, &StoredEvent::Sealed { seq: transition.seq, sealed: transition.sealed }).await?;
+        let log = inner.enclave.take_log_entries();
         let change = &transition.change;
         tracing::info!(round, from = ?change.from, to = ?change.to, responded = change.responded.len(), "phase closed");
-        if change.to.is_terminal() {
-            self.record_end(inner, round, t).await?;
+        let end = if change.to.is_terminal() { self.end_of(inner, round)? } else { None };
+        let finish = end.as_ref().map(|e| e.finish());
+        let ended = finish.is_some();
+        if let Err(e) = self.store.commit(Commit { round, sealed: Some((transition.seq, &transition.sealed)), log: &log, finish, ..Default::default() }).await {
+            tracing::error!(error = %e, "could not store a phase change; rebuilding the round from the store");
+            self.rebuild(inner).await?;
+            return Err(e.into());
+        }
+        if ended {
+            if let Some(cur) = inner.current.as_mut() {
+                cur.finished_at = Some(t);
+            }
         }
         Ok(())
     }
 
-    async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
-        match inner.enclave.outcome() {
+    /// How the round ended, for the store.
+    fn end_of(&self, inner: &Inner, round: u64) -> Result<Option<End>, ApiError> {
+        Ok(match inner.enclave.outcome() {
             Some(Outcome::Sum(_)) => {
                 let release = inner.enclave.release().ok_or_else(|| ApiError::internal("finished without a release"))?;
                 let json = serde_json::to_string(release).map_err(ApiError::internal)?;
                 let mean = tessera_enclave::Release::mean_bytes(&release.mean);
                 tracing::info!(round, included = release.included.len(), total_weight = release.total_weight, "aggregate released");
-                self.store.finish_round(round, "finished", "released", Some(&json), Some(&mean)).await?;
+                Some(End { status: "finished", outcome: "released".into(), release: Some(json), mean: Some(mean) })
             }
             Some(Outcome::Aborted { phase, reason }) => {
                 tracing::warn!(round, ?phase, %reason, "round aborted; nothing released");
-                self.store.finish_round(round, "aborted", reason, None, None).await?;
+                Some(End { status: "aborted", outcome: reason.clone(), release: None, mean: None })
             }
-            None => return Ok(()),
-        }
+            None => None,
+        })
+    }
+
+    /// Stores the end of a round the replay finished (a store written before phase
+    /// changes and round ends were committed together).
+    async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
+        let Some(end) = self.end_of(inner, round)? else { return Ok(()) };
+        self.store.commit(Commit { round, finish: Some(end.finish()), ..Default::default() }).await?;
         if let Some(cur) = inner.current.as_mut() {
             cur.finished_at = Some(t);
         }

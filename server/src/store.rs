@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use tessera_enclave::{MessageKind, StoredEvent};
+use tessera_enclave::{MessageKind, StoredEvent, StoredLogEntry};
 use tessera_secagg::{RoundConfig, Timestamp};
 
 #[derive(Clone, Debug)]
@@ -53,7 +53,55 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     PRIMARY KEY (round, idx)
 );
+CREATE TABLE IF NOT EXISTS log (
+    idx INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_by_round ON log (round, idx);
+CREATE TABLE IF NOT EXISTS denials (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    principal TEXT,
+    reason TEXT NOT NULL
+);
 "#;
+
+/// What one enclave step leaves for the store, written in one transaction: a crash
+/// keeps all of it or none of it, so the log never has an entry whose event is lost,
+/// nor an event without its entries.
+#[derive(Debug, Default)]
+pub struct Commit<'a> {
+    pub round: u64,
+    pub open: Option<(&'a RoundConfig, Timestamp)>,
+    pub message: Option<(MessageKind, Timestamp, &'a [u8])>,
+    pub sealed: Option<(u64, &'a [u8])>,
+    pub log: &'a [StoredLogEntry],
+    pub finish: Option<Finish<'a>>,
+}
+
+#[derive(Debug)]
+pub struct Finish<'a> {
+    pub status: &'a str,
+    pub outcome: &'a str,
+    pub release: Option<&'a str>,
+    pub mean: Option<&'a [u8]>,
+}
+
+/// A refused request, kept for auditors.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Denial {
+    pub at_ms: u64,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub principal: Option<String>,
+    pub reason: String,
+}
 
 fn kind_name(k: MessageKind) -> &'static str {
     match k {
@@ -101,27 +149,113 @@ impl Store {
         Ok(())
     }
 
-    pub async fn insert_round(&self, cfg: &RoundConfig, opened_at: Timestamp) -> Result<(), StoreError> {
-        let json = serde_json::to_string(cfg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query("INSERT INTO rounds (round, config, opened_at, status) VALUES (?, ?, ?, 'open')")
-            .bind(cfg.round as i64)
-            .bind(json)
-            .bind(opened_at.0 as i64)
+    /// Writes one enclave step atomically; see [`Commit`].
+    pub async fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some((cfg, opened_at)) = c.open {
+            let json = serde_json::to_string(cfg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query("INSERT INTO rounds (round, config, opened_at, status) VALUES (?, ?, ?, 'open')")
+                .bind(cfg.round as i64)
+                .bind(json)
+                .bind(opened_at.0 as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let event = |kind: &str, received_at: u64, seq: Option<i64>, body: &[u8]| {
+            sqlx::query(
+                "INSERT INTO events (round, idx, kind, received_at, seq, body) \
+                 VALUES (?1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = ?1), ?2, ?3, ?4, ?5)",
+            )
+            .bind(c.round as i64)
+            .bind(kind.to_string())
+            .bind(received_at as i64)
+            .bind(seq)
+            .bind(body.to_vec())
+        };
+        if let Some((kind, at, body)) = c.message {
+            event(kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
+        }
+        if let Some((seq, sealed)) = c.sealed {
+            event("sealed", 0, Some(seq as i64), sealed).execute(&mut *tx).await?;
+        }
+        for e in c.log {
+            sqlx::query("INSERT INTO log (idx, round, timestamp_ms, data) VALUES (?, ?, ?, ?)")
+                .bind(e.index as i64)
+                .bind(e.round as i64)
+                .bind(e.timestamp_ms as i64)
+                .bind(&e.data)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(f) = c.finish {
+            sqlx::query("UPDATE rounds SET status = ?, outcome = ?, release = ?, mean = ? WHERE round = ?")
+                .bind(f.status)
+                .bind(f.outcome)
+                .bind(f.release)
+                .bind(f.mean)
+                .bind(c.round as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn log_row(r: sqlx::sqlite::SqliteRow) -> StoredLogEntry {
+        StoredLogEntry {
+            index: r.get::<i64, _>("idx") as u64,
+            round: r.get::<i64, _>("round") as u64,
+            timestamp_ms: r.get::<i64, _>("timestamp_ms") as u64,
+            data: r.get("data"),
+        }
+    }
+
+    /// Log entries with `start <= index < end`, in order.
+    pub async fn log_range(&self, start: u64, end: u64) -> Result<Vec<StoredLogEntry>, StoreError> {
+        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE idx >= ? AND idx < ? ORDER BY idx")
+            .bind(start.min(i64::MAX as u64) as i64)
+            .bind(end.min(i64::MAX as u64) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(Self::log_row).collect())
+    }
+
+    /// A round's log entries, in order.
+    pub async fn log_of_round(&self, round: u64) -> Result<Vec<StoredLogEntry>, StoreError> {
+        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE round = ? ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(Self::log_row).collect())
+    }
+
+    pub async fn record_denial(&self, d: &Denial) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO denials (at_ms, method, path, status, principal, reason) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(d.at_ms as i64)
+            .bind(&d.method)
+            .bind(&d.path)
+            .bind(d.status as i64)
+            .bind(&d.principal)
+            .bind(&d.reason)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    pub async fn finish_round(&self, round: u64, status: &str, outcome: &str, release: Option<&str>, mean: Option<&[u8]>) -> Result<(), StoreError> {
-        sqlx::query("UPDATE rounds SET status = ?, outcome = ?, release = ?, mean = ? WHERE round = ?")
-            .bind(status)
-            .bind(outcome)
-            .bind(release)
-            .bind(mean)
-            .bind(round as i64)
-            .execute(&self.pool)
+    /// The most recent denials, newest first.
+    pub async fn denials(&self, limit: u32) -> Result<Vec<Denial>, StoreError> {
+        let rows = sqlx::query("SELECT at_ms, method, path, status, principal, reason FROM denials ORDER BY id DESC LIMIT ?")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
             .await?;
-        Ok(())
+        Ok(rows
+            .into_iter()
+            .map(|r| Denial {
+                at_ms: r.get::<i64, _>("at_ms") as u64,
+                method: r.get("method"),
+                path: r.get("path"),
+                status: r.get::<i64, _>("status") as u16,
+                principal: r.get("principal"),
+                reason: r.get("reason"),
+            })
+            .collect())
     }
 
     fn row(r: sqlx::sqlite::SqliteRow) -> Result<RoundRow, StoreError> {
@@ -164,34 +298,6 @@ impl Store {
 
     pub async fn mean(&self, round: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(sqlx::query("SELECT mean FROM rounds WHERE round = ? AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
-    }
-
-    /// Appends one event in one transaction; `idx` orders a round's events.
-    pub async fn append_event(&self, round: u64, event: &StoredEvent) -> Result<(), StoreError> {
-        match event {
-            StoredEvent::Message { kind, received_at, body } => self.append_raw(round, kind_name(*kind), received_at.0, None, body).await,
-            StoredEvent::Sealed { seq, sealed } => self.append_raw(round, "sealed", 0, Some(*seq as i64), sealed).await,
-        }
-    }
-
-    /// Appends a client message from borrowed bytes (a masked input is not copied again).
-    pub async fn append_message(&self, round: u64, kind: MessageKind, received_at: Timestamp, body: &[u8]) -> Result<(), StoreError> {
-        self.append_raw(round, kind_name(kind), received_at.0, None, body).await
-    }
-
-    async fn append_raw(&self, round: u64, kind: &str, received_at: u64, seq: Option<i64>, body: &[u8]) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO events (round, idx, kind, received_at, seq, body) \
-             VALUES (?1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = ?1), ?2, ?3, ?4, ?5)",
-        )
-        .bind(round as i64)
-        .bind(kind)
-        .bind(received_at as i64)
-        .bind(seq)
-        .bind(body)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     pub async fn events(&self, round: u64) -> Result<Vec<StoredEvent>, StoreError> {

@@ -31,6 +31,7 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         node_policy: tessera_attestation::policy::NodePolicy::insecure_dev(),
         rounds: RoundSchedule { auto_open: rounds > 0, count: rounds, params },
         institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),
+        access: Vec::new(),
     }
 }
 

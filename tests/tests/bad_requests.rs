@@ -62,7 +62,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     assert_eq!(status_code(&api.get_bytes("/v1/nowhere").await.unwrap_err()), (404, "not_found"));
     assert_eq!(status_code(&api.get_bytes("/v1/rounds/99").await.unwrap_err()), (404, "unknown_round"));
     assert_eq!(status_code(&api.get_bytes("/v1/rounds/notanumber").await.unwrap_err()).0, 400);
-    assert_eq!(status_code(&post("/v1/rounds", "application/json", b"{}".to_vec()).await), (401, "unauthorized"));
+    assert_eq!(status_code(&post("/v1/rounds", "application/json", b"{}".to_vec()).await), (401, "unauthenticated"));
 
     // Oversized bodies are refused before they are buffered.
     let limit = MaskedInput::encoded_len(cfg.masked_len());

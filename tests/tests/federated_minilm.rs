@@ -105,7 +105,7 @@ async fn three_institutions_lower_held_out_loss() {
     let g0 = insts[0].adapter.flatten_update().unwrap();
     assert!(insts.iter().all(|i| i.adapter.flatten_update().unwrap() == g0));
 
-    let privacy: serde_json::Value = Api::new(&url, server.fingerprint).unwrap().get_json("/v1/privacy").await.unwrap();
+    let privacy: serde_json::Value = Api::new(&url, server.fingerprint).unwrap().with_bearer(ADMIN_TOKEN).get_json("/v1/privacy").await.unwrap();
     assert_eq!(privacy["rounds_released"], 2);
     let eps = privacy["epsilon_spent"].as_f64().unwrap();
     assert!((eps - tessera_secagg::dp::epsilon(0.05, 2, 1e-5)).abs() < 1e-9, "{privacy}");

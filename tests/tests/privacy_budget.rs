@@ -45,7 +45,7 @@ async fn a_round_past_the_budget_is_refused() {
     for t in tasks {
         assert!(matches!(t.await.unwrap().unwrap(), Participation::Completed(_)));
     }
-    let report: serde_json::Value = api.get_json("/v1/privacy").await.unwrap();
+    let report: serde_json::Value = api.clone().with_bearer(ADMIN_TOKEN).get_json("/v1/privacy").await.unwrap();
     assert_eq!(report["rounds_released"], 1);
     assert_eq!(report["rounds_remaining"], 0);
     assert!((report["epsilon_spent"].as_f64().unwrap() - one).abs() < 1e-9);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use sha2::Digest;
 use tessera_client::train::data::Example;
 use tessera_client::train::federated::split_by_group;
 use tessera_client::train::LoraMode;
@@ -199,11 +200,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     let layout_toml: String = layout.iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
     // Per-coordinate range for quantization: the clipped update plus a wide margin for the noise share.
     let coord_clip = args.clip + 8.0 * dp.client_noise_std(2);
+    let admin_token = hex::encode(rand::random::<[u8; 16]>());
+    // A compliance auditor's credential: the server keeps only its SHA-256.
+    let auditor_token = hex::encode(rand::random::<[u8; 16]>());
+    std::fs::write(work.join("auditor.token"), &auditor_token)?;
+    let access_toml = format!(
+        "[[access]]\nname = \"compliance-auditor\"\nrole = \"auditor\"\ntoken_sha256 = \"{}\"\n",
+        hex::encode(sha2::Sha256::digest(auditor_token.as_bytes()))
+    );
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n[node_policy]\nallow_insecure_dev = true\n\n\
          [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\n\n\
-         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}",
-        hex::encode(rand::random::<[u8; 16]>()),
+         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}\n{access_toml}",
+        admin_token,
         args.rounds,
         (args.institutions - usize::from(args.dropout >= 0)).max(2),
         args.clip,
@@ -290,7 +299,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.dropped += usize::from(r["dropped"].as_bool().unwrap_or(false));
         }
     }
-    let privacy = privacy_report(&url, &fingerprint)?;
+    let privacy = privacy_report(&url, &fingerprint, &admin_token)?;
+    let audit = export_for_audit(&url, &fingerprint, &auditor_token, args.rounds, work)?;
     let eps_of = |round: u64| -> f64 {
         privacy["per_round"].as_array().and_then(|a| a.iter().find(|r| r["round"] == round)).and_then(|r| r["epsilon_cumulative"].as_f64()).unwrap_or(f64::NAN)
     };
@@ -333,6 +343,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     tessera_tests::plot::curves(&plot, &series)?;
     println!("\nHeld-out loss and accuracy: averaged over the institutions, each on reviews of its own conditions. Global accuracy: the global model on {} reviews of all conditions (evaluated by clinic-0).", global_test.len());
     println!("Every update left its institution clipped, noised and masked; the aggregator released only the signed mean of each round.");
+    println!("\nCompliance: round {} report page {} (open it in a browser), bundle {}.", audit.round, audit.page.display(), audit.bundle.display());
+    for c in &audit.outcome.checks {
+        println!("  audit {} {}: {}", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail);
+    }
+    println!(
+        "Verify it offline yourself: tessera-attest audit {} --policy {} --mean {}",
+        audit.bundle.display(),
+        work.join("auditor-policy.toml").display(),
+        audit.mean.display()
+    );
+    if !audit.outcome.passed() {
+        bail!("the offline audit of round {} failed", audit.round);
+    }
     println!(
         "Curves: {}. Global adapters (PEFT format): {}/institution-*/global-adapter. Total {:.0} s.",
         plot.display(),
@@ -342,9 +365,48 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn privacy_report(url: &str, fingerprint: &str) -> anyhow::Result<serde_json::Value> {
+/// What the auditor takes away from the last round: its report bundle (JSON), the report
+/// page (HTML) and the released mean; verified here with the same code as
+/// `tessera-attest audit`.
+struct AuditExport {
+    round: u64,
+    bundle: PathBuf,
+    page: PathBuf,
+    mean: PathBuf,
+    outcome: tessera_attestation::audit::AuditOutcome,
+}
+
+fn export_for_audit(url: &str, fingerprint: &str, token: &str, round: u64, work: &Path) -> anyhow::Result<AuditExport> {
     let pin: [u8; 32] = hex::decode(fingerprint)?.try_into().map_err(|_| anyhow::anyhow!("bad fingerprint"))?;
-    let api = tessera_client::Api::new(url, pin)?;
+    let api = tessera_client::Api::new(url, pin)?.with_bearer(token);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (bundle, page, mean) = rt.block_on(async {
+        let bundle = api.get_bytes(format!("/v1/rounds/{round}/report")).await?;
+        let page = api.get_bytes(format!("/reports/{round}")).await?;
+        let mean = api.get_bytes(format!("/v1/rounds/{round}/result/mean")).await?;
+        Ok::<_, tessera_client::http::HttpError>((bundle, page, mean))
+    })?;
+    let paths =
+        (work.join(format!("round-{round}-report.json")), work.join(format!("round-{round}-report.html")), work.join(format!("round-{round}-mean.bin")));
+    std::fs::write(&paths.0, &bundle)?;
+    std::fs::write(&paths.1, &page)?;
+    std::fs::write(&paths.2, &mean)?;
+    // The demo's aggregator runs in INSECURE dev mode, so the auditor's policy must say so.
+    std::fs::write(work.join("auditor-policy.toml"), "# The demo's aggregator has simulated evidence: accept it, knowingly.\nallow_insecure_dev = true\n")?;
+    let parsed: tessera_attestation::audit::RoundBundle = serde_json::from_slice(&bundle).context("the report bundle does not parse")?;
+    let inputs = tessera_attestation::audit::AuditInputs {
+        policy: tessera_attestation::policy::NodePolicy::insecure_dev(),
+        now_secs: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+        previous_head: None,
+        mean: Some(mean.to_vec()),
+    };
+    let outcome = tessera_attestation::audit::audit_bundle(&parsed, &inputs);
+    Ok(AuditExport { round, bundle: paths.0, page: paths.1, mean: paths.2, outcome })
+}
+
+fn privacy_report(url: &str, fingerprint: &str, token: &str) -> anyhow::Result<serde_json::Value> {
+    let pin: [u8; 32] = hex::decode(fingerprint)?.try_into().map_err(|_| anyhow::anyhow!("bad fingerprint"))?;
+    let api = tessera_client::Api::new(url, pin)?.with_bearer(token);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let report: Result<serde_json::Value, tessera_client::http::HttpError> =
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), api.get_json("/v1/privacy")).await }).context("privacy report timed out")?;

@@ -1,0 +1,730 @@
+//! The round transparency log's entries, the compliance report derived from them, and
+//! the offline audit of an exported round bundle.
+//!
+//! The enclave writes one [`LogEntry`] per round event into an RFC 6962 Merkle tree
+//! ([`crate::translog`]) and signs its tree heads with its attested identity key. A
+//! [`RoundReport`] is a pure function of a round's entries ([`derive_report`]), so an
+//! auditor who holds the entries, their inclusion proofs and a signed tree head can
+//! recompute every claim of the report ([`audit_bundle`]) without trusting the host
+//! that served them.
+//!
+//! No entry holds a plaintext update, a mask, a share or a key: only hashes, client
+//! indices, roster public keys, verdicts and parameters.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::policy::NodePolicy;
+use crate::translog::{self, Hash, SignedTreeHead};
+
+/// The DP parameters a round ran under (mirrors `tessera_secagg::dp::DpParams`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSummary {
+    pub noise_multiplier: f64,
+    pub l2_clip: f64,
+    pub delta: f64,
+    pub epsilon_budget: f64,
+}
+
+/// One entry of the log. Its leaf is `SHA-256(0x00 ‖ the entry's JSON bytes)`, over the
+/// exact bytes the log stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogEntry {
+    /// Position in the log, from 0.
+    pub index: u64,
+    /// Enclave time of the event, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    pub round: u64,
+    pub event: LogEvent,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LogEvent {
+    /// A round opened: its configuration digest, roster and parameters, the node policy
+    /// admission runs under, and the evidence the aggregator presents.
+    RoundOpened {
+        config_digest: String,
+        /// Ed25519 public keys of the roster, hex; the index is the client id.
+        roster: Vec<String>,
+        min_survivors: u32,
+        neighbours: u32,
+        vector_len: u32,
+        dp: Option<DpSummary>,
+        node_policy_sha256: String,
+        aggregator_format: String,
+        aggregator_evidence_sha256: String,
+    },
+    /// The verdict on a client's evidence when it advertised its round keys.
+    Admission {
+        client: u32,
+        identity: String,
+        accepted: bool,
+        evidence_sha256: String,
+        format: Option<String>,
+        measurement: Option<String>,
+        debug: Option<bool>,
+        failures: Vec<String>,
+    },
+    /// A masked input was accepted: the hash of the bytes received (the bytes themselves
+    /// are uniformly random to everyone but the sum).
+    MaskedInput { client: u32, sha256: String, bytes: u64 },
+    /// A protocol phase closed: who answered and who went missing in it (dropouts).
+    PhaseClosed { from: String, to: String, responded: Vec<u32>, missing: Vec<u32> },
+    /// The aggregate was released: its hash, who is in it, and the privacy it spent.
+    Released {
+        included: Vec<u32>,
+        total_weight: u64,
+        mean_sha256: String,
+        error_bound: f64,
+        release_signature: String,
+        dp: Option<DpSummary>,
+        /// ε of this round alone, at the round's δ.
+        epsilon_round: Option<f64>,
+        /// ε of the federation over every released DP round so far, this one included.
+        epsilon_cumulative: Option<f64>,
+        /// ε per participant (roster key) over the released DP rounds it was included in.
+        epsilon_by_participant: BTreeMap<String, f64>,
+    },
+    /// The round ended without a release.
+    Aborted { phase: String, reason: String },
+}
+
+impl LogEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LogEvent::RoundOpened { .. } => "round_opened",
+            LogEvent::Admission { .. } => "admission",
+            LogEvent::MaskedInput { .. } => "masked_input",
+            LogEvent::PhaseClosed { .. } => "phase_closed",
+            LogEvent::Released { .. } => "released",
+            LogEvent::Aborted { .. } => "aborted",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, LogEvent::Released { .. } | LogEvent::Aborted { .. })
+    }
+}
+
+impl LogEntry {
+    pub fn parse(data: &[u8]) -> Result<LogEntry, ReportError> {
+        serde_json::from_slice(data).map_err(|e| ReportError::Malformed(e.to_string()))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("log entries serialize")
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("a log entry is malformed: {0}")]
+    Malformed(String),
+    #[error("the round's entries are not a complete record: {0}")]
+    Incomplete(String),
+}
+
+/// A participant's part in one round, as the log records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParticipantRecord {
+    pub client: u32,
+    /// Roster public key, hex.
+    pub identity: String,
+    /// The admission verdict, if the client advertised keys.
+    pub admission: Option<AdmissionRecord>,
+    pub masked_input_sha256: Option<String>,
+    /// In the released sum.
+    pub included: bool,
+    /// The phase in which it stopped answering, if it did.
+    pub dropped_in: Option<String>,
+    /// ε over the released DP rounds this participant was included in, up to this one.
+    pub epsilon_cumulative: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdmissionRecord {
+    pub accepted: bool,
+    pub evidence_sha256: String,
+    pub format: Option<String>,
+    pub measurement: Option<String>,
+    pub debug: Option<bool>,
+    pub failures: Vec<String>,
+    /// Admission attempts recorded (a rejected client may try again).
+    pub attempts: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    pub from: String,
+    pub to: String,
+    pub at_ms: u64,
+    pub responded: Vec<u32>,
+    pub missing: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub included: Vec<u32>,
+    pub total_weight: u64,
+    pub mean_sha256: String,
+    pub error_bound: f64,
+    pub release_signature: String,
+}
+
+/// The compliance report of one round: every field follows from the round's log entries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u64,
+    /// `released`, `aborted` or `running`.
+    pub status: String,
+    pub opened_at_ms: u64,
+    pub closed_at_ms: Option<u64>,
+    pub config_digest: String,
+    pub min_survivors: u32,
+    pub neighbours: u32,
+    pub vector_len: u32,
+    pub node_policy_sha256: String,
+    pub aggregator_format: String,
+    pub aggregator_evidence_sha256: String,
+    pub participants: Vec<ParticipantRecord>,
+    pub phases: Vec<PhaseRecord>,
+    /// Clients that went missing in any phase.
+    pub dropouts: Vec<u32>,
+    pub dp: Option<DpSummary>,
+    pub epsilon_round: Option<f64>,
+    pub epsilon_cumulative: Option<f64>,
+    pub release: Option<ReleaseRecord>,
+    pub abort_reason: Option<String>,
+    /// Log indices of the round's entries, in order.
+    pub entries: Vec<u64>,
+}
+
+/// Derives a round's report from its log entries, which must be the round's whole,
+/// contiguous record: a `round_opened` entry first, then the round's events in order.
+pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
+    let first = entries.first().ok_or_else(|| ReportError::Incomplete("no entries".into()))?;
+    let LogEvent::RoundOpened {
+        config_digest,
+        roster,
+        min_survivors,
+        neighbours,
+        vector_len,
+        dp,
+        node_policy_sha256,
+        aggregator_format,
+        aggregator_evidence_sha256,
+    } = &first.event
+    else {
+        return Err(ReportError::Incomplete(format!("entry {} is {}, not round_opened", first.index, first.event.name())));
+    };
+    let round = first.round;
+    let mut report = RoundReport {
+        round,
+        status: "running".into(),
+        opened_at_ms: first.timestamp_ms,
+        closed_at_ms: None,
+        config_digest: config_digest.clone(),
+        min_survivors: *min_survivors,
+        neighbours: *neighbours,
+        vector_len: *vector_len,
+        node_policy_sha256: node_policy_sha256.clone(),
+        aggregator_format: aggregator_format.clone(),
+        aggregator_evidence_sha256: aggregator_evidence_sha256.clone(),
+        participants: roster
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ParticipantRecord {
+                client: i as u32,
+                identity: id.clone(),
+                admission: None,
+                masked_input_sha256: None,
+                included: false,
+                dropped_in: None,
+                epsilon_cumulative: None,
+            })
+            .collect(),
+        phases: Vec::new(),
+        dropouts: Vec::new(),
+        dp: *dp,
+        epsilon_round: None,
+        epsilon_cumulative: None,
+        release: None,
+        abort_reason: None,
+        entries: vec![first.index],
+    };
+    let mut ended = false;
+    for (expected_index, e) in (first.index + 1..).zip(&entries[1..]) {
+        if e.index != expected_index {
+            return Err(ReportError::Incomplete(format!("entry {expected_index} is missing (next given is {})", e.index)));
+        }
+        if e.round != round {
+            return Err(ReportError::Incomplete(format!("entry {} belongs to round {}, not {round}", e.index, e.round)));
+        }
+        if ended {
+            return Err(ReportError::Incomplete(format!("entry {} follows the end of the round", e.index)));
+        }
+        report.entries.push(e.index);
+        let participant = |report: &mut RoundReport, client: u32| -> Result<usize, ReportError> {
+            let i = client as usize;
+            if i >= report.participants.len() {
+                return Err(ReportError::Malformed(format!("entry {}: client {client} is not in the roster", e.index)));
+            }
+            Ok(i)
+        };
+        match &e.event {
+            LogEvent::RoundOpened { .. } => return Err(ReportError::Incomplete(format!("entry {} opens the round a second time", e.index))),
+            LogEvent::Admission { client, identity, accepted, evidence_sha256, format, measurement, debug, failures } => {
+                let i = participant(&mut report, *client)?;
+                let p = &mut report.participants[i];
+                if &p.identity != identity {
+                    return Err(ReportError::Malformed(format!("entry {}: client {client} has identity {identity}, roster says {}", e.index, p.identity)));
+                }
+                let attempts = p.admission.as_ref().map_or(0, |a| a.attempts) + 1;
+                p.admission = Some(AdmissionRecord {
+                    accepted: *accepted,
+                    evidence_sha256: evidence_sha256.clone(),
+                    format: format.clone(),
+                    measurement: measurement.clone(),
+                    debug: *debug,
+                    failures: failures.clone(),
+                    attempts,
+                });
+            }
+            LogEvent::MaskedInput { client, sha256, .. } => {
+                let i = participant(&mut report, *client)?;
+                report.participants[i].masked_input_sha256 = Some(sha256.clone());
+            }
+            LogEvent::PhaseClosed { from, to, responded, missing } => {
+                for c in missing {
+                    let i = participant(&mut report, *c)?;
+                    let p = &mut report.participants[i];
+                    if p.dropped_in.is_none() {
+                        p.dropped_in = Some(from.clone());
+                    }
+                    if !report.dropouts.contains(c) {
+                        report.dropouts.push(*c);
+                    }
+                }
+                report.phases.push(PhaseRecord {
+                    from: from.clone(),
+                    to: to.clone(),
+                    at_ms: e.timestamp_ms,
+                    responded: responded.clone(),
+                    missing: missing.clone(),
+                });
+            }
+            LogEvent::Released {
+                included,
+                total_weight,
+                mean_sha256,
+                error_bound,
+                release_signature,
+                dp: rdp,
+                epsilon_round,
+                epsilon_cumulative,
+                epsilon_by_participant,
+            } => {
+                if rdp != dp {
+                    return Err(ReportError::Malformed(format!("entry {}: released under other DP parameters than the round opened with", e.index)));
+                }
+                for c in included {
+                    let i = participant(&mut report, *c)?;
+                    report.participants[i].included = true;
+                }
+                for p in &mut report.participants {
+                    p.epsilon_cumulative = epsilon_by_participant.get(&p.identity).copied();
+                }
+                report.epsilon_round = *epsilon_round;
+                report.epsilon_cumulative = *epsilon_cumulative;
+                report.release = Some(ReleaseRecord {
+                    included: included.clone(),
+                    total_weight: *total_weight,
+                    mean_sha256: mean_sha256.clone(),
+                    error_bound: *error_bound,
+                    release_signature: release_signature.clone(),
+                });
+                report.status = "released".into();
+                report.closed_at_ms = Some(e.timestamp_ms);
+                ended = true;
+            }
+            LogEvent::Aborted { phase, reason } => {
+                report.status = "aborted".into();
+                report.abort_reason = Some(format!("{reason} (in phase {phase})"));
+                report.closed_at_ms = Some(e.timestamp_ms);
+                ended = true;
+            }
+        }
+    }
+    report.dropouts.sort_unstable();
+    Ok(report)
+}
+
+/// The aggregator's evidence as the server presents it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AggregatorEvidence {
+    pub format: String,
+    /// The enclave's Ed25519 identity key, hex: it signs tree heads and releases.
+    pub identity_public_key: String,
+    /// SHA-256 of the TLS certificate's SubjectPublicKeyInfo, hex.
+    pub tls_fingerprint: String,
+    /// The evidence, hex; its report data binds the identity key and the TLS key.
+    pub evidence: String,
+}
+
+/// One log entry in a bundle: the exact stored bytes and the audit path to the head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleEntry {
+    pub index: u64,
+    /// The entry's JSON, exactly as hashed into the log.
+    pub data: String,
+    /// Audit path to the bundle's tree head, hex hashes.
+    pub inclusion_proof: Vec<String>,
+}
+
+/// A consistency proof from an earlier tree size to the bundle's tree head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConsistencyProof {
+    pub from_size: u64,
+    pub proof: Vec<String>,
+}
+
+/// Everything an auditor needs to check one round offline (`tessera-attest audit`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundBundle {
+    pub version: u32,
+    pub round: u64,
+    pub report: RoundReport,
+    /// Display names of roster keys from the operator's configuration (not in the log).
+    pub names: BTreeMap<String, String>,
+    pub aggregator: AggregatorEvidence,
+    pub tree_head: SignedTreeHead,
+    pub entries: Vec<BundleEntry>,
+    pub consistency: Option<ConsistencyProof>,
+}
+
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// One named check of an audit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditCheck {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditOutcome {
+    pub checks: Vec<AuditCheck>,
+}
+
+impl AuditOutcome {
+    pub fn passed(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+    }
+
+    pub fn failures(&self) -> impl Iterator<Item = &AuditCheck> {
+        self.checks.iter().filter(|c| !c.passed)
+    }
+
+    fn record(&mut self, name: impl Into<String>, result: Result<String, String>) {
+        let (passed, detail) = match result {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        self.checks.push(AuditCheck { name: name.into(), passed, detail });
+    }
+}
+
+/// What the auditor brings besides the bundle.
+#[derive(Clone, Debug, Default)]
+pub struct AuditInputs {
+    /// Policy for the aggregator's evidence.
+    pub policy: NodePolicy,
+    /// Verification time, seconds since the Unix epoch.
+    pub now_secs: u64,
+    /// A tree head the auditor kept from earlier; the bundle must extend it.
+    pub previous_head: Option<SignedTreeHead>,
+    /// The released mean (little-endian f32 bytes), to check against the logged hash.
+    pub mean: Option<Vec<u8>>,
+}
+
+fn hash_from_hex(s: &str) -> Result<Hash, String> {
+    hex::decode(s).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| format!("{s:?} is not a 32-byte hex hash"))
+}
+
+fn hashes_from_hex(v: &[String]) -> Result<Vec<Hash>, String> {
+    v.iter().map(|s| hash_from_hex(s)).collect()
+}
+
+/// Verifies a round bundle offline: the aggregator's evidence and its binding to the
+/// identity key, the tree head's signature by that key, the inclusion of every entry,
+/// that the entries are the round's complete record, that the report is exactly what
+/// the entries say, consistency with an earlier head, and the released mean's hash.
+pub fn audit_bundle(bundle: &RoundBundle, inputs: &AuditInputs) -> AuditOutcome {
+    let mut out = AuditOutcome::default();
+    if bundle.version != BUNDLE_VERSION {
+        out.record("bundle version", Err(format!("version {} is not supported (expected {BUNDLE_VERSION})", bundle.version)));
+        return out;
+    }
+
+    // 1. The aggregator's evidence, bound to its identity key and TLS key.
+    let identity: Option<[u8; 32]> = hex::decode(&bundle.aggregator.identity_public_key).ok().and_then(|v| v.try_into().ok());
+    let fingerprint = hex::decode(&bundle.aggregator.tls_fingerprint).ok().filter(|v| v.len() == 32);
+    let evidence = hex::decode(&bundle.aggregator.evidence).ok();
+    match (identity, &fingerprint, &evidence) {
+        (Some(identity), Some(fingerprint), Some(evidence)) => {
+            let expected = crate::binding::aggregator_report_data(&identity, fingerprint);
+            let verdict = inputs.policy.check(evidence, &[], &expected, inputs.now_secs);
+            let detail = match &verdict.claims {
+                Some(c) => format!("{} evidence, measurement {}{}", c.format, c.measurement, if c.debug { ", DEBUG" } else { "" }),
+                None => "evidence did not verify".into(),
+            };
+            out.record("aggregator evidence", if verdict.accepted { Ok(detail) } else { Err(format!("{detail}: {}", verdict.reasons())) });
+            let digest = sha256_hex(evidence);
+            out.record(
+                "report names this evidence",
+                if digest == bundle.report.aggregator_evidence_sha256 {
+                    Ok(format!("SHA-256 {digest}"))
+                } else {
+                    Err(format!("the log's round_opened names evidence {}, the bundle carries {digest}", bundle.report.aggregator_evidence_sha256))
+                },
+            );
+        }
+        _ => out.record("aggregator evidence", Err("identity_public_key, tls_fingerprint or evidence is not well-formed hex".into())),
+    }
+
+    // 2. The tree head, signed by the attested identity key.
+    let root = match (identity, bundle.tree_head.root()) {
+        (Some(key), Ok(root)) => match bundle.tree_head.verify(&key) {
+            Ok(()) => {
+                out.record("tree head signature", Ok(format!("size {}, root {}", bundle.tree_head.tree_size, bundle.tree_head.root_hash)));
+                Some(root)
+            }
+            Err(e) => {
+                out.record("tree head signature", Err(e.to_string()));
+                None
+            }
+        },
+        (_, Err(e)) => {
+            out.record("tree head signature", Err(e.to_string()));
+            None
+        }
+        (None, _) => {
+            out.record("tree head signature", Err("no usable identity key".into()));
+            None
+        }
+    };
+
+    // 3. Inclusion of every entry, and the entries parse.
+    let mut parsed = Vec::new();
+    let mut included_all = root.is_some();
+    for be in &bundle.entries {
+        let leaf = translog::leaf_hash(be.data.as_bytes());
+        let check = match (root, hashes_from_hex(&be.inclusion_proof)) {
+            (Some(root), Ok(proof)) => translog::verify_inclusion(&leaf, be.index, bundle.tree_head.tree_size, &proof, &root).map_err(|e| e.to_string()),
+            (None, _) => Err("no verified tree head".into()),
+            (_, Err(e)) => Err(e),
+        };
+        if let Err(e) = check {
+            included_all = false;
+            out.record(format!("inclusion of entry {}", be.index), Err(e));
+        }
+        match LogEntry::parse(be.data.as_bytes()) {
+            Ok(entry) if entry.index == be.index => parsed.push(entry),
+            Ok(entry) => out.record(format!("entry {}", be.index), Err(format!("the entry says it is number {}", entry.index))),
+            Err(e) => out.record(format!("entry {}", be.index), Err(e.to_string())),
+        }
+    }
+    if included_all {
+        out.record("inclusion proofs", Ok(format!("{} entries in the tree of size {}", bundle.entries.len(), bundle.tree_head.tree_size)));
+    }
+
+    // 4. The report is what the entries say.
+    match derive_report(&parsed) {
+        Ok(derived) => {
+            let round_ok = derived.round == bundle.round;
+            if derived == bundle.report && round_ok {
+                out.record(
+                    "report matches the log",
+                    Ok(format!("round {}: {}, {} participants, {} entries", derived.round, derived.status, derived.participants.len(), derived.entries.len())),
+                );
+            } else {
+                out.record("report matches the log", Err(report_diff(&bundle.report, &derived)));
+            }
+        }
+        Err(e) => out.record("report matches the log", Err(e.to_string())),
+    }
+
+    // 5. Consistency with an earlier head the auditor kept.
+    if let Some(prev) = &inputs.previous_head {
+        out.record("consistency with the earlier tree head", consistency(bundle, prev, identity, root));
+    }
+
+    // 6. The released mean, if the auditor has it.
+    if let Some(mean) = &inputs.mean {
+        let digest = sha256_hex(mean);
+        let check = match &bundle.report.release {
+            Some(r) if r.mean_sha256 == digest => Ok(format!("SHA-256 {digest}")),
+            Some(r) => Err(format!("the mean's SHA-256 is {digest}, the log says {}", r.mean_sha256)),
+            None => Err("the round released nothing".into()),
+        };
+        out.record("released mean", check);
+    }
+    out
+}
+
+fn consistency(bundle: &RoundBundle, prev: &SignedTreeHead, identity: Option<[u8; 32]>, root: Option<Hash>) -> Result<String, String> {
+    let key = identity.ok_or("no usable identity key")?;
+    prev.verify(&key).map_err(|e| format!("the earlier head: {e}"))?;
+    let root = root.ok_or("no verified tree head")?;
+    let old_root = prev.root().map_err(|e| e.to_string())?;
+    let new = &bundle.tree_head;
+    if prev.tree_size > new.tree_size {
+        return Err(format!("the earlier head (size {}) is larger than the bundle's (size {}): the log shrank", prev.tree_size, new.tree_size));
+    }
+    if prev.tree_size == new.tree_size {
+        return if old_root == root { Ok(format!("same tree (size {})", new.tree_size)) } else { Err("same size, different root: the log forked".into()) };
+    }
+    let c = bundle.consistency.as_ref().ok_or_else(|| format!("the bundle has no consistency proof (ask for it with since_size={})", prev.tree_size))?;
+    if c.from_size != prev.tree_size {
+        return Err(format!("the bundle's consistency proof starts at size {}, the earlier head has size {}", c.from_size, prev.tree_size));
+    }
+    let proof = hashes_from_hex(&c.proof)?;
+    translog::verify_consistency(prev.tree_size, new.tree_size, &proof, &old_root, &root)
+        .map(|()| format!("size {} → {} is an extension", prev.tree_size, new.tree_size))
+        .map_err(|e| format!("{e}: the log was rewritten or forked"))
+}
+
+/// Names the report fields that differ from the derived report.
+fn report_diff(given: &RoundReport, derived: &RoundReport) -> String {
+    let a = serde_json::to_value(given).unwrap_or_default();
+    let b = serde_json::to_value(derived).unwrap_or_default();
+    let mut fields = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            if a.get(k) != b.get(k) {
+                fields.push(k.as_str());
+            }
+        }
+    }
+    if given.round != derived.round {
+        fields.push("round");
+    }
+    format!("the report differs from what the log says in: {}", fields.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(index: u64, round: u64) -> LogEntry {
+        LogEntry {
+            index,
+            timestamp_ms: 1000,
+            round,
+            event: LogEvent::RoundOpened {
+                config_digest: "00".repeat(32),
+                roster: vec!["aa".repeat(32), "bb".repeat(32), "cc".repeat(32)],
+                min_survivors: 2,
+                neighbours: 2,
+                vector_len: 4,
+                dp: None,
+                node_policy_sha256: "11".repeat(32),
+                aggregator_format: "dev-insecure".into(),
+                aggregator_evidence_sha256: "22".repeat(32),
+            },
+        }
+    }
+
+    fn round_entries() -> Vec<LogEntry> {
+        let mut v = vec![opened(5, 2)];
+        let mut push = |event| {
+            let index = 5 + v.len() as u64;
+            v.push(LogEntry { index, timestamp_ms: 1000 + index, round: 2, event });
+        };
+        for c in 0..3u32 {
+            let id = ["aa", "bb", "cc"][c as usize].repeat(32);
+            push(LogEvent::Admission {
+                client: c,
+                identity: id,
+                accepted: true,
+                evidence_sha256: "33".repeat(32),
+                format: Some("dev-insecure".into()),
+                measurement: Some("44".repeat(48)),
+                debug: Some(false),
+                failures: vec![],
+            });
+        }
+        push(LogEvent::PhaseClosed { from: "advertise_keys".into(), to: "share_keys".into(), responded: vec![0, 1, 2], missing: vec![] });
+        push(LogEvent::MaskedInput { client: 0, sha256: "55".repeat(32), bytes: 100 });
+        push(LogEvent::MaskedInput { client: 2, sha256: "66".repeat(32), bytes: 100 });
+        push(LogEvent::PhaseClosed { from: "masked_input".into(), to: "consistency_check".into(), responded: vec![0, 2], missing: vec![1] });
+        push(LogEvent::Released {
+            included: vec![0, 2],
+            total_weight: 2,
+            mean_sha256: "77".repeat(32),
+            error_bound: 1e-6,
+            release_signature: "88".repeat(64),
+            dp: None,
+            epsilon_round: None,
+            epsilon_cumulative: None,
+            epsilon_by_participant: BTreeMap::new(),
+        });
+        v
+    }
+
+    #[test]
+    fn report_follows_the_entries() {
+        let r = derive_report(&round_entries()).unwrap();
+        assert_eq!(r.round, 2);
+        assert_eq!(r.status, "released");
+        assert_eq!(r.dropouts, vec![1]);
+        assert_eq!(r.participants[1].dropped_in.as_deref(), Some("masked_input"));
+        assert!(r.participants[0].included && !r.participants[1].included && r.participants[2].included);
+        assert_eq!(r.participants[2].masked_input_sha256.as_deref(), Some("66".repeat(32).as_str()));
+        assert_eq!(r.entries, (5..=13).collect::<Vec<_>>());
+        assert_eq!(r.release.unwrap().mean_sha256, "77".repeat(32));
+    }
+
+    #[test]
+    fn incomplete_records_are_refused() {
+        let e = round_entries();
+        // A gap.
+        let mut gap = e.clone();
+        gap.remove(4);
+        assert!(matches!(derive_report(&gap), Err(ReportError::Incomplete(_))));
+        // Not starting at round_opened.
+        assert!(matches!(derive_report(&e[1..]), Err(ReportError::Incomplete(_))));
+        // An entry of another round inside.
+        let mut other = e.clone();
+        other[3].round = 3;
+        assert!(matches!(derive_report(&other), Err(ReportError::Incomplete(_))));
+        // A client outside the roster.
+        let mut bad = e.clone();
+        bad[5].event = LogEvent::MaskedInput { client: 9, sha256: String::new(), bytes: 0 };
+        assert!(matches!(derive_report(&bad), Err(ReportError::Malformed(_))));
+        // Entries after the end.
+        let mut after = e.clone();
+        after.push(LogEntry { index: 14, timestamp_ms: 0, round: 2, event: LogEvent::Aborted { phase: "x".into(), reason: "y".into() } });
+        assert!(matches!(derive_report(&after), Err(ReportError::Incomplete(_))));
+    }
+
+    #[test]
+    fn entries_round_trip_through_their_bytes() {
+        for e in round_entries() {
+            assert_eq!(LogEntry::parse(&e.to_bytes()).unwrap(), e);
+        }
+        assert!(LogEntry::parse(b"{\"index\":1}").is_err());
+        assert!(LogEntry::parse(b"\xff").is_err());
+    }
+}

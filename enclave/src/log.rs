@@ -1,0 +1,206 @@
+//! The round transparency log, kept by the enclave.
+//!
+//! The enclave composes every entry itself from what it has seen (the host only stores
+//! the bytes), keeps the Merkle tree over them, and signs its tree heads with its
+//! attested identity key. It also keeps the privacy ledger: the ε each release spends
+//! is computed from the log's own `released` entries, so the figures in the log can be
+//! recomputed by anyone who holds it.
+//!
+//! Crash safety is the host's part: it stores the entries of one enclave step in the
+//! same database transaction as the step's stored events, and after a restart it hands
+//! the stored entries back ([`TransparencyLog::load`]). Replaying a round's stored
+//! events does not append anything (the entries of those events are already stored).
+
+use std::collections::BTreeMap;
+
+use tessera_attestation::audit::{DpSummary, LogEntry, LogEvent};
+use tessera_attestation::translog::{leaf_hash, Hash, MerkleLog, ProofError};
+
+/// An entry as the host stores it: its position, round and the exact bytes hashed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredLogEntry {
+    pub index: u64,
+    pub round: u64,
+    pub timestamp_ms: u64,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LogError {
+    #[error("stored log entry {index} is corrupt: {why}")]
+    Corrupt { index: u64, why: String },
+    #[error("stored log entries are not contiguous: expected entry {expected}, found {found}")]
+    Gap { expected: u64, found: u64 },
+    #[error(transparent)]
+    Proof(#[from] ProofError),
+}
+
+/// ε bookkeeping over released DP rounds, as RDP groups (noise multiplier, rounds).
+#[derive(Clone, Debug, Default)]
+struct Ledger {
+    federation: Vec<(f64, u64)>,
+    by_participant: BTreeMap<String, Vec<(f64, u64)>>,
+    /// The roster of each round seen opening, to name the included clients.
+    rosters: BTreeMap<u64, Vec<String>>,
+}
+
+fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
+    match groups.iter_mut().find(|(g, _)| *g == z) {
+        Some(g) => g.1 += 1,
+        None => groups.push((z, 1)),
+    }
+}
+
+impl Ledger {
+    fn observe(&mut self, entry: &LogEntry) {
+        match &entry.event {
+            LogEvent::RoundOpened { roster, .. } => {
+                self.rosters.insert(entry.round, roster.clone());
+            }
+            LogEvent::Released { included, dp: Some(dp), .. } => {
+                add(&mut self.federation, dp.noise_multiplier);
+                let roster = self.rosters.get(&entry.round).cloned().unwrap_or_default();
+                for c in included {
+                    if let Some(id) = roster.get(*c as usize) {
+                        add(self.by_participant.entry(id.clone()).or_default(), dp.noise_multiplier);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The ε figures a release of `round` under `dp` including `included` would carry.
+    fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> (f64, f64, BTreeMap<String, f64>) {
+        let eps_round = tessera_secagg::dp::epsilon(dp.noise_multiplier, 1, dp.delta);
+        let mut fed = self.federation.clone();
+        add(&mut fed, dp.noise_multiplier);
+        let eps_cum = tessera_secagg::dp::epsilon_of(&fed, dp.delta);
+        let roster = self.rosters.get(&round).cloned().unwrap_or_default();
+        let mut by = BTreeMap::new();
+        for c in included {
+            if let Some(id) = roster.get(*c as usize) {
+                let mut g = self.by_participant.get(id).cloned().unwrap_or_default();
+                add(&mut g, dp.noise_multiplier);
+                by.insert(id.clone(), tessera_secagg::dp::epsilon_of(&g, dp.delta));
+            }
+        }
+        (eps_round, eps_cum, by)
+    }
+}
+
+/// The log: the Merkle tree over every entry, the entries appended since the host last
+/// took them, and the privacy ledger.
+#[derive(Debug, Default)]
+pub struct TransparencyLog {
+    tree: MerkleLog,
+    pending: Vec<StoredLogEntry>,
+    ledger: Ledger,
+    /// Set while a round is replayed from stored events.
+    pub(crate) replaying: bool,
+}
+
+impl TransparencyLog {
+    /// Rebuilds the log from the host's stored entries, checking each one: it must
+    /// parse, name its own position, and follow the previous one without a gap.
+    pub fn load(entries: &[StoredLogEntry]) -> Result<TransparencyLog, LogError> {
+        let mut log = TransparencyLog::default();
+        for (i, stored) in entries.iter().enumerate() {
+            let i = i as u64;
+            if stored.index != i {
+                return Err(LogError::Gap { expected: i, found: stored.index });
+            }
+            let entry = LogEntry::parse(&stored.data).map_err(|e| LogError::Corrupt { index: i, why: e.to_string() })?;
+            if entry.index != i || entry.round != stored.round {
+                return Err(LogError::Corrupt { index: i, why: format!("the entry says index {} round {}", entry.index, entry.round) });
+            }
+            log.ledger.observe(&entry);
+            log.tree.push_leaf_hash(leaf_hash(&stored.data));
+        }
+        Ok(log)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.tree.size()
+    }
+
+    pub fn root(&self) -> Hash {
+        self.tree.root()
+    }
+
+    pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
+        self.tree.inclusion(index, size)
+    }
+
+    pub fn consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, ProofError> {
+        self.tree.consistency(old, new)
+    }
+
+    pub fn root_at(&self, size: u64) -> Result<Hash, ProofError> {
+        self.tree.root_at(size)
+    }
+
+    /// Appends an event unless a round is being replayed.
+    pub(crate) fn append(&mut self, round: u64, timestamp_ms: u64, event: LogEvent) {
+        if self.replaying {
+            return;
+        }
+        let entry = LogEntry { index: self.tree.size(), timestamp_ms, round, event };
+        self.ledger.observe(&entry);
+        let data = entry.to_bytes();
+        self.tree.append(&data);
+        self.pending.push(StoredLogEntry { index: entry.index, round, timestamp_ms, data });
+    }
+
+    /// The entries appended since the last call, for the host to store.
+    pub fn take_pending(&mut self) -> Vec<StoredLogEntry> {
+        std::mem::take(&mut self.pending)
+    }
+
+    pub(crate) fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> (f64, f64, BTreeMap<String, f64>) {
+        self.ledger.release_figures(round, dp, included)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aborted(round: u64) -> LogEvent {
+        LogEvent::Aborted { phase: "advertise_keys".into(), reason: format!("test {round}") }
+    }
+
+    #[test]
+    fn load_rebuilds_the_same_tree_and_refuses_gaps_and_corruption() {
+        let mut log = TransparencyLog::default();
+        for r in 0..5 {
+            log.append(r, 1000 + r, aborted(r));
+        }
+        let stored = log.take_pending();
+        assert_eq!(stored.len(), 5);
+        assert!(log.take_pending().is_empty());
+        let loaded = TransparencyLog::load(&stored).unwrap();
+        assert_eq!(loaded.root(), log.root());
+        assert_eq!(loaded.size(), 5);
+
+        let mut gap = stored.clone();
+        gap.remove(2);
+        assert_eq!(TransparencyLog::load(&gap).unwrap_err(), LogError::Gap { expected: 2, found: 3 });
+
+        let mut corrupt = stored.clone();
+        corrupt[1].data[3] ^= 0x20;
+        assert!(matches!(TransparencyLog::load(&corrupt), Err(LogError::Corrupt { index: 1, .. }) | Err(LogError::Gap { .. })));
+
+        let mut wrong_round = stored;
+        wrong_round[4].round = 9;
+        assert!(matches!(TransparencyLog::load(&wrong_round), Err(LogError::Corrupt { index: 4, .. })));
+    }
+
+    #[test]
+    fn replay_appends_nothing() {
+        let mut log = TransparencyLog { replaying: true, ..Default::default() };
+        log.append(1, 0, aborted(1));
+        assert_eq!(log.size(), 0);
+        assert!(log.take_pending().is_empty());
+    }
+}
