@@ -51,3 +51,12 @@ pub fn fedavg(updates: &[(Vec<f32>, u32)], included: &[usize]) -> Vec<f32> {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
+
+/// The auditor CLI `tessera-attest`, built by `cargo test --workspace` next to the
+/// running test's directory.
+pub fn attest_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join("tessera-attest");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}

@@ -3,18 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-
 use tessera_server::config::RoundParams;
 use tessera_tests::*;
-
-/// The auditor CLI, built by `cargo test --workspace` next to this test's directory.
-fn attest_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|d| d.parent()).unwrap().join("tessera-attest");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
-    bin
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_verifies_the_live_aggregator_and_its_tls_binding() {

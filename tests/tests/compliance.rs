@@ -163,6 +163,45 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
     let strict = AuditInputs { policy: NodePolicy::default(), ..inputs.clone() };
     assert_eq!(audit_bundle(&bundle, &strict).failures().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["aggregator evidence"]);
 
+    // The auditor's command line does the same, with the 0/1/2 exit contract.
+    let dir = root.path().join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let bundle_path = write("round-1.json", &serde_json::to_vec(&bundle).unwrap());
+    let forged_path = write("forged.json", &serde_json::to_vec(&forged).unwrap());
+    let mean_path = write("mean.bin", &mean);
+    let head_path = write("head.json", &serde_json::to_vec(&head_after_round_1).unwrap());
+    let policy_path = write("dev.toml", b"allow_insecure_dev = true\n");
+    let garbage_path = write("garbage.json", b"{\"round\": 1}");
+    let saved_head = dir.join("saved-head.json");
+    let cli = |args: &[&std::path::Path], extra: &[&str]| {
+        let out = std::process::Command::new(attest_bin()).arg("audit").args(args).args(extra).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let p = |s: &str| std::path::PathBuf::from(s);
+    let (code, stdout, stderr) = cli(
+        &[&bundle_path, &p("--policy"), &policy_path, &p("--previous-head"), &head_path, &p("--mean"), &mean_path, &p("--save-head"), &saved_head],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("VERIFIED") && stdout.contains("ok      consistency with the earlier tree head"), "{stdout}");
+    let saved: SignedTreeHead = serde_json::from_slice(&std::fs::read(&saved_head).unwrap()).unwrap();
+    assert_eq!(saved, bundle.tree_head);
+    let (code, _, stderr) = cli(&[&forged_path, &p("--policy"), &policy_path], &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("FAILED  report matches the log"), "{stderr}");
+    let (code, stdout, _) = cli(&[&bundle_path], &["--json"]);
+    assert_eq!(code, Some(1), "the default policy refuses simulated evidence");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verified"], false);
+    assert!(v["checks"].as_array().unwrap().iter().any(|c| c["name"] == "aggregator evidence" && c["passed"] == false));
+    assert_eq!(cli(&[&garbage_path], &[]).0, Some(2));
+    assert_eq!(cli(&[&dir.join("missing.json")], &[]).0, Some(2));
+
     // --- Roles.
     // Anonymous: 401 everywhere but health, attestation and the protocol.
     for path in ["/v1/rounds", "/v1/rounds/1/report", "/v1/log/head", "/v1/log/entries", "/v1/denials", "/v1/privacy"] {

@@ -9,6 +9,12 @@
 //! - `inspect EVIDENCE` decodes and prints every field without verifying anything.
 //! - `fetch URL` gets a running aggregator's evidence over TLS and verifies it, including
 //!   its binding to the certificate the server presented in that very connection.
+//! - `audit BUNDLE [--previous-head FILE] [--mean FILE] [--policy FILE] [--at RFC3339] [--json]`
+//!   verifies an exported round report offline: the aggregator's evidence and its binding
+//!   to the log key, the signed tree head, every entry's inclusion proof, that the report
+//!   is exactly what the entries say, consistency with a tree head kept from earlier, and
+//!   the released mean's hash. Same exit contract; `--save-head FILE` keeps the bundle's
+//!   tree head for the next audit.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -60,6 +66,21 @@ enum Command {
         #[command(flatten)]
         policy: PolicyArgs,
     },
+    /// Verify an exported round report bundle (GET /v1/rounds/N/report) offline.
+    Audit {
+        bundle: PathBuf,
+        /// A signed tree head kept from an earlier audit: the log must extend it.
+        #[arg(long)]
+        previous_head: Option<PathBuf>,
+        /// The released mean (GET /v1/rounds/N/result/mean), checked against the logged hash.
+        #[arg(long)]
+        mean: Option<PathBuf>,
+        /// Write the bundle's tree head here (after a passing audit), for the next one.
+        #[arg(long)]
+        save_head: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
 }
 
 /// Unusable input: exit code 2.
@@ -102,6 +123,7 @@ fn run(cli: Cli) -> Result<bool, Unusable> {
             let endorsements = endorsements.iter().map(read).collect::<Result<Vec<_>, _>>()?;
             check(&bytes, &endorsements, &policy, None)
         }
+        Command::Audit { bundle, previous_head, mean, save_head, policy } => audit(&bundle, previous_head, mean, save_head, &policy),
         Command::Fetch { url, policy } => {
             let (body, cert_der) = fetch(&url)?;
             let info: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Unusable(format!("{url}: not an attestation answer: {e}")))?;
@@ -121,16 +143,56 @@ fn run(cli: Cli) -> Result<bool, Unusable> {
     }
 }
 
+fn load_policy(args: &PolicyArgs) -> Result<NodePolicy, Unusable> {
+    match &args.policy {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Unusable(format!("cannot read {}: {e}", p.display())))?;
+            NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))
+        }
+        None => Ok(NodePolicy::default()),
+    }
+}
+
+fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>, save_head: Option<PathBuf>, args: &PolicyArgs) -> Result<bool, Unusable> {
+    use tessera_attestation::audit::{audit_bundle, AuditInputs, RoundBundle};
+    use tessera_attestation::translog::SignedTreeHead;
+    let parsed: RoundBundle = serde_json::from_slice(&read(bundle)?).map_err(|e| Unusable(format!("{}: not a round bundle: {e}", bundle.display())))?;
+    let previous_head = match &previous_head {
+        Some(p) => Some(serde_json::from_slice::<SignedTreeHead>(&read(p)?).map_err(|e| Unusable(format!("{}: not a signed tree head: {e}", p.display())))?),
+        None => None,
+    };
+    let inputs = AuditInputs { policy: load_policy(args)?, now_secs: now_or(&args.at)?, previous_head, mean: mean.as_ref().map(read).transpose()? };
+    let outcome = audit_bundle(&parsed, &inputs);
+    let passed = outcome.passed();
+    if args.json {
+        println!("{}", json!({"verified": passed, "round": parsed.round, "tree_head": parsed.tree_head, "checks": outcome.checks}));
+    } else {
+        println!("round {}: {} (aggregator {}, log size {})", parsed.round, parsed.report.status, parsed.aggregator.format, parsed.tree_head.tree_size);
+        for c in &outcome.checks {
+            if c.passed {
+                println!("ok      {}: {}", c.name, c.detail);
+            } else {
+                eprintln!("FAILED  {}: {}", c.name, c.detail);
+            }
+        }
+        if inputs.previous_head.is_none() {
+            println!("note    no --previous-head: consistency with an earlier view of the log was not checked");
+        }
+        println!("{}", if passed { "VERIFIED: every check passed" } else { "NOT VERIFIED" });
+    }
+    if passed {
+        if let Some(path) = save_head {
+            let text = serde_json::to_vec_pretty(&parsed.tree_head).map_err(|e| Unusable(e.to_string()))?;
+            std::fs::write(&path, text).map_err(|e| Unusable(format!("cannot write {}: {e}", path.display())))?;
+        }
+    }
+    Ok(passed)
+}
+
 /// Verifies, applies the policy, prints the outcome; Ok(true) when everything passed.
 fn check(evidence: &[u8], endorsements: &[Vec<u8>], args: &PolicyArgs, bound: Option<[u8; 64]>) -> Result<bool, Unusable> {
     let now = now_or(&args.at)?;
-    let policy = match &args.policy {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Unusable(format!("cannot read {}: {e}", p.display())))?;
-            NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))?
-        }
-        None => NodePolicy::default(),
-    };
+    let policy = load_policy(args)?;
     let expected = match (&args.report_data, bound) {
         (_, Some(b)) => Some(b),
         (Some(h), None) => {
