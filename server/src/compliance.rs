@@ -132,18 +132,18 @@ impl Service {
             })
             .await?;
         let att = self.attestation();
+        // The evidence the round was opened under (an earlier start's, after a restart).
+        let (evidence, tls_fingerprint) = match self.store().evidence(&report.aggregator_evidence_sha256).await? {
+            Some((bytes, fp)) => (hex::encode(bytes), fp),
+            None => (att.evidence, att.tls_fingerprint),
+        };
         let names = report.participants.iter().filter_map(|p| self.institution_name(&p.identity).map(|n| (p.identity.clone(), n.to_string()))).collect();
         Ok(RoundBundle {
             version: BUNDLE_VERSION,
             round,
             report,
             names,
-            aggregator: AggregatorEvidence {
-                format: att.format,
-                identity_public_key: att.identity_public_key,
-                tls_fingerprint: att.tls_fingerprint,
-                evidence: att.evidence,
-            },
+            aggregator: AggregatorEvidence { format: att.format, identity_public_key: att.identity_public_key, tls_fingerprint, evidence },
             tree_head: head,
             entries: stored
                 .into_iter()

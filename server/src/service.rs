@@ -163,6 +163,7 @@ impl Service {
         store.put_kv("enclave_identity", &sealed).await?;
         let identity = enclave.identity_public_key();
         let evidence = enclave.evidence(&tls_fingerprint, now().0 / 1000)?;
+        store.put_evidence(&tessera_attestation::audit::sha256_hex(&evidence), &evidence, &hex::encode(tls_fingerprint), now().0).await?;
         let stored_log = store.log_range(0, u64::MAX).await?;
         enclave.load_log(&stored_log)?;
         tracing::info!(entries = stored_log.len(), root = %hex::encode(enclave.log().root()), "transparency log loaded");

@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS log (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_by_round ON log (round, idx);
+CREATE TABLE IF NOT EXISTS evidence (
+    sha256 TEXT PRIMARY KEY,
+    evidence BLOB NOT NULL,
+    tls_fingerprint TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS denials (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_ms INTEGER NOT NULL,
@@ -224,6 +230,28 @@ impl Store {
     pub async fn log_of_round(&self, round: u64) -> Result<Vec<StoredLogEntry>, StoreError> {
         let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE round = ? ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(Self::log_row).collect())
+    }
+
+    /// Keeps evidence the aggregator presented, so a report can carry the evidence its
+    /// round was opened under even after restarts produced newer evidence.
+    pub async fn put_evidence(&self, sha256: &str, evidence: &[u8], tls_fingerprint: &str, at_ms: u64) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO evidence (sha256, evidence, tls_fingerprint, first_seen_ms) VALUES (?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING")
+            .bind(sha256)
+            .bind(evidence)
+            .bind(tls_fingerprint)
+            .bind(at_ms as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Evidence by its SHA-256 (hex): the bytes and the TLS fingerprint it was bound to.
+    pub async fn evidence(&self, sha256: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        Ok(sqlx::query("SELECT evidence, tls_fingerprint FROM evidence WHERE sha256 = ?")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| (r.get(0), r.get(1))))
     }
 
     pub async fn record_denial(&self, d: &Denial) -> Result<(), StoreError> {

@@ -183,10 +183,8 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let p = |s: &str| std::path::PathBuf::from(s);
-    let (code, stdout, stderr) = cli(
-        &[&bundle_path, &p("--policy"), &policy_path, &p("--previous-head"), &head_path, &p("--mean"), &mean_path, &p("--save-head"), &saved_head],
-        &[],
-    );
+    let (code, stdout, stderr) =
+        cli(&[&bundle_path, &p("--policy"), &policy_path, &p("--previous-head"), &head_path, &p("--mean"), &mean_path, &p("--save-head"), &saved_head], &[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("VERIFIED") && stdout.contains("ok      consistency with the earlier tree head"), "{stdout}");
     let saved: SignedTreeHead = serde_json::from_slice(&std::fs::read(&saved_head).unwrap()).unwrap();
