@@ -388,3 +388,30 @@ async fn result_mean(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> R
     let (_, mean) = s.result(round).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], mean).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route this router serves is described in the OpenAPI document, with its method.
+    #[test]
+    fn openapi_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json parses");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let source = include_str!("api.rs");
+        let mut seen = 0;
+        for line in source.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+            let path = line.trim_start_matches(".route(\"").split('"').next().unwrap_or_default();
+            let entry = &doc["paths"][path];
+            assert!(entry.is_object(), "{path} is not in server/openapi.json");
+            for method in ["get", "post"] {
+                if line.contains(&format!("{method}(")) {
+                    assert!(entry[method].is_object(), "{method} {path} is not in server/openapi.json");
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 29, "only {seen} routes found");
+        // And nothing is documented that is not served.
+        let documented: usize = doc["paths"].as_object().map(|p| p.values().map(|m| m.as_object().map_or(0, |m| m.len())).sum()).unwrap_or(0);
+        assert_eq!(documented, seen, "the document lists routes the server does not serve");
+    }
+}
