@@ -25,6 +25,19 @@ enum Command {
         #[arg(long, default_value = "tessera-server.toml")]
         config: PathBuf,
     },
+    /// Make a new access token: prints the token (give it to its holder) on stdout and the
+    /// `[[access]]` entry with its SHA-256 (for the configuration) on stderr.
+    Token {
+        /// Who holds it (shown in the denial log).
+        #[arg(long)]
+        name: String,
+        /// institution, auditor or admin.
+        #[arg(long, default_value = "auditor")]
+        role: String,
+        /// For role institution: its name in [[institutions]].
+        #[arg(long)]
+        institution: Option<String>,
+    },
 }
 
 /// Parses the command line and runs the server; returns the process exit code.
@@ -48,6 +61,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = crate::ServerConfig::load(&config)?;
             let key = crate::tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
             println!("{}", hex::encode(key.spki_sha256));
+            Ok(())
+        }
+        Command::Token { name, role, institution } => {
+            if !["institution", "auditor", "admin"].contains(&role.as_str()) {
+                anyhow::bail!("--role must be institution, auditor or admin, not {role:?}");
+            }
+            if (role == "institution") != institution.is_some() {
+                anyhow::bail!("--institution is needed with --role institution, and only then");
+            }
+            let mut bytes = [0u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            let token = zeroize::Zeroizing::new(hex::encode(bytes));
+            println!("{}", token.as_str());
+            let inst = institution.map(|i| format!("institution = {i:?}\n")).unwrap_or_default();
+            eprintln!(
+                "# add to the server configuration:\n[[access]]\nname = {name:?}\nrole = {role:?}\n{inst}token_sha256 = \"{}\"",
+                hex::encode(crate::auth::token_sha256(&token))
+            );
             Ok(())
         }
         Command::Run { config } => {

@@ -58,7 +58,8 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
     let params = RoundParams {
         vector_len: 64,
         max_weight: 10,
-        phase_timeout_ms: 3_000,
+        phase_timeout_ms: 6_000,
+        advertise_timeout_ms: 30_000,
         participants: (0..4).map(|i| format!("institution-{i}")).collect(),
         ..RoundParams::default()
     };
@@ -118,6 +119,13 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
         AuditInputs { policy: NodePolicy::insecure_dev(), now_secs: now_secs(), previous_head: Some(head_after_round_1.clone()), mean: Some(mean.clone()) };
     let outcome = audit_bundle(&bundle, &inputs);
     assert!(outcome.passed(), "{:#?}", outcome.checks);
+    // Regenerates the sample bundle committed under attestation/tests/data/.
+    if let Some(dir) = std::env::var_os("TESSERA_SAVE_BUNDLE") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::write(dir.join("round-bundle.json"), serde_json::to_vec_pretty(&bundle).unwrap()).unwrap();
+        std::fs::write(dir.join("round-mean.bin"), &mean).unwrap();
+        std::fs::write(dir.join("earlier-head.json"), serde_json::to_vec_pretty(&head_after_round_1).unwrap()).unwrap();
+    }
     let names: Vec<&str> = outcome.checks.iter().map(|c| c.name.as_str()).collect();
     for want in
         ["aggregator evidence", "tree head signature", "inclusion proofs", "report matches the log", "consistency with the earlier tree head", "released mean"]

@@ -135,7 +135,7 @@ fn which(name: &str) -> String {
 async fn compliance_officer_reads_a_round_report_in_chromium() {
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
-    let params = RoundParams { vector_len: 32, max_weight: 10, phase_timeout_ms: 5_000, ..RoundParams::default() };
+    let params = RoundParams { vector_len: 32, max_weight: 10, phase_timeout_ms: 20_000, ..RoundParams::default() };
     let mut cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 1);
     cfg.access = vec![AccessGrant {
         name: "compliance-office".into(),

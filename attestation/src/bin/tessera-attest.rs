@@ -13,8 +13,9 @@
 //!   verifies an exported round report offline: the aggregator's evidence and its binding
 //!   to the log key, the signed tree head, every entry's inclusion proof, that the report
 //!   is exactly what the entries say, consistency with a tree head kept from earlier, and
-//!   the released mean's hash. Same exit contract; `--save-head FILE` keeps the bundle's
-//!   tree head for the next audit.
+//!   the released mean's hash. The evidence is judged as of the round's opening unless
+//!   `--at` is given. Same exit contract; `--save-head FILE` keeps the bundle's tree head
+//!   for the next audit.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -161,7 +162,13 @@ fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>
         Some(p) => Some(serde_json::from_slice::<SignedTreeHead>(&read(p)?).map_err(|e| Unusable(format!("{}: not a signed tree head: {e}", p.display())))?),
         None => None,
     };
-    let inputs = AuditInputs { policy: load_policy(args)?, now_secs: now_or(&args.at)?, previous_head, mean: mean.as_ref().map(read).transpose()? };
+    // The evidence is judged as of the round (its opening), unless --at says otherwise:
+    // an audit months later asks whether the aggregator was attested when it ran.
+    let now_secs = match &args.at {
+        Some(_) => now_or(&args.at)?,
+        None => parsed.report.opened_at_ms / 1000,
+    };
+    let inputs = AuditInputs { policy: load_policy(args)?, now_secs, previous_head, mean: mean.as_ref().map(read).transpose()? };
     let outcome = audit_bundle(&parsed, &inputs);
     let passed = outcome.passed();
     if args.json {

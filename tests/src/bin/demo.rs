@@ -347,8 +347,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     for c in &audit.outcome.checks {
         println!("  audit {} {}: {}", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail);
     }
+    let attest_bin = std::env::current_exe()?.with_file_name("tessera-attest");
     println!(
-        "Verify it offline yourself: tessera-attest audit {} --policy {} --mean {}",
+        "Verify it offline yourself: {} audit {} --policy {} --mean {}",
+        attest_bin.display(),
         audit.bundle.display(),
         work.join("auditor-policy.toml").display(),
         audit.mean.display()
