@@ -16,6 +16,15 @@ pub fn aggregator_report_data(identity: &[u8; 32], context: &[u8]) -> [u8; 64] {
     h.finalize().into()
 }
 
+/// The context of evidence made for one verifier: the TLS fingerprint, then the
+/// verifier's nonce. Evidence bound to it cannot be replayed to another verifier or
+/// from an earlier request.
+pub fn fresh_context(tls_fingerprint: &[u8; 32], nonce: &[u8]) -> Vec<u8> {
+    let mut c = tls_fingerprint.to_vec();
+    c.extend_from_slice(nonce);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -113,7 +113,10 @@ struct StatusView {
 struct AttestationView {
     identity_public_key: String,
     tls_fingerprint: String,
+    #[allow(dead_code)]
     evidence: String,
+    nonce: Option<String>,
+    fresh_evidence: Option<String>,
 }
 
 fn now_secs() -> u64 {
@@ -199,16 +202,22 @@ impl Driver<'_> {
 /// Verifies the aggregator's evidence against the pinned TLS certificate and returns
 /// its identity key (which signs releases).
 pub async fn check_aggregator(api: &Api, insecure_dev: bool, policy: Option<&NodePolicy>) -> Result<[u8; 32], ParticipateError> {
-    let info: AttestationView = api.get_json("/v1/attestation").await?;
+    // A fresh nonce per check: the evidence must be made now, for us, not replayed.
+    let nonce: [u8; 32] = rand::random();
+    let info: AttestationView = api.get_json(format!("/v1/attestation?nonce={}", hex::encode(nonce))).await?;
     let bad = |m: String| ParticipateError::AggregatorAttestation(m);
     let identity: [u8; 32] =
         hex::decode(&info.identity_public_key).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("identity key is not 32 bytes of hex".into()))?;
     if !info.tls_fingerprint.eq_ignore_ascii_case(&hex::encode(api.fingerprint())) {
         return Err(bad("evidence names another TLS certificate".into()));
     }
-    let evidence = hex::decode(&info.evidence).map_err(|_| bad("evidence is not hex".into()))?;
+    if !info.nonce.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&hex::encode(nonce))) {
+        return Err(bad("the aggregator did not answer our nonce".into()));
+    }
+    let evidence = hex::decode(info.fresh_evidence.as_deref().unwrap_or_default()).map_err(|_| bad("fresh evidence is not hex".into()))?;
     let policy = policy.cloned().unwrap_or_else(|| if insecure_dev { NodePolicy::insecure_dev() } else { NodePolicy::default() });
-    let verdict = policy.check(&evidence, &[], &aggregator_report_data(&identity, &api.fingerprint()), now_secs());
+    let context = tessera_attestation::binding::fresh_context(&api.fingerprint(), &nonce);
+    let verdict = policy.check(&evidence, &[], &aggregator_report_data(&identity, &context), now_secs());
     if !verdict.accepted {
         return Err(bad(verdict.reasons()));
     }

@@ -173,9 +173,14 @@ impl Enclave {
     /// The log records the digest of the evidence last produced here in every
     /// `round_opened` entry.
     pub fn evidence(&mut self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
-        let evidence = self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?;
+        let evidence = self.evidence_for(context, now_secs)?;
         self.evidence_sha256 = sha256_hex(&evidence);
         Ok(evidence)
+    }
+
+    /// Fresh evidence for one verifier (`context` carries its nonce); nothing is recorded.
+    pub fn evidence_for(&self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
+        Ok(self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?)
     }
 
     /// Replaces the log with the host's stored entries (at start, or after a failed

@@ -303,8 +303,25 @@ async fn metrics_text(State(s): State<Arc<Service>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
-async fn attestation(State(s): State<Arc<Service>>) -> Response {
-    json(&s.attestation())
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NonceQuery {
+    nonce: Option<String>,
+}
+
+/// The aggregator's evidence; with `?nonce=HEX` (16 to 64 bytes) also evidence made now
+/// and bound to that nonce, for per-connection freshness.
+async fn attestation(State(s): State<Arc<Service>>, Query(q): Query<NonceQuery>) -> Result<Response, ApiError> {
+    let mut info = s.attestation();
+    if let Some(n) = q.nonce {
+        let nonce = hex::decode(&n)
+            .ok()
+            .filter(|b| (16..=64).contains(&b.len()))
+            .ok_or_else(|| ApiError::bad_request("bad_query", "nonce must be 16 to 64 bytes of hex"))?;
+        info.fresh_evidence = Some(hex::encode(s.fresh_evidence(&nonce).await?));
+        info.nonce = Some(n.to_ascii_lowercase());
+    }
+    Ok(json(&info))
 }
 
 async fn open_round(State(s): State<Arc<Service>>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {

@@ -98,6 +98,11 @@ pub struct AttestationInfo {
     pub identity_public_key: String,
     pub tls_fingerprint: String,
     pub evidence: String,
+    /// With `?nonce=`: the verifier's nonce and evidence made for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fresh_evidence: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -232,6 +237,13 @@ impl Service {
         &self.store
     }
 
+    /// Evidence made now for a verifier's nonce, bound to the identity key, the TLS key
+    /// and the nonce: proof that the attested enclave is live behind this connection.
+    pub async fn fresh_evidence(&self, nonce: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let context = tessera_attestation::binding::fresh_context(&self.tls_fingerprint, nonce);
+        Ok(self.with_enclave(|e| e.evidence_for(&context, now().0 / 1000)).await?)
+    }
+
     pub fn attestation(&self) -> AttestationInfo {
         AttestationInfo {
             format: tessera_attestation::Format::DevInsecure.to_string(),
@@ -239,6 +251,8 @@ impl Service {
             identity_public_key: hex::encode(self.identity),
             tls_fingerprint: hex::encode(self.tls_fingerprint),
             evidence: hex::encode(&self.evidence),
+            nonce: None,
+            fresh_evidence: None,
         }
     }
 

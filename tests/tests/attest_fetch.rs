@@ -31,6 +31,25 @@ async fn fetch_verifies_the_live_aggregator_and_its_tls_binding() {
     assert_eq!(v["verified"], true);
     assert_eq!(v["binding_checked"], true);
     assert_eq!(v["format"], "dev-insecure");
+    // Per-connection freshness: evidence made for one nonce does not verify for another,
+    // and a malformed nonce is a typed 400.
+    let api = tessera_client::Api::new(&url, server.fingerprint).unwrap();
+    let a: serde_json::Value = api.get_json(format!("/v1/attestation?nonce={}", "aa".repeat(32))).await.unwrap();
+    let identity: [u8; 32] = hex::decode(a["identity_public_key"].as_str().unwrap()).unwrap().try_into().unwrap();
+    let fresh = hex::decode(a["fresh_evidence"].as_str().unwrap()).unwrap();
+    let policy = tessera_attestation::policy::NodePolicy::insecure_dev();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let bound = |nonce: &[u8]| {
+        let ctx = tessera_attestation::binding::fresh_context(&server.fingerprint, nonce);
+        tessera_attestation::binding::aggregator_report_data(&identity, &ctx)
+    };
+    assert!(policy.check(&fresh, &[], &bound(&[0xaa; 32]), now).accepted);
+    let replayed = policy.check(&fresh, &[], &bound(&[0xbb; 32]), now);
+    assert!(!replayed.accepted && replayed.reasons().contains("report_data"), "{}", replayed.reasons());
+    for bad in ["zz", "aa", &"aa".repeat(65)] {
+        let err = api.get_bytes(format!("/v1/attestation?nonce={bad}")).await.unwrap_err();
+        assert!(matches!(err, tessera_client::http::HttpError::Status { status, ref code, .. } if status == 400 && code == "bad_query"), "{err}");
+    }
     // Nothing listens here: unusable input, exit 2.
     let out = run(vec!["fetch".into(), format!("https://127.0.0.1:{}", free_port())]).await;
     assert_eq!(out.status.code(), Some(2));

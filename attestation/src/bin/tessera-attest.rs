@@ -8,7 +8,8 @@
 //!   the input is unusable (unreadable file, unknown format, malformed evidence, bad policy).
 //! - `inspect EVIDENCE` decodes and prints every field without verifying anything.
 //! - `fetch URL` gets a running aggregator's evidence over TLS and verifies it, including
-//!   its binding to the certificate the server presented in that very connection.
+//!   its binding to the certificate the server presented in that very connection and to
+//!   a fresh nonce of ours (the evidence is made for this request).
 //! - `audit BUNDLE [--previous-head FILE] [--mean FILE] [--policy FILE] [--at RFC3339] [--json]`
 //!   verifies an exported round report offline: the aggregator's evidence and its binding
 //!   to the log key, the signed tree head, every entry's inclusion proof, that the report
@@ -126,16 +127,23 @@ fn run(cli: Cli) -> Result<bool, Unusable> {
         }
         Command::Audit { bundle, previous_head, mean, save_head, policy } => audit(&bundle, previous_head, mean, save_head, &policy),
         Command::Fetch { url, policy } => {
-            let (body, cert_der) = fetch(&url)?;
+            // A nonce of our own: the answer must carry evidence made for it, now.
+            let mut nonce = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| Unusable("no system randomness".into()))?;
+            let (body, cert_der) = fetch(&url, &nonce)?;
             let info: serde_json::Value = serde_json::from_slice(&body).map_err(|e| Unusable(format!("{url}: not an attestation answer: {e}")))?;
             let field = |k: &str| info[k].as_str().map(str::to_string).ok_or_else(|| Unusable(format!("{url}: answer lacks {k}")));
-            let evidence = hex::decode(field("evidence")?).map_err(|_| Unusable("evidence is not hex".into()))?;
+            if !field("nonce")?.eq_ignore_ascii_case(&hex::encode(nonce)) {
+                return Err(Unusable(format!("{url}: the answer is not for our nonce")));
+            }
+            let evidence = hex::decode(field("fresh_evidence")?).map_err(|_| Unusable("evidence is not hex".into()))?;
             let identity: [u8; 32] = hex::decode(field("identity_public_key")?)
                 .ok()
                 .and_then(|v| v.try_into().ok())
                 .ok_or_else(|| Unusable("identity_public_key is not 32 bytes of hex".into()))?;
             let fingerprint = tessera_attestation::ratls::spki_sha256(&cert_der).map_err(|e| Unusable(format!("{url}: {e}")))?;
-            let expected = tessera_attestation::binding::aggregator_report_data(&identity, &fingerprint);
+            let context = tessera_attestation::binding::fresh_context(&fingerprint, &nonce);
+            let expected = tessera_attestation::binding::aggregator_report_data(&identity, &context);
             if !policy.json {
                 println!("aggregator {url}: TLS public key SHA-256 {}, enclave identity {}", hex::encode(fingerprint), hex::encode(identity));
             }
@@ -266,7 +274,7 @@ fn report(v: &Verdict, as_json: bool, binding_checked: bool) {
 
 /// GET /v1/attestation over TLS, returning the body and the certificate the server used.
 /// The certificate is not trusted by itself: the evidence must vouch for it.
-fn fetch(url: &str) -> Result<(Vec<u8>, Vec<u8>), Unusable> {
+fn fetch(url: &str, nonce: &[u8; 32]) -> Result<(Vec<u8>, Vec<u8>), Unusable> {
     let bad = |why: String| Unusable(format!("{url}: {why}"));
     let hostport = url.strip_prefix("https://").ok_or_else(|| bad("expected https://HOST:PORT".into()))?.trim_end_matches('/');
     let (host, _) = hostport.rsplit_once(':').ok_or_else(|| bad("expected https://HOST:PORT".into()))?;
@@ -285,7 +293,8 @@ fn fetch(url: &str) -> Result<(Vec<u8>, Vec<u8>), Unusable> {
     let tcp = std::net::TcpStream::connect(hostport).map_err(|e| bad(e.to_string()))?;
     let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)));
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    write!(tls, "GET /v1/attestation HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| bad(e.to_string()))?;
+    write!(tls, "GET /v1/attestation?nonce={} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n", hex::encode(nonce))
+        .map_err(|e| bad(e.to_string()))?;
     let mut raw = Vec::new();
     match tls.read_to_end(&mut raw) {
         Ok(_) => {}
