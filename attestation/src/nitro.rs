@@ -157,8 +157,13 @@ impl SignedAttestationDocument {
         let names: Vec<String> =
             (0..chain.len()).map(|i| if i + 1 == chain.len() { "the leaf certificate".to_string() } else { format!("cabundle[{i}]") }).collect();
 
-        // 2. Each link: names chain, signature verifies, constraints hold.
+        // 2. Each link: names chain, signature verifies, constraints hold. The CA part
+        //    (root → … → instance CA) is shared by every document of an instance: when
+        //    these exact certificates verified before, their signatures are not checked
+        //    again. The leaf's signature, every constraint and every validity period are.
         let cas = chain.len() - 1;
+        let ca_key = ca_bundle_key(&doc.cabundle);
+        let ca_cached = ca_cache().lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&ca_key);
         for (i, cert) in chain.iter().enumerate() {
             check_extensions(cert, &names[i], i < cas, cas.saturating_sub(i + 1))?;
             if i > 0 {
@@ -172,9 +177,18 @@ impl SignedAttestationDocument {
                         issuer.subject()
                     )));
                 }
-                verify_certificate_signature(cert, issuer.public_key())
-                    .map_err(|why| chain_error(format!("{}'s signature by {} does not verify: {why}", names[i], names[i - 1])))?;
+                if !(ca_cached && i < cas) {
+                    verify_certificate_signature(cert, issuer.public_key())
+                        .map_err(|why| chain_error(format!("{}'s signature by {} does not verify: {why}", names[i], names[i - 1])))?;
+                }
             }
+        }
+        if !ca_cached {
+            let mut set = ca_cache().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if set.len() >= CA_CACHE_MAX {
+                set.clear();
+            }
+            set.insert(ca_key);
         }
 
         // 3. The COSE signature, with the (now trusted) leaf key.
@@ -238,6 +252,32 @@ impl SignedAttestationDocument {
 }
 
 /// The pinned AWS Nitro root, DER.
+/// CA bundles whose links verified, by the SHA-256 of every certificate in them
+/// (length-prefixed, in order). Bounded: emptied when it reaches [`CA_CACHE_MAX`].
+static CA_CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>> = std::sync::OnceLock::new();
+pub const CA_CACHE_MAX: usize = 256;
+
+fn ca_cache() -> &'static std::sync::Mutex<std::collections::HashSet<[u8; 32]>> {
+    CA_CACHE.get_or_init(Default::default)
+}
+
+fn ca_bundle_key(cabundle: &[Vec<u8>]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for der in cabundle {
+        h.update((der.len() as u64).to_le_bytes());
+        h.update(der);
+    }
+    h.finalize().into()
+}
+
+/// Forgets every cached CA bundle (for benchmarks and tests).
+pub fn clear_chain_cache() {
+    if let Some(c) = CA_CACHE.get() {
+        c.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+}
+
 pub fn pinned_root_der() -> Result<Vec<u8>, VerifyError> {
     root_from_endorsement(AWS_NITRO_ROOT_PEM)
 }

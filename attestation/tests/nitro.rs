@@ -595,3 +595,25 @@ proptest! {
         }
     }
 }
+
+/// The CA-bundle cache skips only signatures over byte-identical certificates: after a
+/// document verified, a changed intermediate, a changed leaf and a time outside the
+/// window are all still refused, and the claims are the same as uncached.
+#[test]
+fn the_chain_cache_skips_nothing_that_changed() {
+    for s in &SAMPLES {
+        let ev = doc(s);
+        tessera_attestation::nitro::clear_chain_cache();
+        let cold = nitro(&ev, &[], inside(s)).unwrap();
+        let warm = nitro(&ev, &[], inside(s)).unwrap();
+        assert_eq!(cold, warm, "{}", s.dir);
+        let parsed = SignedAttestationDocument::parse(&ev).unwrap();
+        let last_ca = parsed.document().cabundle.last().unwrap().clone();
+        let at = position(&ev, &last_ca) + last_ca.len() / 2;
+        assert!(matches!(nitro(&flip(ev.clone(), at), &[], inside(s)), Err(VerifyError::CertificateChain { .. } | VerifyError::Malformed { .. })), "{}", s.dir);
+        let leaf = parsed.document().certificate.clone();
+        let at = position(&ev, &leaf) + leaf.len() - 1;
+        assert!(matches!(nitro(&flip(ev.clone(), at), &[], inside(s)), Err(VerifyError::CertificateChain { .. })), "{}", s.dir);
+        assert!(matches!(nitro(&ev, &[], s.not_after + 1), Err(VerifyError::NotValidAtTime { .. })), "{}", s.dir);
+    }
+}
