@@ -58,55 +58,63 @@ pub fn root_of(leaves: &[Hash]) -> Hash {
 
 /// The audit path for leaf `m` in the tree over `leaves` (RFC 6962 §2.1.1).
 pub fn inclusion_proof(leaves: &[Hash], m: u64) -> Result<Vec<Hash>, ProofError> {
-    let n = leaves.len() as u64;
-    if m >= n {
-        return Err(ProofError::IndexOutOfRange { index: m, size: n });
-    }
-    fn path(m: usize, d: &[Hash]) -> Vec<Hash> {
-        if d.len() <= 1 {
-            return Vec::new();
-        }
-        let k = split(d.len() as u64) as usize;
-        if m < k {
-            let mut p = path(m, &d[..k]);
-            p.push(root_of(&d[k..]));
-            p
-        } else {
-            let mut p = path(m - k, &d[k..]);
-            p.push(root_of(&d[..k]));
-            p
-        }
-    }
-    Ok(path(m as usize, leaves))
+    inclusion_with(leaves.len() as u64, m, &|a, b| root_of(&leaves[a as usize..b as usize]))
 }
 
 /// The consistency proof from the tree over the first `m` leaves to the tree over all
 /// of `leaves` (RFC 6962 §2.1.2).
 pub fn consistency_proof(leaves: &[Hash], m: u64) -> Result<Vec<Hash>, ProofError> {
-    let n = leaves.len() as u64;
+    consistency_with(leaves.len() as u64, m, &|a, b| root_of(&leaves[a as usize..b as usize]))
+}
+
+/// RFC 6962's PATH over leaves `[0, n)`, given the root of any range `[a, b)`.
+fn inclusion_with(n: u64, m: u64, range_root: &dyn Fn(u64, u64) -> Hash) -> Result<Vec<Hash>, ProofError> {
+    if m >= n {
+        return Err(ProofError::IndexOutOfRange { index: m, size: n });
+    }
+    fn path(m: u64, start: u64, end: u64, range_root: &dyn Fn(u64, u64) -> Hash) -> Vec<Hash> {
+        if end - start <= 1 {
+            return Vec::new();
+        }
+        let k = split(end - start);
+        if m < k {
+            let mut p = path(m, start, start + k, range_root);
+            p.push(range_root(start + k, end));
+            p
+        } else {
+            let mut p = path(m - k, start + k, end, range_root);
+            p.push(range_root(start, start + k));
+            p
+        }
+    }
+    Ok(path(m, 0, n, range_root))
+}
+
+/// RFC 6962's PROOF(m, D[0:n]), given the root of any range `[a, b)`.
+fn consistency_with(n: u64, m: u64, range_root: &dyn Fn(u64, u64) -> Hash) -> Result<Vec<Hash>, ProofError> {
     if m > n {
         return Err(ProofError::SizeOrder { old: m, new: n });
     }
     if m == 0 || m == n {
         return Ok(Vec::new());
     }
-    fn subproof(m: usize, d: &[Hash], complete: bool) -> Vec<Hash> {
-        let n = d.len();
+    fn subproof(m: u64, start: u64, end: u64, complete: bool, range_root: &dyn Fn(u64, u64) -> Hash) -> Vec<Hash> {
+        let n = end - start;
         if m == n {
-            return if complete { Vec::new() } else { vec![root_of(d)] };
+            return if complete { Vec::new() } else { vec![range_root(start, end)] };
         }
-        let k = split(n as u64) as usize;
+        let k = split(n);
         if m <= k {
-            let mut p = subproof(m, &d[..k], complete);
-            p.push(root_of(&d[k..]));
+            let mut p = subproof(m, start, start + k, complete, range_root);
+            p.push(range_root(start + k, end));
             p
         } else {
-            let mut p = subproof(m - k, &d[k..], false);
-            p.push(root_of(&d[..k]));
+            let mut p = subproof(m - k, start + k, end, false, range_root);
+            p.push(range_root(start, start + k));
             p
         }
     }
-    Ok(subproof(m as usize, leaves, true))
+    Ok(subproof(m, 0, n, true, range_root))
 }
 
 /// Verifies that `leaf` (a leaf hash) is at `index` in the tree of `size` with `root`
@@ -248,10 +256,13 @@ impl SignedTreeHead {
     }
 }
 
-/// An append-only log of leaf hashes.
+/// An append-only log of leaf hashes. It keeps the hash of every complete, aligned
+/// subtree (2n hashes in all), so a root, an inclusion proof or a consistency proof
+/// costs O(log² n) hash lookups and computations instead of rehashing the whole tree.
 #[derive(Debug, Clone, Default)]
 pub struct MerkleLog {
-    leaves: Vec<Hash>,
+    /// `levels[h][i]` is the root of leaves `[i·2^h, (i+1)·2^h)`; `levels[0]` are the leaves.
+    levels: Vec<Vec<Hash>>,
 }
 
 impl MerkleLog {
@@ -261,39 +272,73 @@ impl MerkleLog {
 
     /// Appends an entry; returns its index.
     pub fn append(&mut self, entry: &[u8]) -> u64 {
-        self.leaves.push(leaf_hash(entry));
-        self.leaves.len() as u64 - 1
+        self.push_leaf_hash(leaf_hash(entry));
+        self.size() - 1
     }
 
     /// Appends an already computed leaf hash (when restoring a persisted log).
     pub fn push_leaf_hash(&mut self, h: Hash) {
-        self.leaves.push(h);
+        if self.levels.is_empty() {
+            self.levels.push(Vec::new());
+        }
+        self.levels[0].push(h);
+        let mut level = 0;
+        while self.levels[level].len().is_multiple_of(2) {
+            let l = &self.levels[level];
+            let parent = node_hash(&l[l.len() - 2], &l[l.len() - 1]);
+            if self.levels.len() == level + 1 {
+                self.levels.push(Vec::new());
+            }
+            self.levels[level + 1].push(parent);
+            level += 1;
+        }
     }
 
     pub fn size(&self) -> u64 {
-        self.leaves.len() as u64
+        self.levels.first().map_or(0, |l| l.len() as u64)
+    }
+
+    /// The root of leaves `[start, end)` (`end <= size`), from cached complete subtrees.
+    fn range_root(&self, start: u64, end: u64) -> Hash {
+        let n = end - start;
+        match n {
+            0 => empty_root(),
+            1 => self.levels[0][start as usize],
+            _ if n.is_power_of_two() && start.is_multiple_of(n) => self.levels[n.trailing_zeros() as usize][(start / n) as usize],
+            _ => {
+                let k = split(n);
+                node_hash(&self.range_root(start, start + k), &self.range_root(start + k, end))
+            }
+        }
+    }
+
+    fn check_size(&self, size: u64) -> Result<(), ProofError> {
+        if size > self.size() {
+            return Err(ProofError::SizeOrder { old: size, new: self.size() });
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> Hash {
-        root_of(&self.leaves)
+        self.range_root(0, self.size())
     }
 
     /// The root of the tree over the first `size` entries.
     pub fn root_at(&self, size: u64) -> Result<Hash, ProofError> {
-        let leaves = self.leaves.get(..size as usize).ok_or(ProofError::SizeOrder { old: size, new: self.size() })?;
-        Ok(root_of(leaves))
+        self.check_size(size)?;
+        Ok(self.range_root(0, size))
     }
 
     /// Audit path of entry `index` in the tree of `size` entries.
     pub fn inclusion(&self, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
-        let leaves = self.leaves.get(..size as usize).ok_or(ProofError::SizeOrder { old: size, new: self.size() })?;
-        inclusion_proof(leaves, index)
+        self.check_size(size)?;
+        inclusion_with(size, index, &|a, b| self.range_root(a, b))
     }
 
     /// Consistency proof between the trees of `old` and `new` entries.
     pub fn consistency(&self, old: u64, new: u64) -> Result<Vec<Hash>, ProofError> {
-        let leaves = self.leaves.get(..new as usize).ok_or(ProofError::SizeOrder { old: new, new: self.size() })?;
-        consistency_proof(leaves, old)
+        self.check_size(new)?;
+        consistency_with(new, old, &|a, b| self.range_root(a, b))
     }
 }
 
@@ -438,6 +483,24 @@ mod tests {
         let other = Ed25519KeyPair::from_seed_unchecked(&[8; 32]).expect("key");
         let other_pub: [u8; 32] = other.public_key().as_ref().try_into().expect("32 bytes");
         assert_eq!(head.verify(&other_pub), Err(HeadError::BadSignature));
+    }
+
+    proptest! {
+        /// The cached-subtree log answers exactly as the plain functions over the leaves.
+        #[test]
+        fn cached_log_matches_the_plain_functions(n in 1usize..140, a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>()) {
+            let l = leaves(n);
+            let mut log = MerkleLog::new();
+            for h in &l {
+                log.push_leaf_hash(*h);
+            }
+            let size = b.index(n) as u64 + 1;
+            let m = a.index(size as usize) as u64;
+            prop_assert_eq!(log.root(), root_of(&l));
+            prop_assert_eq!(log.root_at(size).unwrap(), root_of(&l[..size as usize]));
+            prop_assert_eq!(log.inclusion(m, size).unwrap(), inclusion_proof(&l[..size as usize], m).unwrap());
+            prop_assert_eq!(log.consistency(m, size).unwrap(), consistency_proof(&l[..size as usize], m).unwrap());
+        }
     }
 
     #[test]
