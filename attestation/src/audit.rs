@@ -378,6 +378,10 @@ pub struct AggregatorEvidence {
     pub tls_fingerprint: String,
     /// The evidence, hex; its report data binds the identity key and the TLS key.
     pub evidence: String,
+    /// The measurement the server read from the evidence (the audit checks it against
+    /// the verified claims), when the evidence verifies without further endorsements.
+    #[serde(default)]
+    pub measurement: Option<String>,
 }
 
 /// One log entry in a bundle: the exact stored bytes and the audit path to the head.
@@ -489,6 +493,16 @@ pub fn audit_bundle(bundle: &RoundBundle, inputs: &AuditInputs) -> AuditOutcome 
                 None => "evidence did not verify".into(),
             };
             out.record("aggregator evidence", if verdict.accepted { Ok(detail) } else { Err(format!("{detail}: {}", verdict.reasons())) });
+            if let (Some(stated), Some(claims)) = (&bundle.aggregator.measurement, &verdict.claims) {
+                out.record(
+                    "aggregator measurement",
+                    if stated.eq_ignore_ascii_case(&claims.measurement) {
+                        Ok(stated.clone())
+                    } else {
+                        Err(format!("the bundle states {stated}, the evidence says {}", claims.measurement))
+                    },
+                );
+            }
             let digest = sha256_hex(evidence);
             out.record(
                 "report names this evidence",

@@ -137,13 +137,18 @@ impl Service {
             Some((bytes, fp)) => (hex::encode(bytes), fp),
             None => (att.evidence, att.tls_fingerprint),
         };
+        // What the evidence says it measured, as of the round (the auditor re-verifies it).
+        let measurement = hex::decode(&evidence)
+            .ok()
+            .and_then(|bytes| tessera_attestation::verify(&bytes, &[], report.opened_at_ms / 1000).ok())
+            .map(|claims| claims.measurement);
         let names = report.participants.iter().filter_map(|p| self.institution_name(&p.identity).map(|n| (p.identity.clone(), n.to_string()))).collect();
         Ok(RoundBundle {
             version: BUNDLE_VERSION,
             round,
             report,
             names,
-            aggregator: AggregatorEvidence { format: att.format, identity_public_key: att.identity_public_key, tls_fingerprint, evidence },
+            aggregator: AggregatorEvidence { format: att.format, identity_public_key: att.identity_public_key, tls_fingerprint, evidence, measurement },
             tree_head: head,
             entries: stored
                 .into_iter()

@@ -126,6 +126,7 @@ pub fn report(b: &RoundBundle) -> String {
     let _ = write!(
         h,
         "<tr><th>Evidence format</th><td id=\"aggregator-format\">{}</td></tr>\
+         <tr><th>Measurement</th><td class=\"hash\" id=\"aggregator-measurement\">{}</td></tr>\
          <tr><th>Evidence SHA-256</th><td class=\"hash\">{}</td></tr>\
          <tr><th>Identity key (signs tree heads and releases)</th><td class=\"hash\">{}</td></tr>\
          <tr><th>TLS key SHA-256</th><td class=\"hash\">{}</td></tr>\
@@ -133,6 +134,7 @@ pub fn report(b: &RoundBundle) -> String {
          <tr><th>Round configuration digest</th><td class=\"hash\">{}</td></tr>\
          <tr><th>Threshold t / neighbours k / vector length</th><td>{} / {} / {}</td></tr></table>",
         esc(&r.aggregator_format),
+        esc(b.aggregator.measurement.as_deref().unwrap_or("not readable without endorsements")),
         esc(&r.aggregator_evidence_sha256),
         esc(&b.aggregator.identity_public_key),
         esc(&b.aggregator.tls_fingerprint),

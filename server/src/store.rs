@@ -346,3 +346,33 @@ impl Store {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> StoredLogEntry {
+        StoredLogEntry { index, round: 1, timestamp_ms: 0, data: format!("entry {index}").into_bytes() }
+    }
+
+    /// A step that fails half-way (here: its second log entry collides) leaves nothing of
+    /// itself behind: not the message, not the first entry. The log stays a prefix.
+    #[tokio::test]
+    async fn a_commit_that_fails_half_way_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+        let cfg = RoundConfig::with_defaults(1, vec!["00".repeat(32), "11".repeat(32), "22".repeat(32)], 4, [0; 32]);
+        let first = [entry(0)];
+        store.commit(Commit { round: 1, open: Some((&cfg, Timestamp(1))), log: &first, ..Default::default() }).await.unwrap();
+        let colliding = [entry(1), entry(0)];
+        let message = (MessageKind::Advertise, Timestamp(2), &b"{}"[..]);
+        let err = store.commit(Commit { round: 1, message: Some(message), log: &colliding, ..Default::default() }).await;
+        assert!(err.is_err());
+        assert!(store.events(1).await.unwrap().is_empty(), "the message of the failed step was not kept");
+        assert_eq!(store.log_range(0, u64::MAX).await.unwrap(), first.to_vec());
+        // The next step appends where the log really ends.
+        store.commit(Commit { round: 1, message: Some(message), log: &[entry(1)], ..Default::default() }).await.unwrap();
+        assert_eq!(store.log_range(0, u64::MAX).await.unwrap().len(), 2);
+        assert_eq!(store.events(1).await.unwrap().len(), 1);
+    }
+}

@@ -127,9 +127,15 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
         std::fs::write(dir.join("earlier-head.json"), serde_json::to_vec_pretty(&head_after_round_1).unwrap()).unwrap();
     }
     let names: Vec<&str> = outcome.checks.iter().map(|c| c.name.as_str()).collect();
-    for want in
-        ["aggregator evidence", "tree head signature", "inclusion proofs", "report matches the log", "consistency with the earlier tree head", "released mean"]
-    {
+    for want in [
+        "aggregator evidence",
+        "aggregator measurement",
+        "tree head signature",
+        "inclusion proofs",
+        "report matches the log",
+        "consistency with the earlier tree head",
+        "released mean",
+    ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     let r = &bundle.report;
@@ -167,6 +173,10 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
     forked_head.root_hash = "00".repeat(32);
     let forked = AuditInputs { previous_head: Some(forked_head), ..inputs.clone() };
     assert!(audit_bundle(&bundle, &forked).failures().any(|c| c.name == "consistency with the earlier tree head"));
+    // A bundle that misstates the aggregator's measurement.
+    let mut misstated = bundle.clone();
+    misstated.aggregator.measurement = Some("00".repeat(48));
+    assert_eq!(audit_bundle(&misstated, &inputs).failures().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["aggregator measurement"]);
     // A production policy refuses the simulated aggregator evidence.
     let strict = AuditInputs { policy: NodePolicy::default(), ..inputs.clone() };
     assert_eq!(audit_bundle(&bundle, &strict).failures().map(|c| c.name.as_str()).collect::<Vec<_>>(), vec!["aggregator evidence"]);

@@ -185,6 +185,7 @@ async fn compliance_officer_reads_a_round_report_in_chromium() {
         assert!(wd.url().ends_with("/reports/1"), "{}", wd.url());
         assert_eq!(wd.text("#status"), "released");
         assert!(wd.text("#insecure").contains("INSECURE DEV MODE"));
+        assert_eq!(wd.text("#aggregator-measurement").len(), 96, "a SHA-384 measurement in hex");
         let participants = wd.text("#participants");
         for i in 0..3 {
             assert!(participants.contains(&format!("institution-{i}")), "{participants}");
