@@ -262,10 +262,13 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
         entries: vec![first.index],
     };
     let mut ended = false;
-    for (expected_index, e) in (first.index + 1..).zip(&entries[1..]) {
+    let mut previous = first.index;
+    for e in &entries[1..] {
+        let expected_index = previous.checked_add(1).ok_or_else(|| ReportError::Malformed("entry indices overflow".into()))?;
         if e.index != expected_index {
             return Err(ReportError::Incomplete(format!("entry {expected_index} is missing (next given is {})", e.index)));
         }
+        previous = e.index;
         if e.round != round {
             return Err(ReportError::Incomplete(format!("entry {} belongs to round {}, not {round}", e.index, e.round)));
         }
@@ -562,8 +565,18 @@ pub fn audit_bundle(bundle: &RoundBundle, inputs: &AuditInputs) -> AuditOutcome 
         out.record("inclusion proofs", Ok(format!("{} entries in the tree of size {}", bundle.entries.len(), bundle.tree_head.tree_size)));
     }
 
-    // 4. The report is what the entries say.
+    // 4. The report is what the entries say, and nothing of the round was left out: a
+    //    round that has not ended must run to the end of the signed tree, or its last
+    //    entries could have been cut off.
     match derive_report(&parsed) {
+        Ok(derived) if derived.status == "running" && derived.entries.last().map(|i| i + 1) != Some(bundle.tree_head.tree_size) => out.record(
+            "report matches the log",
+            Err(format!(
+                "the round has no end entry, and its entries stop at {} while the signed log has {}: its record may be cut off",
+                derived.entries.last().copied().unwrap_or(0),
+                bundle.tree_head.tree_size
+            )),
+        ),
         Ok(derived) => {
             let round_ok = derived.round == bundle.round;
             if derived == bundle.report && round_ok {
@@ -731,6 +744,13 @@ mod tests {
         let mut after = e.clone();
         after.push(LogEntry { index: 14, timestamp_ms: 0, round: 2, event: LogEvent::Aborted { phase: "x".into(), reason: "y".into() } });
         assert!(matches!(derive_report(&after), Err(ReportError::Incomplete(_))));
+    }
+
+    #[test]
+    fn huge_indices_do_not_overflow() {
+        let mut e = round_entries();
+        e[0].index = u64::MAX;
+        assert!(derive_report(&e).is_err());
     }
 
     #[test]

@@ -101,7 +101,7 @@ struct RoundState {
 pub struct Enclave {
     sealing: SealingKey,
     identity: ring::signature::Ed25519KeyPair,
-    attester: Box<dyn Attester>,
+    attester: std::sync::Arc<dyn Attester>,
     node_policy: NodePolicy,
     round: Option<RoundState>,
     log: TransparencyLog,
@@ -140,6 +140,7 @@ impl Enclave {
         }
         let identity = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|e| EnclaveError::Internal(e.to_string()))?;
         let sealed = sealing.seal(IDENTITY_AAD, seed.as_ref());
+        let attester = std::sync::Arc::from(attester);
         Ok((Enclave { sealing, identity, attester, node_policy, round: None, log: TransparencyLog::default(), evidence_sha256: String::new() }, sealed))
     }
 
@@ -183,6 +184,12 @@ impl Enclave {
         Ok(self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?)
     }
 
+    /// A handle that makes evidence bound to this enclave's identity without holding the
+    /// enclave (the host serves per-verifier evidence without stalling rounds).
+    pub fn evidence_maker(&self) -> EvidenceMaker {
+        EvidenceMaker { attester: self.attester.clone(), identity: self.identity_public_key() }
+    }
+
     /// Replaces the log with the host's stored entries (at start, or after a failed
     /// store), checking them; see [`TransparencyLog::load`].
     pub fn load_log(&mut self, entries: &[StoredLogEntry]) -> Result<(), EnclaveError> {
@@ -207,12 +214,16 @@ impl Enclave {
 
     /// Records that the host ended `round` without a release (e.g. it could not be
     /// resumed after a restart). The entry says the host reported it.
-    pub fn log_host_abort(&mut self, round: u64, reason: &str, now: Timestamp) {
+    pub fn log_host_abort(&mut self, round: u64, reason: &str, now: Timestamp) -> Result<(), EnclaveError> {
+        if self.log.open_round() != Some(round) {
+            return Err(EnclaveError::Internal(format!("round {round} is not the log's open round; nothing to abort")));
+        }
         let phase = match &self.round {
             Some(state) if state.aggregator.config().round == round => phase_name(state.aggregator.phase()),
             _ => "unknown".into(),
         };
         self.log.append(round, now.0, LogEvent::Aborted { phase, reason: format!("reported by the host: {reason}") });
+        Ok(())
     }
 
     pub fn attestation_format(&self) -> tessera_attestation::Format {
@@ -457,6 +468,26 @@ impl Enclave {
             }
         }
         Ok(())
+    }
+}
+
+/// See [`Enclave::evidence_maker`].
+#[derive(Clone)]
+pub struct EvidenceMaker {
+    attester: std::sync::Arc<dyn Attester>,
+    identity: [u8; 32],
+}
+
+impl std::fmt::Debug for EvidenceMaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EvidenceMaker({})", self.attester.format())
+    }
+}
+
+impl EvidenceMaker {
+    /// Evidence whose report data binds the enclave's identity key and `context`.
+    pub fn evidence_for(&self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
+        Ok(self.attester.attest(&aggregator_report_data(&self.identity, context), now_secs)?)
     }
 }
 

@@ -42,6 +42,8 @@ struct Ledger {
     by_participant: BTreeMap<String, Vec<(f64, u64)>>,
     /// The roster of each round seen opening, to name the included clients.
     rosters: BTreeMap<u64, Vec<String>>,
+    /// The round opened last, while it has no end entry.
+    open_round: Option<u64>,
 }
 
 fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
@@ -56,17 +58,25 @@ impl Ledger {
         match &entry.event {
             LogEvent::RoundOpened { roster, .. } => {
                 self.rosters.insert(entry.round, roster.clone());
+                self.open_round = Some(entry.round);
             }
-            LogEvent::Released { included, dp: Some(dp), .. } => {
-                add(&mut self.federation, dp.noise_multiplier);
-                let roster = self.rosters.get(&entry.round).cloned().unwrap_or_default();
-                for c in included {
-                    if let Some(id) = roster.get(*c as usize) {
-                        add(self.by_participant.entry(id.clone()).or_default(), dp.noise_multiplier);
-                    }
+            e if e.is_terminal() && self.open_round == Some(entry.round) => {
+                self.open_round = None;
+                if let LogEvent::Released { included, dp: Some(dp), .. } = e {
+                    self.observe_release(entry.round, included, dp);
                 }
             }
             _ => {}
+        }
+    }
+
+    fn observe_release(&mut self, round: u64, included: &[u32], dp: &DpSummary) {
+        add(&mut self.federation, dp.noise_multiplier);
+        let roster = self.rosters.get(&round).cloned().unwrap_or_default();
+        for c in included {
+            if let Some(id) = roster.get(*c as usize) {
+                add(self.by_participant.entry(id.clone()).or_default(), dp.noise_multiplier);
+            }
         }
     }
 
@@ -152,6 +162,11 @@ impl TransparencyLog {
         self.pending.push(StoredLogEntry { index: entry.index, round, timestamp_ms, data });
     }
 
+    /// The round opened last, if the log has no end entry for it yet.
+    pub fn open_round(&self) -> Option<u64> {
+        self.ledger.open_round
+    }
+
     /// The entries appended since the last call, for the host to store.
     pub fn take_pending(&mut self) -> Vec<StoredLogEntry> {
         std::mem::take(&mut self.pending)
@@ -194,6 +209,34 @@ mod tests {
         let mut wrong_round = stored;
         wrong_round[4].round = 9;
         assert!(matches!(TransparencyLog::load(&wrong_round), Err(LogError::Corrupt { index: 4, .. })));
+    }
+
+    fn opened(round: u64) -> LogEvent {
+        LogEvent::RoundOpened {
+            config_digest: format!("{round:064x}"),
+            roster: vec!["aa".repeat(32)],
+            min_survivors: 1,
+            neighbours: 0,
+            vector_len: 1,
+            dp: None,
+            node_policy_sha256: String::new(),
+            aggregator_format: "dev".into(),
+            aggregator_evidence_sha256: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_open_round_is_the_last_one_without_an_end() {
+        let mut log = TransparencyLog::default();
+        assert_eq!(log.open_round(), None);
+        log.append(1, 0, opened(1));
+        assert_eq!(log.open_round(), Some(1));
+        log.append(1, 1, aborted(1));
+        assert_eq!(log.open_round(), None);
+        log.append(2, 2, opened(2));
+        // Reloading gives the same answer.
+        let stored = log.take_pending();
+        assert_eq!(TransparencyLog::load(&stored).unwrap().open_round(), Some(2));
     }
 
     #[test]

@@ -83,10 +83,7 @@ async fn record_denials(State(s): State<Arc<Service>>, req: axum::extract::Reque
         let reason = note.as_ref().map(|n| format!("{}: {}", n.code, n.message)).unwrap_or_else(|| status.to_string());
         let principal = note.and_then(|n| n.principal);
         tracing::warn!(%method, %path, status = status.as_u16(), principal = principal.as_deref().unwrap_or("-"), %reason, "request denied");
-        let d = Denial { at_ms: crate::service::now().0, method, path, status: status.as_u16(), principal, reason };
-        if let Err(e) = s.store().record_denial(&d).await {
-            tracing::error!(error = %e, "could not record a denial");
-        }
+        s.record_denial(Denial { at_ms: crate::service::now().0, method, path, status: status.as_u16(), principal, reason });
     }
     resp
 }

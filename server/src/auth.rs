@@ -77,7 +77,15 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
 
 pub fn validate(cfg: &ServerConfig) -> Result<(), String> {
     let mut names = std::collections::BTreeSet::new();
+    // One credential, one principal: a digest listed twice (or equal to the admin
+    // token's) would make the role depend on the order of the grants.
+    let mut digests = std::collections::BTreeSet::from([hex::encode(token_sha256(&cfg.admin_token))]);
     for g in &cfg.access {
+        for d in [&g.token_sha256, &g.client_cert_spki_sha256].into_iter().flatten() {
+            if !digests.insert(d.to_ascii_lowercase()) {
+                return Err(format!("access grant {}: credential {d} is already given to another grant (or is the admin token)", g.name));
+            }
+        }
         if !names.insert(&g.name) {
             return Err(format!("access grant {} is listed twice", g.name));
         }
@@ -216,5 +224,60 @@ pub fn require_participant(p: &Principal, roster: &[String], round: u64) -> Resu
     match &p.institution_key {
         Some(k) if roster.iter().any(|r| r.eq_ignore_ascii_case(k)) => Ok(()),
         _ => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("{} did not take part in round {round}", p.name)).by(p)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(access: Vec<AccessGrant>) -> ServerConfig {
+        toml::from_str::<ServerConfig>(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\nadmin_token = \"admin-token-0123456789\"\n\n[[institutions]]\nname = \"c0\"\npublic_key = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+        )
+        .map(|mut c| {
+            c.access = access;
+            c
+        })
+        .unwrap()
+    }
+
+    fn grant(name: &str, role: Role, token: &str) -> AccessGrant {
+        AccessGrant { name: name.into(), role, institution: None, token_sha256: Some(hex::encode(token_sha256(token))), client_cert_spki_sha256: None }
+    }
+
+    #[test]
+    fn a_credential_maps_to_one_principal() {
+        assert!(validate(&cfg(vec![grant("a", Role::Auditor, "t1"), grant("b", Role::Auditor, "t2")])).is_ok());
+        let twice = validate(&cfg(vec![grant("a", Role::Auditor, "t1"), grant("b", Role::Admin, "t1")])).unwrap_err();
+        assert!(twice.contains("already given"), "{twice}");
+        let admin = validate(&cfg(vec![grant("a", Role::Auditor, "admin-token-0123456789")])).unwrap_err();
+        assert!(admin.contains("admin token"), "{admin}");
+        let mut inst = grant("c", Role::Institution, "t3");
+        assert!(validate(&cfg(vec![inst.clone()])).unwrap_err().contains("needs institution"));
+        inst.institution = Some("nobody".into());
+        assert!(validate(&cfg(vec![inst.clone()])).unwrap_err().contains("not in [[institutions]]"));
+        inst.institution = Some("c0".into());
+        assert!(validate(&cfg(vec![inst])).is_ok());
+    }
+
+    #[test]
+    fn tokens_and_roles() {
+        let c = cfg(vec![grant("aud", Role::Auditor, "auditor-token")]);
+        let auth = Authenticator::new(&c);
+        let headers = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            h
+        };
+        let p = auth.authenticate(&headers("Bearer auditor-token"), None).unwrap().unwrap();
+        assert_eq!((p.name.as_str(), p.role), ("aud", Role::Auditor));
+        assert_eq!(auth.authenticate(&headers("Bearer admin-token-0123456789"), None).unwrap().unwrap().role, Role::Admin);
+        assert_eq!(auth.authenticate(&headers("Bearer nope"), None).unwrap_err().code, "invalid_token");
+        assert_eq!(auth.authenticate(&headers("Basic abc"), None).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(auth.authenticate(&HeaderMap::new(), None).unwrap(), None);
+        assert_eq!(require(Some(p.clone()), &[Role::Admin], "x").unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(require(None, &[Role::Admin], "x").unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert!(require(Some(p), &[Role::Auditor], "x").is_ok());
     }
 }

@@ -107,15 +107,21 @@ impl Service {
     /// their inclusion proofs to a freshly signed tree head, the aggregator's evidence,
     /// and (with `since_size`) a consistency proof from an earlier head.
     pub async fn bundle(&self, round: u64, since_size: Option<u64>) -> Result<RoundBundle, ApiError> {
-        let stored = self.store().log_of_round(round).await?;
+        // The head first: every entry below its size is stored (entries are stored under
+        // the same lock, before it is released), so the round's entries up to it are all
+        // there, and a running round's record reaches the head.
+        let head = self.log_head().await;
+        let stored: Vec<_> = self.store().log_of_round(round).await?.into_iter().filter(|e| e.index < head.tree_size).collect();
         if stored.is_empty() {
-            return Err(unknown_round(round));
+            return Err(match self.store().round(round).await? {
+                Some(_) => ApiError::new(StatusCode::CONFLICT, "no_log_record", format!("round {round} predates the transparency log: it has no report")),
+                None => unknown_round(round),
+            });
         }
         let entries: Vec<LogEntry> = stored.iter().map(|e| LogEntry::parse(&e.data)).collect::<Result<_, _>>().map_err(ApiError::internal)?;
         let report = derive_report(&entries).map_err(ApiError::internal)?;
-        let (head, proofs, consistency) = self
+        let (proofs, consistency) = self
             .with_enclave(|enclave| -> Result<_, ApiError> {
-                let head = enclave.tree_head(now().0);
                 let log = enclave.log();
                 let proofs = stored.iter().map(|e| log.inclusion(e.index, head.tree_size)).collect::<Result<Vec<_>, _>>().map_err(ApiError::internal)?;
                 let consistency = match since_size {
@@ -128,7 +134,7 @@ impl Service {
                         proof: log.consistency(old, head.tree_size).map_err(ApiError::internal)?.iter().map(hex::encode).collect(),
                     }),
                 };
-                Ok((head, proofs, consistency))
+                Ok((proofs, consistency))
             })
             .await?;
         let att = self.attestation();

@@ -63,6 +63,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body { error: self.code, message: &self.message, verdict: self.verdict.as_deref() };
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §11.6.1: a 401 names the scheme it wants.
+            let challenge = match self.code {
+                "invalid_token" => "Bearer realm=\"tessera\", error=\"invalid_token\"",
+                _ => "Bearer realm=\"tessera\"",
+            };
+            resp.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static(challenge));
+        }
         resp.extensions_mut().insert(ErrorNote { code: self.code, message: self.message, principal: self.principal.map(String::from) });
         resp
     }

@@ -42,6 +42,33 @@ pub fn now() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
 
+/// Refusals waiting to be written to the denial log.
+pub const DENIAL_QUEUE: usize = 1024;
+/// Denials kept in the store; older ones are pruned.
+pub const DENIALS_KEPT: u64 = 100_000;
+
+fn spawn_denial_writer(store: Store) -> tokio::sync::mpsc::Sender<crate::store::Denial> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::store::Denial>(DENIAL_QUEUE);
+    tokio::spawn(async move {
+        let mut written = 0u64;
+        while let Some(d) = rx.recv().await {
+            if let Err(e) = store.record_denial(&d).await {
+                tracing::error!(error = %e, "could not record a denial");
+            }
+            written += 1;
+            if written.is_multiple_of(1000) {
+                if let Err(e) = store.prune_denials(DENIALS_KEPT).await {
+                    tracing::error!(error = %e, "could not prune the denial log");
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Per-verifier evidence requests served at once (`GET /v1/attestation?nonce=`).
+pub const FRESH_EVIDENCE_CONCURRENCY: usize = 4;
+
 /// Pause between one scheduled round ending and the next opening.
 const ROUND_GAP: Duration = Duration::from_secs(2);
 
@@ -65,6 +92,10 @@ pub struct Service {
     evidence: Vec<u8>,
     pub metrics: Arc<Metrics>,
     authenticator: Arc<crate::auth::Authenticator>,
+    evidence_maker: tessera_enclave::EvidenceMaker,
+    attest_permits: tokio::sync::Semaphore,
+    denials: tokio::sync::mpsc::Sender<crate::store::Denial>,
+    denials_dropped: std::sync::atomic::AtomicU64,
     last_schedule_error: Mutex<Option<String>>,
 }
 
@@ -186,8 +217,10 @@ impl Service {
                     Err(e) => {
                         tracing::error!(round = row.round, error = %e, "cannot resume round; marking it aborted");
                         let reason = format!("not resumable after restart: {e}");
+                        if let Err(e) = enclave.log_host_abort(row.round, &reason, now()) {
+                            tracing::warn!(round = row.round, error = %e, "the abort is not logged");
+                        }
                         enclave.discard_round();
-                        enclave.log_host_abort(row.round, &reason, now());
                         let log = enclave.take_log_entries();
                         let finish = Finish { status: "aborted", outcome: &reason, release: None, mean: None };
                         store.commit(Commit { round: row.round, log: &log, finish: Some(finish), ..Default::default() }).await?;
@@ -198,6 +231,8 @@ impl Service {
             }
         }
         let authenticator = crate::auth::Authenticator::new(&cfg);
+        let evidence_maker = enclave.evidence_maker();
+        let denials = spawn_denial_writer(store.clone());
         let service = Arc::new(Service {
             inner: Mutex::new(Inner { enclave, current }),
             store,
@@ -207,6 +242,10 @@ impl Service {
             evidence,
             metrics: Arc::new(Metrics::default()),
             authenticator,
+            evidence_maker,
+            attest_permits: tokio::sync::Semaphore::new(FRESH_EVIDENCE_CONCURRENCY),
+            denials,
+            denials_dropped: std::sync::atomic::AtomicU64::new(0),
             last_schedule_error: Mutex::new(None),
         });
         // A round that finished just before a crash may not have its result stored yet.
@@ -233,15 +272,37 @@ impl Service {
         &self.authenticator
     }
 
+    /// Queues a refused request for the denial log. Written by a background task, so a
+    /// flood of refusals neither delays answers nor competes with round commits; past
+    /// [`DENIAL_QUEUE`] waiting records the excess is counted and dropped.
+    pub fn record_denial(&self, d: crate::store::Denial) {
+        if self.denials.try_send(d).is_err() {
+            let n = self.denials_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "denial log queue full; refusals not recorded");
+            }
+        }
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
 
     /// Evidence made now for a verifier's nonce, bound to the identity key, the TLS key
     /// and the nonce: proof that the attested enclave is live behind this connection.
+    ///
+    /// Made outside the service lock (rounds go on meanwhile), on a blocking thread (a
+    /// hardware report is a kernel call), at most [`FRESH_EVIDENCE_CONCURRENCY`] at once:
+    /// more get 503 `busy`.
     pub async fn fresh_evidence(&self, nonce: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let _permit = self
+            .attest_permits
+            .try_acquire()
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "too many evidence requests at once; retry shortly"))?;
         let context = tessera_attestation::binding::fresh_context(&self.tls_fingerprint, nonce);
-        Ok(self.with_enclave(|e| e.evidence_for(&context, now().0 / 1000)).await?)
+        let maker = self.evidence_maker.clone();
+        let made = tokio::task::spawn_blocking(move || maker.evidence_for(&context, now().0 / 1000)).await.map_err(ApiError::internal)?;
+        Ok(made?)
     }
 
     pub fn attestation(&self) -> AttestationInfo {

@@ -184,6 +184,15 @@ impl Store {
         if let Some((seq, sealed)) = c.sealed {
             event("sealed", 0, Some(seq as i64), sealed).execute(&mut *tx).await?;
         }
+        if let Some(first) = c.log.first() {
+            // The log only grows at its end, without gaps: anything else means the
+            // enclave's view and the store's differ, and the step is refused whole.
+            let next: i64 = sqlx::query("SELECT COALESCE(MAX(idx) + 1, 0) FROM log").fetch_one(&mut *tx).await?.get(0);
+            let contiguous = c.log.iter().zip(first.index..).all(|(e, i)| e.index == i);
+            if first.index != next as u64 || !contiguous {
+                return Err(StoreError::Corrupt(format!("log entries from {} do not continue the stored log, which ends before {next}", first.index)));
+            }
+        }
         for e in c.log {
             sqlx::query("INSERT INTO log (idx, round, timestamp_ms, data) VALUES (?, ?, ?, ?)")
                 .bind(e.index as i64)
@@ -264,6 +273,12 @@ impl Store {
             .bind(&d.reason)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Keeps only the newest `keep` denials.
+    pub async fn prune_denials(&self, keep: u64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM denials WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM denials) - ?").bind(keep as i64).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -365,6 +380,13 @@ mod tests {
         let first = [entry(0)];
         store.commit(Commit { round: 1, open: Some((&cfg, Timestamp(1))), log: &first, ..Default::default() }).await.unwrap();
         let colliding = [entry(1), entry(0)];
+        // A gap is refused too, before anything is written.
+        let gap = [entry(2)];
+        assert!(store
+            .commit(Commit { round: 1, message: Some((MessageKind::Advertise, Timestamp(2), &b"{}"[..])), log: &gap, ..Default::default() })
+            .await
+            .is_err());
+        assert!(store.events(1).await.unwrap().is_empty());
         let message = (MessageKind::Advertise, Timestamp(2), &b"{}"[..]);
         let err = store.commit(Commit { round: 1, message: Some(message), log: &colliding, ..Default::default() }).await;
         assert!(err.is_err());

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use sha2::Digest;
-use tessera_attestation::audit::{audit_bundle, AuditInputs, LogEntry, LogEvent, RoundBundle};
+use tessera_attestation::audit::{audit_bundle, AuditCheck, AuditInputs, LogEntry, LogEvent, RoundBundle};
 use tessera_attestation::policy::NodePolicy;
 use tessera_attestation::translog::SignedTreeHead;
 use tessera_client::http::HttpError;
@@ -173,6 +173,16 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
     forked_head.root_hash = "00".repeat(32);
     let forked = AuditInputs { previous_head: Some(forked_head), ..inputs.clone() };
     assert!(audit_bundle(&bundle, &forked).failures().any(|c| c.name == "consistency with the earlier tree head"));
+    // A round whose end was cut off (its report recomputed to match) is caught: it stops
+    // before the signed tree does.
+    let mut cut = bundle.clone();
+    cut.entries.pop();
+    let cut_entries: Vec<LogEntry> = cut.entries.iter().map(|e| LogEntry::parse(e.data.as_bytes()).unwrap()).collect();
+    cut.report = tessera_attestation::audit::derive_report(&cut_entries).unwrap();
+    let outcome = audit_bundle(&cut, &AuditInputs { mean: None, ..inputs.clone() });
+    let failed: Vec<&AuditCheck> = outcome.failures().collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].name == "report matches the log" && failed[0].detail.contains("cut off"), "{failed:?}");
     // A bundle that misstates the aggregator's measurement.
     let mut misstated = bundle.clone();
     misstated.aggregator.measurement = Some("00".repeat(48));
@@ -275,9 +285,16 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
         assert_eq!(refused(&auditor, path).await.0, status, "{path}");
     }
 
-    // Every denial above was recorded, with who was refused.
-    let denials: serde_json::Value = auditor.get_json("/v1/denials?limit=1000").await.unwrap();
-    let denials = denials.as_array().unwrap();
+    // Every denial above was recorded, with who was refused (written in the background).
+    let mut denials = Vec::new();
+    for _ in 0..100 {
+        let v: serde_json::Value = auditor.get_json("/v1/denials?limit=1000").await.unwrap();
+        denials = v.as_array().unwrap().clone();
+        if denials.iter().any(|d| d["reason"].as_str().unwrap_or("").starts_with("unknown_certificate")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         denials.iter().any(|d| d["path"] == "/v1/rounds/1/report" && d["status"] == 403 && d["principal"].as_str().unwrap().contains("clinic-4")),
         "{denials:?}"
