@@ -70,8 +70,9 @@ pub enum LogEvent {
         debug: Option<bool>,
         failures: Vec<String>,
     },
-    /// A masked input was accepted: the hash of the bytes received (the bytes themselves
-    /// are uniformly random to everyone but the sum).
+    /// A masked input was accepted: the SHA-256 of its masked vector (the digest the
+    /// client's signature covers; the vector is uniformly random to everyone but the sum)
+    /// and the size of the message received.
     MaskedInput { client: u32, sha256: String, bytes: u64 },
     /// A protocol phase closed: who answered and who went missing in it (dropouts).
     PhaseClosed { from: String, to: String, responded: Vec<u32>, missing: Vec<u32> },

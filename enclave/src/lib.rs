@@ -174,14 +174,9 @@ impl Enclave {
     /// The log records the digest of the evidence last produced here in every
     /// `round_opened` entry.
     pub fn evidence(&mut self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
-        let evidence = self.evidence_for(context, now_secs)?;
+        let evidence = self.evidence_maker().evidence_for(context, now_secs)?;
         self.evidence_sha256 = sha256_hex(&evidence);
         Ok(evidence)
-    }
-
-    /// Fresh evidence for one verifier (`context` carries its nonce); nothing is recorded.
-    pub fn evidence_for(&self, context: &[u8], now_secs: u64) -> Result<Vec<u8>, EnclaveError> {
-        Ok(self.attester.attest(&aggregator_report_data(&self.identity_public_key(), context), now_secs)?)
     }
 
     /// A handle that makes evidence bound to this enclave's identity without holding the
@@ -319,10 +314,6 @@ impl Enclave {
         Ok(self.state_mut()?.aggregator.handle_share_keys(msg)?)
     }
 
-    pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), EnclaveError> {
-        Ok(self.state_mut()?.aggregator.handle_masked_input(msg)?)
-    }
-
     pub fn handle_consistency(&mut self, msg: ConsistencySignature) -> Result<(), EnclaveError> {
         Ok(self.state_mut()?.aggregator.handle_consistency(msg)?)
     }
@@ -340,11 +331,10 @@ impl Enclave {
             MessageKind::ShareKeys => self.handle_share_keys(serde_json::from_slice(bytes).map_err(parse_err)?),
             MessageKind::MaskedInput => {
                 let state = self.state_mut()?;
-                state.aggregator.handle_masked_input_encoded(bytes)?;
+                let (client, digest) = state.aggregator.handle_masked_input_encoded(bytes)?;
                 let round = state.aggregator.config().round;
-                // The client id is the first field the aggregator decoded and accepted.
-                let client = MaskedInputView::parse(bytes)?.client.0;
-                self.log.append(round, received_at.0, LogEvent::MaskedInput { client, sha256: sha256_hex(bytes), bytes: bytes.len() as u64 });
+                let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: bytes.len() as u64 };
+                self.log.append(round, received_at.0, event);
                 Ok(())
             }
             MessageKind::Consistency => self.handle_consistency(serde_json::from_slice(bytes).map_err(parse_err)?),

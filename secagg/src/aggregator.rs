@@ -218,9 +218,13 @@ impl Aggregator {
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
     /// peak memory for a submission is the received body plus the running sum.
-    pub fn handle_masked_input_encoded(&mut self, bytes: &[u8]) -> Result<(), Error> {
+    /// Returns the sender and the SHA-256 of the masked vector (the digest its signature
+    /// covers), so callers can record it without hashing the input again.
+    pub fn handle_masked_input_encoded(&mut self, bytes: &[u8]) -> Result<(ClientId, [u8; 32]), Error> {
         let view = MaskedInputView::parse(bytes)?;
-        self.fold_masked(view.round, view.client, &view.signature, view.len(), &view.data_digest(), view.words())
+        let digest = view.data_digest();
+        self.fold_masked(view.round, view.client, &view.signature, view.len(), &digest, view.words())?;
+        Ok((view.client, digest))
     }
 
     fn fold_masked(

@@ -150,6 +150,24 @@ impl Authenticator {
         Principal { name: g.grant.name.clone(), role: g.grant.role, institution_key: g.institution_key.clone(), institution: g.grant.institution.clone() }
     }
 
+    /// The holder of a bearer token (also what the sign-in form checks).
+    pub fn authenticate_token(&self, token: &str) -> Result<Principal, ApiError> {
+        let digest = token_sha256(token);
+        if bool::from(digest.ct_eq(&self.admin_token_sha256)) {
+            return Ok(Principal { name: "admin".into(), role: Role::Admin, institution_key: None, institution: None });
+        }
+        // Every grant is compared, so the time taken does not say which one matched.
+        let mut found = None;
+        for g in &self.grants {
+            if let Some(h) = &g.token_sha256 {
+                if bool::from(digest.ct_eq(h)) {
+                    found = Some(Self::principal(g));
+                }
+            }
+        }
+        found.ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the bearer token is not valid"))
+    }
+
     /// The caller, if it presented a credential; a presented credential that matches
     /// nothing is a 401, not an anonymous request.
     pub fn authenticate(&self, headers: &HeaderMap, peer: Option<PeerCertificate>) -> Result<Option<Principal>, ApiError> {
@@ -162,20 +180,7 @@ impl Authenticator {
             (None, None) => None,
         };
         if let Some(token) = token {
-            let digest = token_sha256(&token);
-            if bool::from(digest.ct_eq(&self.admin_token_sha256)) {
-                return Ok(Some(Principal { name: "admin".into(), role: Role::Admin, institution_key: None, institution: None }));
-            }
-            // Every grant is compared, so the time taken does not say which one matched.
-            let mut found = None;
-            for g in &self.grants {
-                if let Some(h) = &g.token_sha256 {
-                    if bool::from(digest.ct_eq(h)) {
-                        found = Some(Self::principal(g));
-                    }
-                }
-            }
-            return found.map(Some).ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the bearer token is not valid"));
+            return self.authenticate_token(&token).map(Some);
         }
         if let Some(PeerCertificate(fp)) = peer {
             if let Some(g) = self.grants.iter().find(|g| g.cert_spki_sha256.is_some_and(|h| bool::from(fp.ct_eq(&h)))) {

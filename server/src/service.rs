@@ -25,19 +25,6 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{Commit, Finish, Store, StoreError};
 
-struct End {
-    status: &'static str,
-    outcome: String,
-    release: Option<String>,
-    mean: Option<Vec<u8>>,
-}
-
-impl End {
-    fn finish(&self) -> Finish<'_> {
-        Finish { status: self.status, outcome: &self.outcome, release: self.release.as_deref(), mean: self.mean.as_deref() }
-    }
-}
-
 pub fn now() -> Timestamp {
     Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
 }
@@ -222,7 +209,7 @@ impl Service {
                         }
                         enclave.discard_round();
                         let log = enclave.take_log_entries();
-                        let finish = Finish { status: "aborted", outcome: &reason, release: None, mean: None };
+                        let finish = Finish { status: "aborted", outcome: reason, release: None, mean: None };
                         store.commit(Commit { round: row.round, log: &log, finish: Some(finish), ..Default::default() }).await?;
                     }
                 }
@@ -554,8 +541,7 @@ impl Service {
         let log = inner.enclave.take_log_entries();
         let change = &transition.change;
         tracing::info!(round, from = ?change.from, to = ?change.to, responded = change.responded.len(), "phase closed");
-        let end = if change.to.is_terminal() { self.end_of(inner, round)? } else { None };
-        let finish = end.as_ref().map(|e| e.finish());
+        let finish = if change.to.is_terminal() { self.end_of(inner, round)? } else { None };
         let ended = finish.is_some();
         if let Err(e) = self.store.commit(Commit { round, sealed: Some((transition.seq, &transition.sealed)), log: &log, finish, ..Default::default() }).await {
             tracing::error!(error = %e, "could not store a phase change; rebuilding the round from the store");
@@ -571,18 +557,18 @@ impl Service {
     }
 
     /// How the round ended, for the store.
-    fn end_of(&self, inner: &Inner, round: u64) -> Result<Option<End>, ApiError> {
+    fn end_of(&self, inner: &Inner, round: u64) -> Result<Option<Finish>, ApiError> {
         Ok(match inner.enclave.outcome() {
             Some(Outcome::Sum(_)) => {
                 let release = inner.enclave.release().ok_or_else(|| ApiError::internal("finished without a release"))?;
                 let json = serde_json::to_string(release).map_err(ApiError::internal)?;
                 let mean = tessera_enclave::Release::mean_bytes(&release.mean);
                 tracing::info!(round, included = release.included.len(), total_weight = release.total_weight, "aggregate released");
-                Some(End { status: "finished", outcome: "released".into(), release: Some(json), mean: Some(mean) })
+                Some(Finish { status: "finished", outcome: "released".into(), release: Some(json), mean: Some(mean) })
             }
             Some(Outcome::Aborted { phase, reason }) => {
                 tracing::warn!(round, ?phase, %reason, "round aborted; nothing released");
-                Some(End { status: "aborted", outcome: reason.clone(), release: None, mean: None })
+                Some(Finish { status: "aborted", outcome: reason.clone(), release: None, mean: None })
             }
             None => None,
         })
@@ -591,8 +577,8 @@ impl Service {
     /// Stores the end of a round the replay finished (a store written before phase
     /// changes and round ends were committed together).
     async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
-        let Some(end) = self.end_of(inner, round)? else { return Ok(()) };
-        self.store.commit(Commit { round, finish: Some(end.finish()), ..Default::default() }).await?;
+        let Some(finish) = self.end_of(inner, round)? else { return Ok(()) };
+        self.store.commit(Commit { round, finish: Some(finish), ..Default::default() }).await?;
         if let Some(cur) = inner.current.as_mut() {
             cur.finished_at = Some(t);
         }

@@ -87,15 +87,17 @@ pub struct Commit<'a> {
     pub message: Option<(MessageKind, Timestamp, &'a [u8])>,
     pub sealed: Option<(u64, &'a [u8])>,
     pub log: &'a [StoredLogEntry],
-    pub finish: Option<Finish<'a>>,
+    pub finish: Option<Finish>,
 }
 
+/// How a round ended: its status, outcome, and for a release the signed release (JSON)
+/// and the mean.
 #[derive(Debug)]
-pub struct Finish<'a> {
-    pub status: &'a str,
-    pub outcome: &'a str,
-    pub release: Option<&'a str>,
-    pub mean: Option<&'a [u8]>,
+pub struct Finish {
+    pub status: &'static str,
+    pub outcome: String,
+    pub release: Option<String>,
+    pub mean: Option<Vec<u8>>,
 }
 
 /// A refused request, kept for auditors.
