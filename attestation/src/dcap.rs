@@ -20,18 +20,102 @@
 //! 6. the TCB Info must be for the PCK certificate's PCE ID (`MissingEndorsement`; dcap-qvl
 //!    0.7.1 does not check it).
 //!
+//! Signatures that verified are remembered ([`SignatureCache`]), so a verifier that sees
+//! quotes from the same platforms re-checks the PCK chain, the CRLs, the TCB Info and the
+//! QE Identity signatures only when their bytes change; times, revocation and the TCB
+//! match are evaluated every call, and the quote's own signature is new with each quote.
+//!
 //! A TCB status other than `UpToDate` is not a failure: it is returned in [`Claims::tcb`]
 //! and [`Claims::fields`] for the node policy to judge. A `Revoked` TCB is (`Revoked`).
 
 use std::collections::BTreeMap;
 
-use dcap_qvl::configs::RingConfig;
 use dcap_qvl::verify::QuoteVerifier;
 use dcap_qvl::{QuoteClaims, QuoteCollateralV3, QuotePolicy};
 use serde::Deserialize;
 use x509_cert::der::Decode;
 
 use crate::{Claims, Format, Verifier, VerifyError};
+
+/// dcap-qvl's audited ring configuration, with every ECDSA P-256 verification going
+/// through [`SignatureCache`].
+#[derive(Debug)]
+pub struct CachedRingConfig;
+
+impl dcap_qvl::config::Config for CachedRingConfig {
+    type X509 = dcap_qvl::x509::X509CertBackend;
+    type SigEncoder = dcap_qvl::signature::DerSigEncoder;
+    type Crypto = CachedRingCrypto;
+}
+
+#[derive(Debug)]
+pub struct CachedRingCrypto;
+
+impl dcap_qvl::config::CryptoProvider for CachedRingCrypto {
+    fn sig_algo() -> &'static dyn rustls_pki_types::SignatureVerificationAlgorithm {
+        &SIGNATURE_CACHE
+    }
+    fn sha256(data: &[u8]) -> [u8; 32] {
+        <dcap_qvl::crypto::RingCrypto as dcap_qvl::config::CryptoProvider>::sha256(data)
+    }
+    fn sha384(data: &[u8]) -> [u8; 48] {
+        <dcap_qvl::crypto::RingCrypto as dcap_qvl::config::CryptoProvider>::sha384(data)
+    }
+}
+
+/// ECDSA P-256 / SHA-256 (ring, through webpki) that remembers which (public key,
+/// message, signature) triples verified, by the SHA-256 of the three, each
+/// length-prefixed. A hit means byte-identical inputs, for which the (deterministic)
+/// verification would succeed again; anything else, and every failure, is verified in
+/// full. Bounded: emptied when it reaches [`SIGNATURE_CACHE_MAX`] entries.
+#[derive(Debug)]
+pub struct SignatureCache {
+    verified: std::sync::Mutex<Option<std::collections::HashSet<[u8; 32]>>>,
+}
+
+pub const SIGNATURE_CACHE_MAX: usize = 4096;
+
+static SIGNATURE_CACHE: SignatureCache = SignatureCache { verified: std::sync::Mutex::new(None) };
+
+/// Forgets every remembered signature (for benchmarks and tests).
+pub fn clear_signature_cache() {
+    *SIGNATURE_CACHE.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+}
+
+/// How many signatures are remembered.
+pub fn signature_cache_len() -> usize {
+    SIGNATURE_CACHE.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().map_or(0, |s| s.len())
+}
+
+impl rustls_pki_types::SignatureVerificationAlgorithm for SignatureCache {
+    fn verify_signature(&self, public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), rustls_pki_types::InvalidSignature> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [public_key, message, signature] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let key: [u8; 32] = h.finalize().into();
+        let lock = || self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if lock().as_ref().is_some_and(|s| s.contains(&key)) {
+            return Ok(());
+        }
+        webpki::ring::ECDSA_P256_SHA256.verify_signature(public_key, message, signature)?;
+        let mut guard = lock();
+        let verified = guard.get_or_insert_with(Default::default);
+        if verified.len() >= SIGNATURE_CACHE_MAX {
+            verified.clear();
+        }
+        verified.insert(key);
+        Ok(())
+    }
+    fn public_key_alg_id(&self) -> rustls_pki_types::AlgorithmIdentifier {
+        webpki::ring::ECDSA_P256_SHA256.public_key_alg_id()
+    }
+    fn signature_alg_id(&self) -> rustls_pki_types::AlgorithmIdentifier {
+        webpki::ring::ECDSA_P256_SHA256.signature_alg_id()
+    }
+}
 
 /// The Intel SGX Root CA, the one trust anchor of DCAP (see `roots/intel/PROVENANCE.md`).
 pub static INTEL_SGX_ROOT_CA_DER: &[u8] = include_bytes!("../roots/intel/intel_sgx_root_ca.der");
@@ -464,7 +548,7 @@ impl DcapVerifier {
 
         // 5. Signatures, chains, CRLs, QE identity and TCB match: dcap-qvl. Debug-mode
         // quotes are let through so that the node policy, not this layer, refuses them.
-        let verifier = QuoteVerifier::<RingConfig>::new_with_config(root_der.to_vec()).allow_debug(true);
+        let verifier = QuoteVerifier::<CachedRingConfig>::new_with_config(root_der.to_vec()).allow_debug(true);
         let qvl = verifier.verify_with_policy(evidence, collateral.clone(), now_secs, &QuotePolicy::claims_only(now_secs)).map_err(|e| classify(&e, format))?;
 
         // 6. TCB Info must be for this platform's PCE, as Intel's QVL checks.
@@ -862,6 +946,27 @@ fn claims(quote: &DcapQuote, qvl: &QuoteClaims, pck_leaf: &ChainCert, format: Fo
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_signature_cache_remembers_only_exact_successes() {
+        use rustls_pki_types::SignatureVerificationAlgorithm;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+        let public = ring::signature::KeyPair::public_key(&key).as_ref().to_vec();
+        let sig = key.sign(&rng, b"message").unwrap().as_ref().to_vec();
+        let cache = SignatureCache { verified: std::sync::Mutex::new(None) };
+        assert!(cache.verify_signature(&public, b"message", &sig).is_ok());
+        assert!(cache.verify_signature(&public, b"message", &sig).is_ok(), "a hit");
+        assert!(cache.verify_signature(&public, b"massage", &sig).is_err(), "another message");
+        let mut bad = sig.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(cache.verify_signature(&public, b"message", &bad).is_err(), "another signature");
+        let mut other_key = public.clone();
+        other_key[10] ^= 1;
+        assert!(cache.verify_signature(&other_key, b"message", &sig).is_err(), "another key");
+        assert_eq!(cache.verified.lock().unwrap().as_ref().map(|s| s.len()), Some(1), "failures are not remembered");
+    }
+
     use super::*;
 
     const TDX_V4_QUOTE: &[u8] = include_bytes!("../tests/vectors/tdx-sgx-dcap/tdx-v4-uptodate/quote.bin");

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod ratls;
 pub mod snp;
 pub mod translog;
+pub mod tsm;
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,23 @@ pub enum VerifyError {
     Tcb { format: Format, status: String },
 }
 
+impl VerifyError {
+    /// The format the evidence was recognised as, if it was.
+    pub fn format(&self) -> Option<Format> {
+        match self {
+            VerifyError::UnknownFormat => None,
+            VerifyError::Malformed { format, .. }
+            | VerifyError::MissingEndorsement { format, .. }
+            | VerifyError::BadSignature { format, .. }
+            | VerifyError::CertificateChain { format, .. }
+            | VerifyError::UntrustedRoot { format }
+            | VerifyError::NotValidAtTime { format, .. }
+            | VerifyError::Revoked { format, .. }
+            | VerifyError::Tcb { format, .. } => Some(*format),
+        }
+    }
+}
+
 /// One evidence format: recognise it, and verify it at a given time.
 pub trait Verifier: Send + Sync {
     fn format(&self) -> Format;
@@ -174,13 +192,23 @@ pub fn inspect(evidence: &[u8]) -> Result<(Format, String), VerifyError> {
 /// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
 /// unwrapped first; its endorsements come before the ones given here.
 pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
+    verify_trusting(evidence, endorsements, &[], now_secs)
+}
+
+/// [`verify`], with `extra_snp_arks` (PEM or DER) trusted for SEV-SNP besides the pinned
+/// AMD roots (a policy's `additional_snp_arks`: test chains only).
+pub fn verify_trusting(evidence: &[u8], endorsements: &[Vec<u8>], extra_snp_arks: &[&[u8]], now_secs: u64) -> Result<Claims, VerifyError> {
     if bundle::EvidenceBundle::detect(evidence) {
         let inner = bundle::EvidenceBundle::decode(evidence)?;
         if bundle::EvidenceBundle::detect(&inner.evidence) {
             return Err(VerifyError::Malformed { format: Format::DevInsecure, why: "nested evidence bundles".into() });
         }
         let all: Vec<Vec<u8>> = inner.endorsements.iter().chain(endorsements).cloned().collect();
-        return verify(&inner.evidence, &all, now_secs);
+        return verify_trusting(&inner.evidence, &all, extra_snp_arks, now_secs);
+    }
+    if !extra_snp_arks.is_empty() && snp::SnpVerifier.detect(evidence) {
+        let roots: Vec<&[u8]> = snp::PINNED_ARKS.iter().map(|(_, pem)| *pem).chain(extra_snp_arks.iter().copied()).collect();
+        return snp::verify_with_roots(evidence, endorsements, &roots, now_secs);
     }
     registry().into_iter().find(|v| v.detect(evidence)).ok_or(VerifyError::UnknownFormat)?.verify(evidence, endorsements, now_secs)
 }

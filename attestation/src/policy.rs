@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::{Claims, Format, VerifyError};
+use crate::{Claims, Format};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -26,6 +26,10 @@ pub struct NodePolicy {
     /// `reported_tcb.tee`, `reported_tcb.snp`, `reported_tcb.microcode`. A named field the
     /// evidence lacks is a failure.
     pub min_svn: std::collections::BTreeMap<String, u64>,
+    /// SEV-SNP trust anchors besides AMD's pinned ARKs (PEM certificates). For a lab's
+    /// TEST chain only: a production policy leaves this empty, and `tessera-attest`
+    /// warns whenever a policy sets it.
+    pub additional_snp_arks: Vec<String>,
 }
 
 impl Default for NodePolicy {
@@ -37,6 +41,7 @@ impl Default for NodePolicy {
             max_age_secs: 3600,
             allowed_tcb_status: Vec::new(),
             min_svn: Default::default(),
+            additional_snp_arks: Vec::new(),
         }
     }
 }
@@ -134,9 +139,10 @@ impl NodePolicy {
         if evidence.is_empty() {
             return Verdict { accepted: false, format: None, claims: None, failures: vec![PolicyFailure::MissingEvidence] };
         }
-        match crate::verify(evidence, endorsements, now_secs) {
+        let extra: Vec<&[u8]> = self.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
+        match crate::verify_trusting(evidence, endorsements, &extra, now_secs) {
             Ok(claims) => self.evaluate(&claims, expected_report_data, now_secs),
-            Err(e) => Verdict { accepted: false, format: format_of(&e), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
+            Err(e) => Verdict { accepted: false, format: e.format(), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
         }
     }
 }
@@ -151,20 +157,6 @@ fn numeric_field(claims: &Claims, name: &str) -> Option<u64> {
     let text = claims.fields.get(field)?;
     let inner = text.split_once('(')?.1.trim_end_matches(')');
     inner.split(',').filter_map(|part| part.trim().split_once(' ')).find(|(k, _)| *k == component).and_then(|(_, v)| v.trim().parse().ok())
-}
-
-fn format_of(e: &VerifyError) -> Option<Format> {
-    match e {
-        VerifyError::UnknownFormat => None,
-        VerifyError::Malformed { format, .. }
-        | VerifyError::MissingEndorsement { format, .. }
-        | VerifyError::BadSignature { format, .. }
-        | VerifyError::CertificateChain { format, .. }
-        | VerifyError::UntrustedRoot { format }
-        | VerifyError::NotValidAtTime { format, .. }
-        | VerifyError::Revoked { format, .. }
-        | VerifyError::Tcb { format, .. } => Some(*format),
-    }
 }
 
 #[cfg(test)]

@@ -223,8 +223,24 @@ fn a_flipped_byte_in_the_signed_header_or_body_is_a_bad_signature() {
 }
 
 #[test]
+fn the_signature_cache_returns_the_same_verdicts() {
+    let s = tdx_v4();
+    dcap::clear_signature_cache();
+    let cold = verify(&s.quote, &s.collateral, JULY_2025).unwrap();
+    assert!(dcap::signature_cache_len() >= 6, "the chain, CRLs, TCB Info, QE Identity, QE report and quote signatures");
+    let warm = verify(&s.quote, &s.collateral, JULY_2025).unwrap();
+    assert_eq!(cold, warm);
+    // Time and the TCB match are still evaluated with every signature cached.
+    assert!(matches!(verify(&s.quote, &s.collateral, MARCH_2026 + 365 * 86_400), Err(VerifyError::NotValidAtTime { .. })));
+    let other = tdx_v5();
+    assert!(matches!(verify(&other.quote, &other.collateral, MARCH_2026), Err(VerifyError::Tcb { .. })));
+}
+
+#[test]
 fn a_flipped_byte_in_the_signature_data_is_a_bad_signature() {
     for (s, now) in [(tdx_v4(), JULY_2025), (sgx_v3(), JULY_2025)] {
+        // Warm: the genuine signatures are remembered, and every flip below still fails.
+        verify(&s.quote, &s.collateral, now).unwrap();
         let signed_len = dcap::parse_quote(&s.quote).unwrap().signed_len;
         let sig = signed_len + 4;
         // The quote signature (r, then s).
@@ -379,6 +395,9 @@ fn edit_collateral(collateral: &[u8], edit: impl FnOnce(&mut serde_json::Value))
 #[test]
 fn tampered_collateral_is_a_bad_signature() {
     let s = tdx_v4();
+    // With every genuine signature of this sample already remembered, nothing edited
+    // passes: the cache is keyed by the exact key, message and signature.
+    verify(&s.quote, &s.collateral, JULY_2025).unwrap();
     let tcb = edit_collateral(&s.collateral, |c| {
         let text = c["tcb_info"].as_str().unwrap().replacen("\"tcbStatus\":\"OutOfDate\"", "\"tcbStatus\":\"UpToDate\"", 1);
         c["tcb_info"] = text.into();

@@ -117,6 +117,10 @@ enum Command {
         /// Policy (TOML) the aggregator's evidence must meet, e.g. its allowed measurements.
         #[arg(long)]
         aggregator_policy: Option<PathBuf>,
+        /// Files sent with this node's evidence: on SEV-SNP without a host certificate
+        /// table the VCEK (DER) and ASK/ARK (PEM); on TDX the DCAP collateral (JSON).
+        #[arg(long = "tee-endorsement")]
+        tee_endorsements: Vec<PathBuf>,
         /// Fault injection for tests and demos: leave the round at this point.
         #[arg(long, value_enum)]
         drop_after: Option<DropPoint>,
@@ -178,6 +182,9 @@ enum Command {
         /// Policy (TOML) the aggregator's evidence must meet.
         #[arg(long)]
         aggregator_policy: Option<PathBuf>,
+        /// Files sent with this node's evidence (see `submit --help`).
+        #[arg(long = "tee-endorsement")]
+        tee_endorsements: Vec<PathBuf>,
         /// Fault injection for demos: leave round N after sharing keys.
         #[arg(long)]
         drop_in_round: Option<u64>,
@@ -221,6 +228,19 @@ fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Option<tessera_
     let Some(p) = path else { return Ok(None) };
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     Ok(Some(tessera_attestation::policy::NodePolicy::from_toml(&text).with_context(|| format!("invalid policy {}", p.display()))?))
+}
+
+/// This node's evidence source: configfs-tsm in an SEV-SNP or TDX guest; none (the
+/// simulated one) in dev mode.
+fn own_attester(insecure_dev: bool, endorsements: Vec<PathBuf>) -> anyhow::Result<Option<tessera_client::participate::AttesterHandle>> {
+    if insecure_dev {
+        if !endorsements.is_empty() {
+            anyhow::bail!("--tee-endorsement goes with hardware evidence, not --insecure-dev");
+        }
+        return Ok(None);
+    }
+    let root = std::path::Path::new(tessera_attestation::tsm::DEFAULT_ROOT);
+    Ok(Some(tessera_client::participate::AttesterHandle::configfs_tsm(root, endorsements)?))
 }
 
 fn default_policy(insecure_dev: bool) -> tessera_attestation::policy::NodePolicy {
@@ -294,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure_dev,
             wait,
             aggregator_policy,
+            tee_endorsements,
             drop_in_round,
             threads,
         } => {
@@ -326,6 +347,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             inst.server_opt = ServerOptimizer::new(server_opt, lr);
             let aggregator_policy = load_policy(aggregator_policy.as_deref())?;
             let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
+            // Before training: a node that cannot attest finds out now, not after an epoch.
+            let attester = own_attester(insecure_dev, tee_endorsements)?;
             let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
             let global_set = match &global_test {
                 Some(p) => Some(inst.encoder.encode_all(&read_jsonl(p)?)?),
@@ -345,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     round: next_round,
                     quiet: false,
                     aggregator_policy: aggregator_policy.clone(),
+                    attester: attester.clone(),
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -401,7 +425,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }),
-        Command::Submit { dir, server, update: update_path, global, weight, round, out, insecure_dev, wait, drop_after, aggregator_policy } => {
+        Command::Submit {
+            dir,
+            server,
+            update: update_path,
+            global,
+            weight,
+            round,
+            out,
+            insecure_dev,
+            wait,
+            drop_after,
+            aggregator_policy,
+            tee_endorsements,
+        } => {
+            let attester = own_attester(insecure_dev, tee_endorsements)?;
             rt.block_on(async {
                 let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
                 let aggregator_policy = match aggregator_policy {
@@ -423,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 });
                 let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
-                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy };
+                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy, attester };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
                         .map_err(|e| ParticipateError::Update(e.to_string()))?;

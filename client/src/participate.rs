@@ -45,11 +45,33 @@ pub struct Options {
     /// Policy for the aggregator's evidence (measurements, debug, age). Default: the
     /// secure default, or the dev policy with `insecure_dev`.
     pub aggregator_policy: Option<NodePolicy>,
+    /// Where this institution's own evidence comes from. Default: configfs-tsm at
+    /// [`DEFAULT_ROOT`](tessera_attestation::tsm::DEFAULT_ROOT) (an SEV-SNP or TDX
+    /// guest), or simulated evidence with `insecure_dev`.
+    pub attester: Option<AttesterHandle>,
+}
+
+/// An evidence source shared across rounds.
+#[derive(Clone)]
+pub struct AttesterHandle(pub std::sync::Arc<dyn Attester>);
+
+impl std::fmt::Debug for AttesterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AttesterHandle({})", self.0.format())
+    }
+}
+
+impl AttesterHandle {
+    /// configfs-tsm at `root`, with `endorsements` (files) sent alongside the evidence.
+    pub fn configfs_tsm(root: &std::path::Path, endorsements: Vec<std::path::PathBuf>) -> Result<Self, ParticipateError> {
+        let attester = tessera_attestation::tsm::TsmAttester::open(root).map_err(|e| ParticipateError::NoAttester(e.to_string()))?;
+        Ok(AttesterHandle(std::sync::Arc::new(attester.with_endorsement_files(endorsements))))
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false, aggregator_policy: None }
+        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false, aggregator_policy: None, attester: None }
     }
 }
 
@@ -81,8 +103,8 @@ pub enum ParticipateError {
     Excluded(u64),
     #[error("the released aggregate does not verify against the enclave's identity key")]
     BadRelease,
-    #[error("no attestation backend is available here; pass --insecure-dev to use SIMULATED evidence")]
-    NoAttester,
+    #[error("no attestation backend is available here ({0}); run inside an SEV-SNP or TDX guest, or pass --insecure-dev to use SIMULATED evidence")]
+    NoAttester(String),
 }
 
 /// What a finished round gave this institution.
@@ -288,13 +310,21 @@ where
     drop(update);
 
     let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &mut OsRng)?;
-    if !opts.insecure_dev {
-        return Err(ParticipateError::NoAttester);
-    }
-    let measurement = own_measurement().map_err(|e| ParticipateError::Update(format!("cannot measure own executable: {e}")))?;
-    let mut seed = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut OsRng, &mut seed);
-    let evidence = DevAttester::new(seed, measurement, false).attest(&client.key_binding(), now_secs()).map_err(|e| ParticipateError::Update(e.to_string()))?;
+    let attester = match (&opts.attester, opts.insecure_dev) {
+        (Some(handle), _) => handle.clone(),
+        (None, true) => {
+            let measurement = own_measurement().map_err(|e| ParticipateError::Update(format!("cannot measure own executable: {e}")))?;
+            let mut seed = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut OsRng, &mut seed);
+            AttesterHandle(std::sync::Arc::new(DevAttester::new(seed, measurement, false)))
+        }
+        (None, false) => AttesterHandle::configfs_tsm(std::path::Path::new(tessera_attestation::tsm::DEFAULT_ROOT), Vec::new())?,
+    };
+    let binding = client.key_binding();
+    let evidence = tokio::task::spawn_blocking(move || attester.0.attest(&binding, now_secs()))
+        .await
+        .map_err(|e| ParticipateError::Update(format!("attestation task: {e}")))?
+        .map_err(|e| ParticipateError::NoAttester(e.to_string()))?;
     let adv = client.advertise(evidence);
     let path = |p: &str| format!("/v1/rounds/{round}/{p}");
     let size = serde_json::to_vec(&adv).map(|v| v.len()).unwrap_or(0);

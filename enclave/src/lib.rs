@@ -13,7 +13,9 @@
 
 pub mod log;
 pub mod sealing;
-pub mod tsm;
+pub mod sev_guest;
+/// configfs-tsm evidence (shared with the client, which attests the same way).
+pub use tessera_attestation::tsm;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,7 +1,12 @@
-//! Sealing: AES-256-GCM under a key only the enclave holds. On SEV-SNP or TDX the key
-//! would come from the firmware's key-derivation request, bound to the measurement; in
-//! dev mode it is a file on the host's disk, which protects nothing, and every load of
-//! it says so.
+//! Sealing: AES-256-GCM under a key only the enclave holds. Where the key comes from:
+//!
+//! - on SEV-SNP, the firmware's key-derivation request, bound to the launch measurement
+//!   and the chip ([`crate::sev_guest`]);
+//! - a key provisioned into the guest's memory by the operator's key broker after it
+//!   verified the guest's evidence ([`SealingKey::from_provisioned_file`]); TDX has no
+//!   firmware sealing key, so a TDX guest needs this;
+//! - in dev mode, a file on the host's disk, which protects nothing, and every load of
+//!   it says so.
 
 use std::path::Path;
 
@@ -29,6 +34,10 @@ pub enum SealError {
     Truncated,
     #[error("dev sealing key file {path}: {why}")]
     KeyFile { path: String, why: String },
+    #[error("provisioned sealing key {path}: {why}")]
+    Provisioned { path: String, why: String },
+    #[error("hardware sealing key: {0}")]
+    Hardware(String),
 }
 
 impl SealingKey {
@@ -50,6 +59,36 @@ impl SealingKey {
             Err(e) => return Err(err(e.to_string())),
         };
         Ok(SealingKey { key: Zeroizing::new(key), insecure: true })
+    }
+
+    /// A key the operator's key broker wrote into the guest (a tmpfs inside the
+    /// confidential VM) after verifying the guest's evidence: 32 raw bytes or 64 hex
+    /// digits. The file must be readable by its owner only.
+    pub fn from_provisioned_file(path: &Path) -> Result<Self, SealError> {
+        let err = |why: String| SealError::Provisioned { path: path.display().to_string(), why };
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(err(format!("mode {mode:o} lets others read it; it must be 0600 or stricter")));
+            }
+        }
+        let _ = meta;
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+        let mut key = Zeroizing::new([0u8; 32]);
+        if bytes.len() == 32 {
+            key.copy_from_slice(&bytes);
+        } else {
+            let text = std::str::from_utf8(&bytes).map_err(|_| err(format!("holds {} bytes: expected 32 raw bytes or 64 hex digits", bytes.len())))?;
+            hex::decode_to_slice(text.trim(), key.as_mut_slice())
+                .map_err(|_| err(format!("holds {} bytes: expected 32 raw bytes or 64 hex digits", bytes.len())))?;
+        }
+        if key.iter().all(|&b| b == 0) {
+            return Err(err("is all zeros".into()));
+        }
+        Ok(SealingKey { key, insecure: false })
     }
 
     pub fn is_insecure(&self) -> bool {
@@ -113,5 +152,34 @@ mod tests {
         }
         std::fs::write(&p, b"short").unwrap();
         assert!(SealingKey::load_or_create_dev(&p).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn provisioned_keys_must_be_private_and_well_formed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        let write = |bytes: &[u8], mode: u32| {
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write(&[3; 32], 0o600);
+        let raw = SealingKey::from_provisioned_file(&p).unwrap();
+        assert!(!raw.is_insecure());
+        write(format!("{}\n", hex::encode([3; 32])).as_bytes(), 0o400);
+        let hexed = SealingKey::from_provisioned_file(&p).unwrap();
+        assert_eq!(&*hexed.unseal(b"a", &raw.seal(b"a", b"x")).unwrap(), b"x", "raw and hex forms are the same key");
+        for (bytes, mode, why) in [
+            (&[3u8; 32][..], 0o644, "0600"),
+            (&[3u8; 31][..], 0o600, "expected 32 raw bytes"),
+            (&[0u8; 32][..], 0o600, "all zeros"),
+            (b"zz".as_slice(), 0o600, "64 hex digits"),
+        ] {
+            write(bytes, mode);
+            let e = SealingKey::from_provisioned_file(&p).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(SealingKey::from_provisioned_file(&dir.path().join("missing")).is_err());
     }
 }

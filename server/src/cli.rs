@@ -91,7 +91,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 eprintln!("tessera-server listening on https://{}", running.addr);
                 eprintln!("TLS public key SHA-256 (pin this): {}", hex::encode(running.fingerprint));
-                eprintln!("enclave identity key: {}", running.service.attestation().identity_public_key);
+                let info = running.service.attestation();
+                eprintln!("enclave identity key: {} (evidence: {})", info.identity_public_key, info.format);
                 // Machine-readable line for scripts and tests.
                 println!("READY addr={} fingerprint={}", running.addr, hex::encode(running.fingerprint));
                 use std::io::Write;

@@ -18,6 +18,10 @@ pub struct ServerConfig {
     /// INSECURE developer mode: simulated attestation and a sealing key in a file.
     #[serde(default)]
     pub dev_insecure: bool,
+    /// The confidential VM's attestation and sealing (used whenever `dev_insecure` is
+    /// false; the defaults suit an SEV-SNP guest).
+    #[serde(default)]
+    pub tee: Option<TeeConfig>,
     #[serde(default)]
     pub node_policy: NodePolicy,
     #[serde(default)]
@@ -27,6 +31,54 @@ pub struct ServerConfig {
     /// Who may read reports and the log, and with which role (bearer tokens or mTLS).
     #[serde(default)]
     pub access: Vec<crate::auth::AccessGrant>,
+}
+
+/// Where the aggregator's evidence and sealing key come from inside a confidential VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeeConfig {
+    /// The kernel's configfs-tsm report directory (SEV-SNP and TDX guests).
+    pub configfs_tsm: PathBuf,
+    pub sealing: SealingSource,
+    /// The SEV-SNP guest device, for `sealing = "snp-derived-key"`.
+    pub sev_guest_device: PathBuf,
+    /// The VMPL mixed into the SNP derived key: the guest's own VMPL or higher (0 for a
+    /// guest without an SVSM).
+    pub snp_vmpl: u32,
+    /// For `sealing = "provisioned"`: the key file (32 bytes, or 64 hex digits, mode
+    /// 0600) that the operator's key broker writes into guest memory (a tmpfs) after it
+    /// has verified this guest's evidence.
+    pub sealing_key_file: Option<PathBuf>,
+    /// Files sent with the evidence for verifiers: on SEV-SNP when the host gives no
+    /// certificate table, the VCEK (DER) and ASK/ARK (PEM) from AMD's KDS; on TDX, the
+    /// DCAP collateral JSON from Intel's PCS (refresh it before it expires; it is read
+    /// at each attestation).
+    pub endorsements: Vec<PathBuf>,
+}
+
+impl Default for TeeConfig {
+    fn default() -> Self {
+        TeeConfig {
+            configfs_tsm: PathBuf::from(tessera_enclave::tsm::DEFAULT_ROOT),
+            sealing: SealingSource::Auto,
+            sev_guest_device: PathBuf::from(tessera_enclave::sev_guest::DEFAULT_DEVICE),
+            snp_vmpl: 0,
+            sealing_key_file: None,
+            endorsements: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SealingSource {
+    /// The SNP derived key on an SEV-SNP guest; a TDX guest must name `provisioned`.
+    #[default]
+    Auto,
+    /// `SNP_GET_DERIVED_KEY`, bound to the launch measurement, guest policy and chip.
+    SnpDerivedKey,
+    /// A key released into the guest by the operator's key broker.
+    Provisioned,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +179,14 @@ impl ServerConfig {
             }
         }
         crate::auth::validate(self).map_err(ConfigError::Invalid)?;
+        if self.dev_insecure && self.tee.is_some() {
+            return Err(ConfigError::Invalid("dev_insecure = true uses SIMULATED attestation; a [tee] section would be ignored, so remove one of them".into()));
+        }
+        if let Some(tee) = &self.tee {
+            if (tee.sealing == SealingSource::Provisioned) != tee.sealing_key_file.is_some() {
+                return Err(ConfigError::Invalid("tee.sealing_key_file is needed with tee.sealing = \"provisioned\", and only then".into()));
+            }
+        }
         if self.node_policy.allow_insecure_dev && !self.dev_insecure {
             return Err(ConfigError::Invalid("node_policy.allow_insecure_dev requires dev_insecure = true".into()));
         }

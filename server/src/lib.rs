@@ -42,10 +42,22 @@ impl Running {
 /// Binds, starts the enclave (resuming an interrupted round), and serves in the
 /// background.
 pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Running> {
+    spawn_inner(cfg, None).await
+}
+
+/// [`spawn`] with the given attestation and sealing backend instead of the configured one.
+pub async fn spawn_with(cfg: ServerConfig, backend: service::TeeBackend) -> anyhow::Result<Running> {
+    spawn_inner(cfg, Some(backend)).await
+}
+
+async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) -> anyhow::Result<Running> {
     let key = tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let service = Service::start(cfg, key.spki_sha256).await?;
+    let service = match backend {
+        Some(backend) => Service::start_with(cfg, key.spki_sha256, backend).await?,
+        None => Service::start(cfg, key.spki_sha256).await?,
+    };
     let info = service.attestation();
     let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
     let tls = tls::issue_certificate(&key, Some(&evidence))?;

@@ -20,7 +20,7 @@ use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 use tokio::sync::Mutex;
 
-use crate::config::{RoundParams, ServerConfig};
+use crate::config::{RoundParams, SealingSource, ServerConfig, TeeConfig};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{Commit, Finish, Store, StoreError};
@@ -79,6 +79,8 @@ pub struct Service {
     evidence: Vec<u8>,
     pub metrics: Arc<Metrics>,
     authenticator: Arc<crate::auth::Authenticator>,
+    /// The format of the enclave's evidence.
+    format: tessera_attestation::Format,
     evidence_maker: tessera_enclave::EvidenceMaker,
     attest_permits: tokio::sync::Semaphore,
     denials: tokio::sync::mpsc::Sender<crate::store::Denial>,
@@ -105,6 +107,69 @@ pub enum StartError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::internal(e)
+    }
+}
+
+/// Where the enclave's evidence and sealing key come from.
+pub struct TeeBackend {
+    pub attester: Box<dyn Attester>,
+    pub sealing: SealingKey,
+}
+
+impl std::fmt::Debug for TeeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TeeBackend {{ format: {}, sealing: {:?} }}", self.attester.format(), self.sealing)
+    }
+}
+
+impl TeeBackend {
+    /// Dev mode: simulated evidence and a key file (both INSECURE). Otherwise evidence from
+    /// configfs-tsm and the sealing key `[tee]` names; anything missing stops the start
+    /// with the reason, never a fallback to dev mode.
+    pub fn from_config(cfg: &ServerConfig) -> Result<Self, StartError> {
+        let setup = |e: String| StartError::Setup(e);
+        if cfg.dev_insecure {
+            tracing::warn!("INSECURE DEV MODE: simulated attestation, sealing key stored in a file; not for production");
+            let sealing = SealingKey::load_or_create_dev(&cfg.data_dir.join("dev-sealing.key")).map_err(|e| setup(e.to_string()))?;
+            let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| setup(format!("cannot measure own executable: {e}")))?;
+            let mut seed = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+            let attester = Box::new(DevAttester::new(seed, measure_bytes(&exe), false));
+            return Ok(TeeBackend { attester, sealing });
+        }
+        let tee = cfg.tee.clone().unwrap_or_default();
+        let attester = tessera_enclave::tsm::TsmAttester::open(&tee.configfs_tsm).map_err(|e| {
+            setup(format!(
+                "{e}. The server needs a confidential VM (SEV-SNP or TDX) with configfs-tsm; on a developer machine set \
+                 dev_insecure = true for SIMULATED attestation (INSECURE)"
+            ))
+        })?;
+        let attester = attester.with_endorsement_files(tee.endorsements.clone());
+        let sealing = Self::sealing_key(&tee, attester.format())?;
+        Ok(TeeBackend { attester: Box::new(attester), sealing })
+    }
+
+    /// The sealing key for a guest whose evidence is `format`.
+    pub fn sealing_key(tee: &TeeConfig, format: tessera_attestation::Format) -> Result<SealingKey, StartError> {
+        use tessera_attestation::Format;
+        let setup = |e: String| StartError::Setup(e);
+        match (tee.sealing, format) {
+            (SealingSource::Provisioned, _) => {
+                let path = tee.sealing_key_file.as_deref().ok_or_else(|| setup("tee.sealing = \"provisioned\" needs tee.sealing_key_file".into()))?;
+                SealingKey::from_provisioned_file(path).map_err(|e| setup(e.to_string()))
+            }
+            (SealingSource::Auto | SealingSource::SnpDerivedKey, Format::SevSnp) => {
+                let device = tessera_enclave::sev_guest::SevGuestDevice::open(&tee.sev_guest_device).map_err(|e| setup(e.to_string()))?;
+                tessera_enclave::sev_guest::derive_sealing_key(&device, tee.snp_vmpl).map_err(|e| setup(e.to_string()))
+            }
+            (SealingSource::SnpDerivedKey, other) => {
+                Err(setup(format!("tee.sealing = \"snp-derived-key\" needs an SEV-SNP guest, but configfs-tsm gives {other} evidence")))
+            }
+            (SealingSource::Auto, other) => Err(setup(format!(
+                "{other} has no firmware sealing key: set tee.sealing = \"provisioned\" and tee.sealing_key_file to the key your key broker \
+                 releases into guest memory after verifying this guest's evidence"
+            ))),
+        }
     }
 }
 
@@ -165,24 +230,36 @@ pub struct AdmissionRecord {
 }
 
 impl Service {
+    /// Starts with the attestation and sealing backend the configuration names.
     pub async fn start(cfg: ServerConfig, tls_fingerprint: [u8; 32]) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+        let backend = TeeBackend::from_config(&cfg)?;
+        Self::start_with(cfg, tls_fingerprint, backend).await
+    }
+
+    /// Starts with the given backend (tests pass a fake configfs-tsm kernel here).
+    pub async fn start_with(cfg: ServerConfig, tls_fingerprint: [u8; 32], backend: TeeBackend) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
         let store = Store::open(&cfg.data_dir.join("tessera.db")).await?;
-        if !cfg.dev_insecure {
-            return Err(StartError::Setup(
-                "no TEE sealing or attestation backend is available in this build; set dev_insecure = true to run with \
-                 SIMULATED attestation and a sealing key on disk (INSECURE)"
-                    .into(),
-            ));
+        let TeeBackend { attester, sealing } = backend;
+        let format = attester.format();
+        if format.is_insecure() != cfg.dev_insecure || (sealing.is_insecure() && !cfg.dev_insecure) {
+            return Err(StartError::Setup(format!(
+                "{format} evidence with a {} sealing key does not match dev_insecure = {}",
+                if sealing.is_insecure() { "dev" } else { "hardware" },
+                cfg.dev_insecure
+            )));
         }
-        tracing::warn!("INSECURE DEV MODE: simulated attestation, sealing key stored in a file; not for production");
-        let sealing = SealingKey::load_or_create_dev(&cfg.data_dir.join("dev-sealing.key")).map_err(|e| StartError::Setup(e.to_string()))?;
-        let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| StartError::Setup(format!("cannot measure own executable: {e}")))?;
-        let mut seed = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-        let attester: Box<dyn Attester> = Box::new(DevAttester::new(seed, measure_bytes(&exe), false));
+        tracing::info!(%format, sealing = if sealing.is_insecure() { "dev key file (INSECURE)" } else { "hardware or provisioned" }, "enclave backend");
         let sealed_identity = store.get_kv("enclave_identity").await?;
-        let (mut enclave, sealed) = Enclave::start(sealing, sealed_identity.as_deref(), attester, cfg.node_policy.clone())?;
+        let (mut enclave, sealed) = Enclave::start(sealing, sealed_identity.as_deref(), attester, cfg.node_policy.clone()).map_err(|e| match e {
+            EnclaveError::Unseal(what) => StartError::Setup(format!(
+                "the stored {what} does not unseal under this enclave's sealing key: sealed by another measurement (an upgraded \
+                 aggregator), on another chip, under another key file, or altered. Start this version with a new data_dir, or \
+                 restore the key it was sealed under"
+            )),
+            other => other.into(),
+        })?;
         store.put_kv("enclave_identity", &sealed).await?;
         let identity = enclave.identity_public_key();
         let evidence = enclave.evidence(&tls_fingerprint, now().0 / 1000)?;
@@ -229,6 +306,7 @@ impl Service {
             evidence,
             metrics: Arc::new(Metrics::default()),
             authenticator,
+            format,
             evidence_maker,
             attest_permits: tokio::sync::Semaphore::new(FRESH_EVIDENCE_CONCURRENCY),
             denials,
@@ -294,8 +372,8 @@ impl Service {
 
     pub fn attestation(&self) -> AttestationInfo {
         AttestationInfo {
-            format: tessera_attestation::Format::DevInsecure.to_string(),
-            insecure: self.cfg.dev_insecure,
+            format: self.format.to_string(),
+            insecure: self.format.is_insecure(),
             identity_public_key: hex::encode(self.identity),
             tls_fingerprint: hex::encode(self.tls_fingerprint),
             evidence: hex::encode(&self.evidence),

@@ -2,6 +2,7 @@
 //! identities, server configurations on loopback, synthetic updates and plaintext FedAvg
 //! to check the secure aggregate against.
 
+pub mod fake_snp;
 pub mod plot;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         data_dir: data_dir.to_path_buf(),
         admin_token: ADMIN_TOKEN.into(),
         dev_insecure: true,
+        tee: None,
         node_policy: tessera_attestation::policy::NodePolicy::insecure_dev(),
         rounds: RoundSchedule { auto_open: rounds > 0, count: rounds, params },
         institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),

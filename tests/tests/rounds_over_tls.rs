@@ -36,8 +36,15 @@ async fn three_rounds_with_thirty_percent_dropout() {
             let identity = tessera_client::Identity::load(dir).unwrap();
             let api = Api::new(&url, server.fingerprint).unwrap();
             let update = updates[i].clone();
-            let opts =
-                Options { insecure_dev: true, drop_after: drops(i), wait: Duration::from_secs(120), round: Some(round), quiet: true, aggregator_policy: None };
+            let opts = Options {
+                insecure_dev: true,
+                drop_after: drops(i),
+                wait: Duration::from_secs(120),
+                round: Some(round),
+                quiet: true,
+                aggregator_policy: None,
+                attester: None,
+            };
             tasks.push(tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok(update)).await }));
         }
         let mut releases = Vec::new();

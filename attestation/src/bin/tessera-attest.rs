@@ -156,7 +156,15 @@ fn load_policy(args: &PolicyArgs) -> Result<NodePolicy, Unusable> {
     match &args.policy {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Unusable(format!("cannot read {}: {e}", p.display())))?;
-            NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))
+            let policy = NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))?;
+            if !policy.additional_snp_arks.is_empty() {
+                eprintln!(
+                    "WARNING: policy {} trusts {} SEV-SNP root(s) besides AMD's (additional_snp_arks): test chains only",
+                    p.display(),
+                    policy.additional_snp_arks.len()
+                );
+            }
+            Ok(policy)
         }
         None => Ok(NodePolicy::default()),
     }
@@ -215,12 +223,13 @@ fn check(evidence: &[u8], endorsements: &[Vec<u8>], args: &PolicyArgs, bound: Op
         }
         (None, None) => None,
     };
-    let claims = match tessera_attestation::verify(evidence, endorsements, now) {
+    let extra: Vec<&[u8]> = policy.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
+    let claims = match tessera_attestation::verify_trusting(evidence, endorsements, &extra, now) {
         Ok(c) => c,
         Err(e @ (VerifyError::UnknownFormat | VerifyError::Malformed { .. })) => return Err(Unusable(e.to_string())),
         Err(e) => {
             report(
-                &Verdict { accepted: false, format: None, claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
+                &Verdict { accepted: false, format: e.format(), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
                 args.json,
                 expected.is_some(),
             );

@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tessera_attestation::bundle::EvidenceBundle;
-use tessera_attestation::{AttestError, Attester, Format};
+use crate::bundle::EvidenceBundle;
+use crate::{AttestError, Attester, Format};
 
 pub const DEFAULT_ROOT: &str = "/sys/kernel/config/tsm/report";
 
@@ -53,6 +53,8 @@ pub struct TsmAttester<F: ConfigFs = StdFs> {
     root: PathBuf,
     format: Format,
     counter: AtomicU64,
+    /// Files the operator supplies for verifiers (see [`TsmAttester::with_endorsement_files`]).
+    endorsement_files: Vec<PathBuf>,
 }
 
 impl<F: ConfigFs> std::fmt::Debug for TsmAttester<F> {
@@ -97,7 +99,23 @@ impl<F: ConfigFs> TsmAttester<F> {
             "tdx_guest" => Format::Tdx,
             other => return Err(AttestError::Unavailable(format!("configfs-tsm provider {other:?} is not supported"))),
         };
-        Ok(TsmAttester { fs, root: root.to_path_buf(), format, counter: AtomicU64::new(0) })
+        Ok(TsmAttester { fs, root: root.to_path_buf(), format, counter: AtomicU64::new(0), endorsement_files: Vec::new() })
+    }
+
+    /// Files that travel with every piece of evidence, for verifiers that cannot fetch
+    /// them: for SEV-SNP when the host provides no certificate table, the VCEK (DER) and
+    /// the ASK/ARK chain (PEM); for TDX, the DCAP collateral (JSON). They are read at each
+    /// attestation, so a refreshed collateral file is picked up without a restart.
+    pub fn with_endorsement_files(mut self, files: Vec<PathBuf>) -> Self {
+        self.endorsement_files = files;
+        self
+    }
+
+    fn endorsement_files(&self) -> Result<Vec<Vec<u8>>, AttestError> {
+        self.endorsement_files
+            .iter()
+            .map(|p| std::fs::read(p).map_err(|e| AttestError::Unavailable(format!("endorsement file {}: {e}", p.display()))))
+            .collect()
     }
 
     fn read_generation(&self, entry: &Path) -> Result<u64, AttestError> {
@@ -131,19 +149,23 @@ impl<F: ConfigFs> Attester for TsmAttester<F> {
         if evidence.is_empty() {
             return Err(AttestError::Interface("the kernel returned empty evidence".into()));
         }
-        if self.format != Format::SevSnp {
+        let mut endorsements = Vec::new();
+        if self.format == Format::SevSnp {
+            let auxblob = match self.fs.read(&entry.path.join("auxblob")) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(io("reading", &entry.path.join("auxblob"), e)),
+            };
+            // Without certificates from the host (or from the operator's files) verifiers
+            // must fetch the VCEK themselves.
+            if !auxblob.is_empty() {
+                endorsements = parse_snp_cert_table(&auxblob)?;
+            }
+        }
+        endorsements.extend(self.endorsement_files()?);
+        if endorsements.is_empty() {
             return Ok(evidence);
         }
-        let auxblob = match self.fs.read(&entry.path.join("auxblob")) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io("reading", &entry.path.join("auxblob"), e)),
-        };
-        if auxblob.is_empty() {
-            // No certificates from the host: verifiers must fetch the VCEK themselves.
-            return Ok(evidence);
-        }
-        let endorsements = parse_snp_cert_table(&auxblob)?;
         Ok(EvidenceBundle { evidence, endorsements }.encode())
     }
 }
@@ -297,6 +319,24 @@ mod tests {
         let bundle = EvidenceBundle::decode(&a.attest(&[9; 64], 0).unwrap()).unwrap();
         assert_eq!(&bundle.evidence[7..], &[9; 64]);
         assert_eq!(bundle.endorsements, vec![vcek, ask]);
+    }
+
+    #[test]
+    fn operator_endorsement_files_travel_with_the_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let collateral = dir.path().join("collateral.json");
+        std::fs::write(&collateral, b"{\"tcb_info\":1}").unwrap();
+        let a = TsmAttester::with_fs(FakeKernel::new("tdx_guest"), &root()).unwrap().with_endorsement_files(vec![collateral.clone()]);
+        let bundle = EvidenceBundle::decode(&a.attest(&[3; 64], 0).unwrap()).unwrap();
+        assert_eq!(&bundle.evidence[7..], &[3; 64]);
+        assert_eq!(bundle.endorsements, vec![b"{\"tcb_info\":1}".to_vec()]);
+        // Refreshed on disk, picked up by the next report.
+        std::fs::write(&collateral, b"{\"tcb_info\":2}").unwrap();
+        assert_eq!(EvidenceBundle::decode(&a.attest(&[3; 64], 0).unwrap()).unwrap().endorsements[0], b"{\"tcb_info\":2}");
+        // A missing file fails the attestation by name, never evidence without it.
+        std::fs::remove_file(&collateral).unwrap();
+        let err = a.attest(&[3; 64], 0).unwrap_err().to_string();
+        assert!(err.contains("collateral.json"), "{err}");
     }
 
     #[test]
