@@ -96,6 +96,30 @@ impl NodePolicy {
         toml::from_str(text)
     }
 
+    /// Checks what TOML cannot: each `additional_snp_arks` entry is PEM holding a
+    /// self-signed X.509 certificate.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, pem) in self.additional_snp_arks.iter().enumerate() {
+            let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+                .next()
+                .ok_or_else(|| format!("additional_snp_arks[{i}] holds no PEM block"))?
+                .map_err(|e| format!("additional_snp_arks[{i}]: bad PEM: {e}"))?;
+            let cert = block.parse_x509().map_err(|e| format!("additional_snp_arks[{i}]: not an X.509 certificate: {e}"))?;
+            if cert.subject() != cert.issuer() {
+                return Err(format!("additional_snp_arks[{i}] ({}) is not a self-signed root", cert.subject()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A warning to print wherever a policy is loaded, when it trusts roots besides the
+    /// vendors'.
+    pub fn extra_roots_warning(&self) -> Option<String> {
+        (!self.additional_snp_arks.is_empty()).then(|| {
+            format!("WARNING: this policy trusts {} SEV-SNP root(s) besides AMD's (additional_snp_arks): for a TEST chain only", self.additional_snp_arks.len())
+        })
+    }
+
     /// Checks claims against the policy and the expected binding.
     pub fn evaluate(&self, claims: &Claims, expected_report_data: &[u8; 64], now_secs: u64) -> Verdict {
         let mut failures = Vec::new();

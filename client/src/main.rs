@@ -227,7 +227,12 @@ fn pin(args: &ServerArgs) -> anyhow::Result<[u8; 32]> {
 fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Option<tessera_attestation::policy::NodePolicy>> {
     let Some(p) = path else { return Ok(None) };
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok(Some(tessera_attestation::policy::NodePolicy::from_toml(&text).with_context(|| format!("invalid policy {}", p.display()))?))
+    let policy = tessera_attestation::policy::NodePolicy::from_toml(&text).with_context(|| format!("invalid policy {}", p.display()))?;
+    policy.validate().map_err(|e| anyhow::anyhow!("invalid policy {}: {e}", p.display()))?;
+    if let Some(warning) = policy.extra_roots_warning() {
+        eprintln!("{warning} ({})", p.display());
+    }
+    Ok(Some(policy))
 }
 
 /// This node's evidence source: configfs-tsm in an SEV-SNP or TDX guest; none (the

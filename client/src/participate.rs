@@ -105,6 +105,8 @@ pub enum ParticipateError {
     BadRelease,
     #[error("no attestation backend is available here ({0}); run inside an SEV-SNP or TDX guest, or pass --insecure-dev to use SIMULATED evidence")]
     NoAttester(String),
+    #[error("this node's evidence could not be produced: {0}")]
+    Attestation(String),
 }
 
 /// What a finished round gave this institution.
@@ -324,7 +326,7 @@ where
     let evidence = tokio::task::spawn_blocking(move || attester.0.attest(&binding, now_secs()))
         .await
         .map_err(|e| ParticipateError::Update(format!("attestation task: {e}")))?
-        .map_err(|e| ParticipateError::NoAttester(e.to_string()))?;
+        .map_err(|e| ParticipateError::Attestation(e.to_string()))?;
     let adv = client.advertise(evidence);
     let path = |p: &str| format!("/v1/rounds/{round}/{p}");
     let size = serde_json::to_vec(&adv).map(|v| v.len()).unwrap_or(0);

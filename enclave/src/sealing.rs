@@ -45,6 +45,11 @@ impl SealingKey {
         SealingKey { key: Zeroizing::new(key), insecure: false }
     }
 
+    /// Takes a key that is already in a zeroizing buffer, without a copy on the stack.
+    pub fn from_zeroizing(key: Zeroizing<[u8; 32]>) -> Self {
+        SealingKey { key, insecure: false }
+    }
+
     /// INSECURE dev mode: reads the key from `path`, creating it (mode 0600) if absent.
     pub fn load_or_create_dev(path: &Path) -> Result<Self, SealError> {
         let err = |why: String| SealError::KeyFile { path: path.display().to_string(), why };

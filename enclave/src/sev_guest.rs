@@ -1,11 +1,16 @@
 //! The sealing key of an SEV-SNP guest: `SNP_GET_DERIVED_KEY` on `/dev/sev-guest`
 //! (linux/sev-guest.h; SEV-SNP firmware ABI, MSG_KEY_REQ / MSG_KEY_RSP).
 //!
-//! The AMD Secure Processor derives the key from the chip's VCEK root and the fields
-//! selected below, so only a guest launched with the same measurement and policy, on the
-//! same chip, gets the same key: the host, another guest, or a changed aggregator binary
-//! cannot unseal what this one sealed. The request and response layouts are checked by
-//! tests against the kernel header; the ioctl itself only runs inside an SNP guest.
+//! The AMD Secure Processor derives the key from the VCEK root (or, where the cloud
+//! provider installed one, the VLEK, shared by that provider's chips) and the fields
+//! selected below, so only a guest launched with the same measurement and policy gets the
+//! same key: the host, another guest, or a guest whose measured launch differs cannot
+//! unseal what this one sealed. The measurement covers the aggregator's code only when
+//! the guest boots it measured (direct boot with kernel, initrd and command-line hashes,
+//! and a verity-protected root filesystem); with a plain firmware boot it covers the
+//! firmware alone. The firmware's key is then run through HKDF with Tessera's own label.
+//! The request and response layouts are checked by tests against the kernel header; the
+//! ioctl itself only runs inside an SNP guest.
 
 use std::path::Path;
 
@@ -23,8 +28,8 @@ pub const FIELD_MEASUREMENT: u64 = 1 << 3;
 pub const FIELD_GUEST_SVN: u64 = 1 << 4;
 pub const FIELD_TCB_VERSION: u64 = 1 << 5;
 
-/// What Tessera mixes into its sealing key: the launch measurement (which covers the
-/// aggregator's code) and the guest policy (so a debug launch of the same image gets
+/// What Tessera mixes into its sealing key: the launch measurement (the aggregator's
+/// code, under a measured boot) and the guest policy (so a debug launch of the same image gets
 /// another key). Not the TCB version, so a firmware update does not strand sealed state.
 pub const TESSERA_FIELDS: u64 = FIELD_GUEST_POLICY | FIELD_MEASUREMENT;
 
@@ -32,7 +37,9 @@ pub const TESSERA_FIELDS: u64 = FIELD_GUEST_POLICY | FIELD_MEASUREMENT;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct DerivedKeyRequest {
-    /// 0: derive from the VCEK (chip-unique); 1: from the VM root key.
+    /// Bit 0: 0 derives from the VCEK/VLEK, 1 from the VM root key. Bits 2:1 (KEY_SEL,
+    /// newer firmware): 0 picks the VLEK if one is installed, else the VCEK; Tessera
+    /// leaves them 0, which every SNP firmware accepts.
     pub root_key_select: u32,
     pub rsvd: u32,
     pub guest_field_select: u64,
@@ -80,13 +87,21 @@ pub trait KeyRequester {
     fn request(&self, req: &DerivedKeyRequest) -> Result<Zeroizing<[u8; 64]>, SealError>;
 }
 
+/// HKDF-SHA256 info: the firmware's key is used for nothing but this derivation.
+pub const SEALING_KEY_INFO: &[u8] = b"tessera sealing key v1";
+
 /// Asks the AMD Secure Processor through `requester` for the key bound to
-/// [`TESSERA_FIELDS`] at VMPL `vmpl`, from the chip-unique VCEK root.
+/// [`TESSERA_FIELDS`] at VMPL `vmpl` (from the VCEK, or the VLEK where installed), and
+/// derives Tessera's sealing key from it.
 pub fn derive_sealing_key(requester: &dyn KeyRequester, vmpl: u32) -> Result<SealingKey, SealError> {
     let req = DerivedKeyRequest { root_key_select: 0, guest_field_select: TESSERA_FIELDS, vmpl, ..Default::default() };
     let resp = requester.request(&req)?;
-    let key = key_from_response(&resp)?;
-    Ok(SealingKey::from_bytes(*key))
+    let firmware_key = key_from_response(&resp)?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<sha2::Sha256>::new(None, firmware_key.as_slice())
+        .expand(SEALING_KEY_INFO, key.as_mut_slice())
+        .map_err(|_| SealError::Hardware("HKDF cannot expand 32 bytes".into()))?;
+    Ok(SealingKey::from_zeroizing(key))
 }
 
 /// `/dev/sev-guest`.
@@ -174,12 +189,17 @@ mod tests {
         let key = derive_sealing_key(&fake, 0).unwrap();
         assert!(!key.is_insecure());
         let req = fake.seen.borrow().unwrap();
-        assert_eq!(req.root_key_select, 0, "chip-unique VCEK root");
+        assert_eq!(req.root_key_select, 0, "the VCEK (or VLEK) root, KEY_SEL left to the firmware's default");
         assert_eq!(req.guest_field_select, FIELD_MEASUREMENT | FIELD_GUEST_POLICY);
         assert_eq!(req.guest_field_select & FIELD_TCB_VERSION, 0);
-        // The key is the response's last 32 bytes: what it seals, a key of those bytes opens.
+        // The same firmware key gives the same sealing key; the firmware key itself is not
+        // the sealing key (HKDF with Tessera's label separates it from other uses).
         let sealed = key.seal(b"t", b"secret");
-        assert_eq!(&*SealingKey::from_bytes([7; 32]).unseal(b"t", &sealed).unwrap(), b"secret");
+        let again = derive_sealing_key(&Fake { seen: RefCell::new(None), resp: response(0, [7; 32]) }, 0).unwrap();
+        assert_eq!(&*again.unseal(b"t", &sealed).unwrap(), b"secret");
+        assert!(SealingKey::from_bytes([7; 32]).unseal(b"t", &sealed).is_err());
+        let other = derive_sealing_key(&Fake { seen: RefCell::new(None), resp: response(0, [8; 32]) }, 0).unwrap();
+        assert!(other.unseal(b"t", &sealed).is_err());
     }
 
     #[test]

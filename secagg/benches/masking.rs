@@ -9,7 +9,7 @@
 //! cargo bench -p tessera-secagg --bench masking -- --kernels    # variants of the mask loop
 //! ```
 //!
-//! No criterion and no global allocator (the workspace forbids `unsafe`, so a counting
+//! No criterion and no global allocator (the workspace denies `unsafe`, so a counting
 //! `GlobalAlloc` is impossible). Instead one whole round is driven per `m` with the
 //! aggregator in a *child process* (this binary re-executed with `--aggregator-child`):
 //! the parent plays the `n` clients and ships every message over a pipe, in the wire

@@ -233,7 +233,11 @@ impl Service {
     /// Starts with the attestation and sealing backend the configuration names.
     pub async fn start(cfg: ServerConfig, tls_fingerprint: [u8; 32]) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
-        let backend = TeeBackend::from_config(&cfg)?;
+        // configfs-tsm and the key request are kernel calls: off the async workers.
+        let for_backend = cfg.clone();
+        let backend = tokio::task::spawn_blocking(move || TeeBackend::from_config(&for_backend))
+            .await
+            .map_err(|e| StartError::Setup(format!("starting the TEE backend: {e}")))??;
         Self::start_with(cfg, tls_fingerprint, backend).await
     }
 
@@ -251,6 +255,9 @@ impl Service {
             )));
         }
         tracing::info!(%format, sealing = if sealing.is_insecure() { "dev key file (INSECURE)" } else { "hardware or provisioned" }, "enclave backend");
+        if let Some(warning) = cfg.node_policy.extra_roots_warning() {
+            tracing::warn!("node_policy: {warning}");
+        }
         let sealed_identity = store.get_kv("enclave_identity").await?;
         let (mut enclave, sealed) = Enclave::start(sealing, sealed_identity.as_deref(), attester, cfg.node_policy.clone()).map_err(|e| match e {
             EnclaveError::Unseal(what) => StartError::Setup(format!(

@@ -84,7 +84,7 @@ async fn the_server_attests_with_configfs_tsm_evidence_and_tls_binds_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_identity_is_sealed_under_the_hardware_key() {
+async fn the_identity_is_sealed_and_another_key_cannot_unseal_it() {
     let root = tempfile::tempdir().unwrap();
     let cfg = hardware_config(&root.path().join("server"));
     let first = tessera_server::spawn_with(cfg.clone(), backend([0x22; 32])).await.unwrap();
@@ -130,7 +130,18 @@ fn tee_configuration_is_validated() {
     let mut cfg = hardware_config(root.path());
     cfg.tee = Some(TeeConfig { sealing: SealingSource::Provisioned, ..TeeConfig::default() });
     assert!(cfg.validate().unwrap_err().to_string().contains("sealing_key_file"));
+    cfg.tee = Some(TeeConfig { snp_vmpl: 4, ..TeeConfig::default() });
+    assert!(cfg.validate().unwrap_err().to_string().contains("VMPLs are 0 to 3"));
     cfg.tee = Some(TeeConfig::default());
+    // Extra SNP roots must be self-signed certificates in PEM.
+    for (bad, why) in [("junk".to_string(), "no PEM block"), (pem(tessera_tests::fake_snp::TEST_ASK), "not a self-signed root")] {
+        cfg.node_policy.additional_snp_arks = vec![bad];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    cfg.node_policy.additional_snp_arks = vec![pem(TEST_ARK)];
+    cfg.validate().unwrap();
+    assert!(cfg.node_policy.extra_roots_warning().unwrap().contains("TEST chain"));
     cfg.dev_insecure = true;
     assert!(cfg.validate().unwrap_err().to_string().contains("SIMULATED"));
     // As the operator writes it.

@@ -157,12 +157,9 @@ fn load_policy(args: &PolicyArgs) -> Result<NodePolicy, Unusable> {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Unusable(format!("cannot read {}: {e}", p.display())))?;
             let policy = NodePolicy::from_toml(&text).map_err(|e| Unusable(format!("policy {}: {e}", p.display())))?;
-            if !policy.additional_snp_arks.is_empty() {
-                eprintln!(
-                    "WARNING: policy {} trusts {} SEV-SNP root(s) besides AMD's (additional_snp_arks): test chains only",
-                    p.display(),
-                    policy.additional_snp_arks.len()
-                );
+            policy.validate().map_err(|e| Unusable(format!("policy {}: {e}", p.display())))?;
+            if let Some(warning) = policy.extra_roots_warning() {
+                eprintln!("{warning} ({})", p.display());
             }
             Ok(policy)
         }
