@@ -31,6 +31,17 @@ pub struct ServerConfig {
     /// Who may read reports and the log, and with which role (bearer tokens or mTLS).
     #[serde(default)]
     pub access: Vec<crate::auth::AccessGrant>,
+    /// How often the TLS certificate is re-issued with fresh evidence (seconds). Keep it
+    /// well below the `max_age_secs` of the institutions' policies (default 3600), and
+    /// below the lifetime of any collateral sent with the evidence.
+    #[serde(default = "default_certificate_refresh_secs")]
+    pub certificate_refresh_secs: u64,
+}
+
+pub const DEFAULT_CERTIFICATE_REFRESH_SECS: u64 = 600;
+
+fn default_certificate_refresh_secs() -> u64 {
+    DEFAULT_CERTIFICATE_REFRESH_SECS
 }
 
 /// Where the aggregator's evidence and sealing key come from inside a confidential VM.
@@ -188,6 +199,9 @@ impl ServerConfig {
             }
         }
         self.node_policy.validate().map_err(|e| ConfigError::Invalid(format!("node_policy: {e}")))?;
+        if self.certificate_refresh_secs == 0 {
+            return Err(ConfigError::Invalid("certificate_refresh_secs must be at least 1".into()));
+        }
         if let Some(tee) = &self.tee {
             if tee.snp_vmpl > 3 {
                 return Err(ConfigError::Invalid(format!("tee.snp_vmpl is {}; VMPLs are 0 to 3", tee.snp_vmpl)));

@@ -39,6 +39,16 @@ impl Running {
     }
 }
 
+/// Re-issues the TLS certificate with evidence made now.
+async fn refresh_certificate(service: &Service, key: &tls::TlsKey, certificate: &tls::RotatingCertificate) -> anyhow::Result<()> {
+    service.refresh_evidence().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let info = service.attestation();
+    let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
+    certificate.replace(&tls::issue_certificate(key, Some(&evidence))?)?;
+    tracing::debug!("attested certificate refreshed");
+    Ok(())
+}
+
 /// Binds, starts the enclave (resuming an interrupted round), and serves in the
 /// background.
 pub async fn spawn(cfg: ServerConfig) -> anyhow::Result<Running> {
@@ -61,7 +71,9 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
     let info = service.attestation();
     let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
     let tls = tls::issue_certificate(&key, Some(&evidence))?;
-    let server_tls = tls::server_config(&tls)?;
+    let certificate = tls::RotatingCertificate::new(&tls)?;
+    let server_tls = tls::server_config(certificate.clone())?;
+    let refresh_every = Duration::from_secs(service.config().certificate_refresh_secs);
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let app = api::app(service.clone());
     let ticker = service.clone();
@@ -69,11 +81,19 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
     let task = tokio::spawn(async move {
         let tick = tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(100));
+            let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + refresh_every, refresh_every);
             loop {
                 tokio::select! {
                     _ = interval.tick() => {
                         if let Err(e) = ticker.tick().await {
                             tracing::error!(error = %e.message, "tick failed");
+                        }
+                    }
+                    _ = refresh.tick() => {
+                        // On failure the current certificate stays: verifiers see its age,
+                        // and the next refresh tries again.
+                        if let Err(e) = refresh_certificate(&ticker, &key, &certificate).await {
+                            tracing::error!(error = %e, "could not refresh the attested certificate");
                         }
                     }
                     _ = tick_rx.changed() => return,

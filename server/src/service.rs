@@ -76,7 +76,8 @@ pub struct Service {
     cfg: ServerConfig,
     identity: [u8; 32],
     tls_fingerprint: [u8; 32],
-    evidence: Vec<u8>,
+    /// The evidence in the current TLS certificate (refreshed periodically).
+    evidence: std::sync::Mutex<Vec<u8>>,
     pub metrics: Arc<Metrics>,
     authenticator: Arc<crate::auth::Authenticator>,
     /// The format of the enclave's evidence.
@@ -310,7 +311,7 @@ impl Service {
             cfg,
             identity,
             tls_fingerprint,
-            evidence,
+            evidence: std::sync::Mutex::new(evidence),
             metrics: Arc::new(Metrics::default()),
             authenticator,
             format,
@@ -377,13 +378,25 @@ impl Service {
         Ok(made?)
     }
 
+    /// Makes new evidence for the TLS certificate (bound to the identity and TLS keys),
+    /// stores it, and makes it the one later `round_opened` entries name. Rounds opened
+    /// earlier keep naming theirs, which stays in the store for their bundles.
+    pub async fn refresh_evidence(&self) -> Result<Vec<u8>, ApiError> {
+        let mut inner = self.inner.lock().await;
+        let evidence = inner.enclave.evidence(&self.tls_fingerprint, now().0 / 1000)?;
+        self.store.put_evidence(&tessera_attestation::audit::sha256_hex(&evidence), &evidence, &hex::encode(self.tls_fingerprint), now().0).await?;
+        drop(inner);
+        *self.evidence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = evidence.clone();
+        Ok(evidence)
+    }
+
     pub fn attestation(&self) -> AttestationInfo {
         AttestationInfo {
             format: self.format.to_string(),
             insecure: self.format.is_insecure(),
             identity_public_key: hex::encode(self.identity),
             tls_fingerprint: hex::encode(self.tls_fingerprint),
-            evidence: hex::encode(&self.evidence),
+            evidence: hex::encode(&*self.evidence.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             nonce: None,
             fresh_evidence: None,
         }

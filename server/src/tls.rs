@@ -1,7 +1,10 @@
 //! TLS is always on. On first start a TLS key is generated into the data directory; at
-//! every start a self-signed certificate for it is issued carrying the enclave's evidence
-//! (attested TLS, see `tessera_attestation::ratls`). Institutions pin the SHA-256 of the
-//! public key (printed at start) and/or check the evidence in the handshake.
+//! every start, and then every `certificate_refresh_secs`, a self-signed certificate for
+//! it is issued carrying fresh evidence of the enclave (attested TLS, see
+//! `tessera_attestation::ratls`), so the evidence a handshake sees stays within a
+//! verifier's `max_age_secs` and its collateral current. Institutions pin the SHA-256 of
+//! the public key (printed at start; it never changes) and/or check the evidence in the
+//! handshake.
 
 use std::future::Future;
 use std::path::Path;
@@ -85,15 +88,45 @@ pub fn issue_certificate(key: &TlsKey, evidence: Option<&tessera_attestation::ra
     Ok(TlsIdentity { cert_der: cert.der().to_vec(), key_der: pair.serialize_der(), fingerprint: key.spki_sha256 })
 }
 
-pub fn server_config(id: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(certificate: Arc<RotatingCertificate>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key = PrivateKeyDer::try_from(id.key_der.clone()).map_err(|e| TlsError::Files { dir: "key".into(), why: e.to_string() })?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(OptionalClientCert { provider }))
-        .with_single_cert(vec![CertificateDer::from(id.cert_der.clone())], key)?;
+        .with_cert_resolver(certificate);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The certificate new handshakes get; replaced when the evidence is refreshed
+/// (connections already open keep theirs).
+#[derive(Debug)]
+pub struct RotatingCertificate {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+fn certified_key(id: &TlsIdentity) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let key = PrivateKeyDer::try_from(id.key_der.clone()).map_err(|e| TlsError::Files { dir: "key".into(), why: e.to_string() })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(vec![CertificateDer::from(id.cert_der.clone())], signer)))
+}
+
+impl RotatingCertificate {
+    pub fn new(id: &TlsIdentity) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(RotatingCertificate { current: std::sync::RwLock::new(certified_key(id)?) }))
+    }
+
+    pub fn replace(&self, id: &TlsIdentity) -> Result<(), TlsError> {
+        let next = certified_key(id)?;
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for RotatingCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+    }
 }
 
 /// Asks for a client certificate but does not require one. A presented certificate

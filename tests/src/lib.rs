@@ -34,6 +34,7 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         rounds: RoundSchedule { auto_open: rounds > 0, count: rounds, params },
         institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),
         access: Vec::new(),
+        certificate_refresh_secs: tessera_server::config::DEFAULT_CERTIFICATE_REFRESH_SECS,
     }
 }
 

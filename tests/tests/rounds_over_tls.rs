@@ -144,6 +144,40 @@ async fn attested_tls_applies_the_client_policy_in_the_handshake() {
     server.stop().await;
 }
 
+/// The certificate's evidence is re-made every `certificate_refresh_secs`, so a verifier
+/// with a short `max_age_secs` keeps accepting a long-running server; without the refresh
+/// the start-up evidence would age out of every policy after an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attested_certificate_is_refreshed_before_verifiers_find_it_old() {
+    use tessera_attestation::policy::NodePolicy;
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 2);
+    let params = RoundParams { vector_len: 4, ..RoundParams::default() };
+    let mut cfg = server_config(&root.path().join("fresh"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0);
+    cfg.certificate_refresh_secs = 1;
+    let fresh = tessera_server::spawn(cfg).await.unwrap();
+    let mut cfg = server_config(&root.path().join("stale"), "127.0.0.1:0".parse().unwrap(), &ids, params, 0);
+    cfg.certificate_refresh_secs = 3600;
+    let stale = tessera_server::spawn(cfg).await.unwrap();
+    let first = fresh.service.attestation().evidence;
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+
+    let short_lived = NodePolicy { max_age_secs: 3, ..NodePolicy::insecure_dev() };
+    // Each Api is a new connection, so a new handshake with the current certificate.
+    Api::attested(&format!("https://{}", fresh.addr), fresh.fingerprint, Some(short_lived.clone())).unwrap().get_bytes("/v1/health").await.unwrap();
+    let err = Api::attested(&format!("https://{}", stale.addr), stale.fingerprint, Some(short_lived)).unwrap().get_bytes("/v1/health").await.unwrap_err();
+    assert!(err.to_string().contains("s old, the maximum is 3 s"), "{err}");
+
+    // The refreshed evidence is stored, so a round opened under it has it in its bundle.
+    let now = fresh.service.attestation().evidence;
+    assert_ne!(now, first);
+    let bytes = hex::decode(&now).unwrap();
+    let stored = fresh.service.store().evidence(&tessera_attestation::audit::sha256_hex(&bytes)).await.unwrap();
+    assert_eq!(stored.map(|(b, _)| b), Some(bytes));
+    fresh.stop().await;
+    stale.stop().await;
+}
+
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
