@@ -158,13 +158,19 @@ impl NodePolicy {
         Verdict { accepted: failures.is_empty(), format: Some(claims.format), claims: Some(claims.clone()), failures }
     }
 
+    /// Verifies `evidence` (any known format) with the vendor roots and this policy's
+    /// `additional_snp_arks`, without evaluating the claims.
+    pub fn verify(&self, evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, crate::VerifyError> {
+        let extra: Vec<&[u8]> = self.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
+        crate::verify_trusting(evidence, endorsements, &extra, now_secs)
+    }
+
     /// Verifies `evidence` (any known format) and evaluates it in one step.
     pub fn check(&self, evidence: &[u8], endorsements: &[Vec<u8>], expected_report_data: &[u8; 64], now_secs: u64) -> Verdict {
         if evidence.is_empty() {
             return Verdict { accepted: false, format: None, claims: None, failures: vec![PolicyFailure::MissingEvidence] };
         }
-        let extra: Vec<&[u8]> = self.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
-        match crate::verify_trusting(evidence, endorsements, &extra, now_secs) {
+        match self.verify(evidence, endorsements, now_secs) {
             Ok(claims) => self.evaluate(&claims, expected_report_data, now_secs),
             Err(e) => Verdict { accepted: false, format: e.format(), claims: None, failures: vec![PolicyFailure::Unverified { reason: e.to_string() }] },
         }

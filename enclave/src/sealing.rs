@@ -42,7 +42,7 @@ pub enum SealError {
 
 impl SealingKey {
     pub fn from_bytes(key: [u8; 32]) -> Self {
-        SealingKey { key: Zeroizing::new(key), insecure: false }
+        Self::from_zeroizing(Zeroizing::new(key))
     }
 
     /// Takes a key that is already in a zeroizing buffer, without a copy on the stack.
@@ -86,9 +86,9 @@ impl SealingKey {
         if bytes.len() == 32 {
             key.copy_from_slice(&bytes);
         } else {
-            let text = std::str::from_utf8(&bytes).map_err(|_| err(format!("holds {} bytes: expected 32 raw bytes or 64 hex digits", bytes.len())))?;
-            hex::decode_to_slice(text.trim(), key.as_mut_slice())
-                .map_err(|_| err(format!("holds {} bytes: expected 32 raw bytes or 64 hex digits", bytes.len())))?;
+            let malformed = || err(format!("holds {} bytes: expected 32 raw bytes or 64 hex digits", bytes.len()));
+            let text = std::str::from_utf8(&bytes).map_err(|_| malformed())?;
+            hex::decode_to_slice(text.trim(), key.as_mut_slice()).map_err(|_| malformed())?;
         }
         if key.iter().all(|&b| b == 0) {
             return Err(err("is all zeros".into()));

@@ -197,15 +197,13 @@ impl ServerConfig {
             if (tee.sealing == SealingSource::Provisioned) != tee.sealing_key_file.is_some() {
                 return Err(ConfigError::Invalid("tee.sealing_key_file is needed with tee.sealing = \"provisioned\", and only then".into()));
             }
+            if tee.snp_vmpl > 3 {
+                return Err(ConfigError::Invalid(format!("tee.snp_vmpl is {}; VMPLs are 0 to 3", tee.snp_vmpl)));
+            }
         }
         self.node_policy.validate().map_err(|e| ConfigError::Invalid(format!("node_policy: {e}")))?;
         if self.certificate_refresh_secs == 0 {
             return Err(ConfigError::Invalid("certificate_refresh_secs must be at least 1".into()));
-        }
-        if let Some(tee) = &self.tee {
-            if tee.snp_vmpl > 3 {
-                return Err(ConfigError::Invalid(format!("tee.snp_vmpl is {}; VMPLs are 0 to 3", tee.snp_vmpl)));
-            }
         }
         if self.node_policy.allow_insecure_dev && !self.dev_insecure {
             return Err(ConfigError::Invalid("node_policy.allow_insecure_dev requires dev_insecure = true".into()));

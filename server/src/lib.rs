@@ -42,11 +42,16 @@ impl Running {
 /// Re-issues the TLS certificate with evidence made now.
 async fn refresh_certificate(service: &Service, key: &tls::TlsKey, certificate: &tls::RotatingCertificate) -> anyhow::Result<()> {
     service.refresh_evidence().await.map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let info = service.attestation();
-    let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
-    certificate.replace(&tls::issue_certificate(key, Some(&evidence))?)?;
+    certificate.replace(&attested_certificate(service, key)?)?;
     tracing::debug!("attested certificate refreshed");
     Ok(())
+}
+
+/// A certificate for `key` carrying the service's current evidence.
+fn attested_certificate(service: &Service, key: &tls::TlsKey) -> Result<tls::TlsIdentity, tls::TlsError> {
+    let info = service.attestation();
+    let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
+    tls::issue_certificate(key, Some(&evidence))
 }
 
 /// Binds, starts the enclave (resuming an interrupted round), and serves in the
@@ -68,9 +73,7 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
         Some(backend) => Service::start_with(cfg, key.spki_sha256, backend).await?,
         None => Service::start(cfg, key.spki_sha256).await?,
     };
-    let info = service.attestation();
-    let evidence = tessera_attestation::ratls::CertEvidence { identity_public_key: info.identity_public_key, evidence: info.evidence };
-    let tls = tls::issue_certificate(&key, Some(&evidence))?;
+    let tls = attested_certificate(&service, &key)?;
     let certificate = tls::RotatingCertificate::new(&tls)?;
     let server_tls = tls::server_config(certificate.clone())?;
     let refresh_every = Duration::from_secs(service.config().certificate_refresh_secs);

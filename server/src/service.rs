@@ -233,7 +233,6 @@ pub struct AdmissionRecord {
 impl Service {
     /// Starts with the attestation and sealing backend the configuration names.
     pub async fn start(cfg: ServerConfig, tls_fingerprint: [u8; 32]) -> Result<Arc<Self>, StartError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
         // configfs-tsm and the key request are kernel calls: off the async workers.
         let for_backend = cfg.clone();
         let backend = tokio::task::spawn_blocking(move || TeeBackend::from_config(&for_backend))
@@ -381,13 +380,13 @@ impl Service {
     /// Makes new evidence for the TLS certificate (bound to the identity and TLS keys),
     /// stores it, and makes it the one later `round_opened` entries name. Rounds opened
     /// earlier keep naming theirs, which stays in the store for their bundles.
-    pub async fn refresh_evidence(&self) -> Result<Vec<u8>, ApiError> {
+    pub async fn refresh_evidence(&self) -> Result<(), ApiError> {
         let mut inner = self.inner.lock().await;
         let evidence = inner.enclave.evidence(&self.tls_fingerprint, now().0 / 1000)?;
         self.store.put_evidence(&tessera_attestation::audit::sha256_hex(&evidence), &evidence, &hex::encode(self.tls_fingerprint), now().0).await?;
         drop(inner);
-        *self.evidence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = evidence.clone();
-        Ok(evidence)
+        *self.evidence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = evidence;
+        Ok(())
     }
 
     pub fn attestation(&self) -> AttestationInfo {

@@ -220,8 +220,7 @@ fn check(evidence: &[u8], endorsements: &[Vec<u8>], args: &PolicyArgs, bound: Op
         }
         (None, None) => None,
     };
-    let extra: Vec<&[u8]> = policy.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
-    let claims = match tessera_attestation::verify_trusting(evidence, endorsements, &extra, now) {
+    let claims = match policy.verify(evidence, endorsements, now) {
         Ok(c) => c,
         Err(e @ (VerifyError::UnknownFormat | VerifyError::Malformed { .. })) => return Err(Unusable(e.to_string())),
         Err(e) => {
