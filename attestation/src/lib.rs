@@ -95,6 +95,11 @@ pub enum VerifyError {
     CertificateChain { format: Format, why: String },
     #[error("{format:?}: the chain does not end at a pinned vendor root")]
     UntrustedRoot { format: Format },
+    /// The evidence came with endorsements where the format takes none: they could only
+    /// name a trust root, and roots come from the verifier's configuration, never from
+    /// the attested peer.
+    #[error("{format:?}: the evidence supplies {count} endorsement(s) of its own; this format takes none, and trust roots come only from the verifier's configuration")]
+    PeerSuppliedRoot { format: Format, count: usize },
     #[error("{format:?}: {what} is not valid at the verification time")]
     NotValidAtTime { format: Format, what: String },
     #[error("{format:?}: {what} is revoked")]
@@ -113,6 +118,7 @@ impl VerifyError {
             | VerifyError::BadSignature { format, .. }
             | VerifyError::CertificateChain { format, .. }
             | VerifyError::UntrustedRoot { format }
+            | VerifyError::PeerSuppliedRoot { format, .. }
             | VerifyError::NotValidAtTime { format, .. }
             | VerifyError::Revoked { format, .. }
             | VerifyError::Tcb { format, .. } => Some(*format),
@@ -189,26 +195,38 @@ pub fn inspect(evidence: &[u8]) -> Result<(Format, String), VerifyError> {
     Err(VerifyError::UnknownFormat)
 }
 
-/// Detects the format of `evidence` and verifies it. An [`bundle::EvidenceBundle`] is
-/// unwrapped first; its endorsements come before the ones given here.
-pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
-    verify_trusting(evidence, endorsements, &[], now_secs)
+/// Trust anchors the *verifier* configured besides the pinned vendor roots (a policy's
+/// `additional_snp_arks` / `additional_nitro_roots`): PEM or DER certificates, for test
+/// chains. Nothing in an evidence bundle can add to them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConfiguredRoots<'a> {
+    pub snp_arks: &'a [&'a [u8]],
+    pub nitro_roots: &'a [&'a [u8]],
 }
 
-/// [`verify`], with `extra_snp_arks` (PEM or DER) trusted for SEV-SNP besides the pinned
-/// AMD roots (a policy's `additional_snp_arks`: test chains only).
-pub fn verify_trusting(evidence: &[u8], endorsements: &[Vec<u8>], extra_snp_arks: &[&[u8]], now_secs: u64) -> Result<Claims, VerifyError> {
+/// Detects the format of `evidence` and verifies it against the pinned vendor roots. An
+/// [`bundle::EvidenceBundle`] is unwrapped first; its endorsements come before the ones
+/// given here.
+pub fn verify(evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
+    verify_trusting(evidence, endorsements, ConfiguredRoots::default(), now_secs)
+}
+
+/// [`verify`], with `roots` trusted besides the pinned vendor roots.
+pub fn verify_trusting(evidence: &[u8], endorsements: &[Vec<u8>], roots: ConfiguredRoots<'_>, now_secs: u64) -> Result<Claims, VerifyError> {
     if bundle::EvidenceBundle::detect(evidence) {
         let inner = bundle::EvidenceBundle::decode(evidence)?;
         if bundle::EvidenceBundle::detect(&inner.evidence) {
             return Err(VerifyError::Malformed { format: Format::DevInsecure, why: "nested evidence bundles".into() });
         }
         let all: Vec<Vec<u8>> = inner.endorsements.iter().chain(endorsements).cloned().collect();
-        return verify_trusting(&inner.evidence, &all, extra_snp_arks, now_secs);
+        return verify_trusting(&inner.evidence, &all, roots, now_secs);
     }
-    if !extra_snp_arks.is_empty() && snp::SnpVerifier.detect(evidence) {
-        let roots: Vec<&[u8]> = snp::PINNED_ARKS.iter().map(|(_, pem)| *pem).chain(extra_snp_arks.iter().copied()).collect();
-        return snp::verify_with_roots(evidence, endorsements, &roots, now_secs);
+    if !roots.snp_arks.is_empty() && snp::SnpVerifier.detect(evidence) {
+        let anchors: Vec<&[u8]> = snp::PINNED_ARKS.iter().map(|(_, pem)| *pem).chain(roots.snp_arks.iter().copied()).collect();
+        return snp::verify_with_roots(evidence, endorsements, &anchors, now_secs);
+    }
+    if nitro::looks_like_cose_sign1(evidence) {
+        return nitro::verify_with_roots(evidence, endorsements, roots.nitro_roots, now_secs);
     }
     registry().into_iter().find(|v| v.detect(evidence)).ok_or(VerifyError::UnknownFormat)?.verify(evidence, endorsements, now_secs)
 }

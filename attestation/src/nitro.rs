@@ -28,11 +28,12 @@
 //! fields are refused, every PCR must be 48 bytes (the digest is always SHA384), and PCR0..2
 //! must be present. Optional fields may be absent or `null` (the NSM writes `null`).
 //!
-//! Trust anchor: the pinned AWS root ([`AWS_NITRO_ROOT_PEM`]), unless the endorsements carry a
-//! replacement root (one certificate, PEM or DER), which then *replaces* it — for private test
-//! roots. Such an endorsement must come from the verifier's own configuration, never from the
-//! attested peer: a peer that may choose the root can sign anything. `fields["trust_anchor"]`
-//! says which root was used.
+//! Trust anchor: the pinned AWS root ([`AWS_NITRO_ROOT_PEM`]), or a root the *verifier*
+//! configured ([`verify_with_roots`], a policy's `additional_nitro_roots`, for private test
+//! roots). A Nitro document carries its whole chain, so the registry's verifier accepts no
+//! endorsement at all: endorsements travel in evidence bundles the attested peer supplies,
+//! and a peer that may choose the root can sign anything. `fields["trust_anchor"]` says
+//! which root the chain ended at.
 
 use std::collections::BTreeMap;
 
@@ -236,7 +237,7 @@ impl SignedAttestationDocument {
         }
         let pinned = pinned_root_der().is_ok_and(|der| der == root_der);
         let fingerprint = hex::encode(ring::digest::digest(&ring::digest::SHA256, root_der));
-        let anchor = if pinned { "pinned AWS Nitro root" } else { "CUSTOM root from the endorsements (not the AWS root)" };
+        let anchor = if pinned { "pinned AWS Nitro root" } else { "CONFIGURED root (additional_nitro_roots; not the AWS root)" };
         fields.insert("trust_anchor".into(), format!("{anchor}, sha256 {fingerprint}"));
         Claims {
             format: FORMAT,
@@ -279,19 +280,19 @@ pub fn clear_chain_cache() {
 }
 
 pub fn pinned_root_der() -> Result<Vec<u8>, VerifyError> {
-    root_from_endorsement(AWS_NITRO_ROOT_PEM)
+    root_der_from(AWS_NITRO_ROOT_PEM)
 }
 
 /// A root certificate given as PEM (`-----BEGIN CERTIFICATE-----`) or DER, as DER.
-fn root_from_endorsement(bytes: &[u8]) -> Result<Vec<u8>, VerifyError> {
+fn root_der_from(bytes: &[u8]) -> Result<Vec<u8>, VerifyError> {
     let trimmed = bytes.trim_ascii_start();
     let der = if trimmed.starts_with(b"-----BEGIN") {
-        let (rest, pem) = x509_parser::pem::parse_x509_pem(trimmed).map_err(|e| chain_error(format!("the root endorsement is not valid PEM: {e}")))?;
+        let (rest, pem) = x509_parser::pem::parse_x509_pem(trimmed).map_err(|e| chain_error(format!("the configured root is not valid PEM: {e}")))?;
         if pem.label != "CERTIFICATE" {
-            return Err(chain_error(format!("the root endorsement is a PEM {:?}, not a CERTIFICATE", pem.label)));
+            return Err(chain_error(format!("the configured root is a PEM {:?}, not a CERTIFICATE", pem.label)));
         }
         if !rest.trim_ascii().is_empty() {
-            return Err(chain_error("the root endorsement holds more than one PEM block"));
+            return Err(chain_error("the configured root holds more than one PEM block"));
         }
         pem.contents
     } else {
@@ -299,7 +300,7 @@ fn root_from_endorsement(bytes: &[u8]) -> Result<Vec<u8>, VerifyError> {
     };
     match X509Certificate::from_der(&der) {
         Ok(([], _)) => Ok(der),
-        _ => Err(chain_error("the root endorsement is not a DER X.509 certificate")),
+        _ => Err(chain_error("the configured root is not a DER X.509 certificate")),
     }
 }
 
@@ -488,11 +489,11 @@ fn optional_bytes(v: Option<Value>, name: &str, min: usize, max: usize) -> Resul
     }
 }
 
-/// The Nitro format in the [`crate::registry`] table.
+/// The Nitro format in the [`crate::registry`] table: the pinned AWS root only.
 ///
-/// Endorsements: none, to trust the pinned AWS root; or exactly one certificate (PEM or DER)
-/// that replaces it, for private test roots (see the module docs for why it must come from
-/// the verifier's configuration and never from the peer).
+/// Endorsements: none. Any endorsement is refused ([`VerifyError::PeerSuppliedRoot`]):
+/// the document carries its chain, so an endorsement could only be a root, and roots come
+/// from the verifier's configuration ([`verify_with_roots`]), never from the peer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NitroVerifier;
 
@@ -506,13 +507,30 @@ impl Verifier for NitroVerifier {
     }
 
     fn verify(&self, evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, VerifyError> {
-        let root = match endorsements {
-            [] => pinned_root_der()?,
-            [custom] => root_from_endorsement(custom)?,
-            more => return Err(chain_error(format!("expected at most one endorsement (a replacement root), got {}", more.len()))),
-        };
-        SignedAttestationDocument::parse(evidence)?.verify(&root, now_secs)
+        verify_with_roots(evidence, endorsements, &[], now_secs)
     }
+}
+
+/// Verifies a Nitro document whose chain must start at the pinned AWS root or at one of
+/// `configured_roots` (PEM or DER certificates from the verifier's own configuration).
+/// `endorsements` must be empty: they come with the evidence, from the peer.
+pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], configured_roots: &[&[u8]], now_secs: u64) -> Result<Claims, VerifyError> {
+    if !endorsements.is_empty() {
+        return Err(VerifyError::PeerSuppliedRoot { format: FORMAT, count: endorsements.len() });
+    }
+    let doc = SignedAttestationDocument::parse(evidence)?;
+    let first = doc.document().cabundle.first().ok_or_else(|| malformed("cabundle is empty"))?;
+    let pinned = pinned_root_der()?;
+    if first.as_slice() == pinned.as_slice() {
+        return doc.verify(&pinned, now_secs);
+    }
+    for root in configured_roots {
+        let der = root_der_from(root)?;
+        if first.as_slice() == der.as_slice() {
+            return doc.verify(&der, now_secs);
+        }
+    }
+    Err(VerifyError::UntrustedRoot { format: FORMAT })
 }
 
 #[cfg(test)]
@@ -545,10 +563,10 @@ mod tests {
     }
 
     #[test]
-    fn endorsements_beyond_one_root_are_refused() {
-        let e = NitroVerifier.verify(&[0x84, 0x40], &[vec![1], vec![2]], 0).unwrap_err();
-        assert!(matches!(e, VerifyError::CertificateChain { format: Format::AwsNitro, .. }), "{e}");
-        let e = NitroVerifier.verify(&[0x84, 0x40], &[b"not a certificate".to_vec()], 0).unwrap_err();
-        assert!(matches!(e, VerifyError::CertificateChain { format: Format::AwsNitro, .. }), "{e}");
+    fn any_endorsement_is_refused_before_parsing() {
+        for endorsements in [vec![vec![1]], vec![vec![1], vec![2]], vec![AWS_NITRO_ROOT_PEM.to_vec()]] {
+            let e = NitroVerifier.verify(&[0x84, 0x40], &endorsements, 0).unwrap_err();
+            assert_eq!(e, VerifyError::PeerSuppliedRoot { format: Format::AwsNitro, count: endorsements.len() });
+        }
     }
 }

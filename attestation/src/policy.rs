@@ -30,6 +30,10 @@ pub struct NodePolicy {
     /// TEST chain only: a production policy leaves this empty, and `tessera-attest`
     /// warns whenever a policy sets it.
     pub additional_snp_arks: Vec<String>,
+    /// AWS Nitro trust anchors besides the pinned AWS root (PEM certificates), for a
+    /// private TEST root only; warned about like `additional_snp_arks`. A root inside an
+    /// evidence bundle is never trusted.
+    pub additional_nitro_roots: Vec<String>,
 }
 
 impl Default for NodePolicy {
@@ -42,6 +46,7 @@ impl Default for NodePolicy {
             allowed_tcb_status: Vec::new(),
             min_svn: Default::default(),
             additional_snp_arks: Vec::new(),
+            additional_nitro_roots: Vec::new(),
         }
     }
 }
@@ -96,28 +101,48 @@ impl NodePolicy {
         toml::from_str(text)
     }
 
-    /// Checks what TOML cannot: each `additional_snp_arks` entry is PEM holding a
-    /// self-signed X.509 certificate.
+    /// Checks what TOML cannot: each `additional_snp_arks` / `additional_nitro_roots`
+    /// entry is PEM holding a self-signed X.509 certificate.
     pub fn validate(&self) -> Result<(), String> {
-        for (i, pem) in self.additional_snp_arks.iter().enumerate() {
-            let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-                .next()
-                .ok_or_else(|| format!("additional_snp_arks[{i}] holds no PEM block"))?
-                .map_err(|e| format!("additional_snp_arks[{i}]: bad PEM: {e}"))?;
-            let cert = block.parse_x509().map_err(|e| format!("additional_snp_arks[{i}]: not an X.509 certificate: {e}"))?;
-            if cert.subject() != cert.issuer() {
-                return Err(format!("additional_snp_arks[{i}] ({}) is not a self-signed root", cert.subject()));
+        for (name, list) in [("additional_snp_arks", &self.additional_snp_arks), ("additional_nitro_roots", &self.additional_nitro_roots)] {
+            for (i, pem) in list.iter().enumerate() {
+                let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+                    .next()
+                    .ok_or_else(|| format!("{name}[{i}] holds no PEM block"))?
+                    .map_err(|e| format!("{name}[{i}]: bad PEM: {e}"))?;
+                let cert = block.parse_x509().map_err(|e| format!("{name}[{i}]: not an X.509 certificate: {e}"))?;
+                if cert.subject() != cert.issuer() {
+                    return Err(format!("{name}[{i}] ({}) is not a self-signed root", cert.subject()));
+                }
             }
         }
         Ok(())
     }
 
+    /// The one rule for every verifier of code (a client checking the aggregator, an
+    /// auditor): outside dev mode a policy must name the measurements it accepts, since
+    /// without them any vendor-signed guest passes, whatever code it runs. `whom` names
+    /// the attested party in the error.
+    pub fn require_pinned_code(&self, whom: &str) -> Result<(), String> {
+        if self.allow_insecure_dev || !self.allowed_measurements.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the policy for {whom} accepts any measurement: outside dev mode it must list the allowed_measurements of the code you trust (pass a policy file), or any vendor-signed guest would pass whatever code it runs"
+        ))
+    }
+
     /// A warning to print wherever a policy is loaded, when it trusts roots besides the
     /// vendors'.
     pub fn extra_roots_warning(&self) -> Option<String> {
-        (!self.additional_snp_arks.is_empty()).then(|| {
-            format!("WARNING: this policy trusts {} SEV-SNP root(s) besides AMD's (additional_snp_arks): for a TEST chain only", self.additional_snp_arks.len())
-        })
+        let mut parts = Vec::new();
+        if !self.additional_snp_arks.is_empty() {
+            parts.push(format!("{} SEV-SNP root(s) besides AMD's (additional_snp_arks)", self.additional_snp_arks.len()));
+        }
+        if !self.additional_nitro_roots.is_empty() {
+            parts.push(format!("{} AWS Nitro root(s) besides AWS's (additional_nitro_roots)", self.additional_nitro_roots.len()));
+        }
+        (!parts.is_empty()).then(|| format!("WARNING: this policy trusts {}: for a TEST chain only", parts.join(" and ")))
     }
 
     /// Checks claims against the policy and the expected binding.
@@ -159,10 +184,11 @@ impl NodePolicy {
     }
 
     /// Verifies `evidence` (any known format) with the vendor roots and this policy's
-    /// `additional_snp_arks`, without evaluating the claims.
+    /// configured roots, without evaluating the claims.
     pub fn verify(&self, evidence: &[u8], endorsements: &[Vec<u8>], now_secs: u64) -> Result<Claims, crate::VerifyError> {
-        let extra: Vec<&[u8]> = self.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
-        crate::verify_trusting(evidence, endorsements, &extra, now_secs)
+        let snp: Vec<&[u8]> = self.additional_snp_arks.iter().map(|a| a.as_bytes()).collect();
+        let nitro: Vec<&[u8]> = self.additional_nitro_roots.iter().map(|a| a.as_bytes()).collect();
+        crate::verify_trusting(evidence, endorsements, crate::ConfiguredRoots { snp_arks: &snp, nitro_roots: &nitro }, now_secs)
     }
 
     /// Verifies `evidence` (any known format) and evaluates it in one step.

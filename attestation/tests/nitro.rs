@@ -110,8 +110,14 @@ fn inside(s: &Sample) -> u64 {
     s.issued_at + 60
 }
 
-fn nitro(evidence: &[u8], endorsements: &[Vec<u8>], now: u64) -> Result<Claims, VerifyError> {
-    NitroVerifier.verify(evidence, endorsements, now)
+/// Verifies with `roots` (PEM or DER) configured by the verifier besides the pinned AWS
+/// root; with none, through the registry's verifier.
+fn nitro(evidence: &[u8], roots: &[Vec<u8>], now: u64) -> Result<Claims, VerifyError> {
+    if roots.is_empty() {
+        return NitroVerifier.verify(evidence, &[], now);
+    }
+    let roots: Vec<&[u8]> = roots.iter().map(Vec::as_slice).collect();
+    tessera_attestation::nitro::verify_with_roots(evidence, &[], &roots, now)
 }
 
 fn flip(mut bytes: Vec<u8>, at: usize) -> Vec<u8> {
@@ -277,28 +283,105 @@ fn truncation_is_malformed() {
 }
 
 #[test]
-fn a_custom_root_replaces_the_pinned_one() {
+fn configured_roots_add_to_the_pinned_one_and_must_be_certificates() {
     let s = &SAMPLES[2];
     let ev = doc(s);
     let parsed = SignedAttestationDocument::parse(&ev).unwrap();
-    // The real root given explicitly, as PEM (the file in roots/) and as DER, verifies.
+    // The real root configured explicitly, as PEM (the file in roots/) and as DER, verifies;
+    // so does any other configured root, since the chain starts at the pinned one.
     let root_pem = tessera_attestation::nitro::AWS_NITRO_ROOT_PEM.to_vec();
     assert!(nitro(&ev, &[root_pem], inside(s)).is_ok());
     assert!(nitro(&ev, &[parsed.document().cabundle[0].clone()], inside(s)).is_ok());
-    // Any other root: the chain does not end there.
-    let intermediate = parsed.document().cabundle[1].clone();
-    assert_eq!(nitro(&ev, std::slice::from_ref(&intermediate), inside(s)).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
     let private = TestPki::new();
-    assert_eq!(nitro(&ev, &[private.root_der()], inside(s)).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
-    assert_eq!(nitro(&ev, &[private.root.pem().into_bytes()], inside(s)).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
-    // Endorsements that are not one certificate.
+    let c = nitro(&ev, &[private.root_der()], inside(s)).unwrap();
+    assert!(c.fields["trust_anchor"].starts_with("pinned AWS Nitro root"), "{}", c.fields["trust_anchor"]);
+    // A document under a private root verifies only while that root is configured.
+    let own = build(&private, &Payload::production(&[1; 64]), iana::Algorithm::ES384, false);
+    assert_eq!(nitro(&own, &[], NOW).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
+    assert_eq!(nitro(&own, &[TestPki::new().root_der()], NOW).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
+    assert!(nitro(&own, &[private.root.pem().into_bytes()], NOW).is_ok());
+    // Configured roots that are not one certificate.
     let two_certs = vector("cert-embedded-2023-01-18-debug/evervault_cage_cert.pem");
-    assert!(matches!(nitro(&ev, &[two_certs], inside(s)), Err(VerifyError::CertificateChain { .. })));
+    assert!(matches!(nitro(&own, &[two_certs], NOW), Err(VerifyError::CertificateChain { .. })));
     assert!(matches!(
-        nitro(&ev, &[b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec()], inside(s)),
+        nitro(&own, &[b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_vec()], NOW),
         Err(VerifyError::CertificateChain { .. })
     ));
-    assert!(matches!(nitro(&ev, &[vec![0x30, 0x03, 0x02, 0x01, 0x01]], inside(s)), Err(VerifyError::CertificateChain { .. })));
+    assert!(matches!(nitro(&own, &[vec![0x30, 0x03, 0x02, 0x01, 0x01]], NOW), Err(VerifyError::CertificateChain { .. })));
+}
+
+/// The attack of the review: a peer signs a document under its own CA (any PCR0 it
+/// likes, the right binding) and ships that CA in the evidence bundle's endorsements.
+/// Refused on every path that verifies evidence (admission, attested TLS, offline audit),
+/// with the cause named; trusted only when the verifier itself configures the root.
+#[test]
+fn a_root_shipped_by_the_peer_is_refused_on_every_path() {
+    use tessera_attestation::bundle::EvidenceBundle;
+    let attacker = TestPki::new();
+    let pcr0 = hex::encode([0xA0u8; 48]);
+    let policy = NodePolicy { allowed_measurements: vec![pcr0.clone()], ..NodePolicy::default() };
+    let trusting = NodePolicy { additional_nitro_roots: vec![attacker.root.pem()], ..policy.clone() };
+    trusting.validate().unwrap();
+    assert!(trusting.extra_roots_warning().unwrap().contains("additional_nitro_roots"));
+    let forged = |binding: &[u8; 64]| {
+        let ev = build(&attacker, &Payload::production(binding), iana::Algorithm::ES384, false);
+        EvidenceBundle { evidence: ev, endorsements: vec![attacker.root_der()] }.encode()
+    };
+    let peer_supplied = |v: &tessera_attestation::policy::Verdict| {
+        !v.accepted && matches!(&v.failures[..], [PolicyFailure::Unverified { reason }] if reason.contains("supplies 1 endorsement"))
+    };
+
+    // Admission (the enclave's check of a client) and the client's check of the aggregator.
+    let binding = [7u8; 64];
+    let v = policy.check(&forged(&binding), &[], &binding, NOW);
+    assert!(peer_supplied(&v), "{}", v.reasons());
+    // The same document without the bundle's root: untrusted; with the verifier's own root: accepted.
+    let bare = build(&attacker, &Payload::production(&binding), iana::Algorithm::ES384, false);
+    assert!(policy.check(&bare, &[], &binding, NOW).reasons().contains("pinned vendor root"));
+    let ok = trusting.check(&bare, &[], &binding, NOW);
+    assert!(ok.accepted, "{}", ok.reasons());
+    assert!(ok.claims.unwrap().fields["trust_anchor"].starts_with("CONFIGURED root"));
+    // Even a trusting verifier refuses endorsements that come with Nitro evidence.
+    assert!(peer_supplied(&trusting.check(&forged(&binding), &[], &binding, NOW)));
+
+    // Attested TLS: a certificate carrying the forged bundle, bound to its own key.
+    let identity = [5u8; 32];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let spki: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der()).as_ref().try_into().unwrap();
+    let report_data = tessera_attestation::binding::aggregator_report_data(&identity, &spki);
+    let ext = tessera_attestation::ratls::encode_extension(&tessera_attestation::ratls::CertEvidence {
+        identity_public_key: hex::encode(identity),
+        evidence: hex::encode(forged(&report_data)),
+    });
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(tessera_attestation::ratls::EVIDENCE_OID, ext));
+    let cert = params.self_signed(&key).unwrap();
+    assert_eq!(tessera_attestation::ratls::spki_sha256(cert.der()).unwrap(), spki);
+    let (v, named) = tessera_attestation::ratls::verify_certificate(cert.der(), &policy, NOW);
+    assert_eq!(named, Some(identity));
+    assert!(peer_supplied(&v), "{}", v.reasons());
+
+    // Offline audit: the committed round bundle with its evidence replaced by the forgery,
+    // bound to the bundle's own identity key and TLS fingerprint.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/audit/round-bundle.json")).unwrap();
+    let mut bundle: tessera_attestation::audit::RoundBundle = serde_json::from_str(&text).unwrap();
+    let identity: [u8; 32] = hex::decode(&bundle.aggregator.identity_public_key).unwrap().try_into().unwrap();
+    let fingerprint = hex::decode(&bundle.aggregator.tls_fingerprint).unwrap();
+    let report_data = tessera_attestation::binding::aggregator_report_data(&identity, &fingerprint);
+    bundle.aggregator.evidence = hex::encode(forged(&report_data));
+    bundle.aggregator.measurement = None;
+    let audit = |policy: &NodePolicy, bundle: &tessera_attestation::audit::RoundBundle| {
+        let inputs = tessera_attestation::audit::AuditInputs { policy: policy.clone(), now_secs: NOW, previous_head: None, mean: None };
+        let out = tessera_attestation::audit::audit_bundle(bundle, &inputs);
+        out.checks.into_iter().find(|c| c.name == "aggregator evidence").expect("the evidence check ran")
+    };
+    let check = audit(&policy, &bundle);
+    assert!(!check.passed && check.detail.contains("supplies 1 endorsement"), "{check:?}");
+    // Positive control: the bare forgery passes the audit's evidence check only under a
+    // policy that configures the attacker's root.
+    bundle.aggregator.evidence = hex::encode(build(&attacker, &Payload::production(&report_data), iana::Algorithm::ES384, false));
+    assert!(!audit(&policy, &bundle).passed);
+    assert!(audit(&trusting, &bundle).passed);
 }
 
 #[test]
@@ -453,16 +536,17 @@ fn a_bound_production_document_under_a_private_root_is_accepted_end_to_end() {
         let ev = build(&pki, &Payload::production(&binding), iana::Algorithm::ES384, tagged);
         assert_eq!(ev[0], if tagged { 0xD2 } else { 0x84 });
         for root in [pki.root_der(), pki.root.pem().into_bytes()] {
-            let c = tessera_attestation::verify(&ev, std::slice::from_ref(&root), NOW).unwrap();
+            let c = nitro(&ev, std::slice::from_ref(&root), NOW).unwrap();
             assert_eq!((c.format, c.debug, c.measurement.as_str()), (Format::AwsNitro, false, pcr0.as_str()));
             assert_eq!(c.report_data, hex::encode(binding));
-            assert!(c.fields["trust_anchor"].starts_with("CUSTOM root"), "{}", c.fields["trust_anchor"]);
-            let v = policy.check(&ev, &[root], &binding, NOW);
-            assert!(v.accepted, "{}", v.reasons());
+            assert!(c.fields["trust_anchor"].starts_with("CONFIGURED root"), "{}", c.fields["trust_anchor"]);
         }
+        let trusting = NodePolicy { additional_nitro_roots: vec![pki.root.pem()], ..policy.clone() };
+        let v = trusting.check(&ev, &[], &binding, NOW);
+        assert!(v.accepted, "{}", v.reasons());
         // Under the pinned AWS root it is refused, and so is any other binding.
         assert_eq!(nitro(&ev, &[], NOW).unwrap_err(), VerifyError::UntrustedRoot { format: Format::AwsNitro });
-        let v = policy.check(&ev, &[pki.root_der()], &[0; 64], NOW);
+        let v = trusting.check(&ev, &[], &[0; 64], NOW);
         assert_eq!(v.failures, vec![PolicyFailure::ReportDataMismatch]);
     }
 }
@@ -476,9 +560,10 @@ fn a_debug_document_verifies_but_the_default_policy_refuses_it() {
     let ev = build(&pki, &p, iana::Algorithm::ES384, false);
     let root = [pki.root_der()];
     assert!(nitro(&ev, &root, NOW).unwrap().debug);
-    let v = NodePolicy::default().check(&ev, &root, &binding, NOW);
+    let trusting = NodePolicy { additional_nitro_roots: vec![pki.root.pem()], ..NodePolicy::default() };
+    let v = trusting.check(&ev, &[], &binding, NOW);
     assert_eq!(v.failures, vec![PolicyFailure::DebugMode]);
-    assert!(NodePolicy { allow_debug: true, ..NodePolicy::default() }.check(&ev, &root, &binding, NOW).accepted);
+    assert!(NodePolicy { allow_debug: true, ..trusting }.check(&ev, &[], &binding, NOW).accepted);
     // Any one of PCR0..2 at zero counts as debug: no production measurement is all zero.
     let mut p = Payload::production(&binding);
     p.pcrs[1].1.fill(0);

@@ -117,6 +117,11 @@ enum Command {
         /// Policy (TOML) the aggregator's evidence must meet, e.g. its allowed measurements.
         #[arg(long)]
         aggregator_policy: Option<PathBuf>,
+        /// Security floors (TOML) this institution requires of every round: min_participants,
+        /// min_survivor_fraction, roster_sha256, allowed_peers, [dp]. Default: at least 3
+        /// participants and min_survivors above half of them.
+        #[arg(long)]
+        floors: Option<PathBuf>,
         /// Files sent with this node's evidence: on SEV-SNP without a host certificate
         /// table the VCEK (DER) and ASK/ARK (PEM); on TDX the DCAP collateral (JSON).
         #[arg(long = "tee-endorsement")]
@@ -182,6 +187,11 @@ enum Command {
         /// Policy (TOML) the aggregator's evidence must meet.
         #[arg(long)]
         aggregator_policy: Option<PathBuf>,
+        /// Security floors (TOML) this institution requires of every round: min_participants,
+        /// min_survivor_fraction, roster_sha256, allowed_peers, [dp]. Default: at least 3
+        /// participants and min_survivors above half of them.
+        #[arg(long)]
+        floors: Option<PathBuf>,
         /// Files sent with this node's evidence (see `submit --help`).
         #[arg(long = "tee-endorsement")]
         tee_endorsements: Vec<PathBuf>,
@@ -246,6 +256,24 @@ fn own_attester(insecure_dev: bool, endorsements: Vec<PathBuf>) -> anyhow::Resul
     }
     let root = std::path::Path::new(tessera_attestation::tsm::DEFAULT_ROOT);
     Ok(Some(tessera_client::participate::AttesterHandle::configfs_tsm(root, endorsements)?))
+}
+
+fn load_floors(path: Option<&std::path::Path>) -> anyhow::Result<tessera_secagg::floors::SecurityFloors> {
+    let Some(p) = path else { return Ok(Default::default()) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid security floors {}", p.display()))
+}
+
+/// The aggregator policy: the file's, or the default; outside dev mode it must pin the
+/// aggregator's code (allowed_measurements), checked before anything else runs.
+fn aggregator_policy_or_refuse(
+    path: Option<&std::path::Path>,
+    insecure_dev: bool,
+) -> anyhow::Result<(Option<tessera_attestation::policy::NodePolicy>, tessera_attestation::policy::NodePolicy)> {
+    let policy = load_policy(path)?;
+    let effective = policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
+    effective.require_pinned_code("the aggregator").map_err(|e| anyhow::anyhow!("{e} (--aggregator-policy)"))?;
+    Ok((policy, effective))
 }
 
 fn default_policy(insecure_dev: bool) -> tessera_attestation::policy::NodePolicy {
@@ -319,6 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             insecure_dev,
             wait,
             aggregator_policy,
+            floors,
             tee_endorsements,
             drop_in_round,
             threads,
@@ -350,8 +379,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut inst = Institution::new(&identity.name, &model.spec(), &train_examples, &test_examples, cfg)?;
             let lr = server_lr.unwrap_or(if server_opt == Strategy::FedAvg { 1.0 } else { 0.01 });
             inst.server_opt = ServerOptimizer::new(server_opt, lr);
-            let aggregator_policy = load_policy(aggregator_policy.as_deref())?;
-            let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| default_policy(insecure_dev));
+            let (aggregator_policy, handshake_policy) = aggregator_policy_or_refuse(aggregator_policy.as_deref(), insecure_dev)?;
+            let floors = load_floors(floors.as_deref())?;
             // Before training: a node that cannot attest finds out now, not after an epoch.
             let attester = own_attester(insecure_dev, tee_endorsements)?;
             let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
@@ -374,6 +403,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     quiet: false,
                     aggregator_policy: aggregator_policy.clone(),
                     attester: attester.clone(),
+                    floors: floors.clone(),
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -442,31 +472,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             drop_after,
             aggregator_policy,
+            floors,
             tee_endorsements,
         } => {
             let attester = own_attester(insecure_dev, tee_endorsements)?;
             rt.block_on(async {
                 let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
-                let aggregator_policy = match aggregator_policy {
-                    Some(p) => Some(
-                        tessera_attestation::policy::NodePolicy::from_toml(
-                            &std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?,
-                        )
-                        .with_context(|| format!("invalid policy {}", p.display()))?,
-                    ),
-                    None => None,
-                };
                 // The aggregator's evidence is checked in every TLS handshake (attested TLS)
                 // and once more, with the same policy, before anything is prepared.
-                let handshake_policy = aggregator_policy.clone().unwrap_or_else(|| {
-                    if insecure_dev {
-                        tessera_attestation::policy::NodePolicy::insecure_dev()
-                    } else {
-                        tessera_attestation::policy::NodePolicy::default()
-                    }
-                });
+                let (aggregator_policy, handshake_policy) = aggregator_policy_or_refuse(aggregator_policy.as_deref(), insecure_dev)?;
+                let floors = load_floors(floors.as_deref())?;
                 let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
-                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy, attester };
+                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy, attester, floors };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
                         .map_err(|e| ParticipateError::Update(e.to_string()))?;

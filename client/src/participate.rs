@@ -13,7 +13,8 @@ use tessera_attestation::dev::{measure_bytes, DevAttester};
 use tessera_attestation::policy::NodePolicy;
 use tessera_attestation::Attester;
 use tessera_secagg::aggregator::Phase;
-use tessera_secagg::client::Client;
+use tessera_secagg::client::{Client, Trust};
+use tessera_secagg::floors::SecurityFloors;
 use tessera_secagg::quantize::Quantizer;
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig};
@@ -49,6 +50,8 @@ pub struct Options {
     /// [`DEFAULT_ROOT`](tessera_attestation::tsm::DEFAULT_ROOT) (an SEV-SNP or TDX
     /// guest), or simulated evidence with `insecure_dev`.
     pub attester: Option<AttesterHandle>,
+    /// What this institution requires of any round it joins (roster, thresholds, DP).
+    pub floors: SecurityFloors,
 }
 
 /// An evidence source shared across rounds.
@@ -71,7 +74,16 @@ impl AttesterHandle {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { insecure_dev: false, drop_after: None, wait: Duration::from_secs(300), round: None, quiet: false, aggregator_policy: None, attester: None }
+        Options {
+            insecure_dev: false,
+            drop_after: None,
+            wait: Duration::from_secs(300),
+            round: None,
+            quiet: false,
+            aggregator_policy: None,
+            attester: None,
+            floors: SecurityFloors::default(),
+        }
     }
 }
 
@@ -103,6 +115,10 @@ pub enum ParticipateError {
     Excluded(u64),
     #[error("the released aggregate does not verify against the enclave's identity key")]
     BadRelease,
+    #[error("the release of round {round} covers {released:?}, but the survivor set this institution signed is {signed:?}")]
+    ReleaseNotSigned { round: u64, released: Vec<ClientId>, signed: Vec<ClientId> },
+    #[error("{0}")]
+    PolicyNotPinned(String),
     #[error("no attestation backend is available here ({0}); run inside an SEV-SNP or TDX guest, or pass --insecure-dev to use SIMULATED evidence")]
     NoAttester(String),
     #[error("this node's evidence could not be produced: {0}")]
@@ -131,6 +147,8 @@ struct StatusView {
     round: u64,
     phase: Phase,
     config: RoundConfig,
+    #[serde(default)]
+    config_signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +258,7 @@ pub async fn check_aggregator(api: &Api, insecure_dev: bool, policy: Option<&Nod
     }
     let evidence = hex::decode(info.fresh_evidence.as_deref().unwrap_or_default()).map_err(|_| bad("fresh evidence is not hex".into()))?;
     let policy = policy.cloned().unwrap_or_else(|| if insecure_dev { NodePolicy::insecure_dev() } else { NodePolicy::default() });
+    policy.require_pinned_code("the aggregator").map_err(ParticipateError::PolicyNotPinned)?;
     let context = tessera_attestation::binding::fresh_context(&api.fingerprint(), &nonce);
     let verdict = policy.check(&evidence, &[], &aggregator_report_data(&identity, &context), now_secs());
     if !verdict.accepted {
@@ -272,7 +291,7 @@ where
     let status: StatusView = loop {
         let s: StatusView = d.poll(0, "an open round", || api.get_json("/v1/rounds/current")).await.or_else(|e| match e {
             ParticipateError::Http(HttpError::Status { ref code, .. }) if code == "no_round" => {
-                Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config() })
+                Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config(), config_signature: None })
             }
             e => Err(e),
         })?;
@@ -304,6 +323,18 @@ where
         cfg.vector_len
     ));
 
+    // The configuration is the aggregator's proposal: it must carry the enclave's
+    // signature and meet this institution's floors before anything is computed for it.
+    let config_signature: [u8; 64] = status
+        .config_signature
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|v| v.try_into().ok())
+        .ok_or(tessera_secagg::ProtocolError::BadAggregatorSignature { message: "round configuration" })
+        .map_err(tessera_secagg::Error::from)?;
+    let trust = Trust { aggregator_key: enclave_key, config_signature, floors: opts.floors.clone() };
+    let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &trust, &mut OsRng)?;
+
     let (update, weight) = provide(&cfg)?;
     if update.len() != cfg.vector_len as usize {
         return Err(ParticipateError::Update(format!("the update has {} values, round {round} aggregates {}", update.len(), cfg.vector_len)));
@@ -311,7 +342,6 @@ where
     let quantized = Quantizer::new(&cfg).quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
     drop(update);
 
-    let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &mut OsRng)?;
     let attester = match (&opts.attester, opts.insecure_dev) {
         (Some(handle), _) => handle.clone(),
         (None, true) => {
@@ -380,6 +410,10 @@ where
     release.mean = mean.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     if release.round != round || release.config_digest != cfg.digest() || !release.verify(&enclave_key) {
         return Err(ParticipateError::BadRelease);
+    }
+    let signed = client.signed_survivors().unwrap_or_default().to_vec();
+    if release.included != signed {
+        return Err(ParticipateError::ReleaseNotSigned { round, released: release.included.clone(), signed });
     }
     d.say(&format!(
         "round {round} done: aggregate of {} institutions (total weight {}) verified; {:.1} MB sent in {:.1} s",

@@ -102,7 +102,7 @@ struct RoundState {
 
 pub struct Enclave {
     sealing: SealingKey,
-    identity: ring::signature::Ed25519KeyPair,
+    identity: std::sync::Arc<ring::signature::Ed25519KeyPair>,
     attester: std::sync::Arc<dyn Attester>,
     node_policy: NodePolicy,
     round: Option<RoundState>,
@@ -140,14 +140,15 @@ impl Enclave {
             }
             None => rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, seed.as_mut()),
         }
-        let identity = ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|e| EnclaveError::Internal(e.to_string()))?;
+        let identity =
+            std::sync::Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|e| EnclaveError::Internal(e.to_string()))?);
         let sealed = sealing.seal(IDENTITY_AAD, seed.as_ref());
         let attester = std::sync::Arc::from(attester);
         Ok((Enclave { sealing, identity, attester, node_policy, round: None, log: TransparencyLog::default(), evidence_sha256: String::new() }, sealed))
     }
 
     pub fn identity_public_key(&self) -> [u8; 32] {
-        MessageSigner::public_key(&self.identity)
+        MessageSigner::public_key(self.identity.as_ref())
     }
 
     /// Signs a tree head of the round log with the enclave's identity key (the key the
@@ -234,7 +235,7 @@ impl Enclave {
             }
         }
         let quantizer = Quantizer::new(&cfg);
-        let aggregator = Aggregator::new(cfg, now)?;
+        let aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
         let cfg = aggregator.config();
         let event = LogEvent::RoundOpened {
             config_digest: hex::encode(aggregator.config_digest()),
@@ -266,6 +267,12 @@ impl Enclave {
 
     fn state_mut(&mut self) -> Result<&mut RoundState, EnclaveError> {
         self.round.as_mut().ok_or(EnclaveError::NoRound)
+    }
+
+    /// The enclave's signature over the open round's configuration: clients check it
+    /// against the attested identity key before they advertise.
+    pub fn config_signature(&self) -> Result<[u8; 64], EnclaveError> {
+        Ok(self.state()?.aggregator.config_signature())
     }
 
     pub fn aggregator(&self) -> Result<&Aggregator, EnclaveError> {
@@ -415,7 +422,7 @@ impl Enclave {
             signature: [0; 64],
             mean: mean.mean,
         };
-        release.signature = MessageSigner::sign(&self.identity, release.transcript().as_bytes());
+        release.signature = MessageSigner::sign(self.identity.as_ref(), release.transcript().as_bytes());
         self.state_mut()?.release = Some(release.clone());
         Ok(Some(release))
     }

@@ -12,8 +12,9 @@ use tessera_attestation::policy::{NodePolicy, PolicyFailure};
 use tessera_attestation::Attester;
 use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey, StoredEvent};
 use tessera_secagg::aggregator::Phase;
-use tessera_secagg::client::Client;
+use tessera_secagg::client::{Client, Trust};
 use tessera_secagg::crypto::MessageSigner;
+use tessera_secagg::floors::SecurityFloors;
 use tessera_secagg::quantize::Quantizer;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 
@@ -24,9 +25,14 @@ fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
 fn config(n: usize) -> RoundConfig {
     let roster = (0..n).map(|i| hex::encode(signer(i).public_key())).collect();
     let mut cfg = RoundConfig::with_defaults(1, roster, 6, [1; 32]);
-    cfg.min_survivors = 3;
+    // A strict majority, as the institutions' default floors require.
+    cfg.min_survivors = (n / 2 + 1) as u32;
     cfg.max_weight = 1000;
     cfg
+}
+
+fn trust(e: &Enclave) -> Trust {
+    Trust { aggregator_key: e.identity_public_key(), config_signature: e.config_signature().unwrap(), floors: SecurityFloors::default() }
 }
 
 fn enclave(key: [u8; 32]) -> Enclave {
@@ -46,7 +52,7 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
     let mut log = Vec::new();
     let mut now = Timestamp(1_700_000_000_000);
     e.open_round(cfg.clone(), now).unwrap();
-    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()).collect();
+    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&e), &mut rng).unwrap()).collect();
     let updates: Updates = (0..n).map(|i| ((0..6).map(|j| (i as f32 - j as f32) / 10.0).collect(), 10 + i as u32 * 5)).collect();
     let q = Quantizer::new(&cfg);
     let feed = |e: &mut Enclave, log: &mut Vec<StoredEvent>, kind, body: Vec<u8>, now| {
@@ -147,7 +153,7 @@ fn admission_refuses_missing_replayed_and_debug_evidence() {
     let mut e = enclave([1; 32]);
     let now = Timestamp(1_700_000_000_000);
     e.open_round(cfg.clone(), now).unwrap();
-    let clients: Vec<Client> = (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    let clients: Vec<Client> = (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&e), &mut rng).unwrap()).collect();
     let secs = now.0 / 1000;
     let reasons = |r: Result<_, EnclaveError>| match r {
         Err(EnclaveError::NotAdmitted { verdict, .. }) => verdict.failures,

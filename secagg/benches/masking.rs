@@ -40,7 +40,7 @@ use rand_chacha::ChaCha20Rng;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tessera_secagg::aggregator::{Aggregator, Outcome, Phase};
-use tessera_secagg::client::Client;
+use tessera_secagg::client::{Client, Trust};
 use tessera_secagg::config::{default_neighbours, DEFAULT_CORRUPTION_RATE, DEFAULT_DROPOUT_RATE};
 use tessera_secagg::crypto::{self, MessageSigner};
 use tessera_secagg::graph::CommunicationGraph;
@@ -169,8 +169,10 @@ fn aggregator_child() {
         let reply: Result<Value, String> = (|| {
             if tag == b'G' {
                 let cfg: RoundConfig = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                agg = Some(Aggregator::new(cfg, Timestamp(0)).map_err(|e| e.to_string())?);
-                return Ok(json!({ "baseline_rss": baseline_rss, "baseline_hwm": baseline_hwm }));
+                let a = Aggregator::new(cfg, aggregator_key(), Timestamp(0)).map_err(|e| e.to_string())?;
+                let config_signature = hex::encode(a.config_signature());
+                agg = Some(a);
+                return Ok(json!({ "baseline_rss": baseline_rss, "baseline_hwm": baseline_hwm, "config_signature": config_signature }));
             }
             if tag == b'Q' {
                 return Ok(json!({}));
@@ -285,6 +287,11 @@ impl Drop for AggregatorProcess {
 // One round, clients in this process.
 
 /// Deterministic Ed25519 keys, as in the round tests.
+/// The aggregator's identity key, shared by the parent and the aggregator child.
+fn aggregator_key() -> Arc<ring::signature::Ed25519KeyPair> {
+    Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(&[0xA6; 32]).expect("valid Ed25519 seed"))
+}
+
 fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
@@ -424,7 +431,12 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     st.baseline_rss = g["baseline_rss"].as_u64().unwrap_or(0);
 
     let mut rng = ChaCha20Rng::seed_from_u64(7);
-    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).expect("client")).collect();
+    let config_signature: [u8; 64] =
+        g["config_signature"].as_str().and_then(|h| hex::decode(h).ok()).and_then(|v| v.try_into().ok()).expect("config signature from the aggregator");
+    // The bench measures speed at the configured thresholds, whatever an institution's floors.
+    let floors = tessera_secagg::floors::SecurityFloors { min_participants: 0, min_survivor_fraction: 0.0, ..Default::default() };
+    let trust = Trust { aggregator_key: aggregator_key().public_key(), config_signature, floors };
+    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust, &mut rng).expect("client")).collect();
     for c in &clients {
         aggp.send_json(b'A', &c.advertise(vec![]));
     }

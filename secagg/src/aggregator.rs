@@ -7,7 +7,9 @@
 //! client has answered or when its deadline has passed, and aborts the round when fewer
 //! than `t` clients remain. What the server must send next is read with
 //! [`Aggregator::key_directory`], [`Aggregator::share_bundle`],
-//! [`Aggregator::survivor_set`] and [`Aggregator::unmask_request`].
+//! [`Aggregator::survivor_set`] and [`Aggregator::unmask_request`], each signed with the
+//! aggregator's identity key (the key its attestation evidence binds), and the round's
+//! configuration is vouched for by [`Aggregator::config_signature`].
 //!
 //! Masked inputs are folded into one running sum as they arrive, so memory is O(m)
 //! whatever the number of clients. Because the state only changes in `handle_*` and
@@ -22,7 +24,7 @@ use zeroize::Zeroizing;
 
 use crate::client::{PAIR_MASK_LABEL, SELF_MASK_LABEL, SHARE_CIPHERTEXT_LEN};
 use crate::config::{ClientId, RoundConfig};
-use crate::crypto::{self, RoundKey, MASK_ROLE};
+use crate::crypto::{self, MessageSigner, RoundKey, MASK_ROLE};
 use crate::error::{Error, ProtocolError};
 use crate::graph::CommunicationGraph;
 use crate::prg::{apply_masks, MaskStream, Sign};
@@ -75,6 +77,7 @@ pub struct PhaseChange {
 
 pub struct Aggregator {
     cfg: RoundConfig,
+    signer: std::sync::Arc<dyn MessageSigner>,
     digest: [u8; 32],
     graph: CommunicationGraph,
     roster: Vec<[u8; 32]>,
@@ -97,7 +100,9 @@ impl std::fmt::Debug for Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(cfg: RoundConfig, now: Timestamp) -> Result<Self, Error> {
+    /// Opens a round. `signer` is the aggregator's identity key: it signs every message
+    /// the aggregator sends to clients.
+    pub fn new(cfg: RoundConfig, signer: std::sync::Arc<dyn MessageSigner>, now: Timestamp) -> Result<Self, Error> {
         cfg.validate()?;
         let roster = (0..cfg.participants()).map(|i| cfg.roster_key(ClientId(i as u32))).collect::<Result<_, _>>()?;
         Ok(Aggregator {
@@ -108,6 +113,7 @@ impl Aggregator {
             deadline: now.saturating_add_ms(cfg.advertise_timeout_ms()),
             sum: vec![0; cfg.masked_len()],
             cfg,
+            signer,
             u1: BTreeMap::new(),
             u2: BTreeMap::new(),
             u3: BTreeMap::new(),
@@ -123,6 +129,11 @@ impl Aggregator {
 
     pub fn config_digest(&self) -> [u8; 32] {
         self.digest
+    }
+
+    /// The aggregator's signature over the configuration (see [`round_config_transcript`]).
+    pub fn config_signature(&self) -> [u8; 64] {
+        self.signer.sign(round_config_transcript(&self.digest, self.cfg.round).as_bytes())
     }
 
     pub fn phase(&self) -> Phase {
@@ -449,8 +460,11 @@ impl Aggregator {
 
     /// U1, once phase 0 has closed.
     pub fn key_directory(&self) -> Option<KeyDirectory> {
-        (self.closed(Phase::AdvertiseKeys) && !self.u1.is_empty())
-            .then(|| KeyDirectory { round: self.cfg.round, advertised: self.u1.values().cloned().collect() })
+        (self.closed(Phase::AdvertiseKeys) && !self.u1.is_empty()).then(|| {
+            let mut dir = KeyDirectory { round: self.cfg.round, advertised: self.u1.values().cloned().collect(), aggregator_signature: [0; 64] };
+            dir.aggregator_signature = self.signer.sign(dir.transcript(&self.digest).as_bytes());
+            dir
+        })
     }
 
     /// The shares addressed to `to`, once phase 1 has closed.
@@ -463,20 +477,31 @@ impl Aggregator {
             .values()
             .filter_map(|m| m.shares.iter().find(|s| s.to == to).map(|s| ForwardedShare { from: m.client, ciphertext: s.ciphertext.clone() }))
             .collect();
-        Some(ShareBundle { round: self.cfg.round, to, shared: self.u2.keys().copied().collect(), shares })
+        let mut bundle = ShareBundle { round: self.cfg.round, to, shared: self.u2.keys().copied().collect(), shares, aggregator_signature: [0; 64] };
+        bundle.aggregator_signature = self.signer.sign(bundle.transcript(&self.digest).as_bytes());
+        Some(bundle)
     }
 
     /// U3, once phase 2 has closed.
     pub fn survivor_set(&self) -> Option<SurvivorSet> {
-        (self.closed(Phase::MaskedInput) && !self.u3.is_empty()).then(|| SurvivorSet { round: self.cfg.round, survivors: self.u3.keys().copied().collect() })
+        (self.closed(Phase::MaskedInput) && !self.u3.is_empty()).then(|| {
+            let survivors: Vec<ClientId> = self.u3.keys().copied().collect();
+            let aggregator_signature = self.signer.sign(SurvivorSet::aggregator_transcript(&self.digest, self.cfg.round, &survivors).as_bytes());
+            SurvivorSet { round: self.cfg.round, survivors, aggregator_signature }
+        })
     }
 
     /// U3 with the consistency signatures, once phase 3 has closed.
     pub fn unmask_request(&self) -> Option<UnmaskRequest> {
-        (self.closed(Phase::ConsistencyCheck) && !self.u4.is_empty()).then(|| UnmaskRequest {
-            round: self.cfg.round,
-            survivors: self.u3.keys().copied().collect(),
-            signatures: self.u4.values().cloned().collect(),
+        (self.closed(Phase::ConsistencyCheck) && !self.u4.is_empty()).then(|| {
+            let mut req = UnmaskRequest {
+                round: self.cfg.round,
+                survivors: self.u3.keys().copied().collect(),
+                signatures: self.u4.values().cloned().collect(),
+                aggregator_signature: [0; 64],
+            };
+            req.aggregator_signature = self.signer.sign(req.transcript(&self.digest).as_bytes());
+            req
         })
     }
 

@@ -8,10 +8,25 @@
 //! 4. [`Client::handle_survivor_set`] → [`ConsistencySignature`]
 //! 5. [`Client::handle_unmask_request`] → [`UnmaskShares`]
 //!
-//! The client protects itself against a malicious server: it verifies every peer's
-//! signed advertisement, signs exactly one survivor set per round, reveals shares only
-//! after `t` peers signed that same set, and never reveals both the self-mask share and
-//! the mask-key share of one neighbour (which would unmask that neighbour's input).
+//! The client protects itself against a malicious server; every server message is
+//! hostile until checked:
+//! - the round's configuration must meet the institution's [`SecurityFloors`] and carry
+//!   the aggregator's signature, and so must every later server message (the
+//!   aggregator's identity key is the one its attestation evidence binds);
+//! - it verifies every peer's signed advertisement and remembers U1;
+//! - U2 must be a subset of that U1 and hold at least `share_threshold` of its own
+//!   neighbours, each of which must have sent it a share: otherwise a server could make
+//!   it mask with no pairwise mask at all (U2 padded with ids outside U1) and unmask it
+//!   with its self-mask shares alone;
+//! - U3 must be a subset of its U2, at least `t` strong, and contain at least one
+//!   neighbour it masked with (or its input would be unmasked alone by the mask-key
+//!   shares of the rest);
+//! - it signs exactly one survivor set per round, reveals shares only after `t` peers
+//!   signed that same set, and never reveals both the self-mask share and the mask-key
+//!   share of one neighbour (which would unmask that neighbour's input).
+//!
+//! The first refused server message aborts the round for this client: every later call
+//! fails with [`ProtocolError::ClientAborted`], so nothing more is sent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,6 +37,7 @@ use zeroize::Zeroizing;
 use crate::config::{ClientId, RoundConfig};
 use crate::crypto::{self, MessageSigner, RoundKey, MASK_ROLE, SHARE_ROLE};
 use crate::error::{Error, ProtocolError};
+use crate::floors::SecurityFloors;
 use crate::graph::CommunicationGraph;
 use crate::prg::{apply_masks, MaskStream, Sign};
 use crate::shamir::{self, Share};
@@ -43,6 +59,7 @@ enum State {
     AwaitingSurvivors,
     AwaitingUnmask,
     Done,
+    Aborted,
 }
 
 impl State {
@@ -53,6 +70,7 @@ impl State {
             State::AwaitingSurvivors => "awaiting survivor set",
             State::AwaitingUnmask => "awaiting unmask request",
             State::Done => "done",
+            State::Aborted => "aborted",
         }
     }
 }
@@ -68,9 +86,24 @@ enum Revealed {
     MaskKey,
 }
 
+/// What a client trusts before a round starts: the aggregator's identity key (verified
+/// through its attestation evidence by the caller), the aggregator's signature over the
+/// round's configuration, and the institution's own floors.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub aggregator_key: [u8; 32],
+    pub config_signature: [u8; 64],
+    pub floors: SecurityFloors,
+}
+
 pub struct Client {
     cfg: RoundConfig,
     digest: [u8; 32],
+    aggregator_key: [u8; 32],
+    /// Why the round was aborted for this client, once it was.
+    aborted: Option<String>,
+    /// Every client whose advertisement this client verified in the key directory.
+    u1: BTreeSet<ClientId>,
     id: ClientId,
     graph: CommunicationGraph,
     signer: Arc<dyn MessageSigner>,
@@ -93,12 +126,18 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Starts a round: checks that `signer` is the roster key of `id`, generates the
-    /// round's two X25519 keys and the self-mask seed, and signs the advertisement.
-    /// `evidence` is the client's attestation evidence, bound by the caller to the keys
-    /// through [`Client::key_binding`].
-    pub fn new<R: RngCore + CryptoRng>(cfg: RoundConfig, id: ClientId, signer: Arc<dyn MessageSigner>, rng: &mut R) -> Result<Self, Error> {
+    /// Starts a round: checks the configuration against `trust` (the aggregator's
+    /// signature and the institution's floors), checks that `signer` is the roster key of
+    /// `id`, generates the round's two X25519 keys and the self-mask seed. The client's
+    /// attestation evidence is bound by the caller to the keys through
+    /// [`Client::key_binding`].
+    pub fn new<R: RngCore + CryptoRng>(cfg: RoundConfig, id: ClientId, signer: Arc<dyn MessageSigner>, trust: &Trust, rng: &mut R) -> Result<Self, Error> {
         cfg.validate()?;
+        let digest = cfg.digest();
+        if !crypto::verify_signature(&trust.aggregator_key, round_config_transcript(&digest, cfg.round).as_bytes(), &trust.config_signature) {
+            return Err(ProtocolError::BadAggregatorSignature { message: "round configuration" }.into());
+        }
+        trust.floors.check(&cfg)?;
         if cfg.roster_key(id)? != signer.public_key() {
             return Err(Error::Config(format!("the signing key does not match roster entry {id}")));
         }
@@ -106,7 +145,10 @@ impl Client {
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(seed.as_mut());
         Ok(Client {
-            digest: cfg.digest(),
+            digest,
+            aggregator_key: trust.aggregator_key,
+            aborted: None,
+            u1: BTreeSet::new(),
             cfg,
             id,
             graph,
@@ -152,6 +194,9 @@ impl Client {
     }
 
     fn expect(&self, state: State, got: &'static str) -> Result<(), Error> {
+        if let Some(why) = &self.aborted {
+            return Err(ProtocolError::ClientAborted(why.clone()).into());
+        }
         if self.state != state {
             return Err(ProtocolError::ClientOutOfOrder { state: self.state.name(), got }.into());
         }
@@ -165,10 +210,48 @@ impl Client {
         Ok(())
     }
 
+    fn check_aggregator_signature(&self, message: &'static str, transcript: &[u8], signature: &[u8; 64]) -> Result<(), Error> {
+        if !crypto::verify_signature(&self.aggregator_key, transcript, signature) {
+            return Err(ProtocolError::BadAggregatorSignature { message }.into());
+        }
+        Ok(())
+    }
+
+    /// A refused server message ends the round for this client: nothing more is sent.
+    fn abort_on_error<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &result {
+            self.aborted = Some(e.to_string());
+            self.state = State::Aborted;
+        }
+        result
+    }
+
+    /// Why the round was aborted for this client, if it was.
+    pub fn aborted(&self) -> Option<&str> {
+        self.aborted.as_deref()
+    }
+
+    /// The neighbours this client masked its input with (its neighbours in U2), once it
+    /// has sent the masked input.
+    pub fn masked_with(&self) -> Vec<ClientId> {
+        self.held.keys().copied().collect()
+    }
+
+    /// The survivor set this client signed, if it signed one.
+    pub fn signed_survivors(&self) -> Option<&[ClientId]> {
+        self.signed_survivors.as_deref()
+    }
+
     /// Phase 1: verifies U1 and deals Shamir shares of the mask key and the self-mask
     /// seed to every neighbour in U1, encrypted for that neighbour.
     pub fn handle_key_directory<R: RngCore + CryptoRng>(&mut self, dir: &KeyDirectory, rng: &mut R) -> Result<ShareKeys, Error> {
         self.expect(State::AwaitingKeys, "a key directory")?;
+        let result = self.key_directory_inner(dir, rng);
+        self.abort_on_error(result)
+    }
+
+    fn key_directory_inner<R: RngCore + CryptoRng>(&mut self, dir: &KeyDirectory, rng: &mut R) -> Result<ShareKeys, Error> {
+        self.check_aggregator_signature("key directory", dir.transcript(&self.digest).as_bytes(), &dir.aggregator_signature)?;
         self.check_round(dir.round)?;
         let mut seen = BTreeSet::new();
         let mut saw_self = false;
@@ -190,6 +273,7 @@ impl Client {
                 self.peers.insert(adv.client, (adv.enc_pk, adv.mask_pk));
             }
         }
+        self.u1 = seen.clone();
         if !saw_self {
             return Err(ProtocolError::NotInSurvivorSet(self.id).into());
         }
@@ -232,17 +316,23 @@ impl Client {
     /// quantized, weight last) with the self mask and one pairwise mask per neighbour in U2.
     pub fn handle_share_bundle(&mut self, bundle: &ShareBundle, input: &[u32]) -> Result<MaskedInput, Error> {
         self.expect(State::AwaitingShares, "a share bundle")?;
+        if input.len() != self.cfg.masked_len() {
+            return Err(ProtocolError::WrongLength { expected: self.cfg.masked_len(), got: input.len() }.into());
+        }
+        if input.iter().any(|&x| x & !self.cfg.modulus_mask() != 0) {
+            return Err(Error::malformed("quantized input exceeds the modulus"));
+        }
+        let result = self.share_bundle_inner(bundle, input);
+        self.abort_on_error(result)
+    }
+
+    fn share_bundle_inner(&mut self, bundle: &ShareBundle, input: &[u32]) -> Result<MaskedInput, Error> {
+        self.check_aggregator_signature("share bundle", bundle.transcript(&self.digest).as_bytes(), &bundle.aggregator_signature)?;
         self.check_round(bundle.round)?;
         if bundle.to != self.id {
             return Err(Error::malformed(format!("share bundle is addressed to {}, not {}", bundle.to, self.id)));
         }
-        if input.len() != self.cfg.masked_len() {
-            return Err(ProtocolError::WrongLength { expected: self.cfg.masked_len(), got: input.len() }.into());
-        }
         let modulus = self.cfg.modulus_mask();
-        if input.iter().any(|&x| x & !modulus != 0) {
-            return Err(Error::malformed("quantized input exceeds the modulus"));
-        }
         let u2: BTreeSet<ClientId> = bundle.shared.iter().copied().collect();
         if u2.len() != bundle.shared.len() {
             return Err(Error::malformed("U2 lists a client twice"));
@@ -254,7 +344,15 @@ impl Client {
         if u2.len() < t {
             return Err(ProtocolError::BelowThreshold { threshold: t, got: u2.len() }.into());
         }
+        if let Some(&c) = u2.iter().find(|c| !self.u1.contains(c)) {
+            return Err(ProtocolError::NotInVerifiedSet { set: "U2", superset: "U1", client: c }.into());
+        }
+        // The neighbours this client will mask with; every one must have sent it a share.
         let expected: BTreeSet<ClientId> = self.peers.keys().filter(|c| u2.contains(c)).copied().collect();
+        let ts = self.cfg.share_threshold as usize;
+        if expected.len() < ts {
+            return Err(ProtocolError::TooFewNeighbours { set: "U2", threshold: ts, got: expected.len() }.into());
+        }
         let mut held = BTreeMap::new();
         for fwd in &bundle.shares {
             let Some((enc_pk, _)) = self.peers.get(&fwd.from) else {
@@ -304,11 +402,21 @@ impl Client {
 
     /// Phase 3: signs U3. An honest client signs exactly one survivor set per round.
     pub fn handle_survivor_set(&mut self, set: &SurvivorSet) -> Result<ConsistencySignature, Error> {
-        if self.state == State::AwaitingUnmask && self.signed_survivors.as_deref() == Some(&set.survivors[..]) {
+        if self.aborted.is_none() && self.state == State::AwaitingUnmask && self.signed_survivors.as_deref() == Some(&set.survivors[..]) {
             // A retransmission of the same set: sign again (same bytes), nothing new leaks.
         } else {
             self.expect(State::AwaitingSurvivors, "a survivor set")?;
         }
+        let result = self.survivor_set_inner(set);
+        self.abort_on_error(result)
+    }
+
+    fn survivor_set_inner(&mut self, set: &SurvivorSet) -> Result<ConsistencySignature, Error> {
+        self.check_aggregator_signature(
+            "survivor set",
+            SurvivorSet::aggregator_transcript(&self.digest, set.round, &set.survivors).as_bytes(),
+            &set.aggregator_signature,
+        )?;
         self.check_round(set.round)?;
         let u3: BTreeSet<ClientId> = set.survivors.iter().copied().collect();
         if u3.len() != set.survivors.len() || !set.survivors.windows(2).all(|w| w[0] < w[1]) {
@@ -321,8 +429,13 @@ impl Client {
         if !u3.contains(&self.id) {
             return Err(ProtocolError::NotInSurvivorSet(self.id).into());
         }
-        if let Some(c) = u3.iter().find(|c| self.u2.binary_search(c).is_err()) {
-            return Err(ProtocolError::NotInSurvivorSet(*c).into());
+        if let Some(&c) = u3.iter().find(|c| self.u2.binary_search(c).is_err()) {
+            return Err(ProtocolError::NotInVerifiedSet { set: "U3", superset: "U2", client: c }.into());
+        }
+        // Pairwise masks with neighbours outside U3 are removed with their mask-key
+        // shares; with none of them left in U3 this input would be unmasked on its own.
+        if !self.held.keys().any(|v| u3.contains(v)) {
+            return Err(ProtocolError::TooFewNeighbours { set: "U3", threshold: 1, got: 0 }.into());
         }
         let signature = self.signer.sign(SurvivorSet::transcript(&self.digest, self.cfg.round, &set.survivors).as_bytes());
         self.signed_survivors = Some(set.survivors.clone());
@@ -334,9 +447,15 @@ impl Client {
     /// reveals self-mask shares of neighbours in U3 and mask-key shares of neighbours in
     /// U2 \ U3.
     pub fn handle_unmask_request(&mut self, req: &UnmaskRequest) -> Result<UnmaskShares, Error> {
-        if self.state != State::Done {
+        if self.state != State::Done || self.aborted.is_some() {
             self.expect(State::AwaitingUnmask, "an unmask request")?;
         }
+        let result = self.unmask_request_inner(req);
+        self.abort_on_error(result)
+    }
+
+    fn unmask_request_inner(&mut self, req: &UnmaskRequest) -> Result<UnmaskShares, Error> {
+        self.check_aggregator_signature("unmask request", req.transcript(&self.digest).as_bytes(), &req.aggregator_signature)?;
         self.check_round(req.round)?;
         let signed = self.signed_survivors.as_ref().ok_or(ProtocolError::ConflictingSurvivorSet)?;
         if &req.survivors != signed {

@@ -4,7 +4,7 @@
 use crate::aggregator::Phase;
 use crate::config::ClientId;
 
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum Error {
     #[error("invalid round configuration: {0}")]
     Config(String),
@@ -12,6 +12,8 @@ pub enum Error {
     Protocol(#[from] ProtocolError),
     #[error("malformed message: {0}")]
     Malformed(String),
+    #[error("the round is below this institution's security floor: {0}")]
+    BelowFloor(#[from] crate::floors::FloorViolation),
     #[error("cryptographic failure: {0}")]
     Crypto(&'static str),
 }
@@ -53,6 +55,14 @@ pub enum ProtocolError {
     Aborted(String),
     #[error("the client state machine is in state {state}, it cannot accept {got}")]
     ClientOutOfOrder { state: &'static str, got: &'static str },
+    #[error("the {message} does not carry a valid signature by the attested aggregator identity")]
+    BadAggregatorSignature { message: &'static str },
+    #[error("{set} names client {client}, which is not in the {superset} this client verified")]
+    NotInVerifiedSet { set: &'static str, superset: &'static str, client: ClientId },
+    #[error("{set} holds {got} of this client's neighbours, at least {threshold} are required")]
+    TooFewNeighbours { set: &'static str, threshold: usize, got: usize },
+    #[error("this client aborted the round after refusing a server message: {0}")]
+    ClientAborted(String),
 }
 
 impl Error {

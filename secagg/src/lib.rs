@@ -10,6 +10,7 @@
 //!
 //! Module map, in protocol order:
 //! - [`config`]: the public round parameters and their validation;
+//! - [`floors`]: what an institution requires of any round, whatever the server proposes;
 //! - [`graph`]: the k-regular neighbour graph of SecAgg+;
 //! - [`quantize`]: clipping, stochastic rounding into `Z_{2^b}`, and dequantization of sums;
 //! - [`crypto`]: X25519 agreement, HKDF-SHA256 derivations, AES-GCM share encryption,
@@ -25,6 +26,7 @@ pub mod config;
 pub mod crypto;
 pub mod dp;
 pub mod error;
+pub mod floors;
 pub mod graph;
 pub mod prg;
 pub mod quantize;

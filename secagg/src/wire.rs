@@ -5,6 +5,11 @@
 //! Every client message carries an Ed25519 signature over a [`Transcript`] that binds the
 //! round-config digest, the round number, the sender and the content, which is what the
 //! active-adversary variant of SecAgg requires (Bonawitz et al. 2017, Sec. 6).
+//!
+//! Every aggregator message (the round's configuration, the key directory, each share
+//! bundle, the survivor set, the unmask request) carries an `aggregator_signature` by the
+//! enclave's attested identity key over its own transcript, so a host that holds whatever
+//! the server keeps on disk, the TLS key included, still cannot speak for the enclave.
 
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +78,25 @@ impl AdvertiseKeys {
 pub struct KeyDirectory {
     pub round: u64,
     pub advertised: Vec<AdvertiseKeys>,
+    #[serde(with = "hexarr")]
+    pub aggregator_signature: [u8; 64],
+}
+
+impl KeyDirectory {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("key-directory", digest, self.round);
+        t.u64(self.advertised.len() as u64);
+        for a in &self.advertised {
+            t.bytes(a.transcript(digest).as_bytes()).bytes(&a.signature);
+        }
+        t
+    }
+}
+
+/// The transcript the aggregator signs over the round's configuration when it opens the
+/// round; a client checks it before it advertises anything.
+pub fn round_config_transcript(digest: &[u8; 32], round: u64) -> Transcript {
+    Transcript::new("round-config", digest, round)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +149,19 @@ pub struct ShareBundle {
     pub to: ClientId,
     pub shared: Vec<ClientId>,
     pub shares: Vec<ForwardedShare>,
+    #[serde(with = "hexarr")]
+    pub aggregator_signature: [u8; 64],
+}
+
+impl ShareBundle {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("share-bundle", digest, self.round);
+        t.id(self.to).ids(&self.shared).u64(self.shares.len() as u64);
+        for s in &self.shares {
+            t.id(s.from).bytes(&s.ciphertext);
+        }
+        t
+    }
 }
 
 /// Phase 2: the masked, quantized update `y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^b`.
@@ -260,9 +297,18 @@ impl<'a> MaskedInputView<'a> {
 pub struct SurvivorSet {
     pub round: u64,
     pub survivors: Vec<ClientId>,
+    #[serde(with = "hexarr")]
+    pub aggregator_signature: [u8; 64],
 }
 
 impl SurvivorSet {
+    /// What the aggregator signs (distinct from what the clients sign, [`SurvivorSet::transcript`]).
+    pub fn aggregator_transcript(digest: &[u8; 32], round: u64, survivors: &[ClientId]) -> Transcript {
+        let mut t = Transcript::new("survivor-set", digest, round);
+        t.ids(survivors);
+        t
+    }
+
     pub fn transcript(digest: &[u8; 32], round: u64, survivors: &[ClientId]) -> Transcript {
         let mut t = Transcript::new("consistency-check", digest, round);
         t.ids(survivors);
@@ -287,6 +333,19 @@ pub struct UnmaskRequest {
     pub round: u64,
     pub survivors: Vec<ClientId>,
     pub signatures: Vec<ConsistencySignature>,
+    #[serde(with = "hexarr")]
+    pub aggregator_signature: [u8; 64],
+}
+
+impl UnmaskRequest {
+    pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
+        let mut t = Transcript::new("unmask-request", digest, self.round);
+        t.ids(&self.survivors).u64(self.signatures.len() as u64);
+        for s in &self.signatures {
+            t.u64(s.round).id(s.client).bytes(&s.signature);
+        }
+        t
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

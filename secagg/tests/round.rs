@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -17,23 +16,8 @@ use tessera_secagg::graph::CommunicationGraph;
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, Error, ProtocolError, RoundConfig, Timestamp};
 
-/// Deterministic Ed25519 keys for tests.
-fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
-    let mut seed = [0u8; 32];
-    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-    Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).unwrap())
-}
-
-fn config(n: usize, t: u32, k: u32, ts: u32, m: u32, bits: u8) -> RoundConfig {
-    let roster = (0..n).map(|i| hex::encode(signer(i).public_key())).collect();
-    let mut cfg = RoundConfig::with_defaults(3, roster, m, [42; 32]);
-    cfg.min_survivors = t;
-    cfg.neighbours = k;
-    cfg.share_threshold = ts;
-    cfg.modulus_bits = bits;
-    cfg.max_weight = 1;
-    cfg
-}
+mod common;
+use common::*;
 
 /// The last phase a client takes part in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,7 +40,7 @@ struct RoundResult {
 fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) -> RoundResult {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let n = cfg.participants();
-    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
     // Each phase is closed by its deadline: the clock jumps past it every time.
     let step = cfg.phase_timeout_ms;
     let mut clock = 0u64;
@@ -64,7 +48,8 @@ fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) 
         clock += step;
         Timestamp(clock)
     };
-    let mut clients: Vec<Option<Client>> = (0..n).map(|i| Some(Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap())).collect();
+    let mut clients: Vec<Option<Client>> =
+        (0..n).map(|i| Some(Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap())).collect();
     let alive = |c: &mut Vec<Option<Client>>, i: usize, at: Drop| {
         if drops[i] <= at {
             c[i] = None;
@@ -97,17 +82,27 @@ fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) 
     for i in 0..n {
         if alive(&mut clients, i, Drop::BeforeMasked) {
             let Some(bundle) = agg.share_bundle(ClientId(i as u32)) else { continue };
-            let masked = clients[i].as_mut().unwrap().handle_share_bundle(&bundle, &inputs[i]).unwrap();
-            agg.handle_masked_input(&masked).unwrap();
-            masked_inputs.push(masked);
+            match clients[i].as_mut().unwrap().handle_share_bundle(&bundle, &inputs[i]) {
+                Ok(masked) => {
+                    agg.handle_masked_input(&masked).unwrap();
+                    masked_inputs.push(masked);
+                }
+                // Too few of its neighbours shared keys: it could not mask safely and leaves.
+                Err(Error::Protocol(ProtocolError::TooFewNeighbours { set: "U2", .. })) => clients[i] = None,
+                Err(e) => panic!("client {i}: {e}"),
+            }
         }
     }
     agg.advance(far());
     if let Some(set) = agg.survivor_set() {
         for i in 0..n {
             if set.survivors.contains(&ClientId(i as u32)) && alive(&mut clients, i, Drop::BeforeConsistency) {
-                let sig = clients[i].as_mut().unwrap().handle_survivor_set(&set).unwrap();
-                agg.handle_consistency(sig).unwrap();
+                match clients[i].as_mut().unwrap().handle_survivor_set(&set) {
+                    Ok(sig) => agg.handle_consistency(sig).unwrap(),
+                    // None of the neighbours it masked with survived: signing would unmask it alone.
+                    Err(Error::Protocol(ProtocolError::TooFewNeighbours { set: "U3", .. })) => clients[i] = None,
+                    Err(e) => panic!("client {i}: {e}"),
+                }
             }
         }
         agg.advance(far());
@@ -138,8 +133,11 @@ fn expected_included(cfg: &RoundConfig, drops: &[Drop]) -> Option<Vec<ClientId>>
     }
     let nb = |i: usize| g.neighbours(ClientId(i as u32)).iter().map(|c| c.0 as usize).collect::<Vec<_>>();
     let u2: BTreeSet<usize> = set(Drop::BeforeShare).into_iter().filter(|&i| nb(i).iter().filter(|v| u1.contains(v)).count() >= ts).collect();
-    let u3: BTreeSet<usize> = u2.iter().copied().filter(|&i| drops[i] > Drop::BeforeMasked).collect();
-    let u4: BTreeSet<usize> = u3.iter().copied().filter(|&i| drops[i] > Drop::BeforeConsistency).collect();
+    // A client masks only with at least ts of its neighbours in U2, and signs U3 only if
+    // one of them is in it.
+    let masked_with = |i: usize| nb(i).into_iter().filter(|v| u2.contains(v)).collect::<Vec<_>>();
+    let u3: BTreeSet<usize> = u2.iter().copied().filter(|&i| drops[i] > Drop::BeforeMasked && masked_with(i).len() >= ts).collect();
+    let u4: BTreeSet<usize> = u3.iter().copied().filter(|&i| drops[i] > Drop::BeforeConsistency && masked_with(i).iter().any(|v| u3.contains(v))).collect();
     let u5: BTreeSet<usize> = u4.iter().copied().filter(|&i| drops[i] > Drop::BeforeUnmask).collect();
     if [u2.len(), u3.len(), u4.len(), u5.len()].iter().any(|&s| s < t) {
         return None;
@@ -263,8 +261,9 @@ struct Harness {
 fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet) {
     let cfg = config(n, 3, (n - 1) as u32, 3, 4, 32);
     let mut rng = ChaCha20Rng::seed_from_u64(9);
-    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
-    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &mut rng).unwrap()).collect();
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
     for c in &clients {
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }
@@ -295,20 +294,26 @@ fn honest_client_refuses_to_reveal_both_shares_of_a_peer() {
     // the honest clients signed a set without it (for which they reveal its mask key).
     let mut lying = set.clone();
     lying.survivors.push(ClientId(4));
+    lying.aggregator_signature = sign_as_aggregator(SurvivorSet::aggregator_transcript(&h.cfg.digest(), set.round, &lying.survivors).as_bytes());
+    let request = |survivors: &[ClientId], signatures: &[ConsistencySignature]| {
+        let mut r = UnmaskRequest { round: set.round, survivors: survivors.to_vec(), signatures: signatures.to_vec(), aggregator_signature: [0; 64] };
+        r.aggregator_signature = sign_as_aggregator(r.transcript(&h.cfg.digest()).as_bytes());
+        r
+    };
     assert_eq!(
         h.clients[0].handle_survivor_set(&lying).unwrap_err(),
         Error::Protocol(ProtocolError::ClientOutOfOrder { state: "awaiting unmask request", got: "a survivor set" })
     );
-    let honest_req = UnmaskRequest { round: set.round, survivors: set.survivors.clone(), signatures: sigs.clone() };
+    let honest_req = request(&set.survivors, &sigs);
     let revealed = h.clients[0].handle_unmask_request(&honest_req).unwrap();
     assert!(revealed.mask_key_shares.iter().any(|r| r.of == ClientId(4)));
     assert!(revealed.self_mask_shares.iter().all(|r| r.of != ClientId(4)));
-    let lying_req = UnmaskRequest { round: set.round, survivors: lying.survivors.clone(), signatures: sigs.clone() };
+    let lying_req = request(&lying.survivors, &sigs);
     assert_eq!(h.clients[0].handle_unmask_request(&lying_req).unwrap_err(), Error::Protocol(ProtocolError::ConflictingSurvivorSet));
     // The same request again (a retransmission) gives the same shares and nothing more.
     assert_eq!(h.clients[0].handle_unmask_request(&honest_req).unwrap(), revealed);
     // Without t valid signatures over the set, nothing is revealed.
-    let unsigned = UnmaskRequest { round: set.round, survivors: set.survivors.clone(), signatures: sigs[..2].to_vec() };
+    let unsigned = request(&set.survivors, &sigs[..2]);
     assert!(matches!(
         h.clients[1].handle_unmask_request(&unsigned).unwrap_err(),
         Error::Protocol(ProtocolError::TooFewConsistencySignatures { threshold: 3, valid: 2 })
@@ -359,8 +364,9 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
 fn tampered_masked_input_is_rejected_and_sum_unaffected() {
     let cfg = config(3, 2, 2, 2, 4, 32);
     let mut rng = ChaCha20Rng::seed_from_u64(11);
-    let mut agg = Aggregator::new(cfg.clone(), Timestamp(0)).unwrap();
-    let mut clients: Vec<Client> = (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
     for c in &clients {
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }
@@ -400,8 +406,9 @@ fn tampered_masked_input_is_rejected_and_sum_unaffected() {
 fn deadline_closes_a_phase_without_stragglers() {
     let cfg = config(4, 3, 3, 2, 2, 32);
     let mut rng = ChaCha20Rng::seed_from_u64(12);
-    let mut agg = Aggregator::new(cfg.clone(), Timestamp(1000)).unwrap();
-    let clients: Vec<Client> = (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &mut rng).unwrap()).collect();
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(1000)).unwrap();
+    let clients: Vec<Client> =
+        (0..4).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
     for c in &clients[..3] {
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }

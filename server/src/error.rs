@@ -103,6 +103,8 @@ fn core_error(e: CoreError, msg: String) -> ApiError {
         CoreError::Config(_) => (S::BAD_REQUEST, "invalid_config"),
         CoreError::Malformed(_) => (S::BAD_REQUEST, "malformed"),
         CoreError::Crypto(_) => (S::BAD_REQUEST, "crypto"),
+        // Client-side refusals; the server never produces them.
+        CoreError::BelowFloor(_) => (S::BAD_REQUEST, "below_floor"),
         CoreError::Protocol(p) => match p {
             ProtocolError::WrongRound { .. } => (S::CONFLICT, "wrong_round"),
             ProtocolError::WrongPhase { .. } => (S::CONFLICT, "wrong_phase"),

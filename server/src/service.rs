@@ -194,6 +194,10 @@ pub struct RoundStatus {
     pub round: u64,
     pub phase: Phase,
     pub config: RoundConfig,
+    /// The enclave's signature over the configuration (hex), for the open round: clients
+    /// check it against the attested identity key before they advertise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_signature: Option<String>,
     pub participants: Vec<String>,
     pub waiting_for: Vec<ClientId>,
     pub outcome: Option<String>,
@@ -709,6 +713,7 @@ impl Service {
                 phase: agg.phase(),
                 participants: self.names(&cur.cfg),
                 config: cur.cfg.clone(),
+                config_signature: Some(hex::encode(agg.config_signature())),
                 waiting_for: agg.waiting_for(),
                 outcome,
                 admission,
@@ -722,6 +727,7 @@ impl Service {
             phase: if row.status == "finished" { Phase::Finished } else { Phase::Aborted },
             participants: self.names(&row.config),
             config: row.config,
+            config_signature: None,
             waiting_for: Vec::new(),
             outcome: row.outcome,
             admission: Vec::new(),

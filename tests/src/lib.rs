@@ -63,3 +63,16 @@ pub fn attest_bin() -> PathBuf {
     assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
     bin
 }
+
+/// What an honest client trusts for the server's open round, read the way
+/// `participate` reads it: the enclave's identity key from its (dev) evidence and the
+/// configuration's signature from the round status.
+pub async fn dev_trust(api: &tessera_client::Api, status: &serde_json::Value) -> tessera_secagg::client::Trust {
+    let aggregator_key = tessera_client::participate::check_aggregator(api, true, None).await.expect("the aggregator's dev evidence verifies");
+    let config_signature = status["config_signature"]
+        .as_str()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|v| v.try_into().ok())
+        .expect("the open round's status carries the configuration's signature");
+    tessera_secagg::client::Trust { aggregator_key, config_signature, floors: Default::default() }
+}

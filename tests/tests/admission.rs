@@ -42,14 +42,15 @@ async fn unattested_clients_are_refused_and_the_round_cannot_reach_t() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cfg: RoundConfig = serde_json::from_value(status["config"].clone()).unwrap();
+    let trust = dev_trust(&api, &status).await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
 
     // Institution 2 tries with evidence replayed from another client's keys, then with
     // debug-mode evidence: both refused with the failed check named.
     let id2 = tessera_client::Identity::load(&ids[2].0).unwrap();
-    let c2 = Client::new(cfg.clone(), ClientId(2), id2.key.clone() as Arc<_>, &mut OsRng).unwrap();
+    let c2 = Client::new(cfg.clone(), ClientId(2), id2.key.clone() as Arc<_>, &trust, &mut OsRng).unwrap();
     let id1 = tessera_client::Identity::load(&ids[1].0).unwrap();
-    let c1 = Client::new(cfg.clone(), ClientId(1), id1.key.clone() as Arc<_>, &mut OsRng).unwrap();
+    let c1 = Client::new(cfg.clone(), ClientId(1), id1.key.clone() as Arc<_>, &trust, &mut OsRng).unwrap();
     let replayed = DevAttester::new([3; 32], [4; 48], false).attest(&c1.key_binding(), now).unwrap();
     let body = refusal(api.post_json("/v1/rounds/1/advertise", &c2.advertise(replayed)).await.unwrap_err());
     assert_eq!(body["verdict"]["failures"][0]["check"], "report_data_mismatch", "{body}");

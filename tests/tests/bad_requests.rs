@@ -79,7 +79,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
 
     // A forged advertisement (bad signature), then a genuine one replayed.
     let identity0 = tessera_client::Identity::load(&ids[0].0).unwrap();
-    let c0 = Client::new(cfg.clone(), ClientId(0), identity0.key.clone() as Arc<_>, &mut OsRng).unwrap();
+    let c0 = Client::new(cfg.clone(), ClientId(0), identity0.key.clone() as Arc<_>, &dev_trust(&api, &status).await, &mut OsRng).unwrap();
     let mut forged = c0.advertise(vec![]);
     forged.signature[3] ^= 1;
     assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &forged).await.unwrap_err()), (401, "bad_signature"));
@@ -90,7 +90,9 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     // A message for another round inside the right path.
     let mut other_round_cfg = cfg.clone();
     other_round_cfg.round = 5;
-    let stale = Client::new(other_round_cfg, ClientId(0), identity0.key.clone() as Arc<_>, &mut OsRng).unwrap().advertise(vec![]);
+    let mut stale = c0.advertise(vec![]);
+    stale.round = other_round_cfg.round;
+    stale.signature = tessera_secagg::crypto::MessageSigner::sign(&*identity0.key, stale.transcript(&other_round_cfg.digest()).as_bytes());
     assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &stale).await.unwrap_err()), (409, "wrong_round"));
 
     // The honest round still completes with everyone.

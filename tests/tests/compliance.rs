@@ -100,6 +100,7 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
             quiet: true,
             aggregator_policy: None,
             attester: None,
+            ..Options::default()
         };
         tasks.push(tokio::spawn(async move { participate(&client, &identity, &opts, move |_| Ok(update)).await }));
     }

@@ -44,6 +44,7 @@ async fn three_rounds_with_thirty_percent_dropout() {
                 quiet: true,
                 aggregator_policy: None,
                 attester: None,
+                ..Options::default()
             };
             tasks.push(tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok(update)).await }));
         }
