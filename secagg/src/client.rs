@@ -117,6 +117,10 @@ pub struct Client {
     held: BTreeMap<ClientId, HeldShares>,
     signed_survivors: Option<Vec<ClientId>>,
     revealed: BTreeMap<ClientId, Revealed>,
+    /// The positive control of the malicious-aggregator harness: U2 taken as the server
+    /// says, as the code before the review did. Test builds only.
+    #[cfg(feature = "danger-test-weakened-client")]
+    danger_trust_u2: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -162,6 +166,8 @@ impl Client {
             held: BTreeMap::new(),
             signed_survivors: None,
             revealed: BTreeMap::new(),
+            #[cfg(feature = "danger-test-weakened-client")]
+            danger_trust_u2: false,
         })
     }
 
@@ -224,6 +230,24 @@ impl Client {
             self.state = State::Aborted;
         }
         result
+    }
+
+    #[cfg(feature = "danger-test-weakened-client")]
+    fn trusts_u2(&self) -> bool {
+        self.danger_trust_u2
+    }
+
+    #[cfg(not(feature = "danger-test-weakened-client"))]
+    fn trusts_u2(&self) -> bool {
+        false
+    }
+
+    /// DANGER, test builds only: take U2 as the server sends it (no subset or neighbour
+    /// checks) and sign any survivor set, as the client did before the review. The
+    /// malicious-aggregator harness uses it to show its invariant check catches the attack.
+    #[cfg(feature = "danger-test-weakened-client")]
+    pub fn danger_trust_u2(&mut self) {
+        self.danger_trust_u2 = true;
     }
 
     /// Why the round was aborted for this client, if it was.
@@ -344,14 +368,16 @@ impl Client {
         if u2.len() < t {
             return Err(ProtocolError::BelowThreshold { threshold: t, got: u2.len() }.into());
         }
-        if let Some(&c) = u2.iter().find(|c| !self.u1.contains(c)) {
-            return Err(ProtocolError::NotInVerifiedSet { set: "U2", superset: "U1", client: c }.into());
-        }
         // The neighbours this client will mask with; every one must have sent it a share.
         let expected: BTreeSet<ClientId> = self.peers.keys().filter(|c| u2.contains(c)).copied().collect();
-        let ts = self.cfg.share_threshold as usize;
-        if expected.len() < ts {
-            return Err(ProtocolError::TooFewNeighbours { set: "U2", threshold: ts, got: expected.len() }.into());
+        if !self.trusts_u2() {
+            if let Some(&c) = u2.iter().find(|c| !self.u1.contains(c)) {
+                return Err(ProtocolError::NotInVerifiedSet { set: "U2", superset: "U1", client: c }.into());
+            }
+            let ts = self.cfg.share_threshold as usize;
+            if expected.len() < ts {
+                return Err(ProtocolError::TooFewNeighbours { set: "U2", threshold: ts, got: expected.len() }.into());
+            }
         }
         let mut held = BTreeMap::new();
         for fwd in &bundle.shares {
@@ -434,7 +460,7 @@ impl Client {
         }
         // Pairwise masks with neighbours outside U3 are removed with their mask-key
         // shares; with none of them left in U3 this input would be unmasked on its own.
-        if !self.held.keys().any(|v| u3.contains(v)) {
+        if !self.trusts_u2() && !self.held.keys().any(|v| u3.contains(v)) {
             return Err(ProtocolError::TooFewNeighbours { set: "U3", threshold: 1, got: 0 }.into());
         }
         let signature = self.signer.sign(SurvivorSet::transcript(&self.digest, self.cfg.round, &set.survivors).as_bytes());

@@ -308,10 +308,12 @@ fn honest_client_refuses_to_reveal_both_shares_of_a_peer() {
     let revealed = h.clients[0].handle_unmask_request(&honest_req).unwrap();
     assert!(revealed.mask_key_shares.iter().any(|r| r.of == ClientId(4)));
     assert!(revealed.self_mask_shares.iter().all(|r| r.of != ClientId(4)));
-    let lying_req = request(&lying.survivors, &sigs);
-    assert_eq!(h.clients[0].handle_unmask_request(&lying_req).unwrap_err(), Error::Protocol(ProtocolError::ConflictingSurvivorSet));
     // The same request again (a retransmission) gives the same shares and nothing more.
     assert_eq!(h.clients[0].handle_unmask_request(&honest_req).unwrap(), revealed);
+    let lying_req = request(&lying.survivors, &sigs);
+    assert_eq!(h.clients[0].handle_unmask_request(&lying_req).unwrap_err(), Error::Protocol(ProtocolError::ConflictingSurvivorSet));
+    // After a lie the client is out of the round: not even the honest request is answered.
+    assert!(matches!(h.clients[0].handle_unmask_request(&honest_req).unwrap_err(), Error::Protocol(ProtocolError::ClientAborted(_))));
     // Without t valid signatures over the set, nothing is revealed.
     let unsigned = request(&set.survivors, &sigs[..2]);
     assert!(matches!(
