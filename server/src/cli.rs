@@ -59,7 +59,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Fingerprint { config } => {
             let cfg = crate::ServerConfig::load(&config)?;
-            let key = crate::tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
+            let backend = crate::service::TeeBackend::from_config(&cfg)?;
+            let key = crate::tls::load_or_create_key(&cfg.data_dir.join("tls"), &backend.sealing)?;
             println!("{}", hex::encode(key.spki_sha256));
             Ok(())
         }

@@ -66,13 +66,14 @@ pub async fn spawn_with(cfg: ServerConfig, backend: service::TeeBackend) -> anyh
 }
 
 async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) -> anyhow::Result<Running> {
-    let key = tls::load_or_create_key(&cfg.data_dir.join("tls"))?;
+    let backend = match backend {
+        Some(backend) => backend,
+        None => service::TeeBackend::from_config_off_workers(&cfg).await?,
+    };
+    let key = tls::load_or_create_key(&cfg.data_dir.join("tls"), &backend.sealing)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let service = match backend {
-        Some(backend) => Service::start_with(cfg, key.spki_sha256, backend).await?,
-        None => Service::start(cfg, key.spki_sha256).await?,
-    };
+    let service = Service::start_with(cfg, key.spki_sha256, backend).await?;
     let tls = attested_certificate(&service, &key)?;
     let certificate = tls::RotatingCertificate::new(&tls)?;
     let server_tls = tls::server_config(certificate.clone())?;

@@ -150,6 +150,13 @@ impl TeeBackend {
         Ok(TeeBackend { attester: Box::new(attester), sealing })
     }
 
+    /// [`TeeBackend::from_config`] on a blocking thread: configfs-tsm and the key
+    /// request are kernel calls, kept off the async workers.
+    pub async fn from_config_off_workers(cfg: &ServerConfig) -> Result<Self, StartError> {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || TeeBackend::from_config(&cfg)).await.map_err(|e| StartError::Setup(format!("starting the TEE backend: {e}")))?
+    }
+
     /// The sealing key for a guest whose evidence is `format`.
     pub fn sealing_key(tee: &TeeConfig, format: tessera_attestation::Format) -> Result<SealingKey, StartError> {
         use tessera_attestation::Format;
@@ -237,11 +244,7 @@ pub struct AdmissionRecord {
 impl Service {
     /// Starts with the attestation and sealing backend the configuration names.
     pub async fn start(cfg: ServerConfig, tls_fingerprint: [u8; 32]) -> Result<Arc<Self>, StartError> {
-        // configfs-tsm and the key request are kernel calls: off the async workers.
-        let for_backend = cfg.clone();
-        let backend = tokio::task::spawn_blocking(move || TeeBackend::from_config(&for_backend))
-            .await
-            .map_err(|e| StartError::Setup(format!("starting the TEE backend: {e}")))??;
+        let backend = TeeBackend::from_config_off_workers(&cfg).await?;
         Self::start_with(cfg, tls_fingerprint, backend).await
     }
 

@@ -1,10 +1,13 @@
-//! TLS is always on. On first start a TLS key is generated into the data directory; at
-//! every start, and then every `certificate_refresh_secs`, a self-signed certificate for
-//! it is issued carrying fresh evidence of the enclave (attested TLS, see
-//! `tessera_attestation::ratls`), so the evidence a handshake sees stays within a
-//! verifier's `max_age_secs` and its collateral current. Institutions pin the SHA-256 of
-//! the public key (printed at start; it never changes) and/or check the evidence in the
-//! handshake.
+//! TLS is always on. On first start a TLS key is generated in memory and stored only
+//! sealed under the enclave's sealing key (`tls/key.sealed`), like the identity key: the
+//! host never holds it in the clear, so a copy of the data directory does not let it
+//! terminate TLS as the enclave (and every protocol message is signed by the enclave's
+//! identity key besides). At every start, and then every `certificate_refresh_secs`, a
+//! self-signed certificate for it is issued carrying fresh evidence of the enclave
+//! (attested TLS, see `tessera_attestation::ratls`), so the evidence a handshake sees
+//! stays within a verifier's `max_age_secs` and its collateral current. Institutions pin
+//! the SHA-256 of the public key (printed at start; stable across restarts) and/or check
+//! the evidence in the handshake.
 
 use std::future::Future;
 use std::path::Path;
@@ -39,9 +42,9 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The server's long-lived TLS key (`key.pem`, created on first start, mode 0600).
+/// The server's long-lived TLS key, held in memory; on disk only sealed.
 pub struct TlsKey {
-    key_pem: String,
+    key_pem: zeroize::Zeroizing<String>,
     dir: std::path::PathBuf,
     /// SHA-256 of the SubjectPublicKeyInfo.
     pub spki_sha256: [u8; 32],
@@ -54,17 +57,41 @@ impl std::fmt::Debug for TlsKey {
 }
 
 const NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+const SEALED_KEY_FILE: &str = "key.sealed";
+/// Where earlier versions kept the key in the clear.
+const PLAINTEXT_KEY_FILE: &str = "key.pem";
+const TLS_KEY_AAD: &[u8] = b"tessera/tls-key/v1";
 
-pub fn load_or_create_key(dir: &Path) -> Result<TlsKey, TlsError> {
+/// Loads the sealed TLS key from `dir`, or generates one and stores it sealed. A key left
+/// in the clear by an earlier version is not trusted (the host could have copied it): it
+/// is deleted and a new key generated, with a warning that the pinned fingerprint changes.
+pub fn load_or_create_key(dir: &Path, sealing: &tessera_enclave::SealingKey) -> Result<TlsKey, TlsError> {
     let err = |why: String| TlsError::Files { dir: dir.display().to_string(), why };
-    let key_path = dir.join("key.pem");
-    if !key_path.exists() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-        let key = rcgen::KeyPair::generate()?;
-        tessera_attestation::keyfile::write_private(&key_path, key.serialize_pem().as_bytes(), false).map_err(|e| err(e.to_string()))?;
-        tracing::info!(path = %key_path.display(), "generated the server's TLS key");
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let sealed_path = dir.join(SEALED_KEY_FILE);
+    let plaintext = dir.join(PLAINTEXT_KEY_FILE);
+    if plaintext.exists() {
+        std::fs::remove_file(&plaintext).map_err(|e| err(format!("cannot remove the unsealed {}: {e}", plaintext.display())))?;
+        let _ = std::fs::remove_file(&sealed_path);
+        tracing::warn!(path = %plaintext.display(), "removed a TLS key stored unsealed by an earlier version; a new sealed key is generated and the TLS fingerprint institutions pin CHANGES");
     }
-    let key_pem = std::fs::read_to_string(&key_path).map_err(|e| err(e.to_string()))?;
+    let key_pem = if sealed_path.exists() {
+        let sealed = std::fs::read(&sealed_path).map_err(|e| err(e.to_string()))?;
+        let plain = sealing.unseal(TLS_KEY_AAD, &sealed).map_err(|_| {
+            err(format!(
+                "the TLS key {} does not unseal: it was sealed by another build (measurement), on another chip, under another key file, \
+                     or altered. Start this version with a new data_dir (institutions then pin the new fingerprint)",
+                sealed_path.display()
+            ))
+        })?;
+        zeroize::Zeroizing::new(String::from_utf8(plain.to_vec()).map_err(|_| err("the sealed TLS key is not PEM".into()))?)
+    } else {
+        let key = rcgen::KeyPair::generate()?;
+        let pem = zeroize::Zeroizing::new(key.serialize_pem());
+        tessera_attestation::keyfile::write_private(&sealed_path, &sealing.seal(TLS_KEY_AAD, pem.as_bytes()), false).map_err(|e| err(e.to_string()))?;
+        tracing::info!(path = %sealed_path.display(), "generated the server's TLS key (stored sealed)");
+        pem
+    };
     let key = rcgen::KeyPair::from_pem(&key_pem)?;
     // The SPKI hash is read back from a certificate so it is exactly what clients see.
     let probe = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec())?.self_signed(&key)?;

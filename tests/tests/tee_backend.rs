@@ -94,7 +94,11 @@ async fn the_identity_is_sealed_and_another_key_cannot_unseal_it() {
     let again = tessera_server::spawn_with(cfg.clone(), backend([0x22; 32])).await.unwrap();
     assert_eq!(again.service.attestation().identity_public_key, identity);
     again.stop().await;
-    // ... another (another binary, another chip, or the host) cannot.
+    // ... another (another binary, another chip, or the host) cannot: neither the TLS key
+    // (unsealed first) nor the identity.
+    let err = tessera_server::spawn_with(cfg.clone(), backend([0x33; 32])).await.unwrap_err().to_string();
+    assert!(err.contains("TLS key") && err.contains("does not unseal") && err.contains("new data_dir"), "{err}");
+    std::fs::remove_file(cfg.data_dir.join("tls/key.sealed")).unwrap();
     let err = tessera_server::spawn_with(cfg, backend([0x33; 32])).await.unwrap_err().to_string();
     assert!(err.contains("identity key") && err.contains("does not unseal") && err.contains("new data_dir"), "{err}");
 }
@@ -230,7 +234,29 @@ async fn a_round_runs_with_snp_evidence_on_every_side_and_a_debug_guest_is_refus
     assert_eq!(release.included.len(), 3);
     let max_err = release.mean.iter().zip(&expected).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
     assert!(max_err <= release.error_bound + 1e-6, "error {max_err} > bound {}", release.error_bound);
+    let fingerprint = server.fingerprint;
     server.stop().await;
+
+    // What the host keeps on disk: no private key in the clear anywhere, and the sealed
+    // TLS key opens only under the guest's sealing key.
+    let data = root.path().join("server");
+    let mut stack = vec![data.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(!bytes.windows(11).any(|w| w == b"PRIVATE KEY"), "{} holds a private key in the clear", path.display());
+            }
+        }
+    }
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(data.join("tls/key.sealed"), copy.path().join("key.sealed")).unwrap();
+    assert!(tessera_server::tls::load_or_create_key(copy.path(), &SealingKey::from_bytes([0x45; 32])).is_err());
+    let key = tessera_server::tls::load_or_create_key(copy.path(), &SealingKey::from_bytes([0x44; 32])).unwrap();
+    assert_eq!(key.spki_sha256, fingerprint);
 }
 
 #[test]
