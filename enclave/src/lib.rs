@@ -353,7 +353,8 @@ impl Enclave {
 
     fn seal_change(&self, round: u64, seq: u64, change: &PhaseChange) -> Result<Vec<u8>, EnclaveError> {
         let plain = serde_json::to_vec(change).map_err(|e| EnclaveError::Internal(e.to_string()))?;
-        Ok(self.sealing.seal(&record_aad(round, seq), &plain))
+        let digest = self.state()?.aggregator.config_digest();
+        Ok(self.sealing.seal(&record_aad(&self.identity_public_key(), &digest, round, seq), &plain))
     }
 
     /// Closes the current phase if it is due; see [`Aggregator::advance`].
@@ -441,11 +442,17 @@ impl Enclave {
 
     /// Rebuilds a round from the host's stored events after a restart. Each sealed record
     /// must unseal and must equal the phase change the replay produces at that point.
+    ///
+    /// The log is reconciled on the way: entries the replay composes must equal the
+    /// stored ones, and entries missing from the store are appended again (take them
+    /// with [`Enclave::take_log_entries`] and store them). A disagreement fails the
+    /// restore, naming the entry.
     pub fn restore_round(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
-        self.log.replaying = true;
+        self.log.begin_replay(cfg.round);
         let result = self.replay(cfg, opened_at, events);
-        self.log.replaying = false;
-        result
+        let reconciled = self.log.end_replay();
+        result?;
+        Ok(reconciled?)
     }
 
     fn replay(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
@@ -456,7 +463,9 @@ impl Enclave {
             match event {
                 StoredEvent::Message { kind, received_at, body } => self.handle_message(*kind, body, *received_at)?,
                 StoredEvent::Sealed { seq, sealed } => {
-                    let plain = self.sealing.unseal(&record_aad(round, *seq), sealed).map_err(|_| EnclaveError::Unseal("phase record"))?;
+                    let digest = self.state()?.aggregator.config_digest();
+                    let aad = record_aad(&self.identity_public_key(), &digest, round, *seq);
+                    let plain = self.sealing.unseal(&aad, sealed).map_err(|_| EnclaveError::Unseal("phase record"))?;
                     let recorded: PhaseChange = serde_json::from_slice(&plain).map_err(|e| EnclaveError::ReplayMismatch { seq: *seq, why: e.to_string() })?;
                     let transition =
                         self.advance(recorded.at)?.ok_or_else(|| EnclaveError::ReplayMismatch { seq: *seq, why: "the phase did not close".into() })?;
@@ -498,8 +507,13 @@ fn dp_summary(dp: tessera_secagg::dp::DpParams) -> DpSummary {
     DpSummary { noise_multiplier: dp.noise_multiplier, l2_clip: dp.l2_clip, delta: dp.delta, epsilon_budget: dp.epsilon_budget }
 }
 
-fn record_aad(round: u64, seq: u64) -> Vec<u8> {
-    let mut aad = b"tessera/phase-record/v1".to_vec();
+/// What a sealed phase record is bound to besides its bytes: the enclave identity that
+/// sealed it, the round's configuration digest, the round and the sequence, so a record
+/// cannot be moved to another round, configuration or enclave.
+fn record_aad(identity: &[u8; 32], config_digest: &[u8; 32], round: u64, seq: u64) -> Vec<u8> {
+    let mut aad = b"tessera/phase-record/v2".to_vec();
+    aad.extend_from_slice(identity);
+    aad.extend_from_slice(config_digest);
     aad.extend_from_slice(&round.to_le_bytes());
     aad.extend_from_slice(&seq.to_le_bytes());
     aad

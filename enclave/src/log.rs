@@ -9,7 +9,11 @@
 //! Crash safety is the host's part: it stores the entries of one enclave step in the
 //! same database transaction as the step's stored events, and after a restart it hands
 //! the stored entries back ([`TransparencyLog::load`]). Replaying a round's stored
-//! events does not append anything (the entries of those events are already stored).
+//! events reconciles the log: each entry the replay composes must equal the stored entry
+//! at its position, and entries missing from the store (rows a host deleted, e.g. a
+//! release it wants signed again without its ε in the ledger) are appended again, so
+//! the log and its ledger never show less than the events prove. A stored entry that
+//! disagrees stops the replay, naming its index.
 
 use std::collections::BTreeMap;
 
@@ -33,10 +37,12 @@ pub enum LogError {
     Gap { expected: u64, found: u64 },
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error("the stored log disagrees with the replayed round at entry {index}: {why}")]
+    ReplayDiverges { index: u64, why: String },
 }
 
 /// ε bookkeeping over released DP rounds, as RDP groups (noise multiplier, rounds).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct Ledger {
     federation: Vec<(f64, u64)>,
     by_participant: BTreeMap<String, Vec<(f64, u64)>>,
@@ -106,8 +112,27 @@ pub struct TransparencyLog {
     tree: MerkleLog,
     pending: Vec<StoredLogEntry>,
     ledger: Ledger,
+    /// The entries from the last `round_opened` on, parsed, and the ledger as it stood
+    /// before that entry: what a replay of the last round is compared with.
+    tail: Vec<LogEntry>,
+    tail_start: u64,
+    ledger_before_tail: Ledger,
     /// Set while a round is replayed from stored events.
-    pub(crate) replaying: bool,
+    replay: Option<Replay>,
+}
+
+#[derive(Debug)]
+struct Replay {
+    /// Index of the stored entry the next composed entry is compared with.
+    next: u64,
+    /// The first disagreement, reported when the replay ends.
+    diverged: Option<LogError>,
+}
+
+/// Entries of a round that no stored event reproduces: a refused admission (the refused
+/// advertisement is not stored).
+fn unreplayable(entry: &LogEntry) -> bool {
+    matches!(entry.event, LogEvent::Admission { accepted: false, .. })
 }
 
 impl TransparencyLog {
@@ -124,10 +149,100 @@ impl TransparencyLog {
             if entry.index != i || entry.round != stored.round {
                 return Err(LogError::Corrupt { index: i, why: format!("the entry says index {} round {}", entry.index, entry.round) });
             }
-            log.ledger.observe(&entry);
+            log.remember(entry);
             log.tree.push_leaf_hash(leaf_hash(&stored.data));
         }
         Ok(log)
+    }
+
+    /// Feeds the ledger and keeps the entries of the last round opened.
+    fn remember(&mut self, entry: LogEntry) {
+        if matches!(entry.event, LogEvent::RoundOpened { .. }) {
+            self.ledger_before_tail = self.ledger.clone();
+            self.tail_start = entry.index;
+            self.tail.clear();
+        }
+        self.ledger.observe(&entry);
+        if !self.tail.is_empty() || matches!(entry.event, LogEvent::RoundOpened { .. }) {
+            self.tail.push(entry);
+        }
+    }
+
+    /// Starts replaying `round`: its composed entries are compared with the stored ones
+    /// from its `round_opened` on (or appended after the end, if the store has none).
+    pub(crate) fn begin_replay(&mut self, round: u64) {
+        let opened_here = self.tail.first().is_some_and(|e| e.round == round);
+        let next = if opened_here {
+            // The ledger is rebuilt over the round's entries as the replay meets them.
+            self.ledger = self.ledger_before_tail.clone();
+            self.tail_start
+        } else {
+            self.tree.size()
+        };
+        self.replay = Some(Replay { next, diverged: None });
+    }
+
+    /// Ends a replay: stored entries the replay did not reach must be ones no event
+    /// reproduces; the first disagreement is returned.
+    pub(crate) fn end_replay(&mut self) -> Result<(), LogError> {
+        let Some(replay) = self.replay.take() else { return Ok(()) };
+        if let Some(e) = replay.diverged {
+            return Err(e);
+        }
+        let size = self.tree.size();
+        for index in replay.next..size {
+            match self.stored(index) {
+                Some(e) if unreplayable(e) => {}
+                _ => return Err(LogError::ReplayDiverges { index, why: "the stored log holds an entry the stored events do not produce".into() }),
+            }
+        }
+        Ok(())
+    }
+
+    fn stored(&self, index: u64) -> Option<&LogEntry> {
+        index.checked_sub(self.tail_start).and_then(|i| self.tail.get(i as usize))
+    }
+
+    /// During a replay: compares the composed event with the stored entry at the cursor
+    /// (skipping entries no event reproduces), or appends it when the store has no entry
+    /// there. Returns whether it must be appended.
+    fn reconcile(&mut self, round: u64, timestamp_ms: u64, event: &mut LogEvent) -> bool {
+        let size = self.tree.size();
+        let Some(replay) = self.replay.as_mut() else { return true };
+        if replay.diverged.is_some() {
+            return false;
+        }
+        loop {
+            let index = replay.next;
+            if index >= size {
+                replay.next += 1;
+                return true;
+            }
+            let Some(stored) = index.checked_sub(self.tail_start).and_then(|i| self.tail.get(i as usize)) else {
+                replay.diverged = Some(LogError::ReplayDiverges { index, why: "the entry precedes the replayed round's opening".into() });
+                return false;
+            };
+            // The evidence an enclave presents is made when it starts, not from events:
+            // a replayed opening keeps the hash the stored one names.
+            if let (LogEvent::RoundOpened { aggregator_evidence_sha256: ours, .. }, LogEvent::RoundOpened { aggregator_evidence_sha256: theirs, .. }) =
+                (&mut *event, &stored.event)
+            {
+                ours.clone_from(theirs);
+            }
+            if stored.round == round && stored.timestamp_ms == timestamp_ms && stored.event == *event {
+                let stored = stored.clone();
+                replay.next += 1;
+                self.ledger.observe(&stored);
+                return false;
+            }
+            if unreplayable(stored) {
+                replay.next += 1;
+                continue;
+            }
+            replay.diverged =
+                Some(LogError::ReplayDiverges { index, why: format!("stored {} in round {}, replayed {}", stored.event.name(), stored.round, event.name()) });
+            return false;
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -150,16 +265,16 @@ impl TransparencyLog {
         self.tree.root_at(size)
     }
 
-    /// Appends an event unless a round is being replayed.
-    pub(crate) fn append(&mut self, round: u64, timestamp_ms: u64, event: LogEvent) {
-        if self.replaying {
+    /// Appends an event; during a replay, only one the store lacks (see [`Self::reconcile`]).
+    pub(crate) fn append(&mut self, round: u64, timestamp_ms: u64, mut event: LogEvent) {
+        if !self.reconcile(round, timestamp_ms, &mut event) {
             return;
         }
         let entry = LogEntry { index: self.tree.size(), timestamp_ms, round, event };
-        self.ledger.observe(&entry);
         let data = entry.to_bytes();
         self.tree.append(&data);
         self.pending.push(StoredLogEntry { index: entry.index, round, timestamp_ms, data });
+        self.remember(entry);
     }
 
     /// The round opened last, if the log has no end entry for it yet.
@@ -240,10 +355,38 @@ mod tests {
     }
 
     #[test]
-    fn replay_appends_nothing() {
-        let mut log = TransparencyLog { replaying: true, ..Default::default() };
-        log.append(1, 0, aborted(1));
-        assert_eq!(log.size(), 0);
-        assert!(log.take_pending().is_empty());
+    fn replay_appends_nothing_the_store_holds_and_restores_what_it_lacks() {
+        let mut log = TransparencyLog::default();
+        log.append(1, 0, opened(1));
+        log.append(1, 1, aborted(1));
+        let stored = log.take_pending();
+        // Replaying the same events: nothing new, and the ledger is unchanged.
+        let mut replayed = TransparencyLog::load(&stored).unwrap();
+        let ledger = replayed.ledger.clone();
+        replayed.begin_replay(1);
+        replayed.append(1, 0, opened(1));
+        replayed.append(1, 1, aborted(1));
+        replayed.end_replay().unwrap();
+        assert!(replayed.take_pending().is_empty());
+        assert_eq!((replayed.size(), replayed.ledger.clone()), (2, ledger));
+        // The host deleted the round's last entry: the replay appends it again.
+        let mut truncated = TransparencyLog::load(&stored[..1]).unwrap();
+        truncated.begin_replay(1);
+        truncated.append(1, 0, opened(1));
+        truncated.append(1, 1, aborted(1));
+        truncated.end_replay().unwrap();
+        assert_eq!(truncated.take_pending(), stored[1..].to_vec());
+        assert_eq!(truncated.root(), log.root());
+        // A stored entry the events contradict stops the replay, naming it.
+        let mut other = TransparencyLog::load(&stored).unwrap();
+        other.begin_replay(1);
+        other.append(1, 0, opened(1));
+        other.append(1, 2, aborted(1));
+        assert!(matches!(other.end_replay(), Err(LogError::ReplayDiverges { index: 1, .. })));
+        // Stored entries beyond what the events produce.
+        let mut extra = TransparencyLog::load(&stored).unwrap();
+        extra.begin_replay(1);
+        extra.append(1, 0, opened(1));
+        assert!(matches!(extra.end_replay(), Err(LogError::ReplayDiverges { index: 1, .. })));
     }
 }

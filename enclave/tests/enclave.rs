@@ -35,9 +35,18 @@ fn trust(e: &Enclave) -> Trust {
     Trust { aggregator_key: e.identity_public_key(), config_signature: e.config_signature().unwrap(), floors: SecurityFloors::default() }
 }
 
+/// The enclave of the machine whose sealing key is `key`: the first start makes its
+/// identity, later starts unseal the same one (as the host's stored copy does).
 fn enclave(key: [u8; 32]) -> Enclave {
+    static IDENTITIES: std::sync::Mutex<Vec<([u8; 32], Vec<u8>)>> = std::sync::Mutex::new(Vec::new());
     let attester = Box::new(DevAttester::new([9; 32], [3; 48], false));
-    Enclave::start(SealingKey::from_bytes(key), None, attester, NodePolicy::insecure_dev()).unwrap().0
+    let mut ids = IDENTITIES.lock().unwrap();
+    let known = ids.iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone());
+    let (e, sealed) = Enclave::start(SealingKey::from_bytes(key), known.as_deref(), attester, NodePolicy::insecure_dev()).unwrap();
+    if known.is_none() {
+        ids.push((key, sealed));
+    }
+    e
 }
 
 /// Runs a round with `n` clients where the listed clients never send a masked input.
@@ -144,6 +153,28 @@ fn replay_after_crash_rebuilds_the_same_round() {
     rolled_back.remove(pos);
     let mut fresh = enclave([1; 32]);
     assert!(matches!(fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &rolled_back), Err(EnclaveError::ReplayMismatch { .. })));
+}
+
+#[test]
+fn sealed_records_are_bound_to_the_round_configuration() {
+    let (_, log, _) = run(5, &[]);
+    // The host moves the round's sealed phase records under another configuration (the
+    // same round number, other parameters): they no longer unseal, so a record cannot
+    // vouch for a round it was not sealed in.
+    let sealed: Vec<StoredEvent> = log.iter().filter(|ev| matches!(ev, StoredEvent::Sealed { .. })).cloned().collect();
+    assert!(!sealed.is_empty());
+    let mut other_cfg = config(5);
+    other_cfg.phase_timeout_ms += 1;
+    let mut fresh = enclave([1; 32]);
+    assert!(matches!(fresh.restore_round(other_cfg, Timestamp(1_700_000_000_000), &sealed), Err(EnclaveError::Unseal("phase record"))));
+    // The same machine (sealing key) under a new enclave identity: refused as well.
+    let attester = Box::new(DevAttester::new([9; 32], [3; 48], false));
+    let (mut reborn, _) = Enclave::start(SealingKey::from_bytes([1; 32]), None, attester, NodePolicy::insecure_dev()).unwrap();
+    assert!(matches!(reborn.restore_round(config(5), Timestamp(1_700_000_000_000), &sealed), Err(EnclaveError::Unseal("phase record"))));
+    // Under its own configuration the first record unseals (and then disagrees with a
+    // replay that holds no messages): the refusal above is the binding, not the key.
+    let mut fresh = enclave([1; 32]);
+    assert!(matches!(fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &sealed), Err(EnclaveError::ReplayMismatch { .. })));
 }
 
 #[test]

@@ -289,6 +289,17 @@ impl Service {
                 let events = store.events(row.round).await?;
                 match enclave.restore_round(row.config.clone(), row.opened_at, &events) {
                     Ok(()) => {
+                        // Entries the store lacked (deleted rows) were composed again by
+                        // the replay: store them before anything else happens.
+                        let log = enclave.take_log_entries();
+                        if !log.is_empty() {
+                            tracing::warn!(
+                                round = row.round,
+                                entries = log.len(),
+                                "the stored log lacked entries the round's events produce; appended them again"
+                            );
+                            store.commit(Commit { round: row.round, log: &log, ..Default::default() }).await?;
+                        }
                         tracing::info!(round = row.round, events = events.len(), phase = ?enclave.phase(), "resumed round from the store");
                         current = Some(Current { cfg: row.config, opened_at: row.opened_at, finished_at: None });
                     }
@@ -546,8 +557,13 @@ impl Service {
     async fn rebuild(&self, inner: &mut Inner) -> Result<(), ApiError> {
         self.reload_log(inner).await?;
         let Some(cur) = &inner.current else { return Ok(()) };
-        let events = self.store.events(cur.cfg.round).await?;
+        let round = cur.cfg.round;
+        let events = self.store.events(round).await?;
         inner.enclave.restore_round(cur.cfg.clone(), cur.opened_at, &events)?;
+        let log = inner.enclave.take_log_entries();
+        if !log.is_empty() {
+            self.store.commit(Commit { round, log: &log, ..Default::default() }).await?;
+        }
         Ok(())
     }
 
@@ -682,7 +698,8 @@ impl Service {
     /// changes and round ends were committed together).
     async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
         let Some(finish) = self.end_of(inner, round)? else { return Ok(()) };
-        self.store.commit(Commit { round, finish: Some(finish), ..Default::default() }).await?;
+        let log = inner.enclave.take_log_entries();
+        self.store.commit(Commit { round, log: &log, finish: Some(finish), ..Default::default() }).await?;
         if let Some(cur) = inner.current.as_mut() {
             cur.finished_at = Some(t);
         }
