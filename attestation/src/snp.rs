@@ -491,6 +491,11 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
     let mut fields = report.fields();
     fields.insert("root".into(), common_name(chain.ark));
     fields.insert("intermediate".into(), common_name(chain.ask));
+    fields.insert("REPORT_DATA".into(), hex::encode(report.report_data));
+    // What the guest bound: REPORT_DATA itself, or under Azure's paravisor (HCL) the
+    // runtime data's `user-data`, which REPORT_DATA binds through its hash. Without
+    // user-data an Azure report binds nothing the guest chose, and the binding check fails.
+    let mut bound = hex::encode(report.report_data);
     if let SnpEvidence::AzureHcl(hcl) = &evidence {
         let digest = hcl.runtime_data_digest()?;
         if report.report_data.get(..digest.len()) != Some(digest.as_slice()) {
@@ -498,7 +503,11 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
         }
         fields.insert("azure_hcl.runtime_data_hash".into(), hex::encode(&digest));
         fields.insert("azure_hcl.hash_type".into(), hcl.hash_type.to_string());
+        bound = String::new();
         if let Some(user_data) = hcl.user_data() {
+            if user_data.len() == 128 && hex::decode(&user_data).is_ok() {
+                bound = user_data.to_ascii_lowercase();
+            }
             fields.insert("azure_hcl.user_data".into(), user_data);
         }
     }
@@ -506,7 +515,7 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
     Ok(Claims {
         format: F,
         measurement: hex::encode(report.measurement),
-        report_data: hex::encode(report.report_data),
+        report_data: bound,
         debug: report.debug_allowed(),
         issued_at: None,
         tcb: Some(report.reported_tcb.to_string()),

@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 use tessera_attestation::dcap::{self, DcapVerifier, QuoteBody, INTEL_SGX_ROOT_CA_DER};
-use tessera_attestation::policy::NodePolicy;
+use tessera_attestation::policy::{NodePolicy, PolicyFailure, SgxRules, TdxRules};
 use tessera_attestation::{Claims, Format, Verifier, VerifyError};
 
 /// 2025-07-01T00:00:00Z: inside the tdx-v4-uptodate and sgx-v3 windows.
@@ -104,10 +104,124 @@ fn verified_claims_feed_the_node_policy() {
     let s = tdx_v4();
     let claims = verify(&s.quote, &s.collateral, JULY_2025).unwrap();
     let report_data: [u8; 64] = hex::decode(&claims.report_data).unwrap().try_into().unwrap();
-    let policy = NodePolicy { allowed_measurements: vec![claims.measurement.clone()], ..NodePolicy::default() };
+    let policy = NodePolicy { allowed_measurements: vec![claims.measurement.clone()], tdx: Some(pin_tdx(&claims)), ..NodePolicy::default() };
     let verdict = policy.check(&s.quote, std::slice::from_ref(&s.collateral), &report_data, JULY_2025);
     assert!(verdict.accepted, "{}", verdict.reasons());
     assert!(!policy.check(&s.quote, std::slice::from_ref(&s.collateral), &[0; 64], JULY_2025).accepted);
+}
+
+/// A `[tdx]` section pinning every measurement register of `claims`.
+fn pin_tdx(claims: &Claims) -> TdxRules {
+    let one = |name: &str| vec![field(claims, name).to_string()];
+    TdxRules {
+        mrtd: one("MRTD"),
+        rtmr0: one("RTMR0"),
+        rtmr1: one("RTMR1"),
+        rtmr2: one("RTMR2"),
+        rtmr3: one("RTMR3"),
+        mrconfigid: one("MRCONFIGID"),
+        mrowner: one("MROWNER"),
+        mrownerconfig: one("MROWNERCONFIG"),
+    }
+}
+
+/// One hex digit of `value` changed.
+fn altered(value: &str) -> String {
+    let first = if value.starts_with('0') { "1" } else { "0" };
+    format!("{first}{}", &value[1..])
+}
+
+#[test]
+fn a_tdx_policy_pins_the_runtime_measurements_not_only_the_firmware() {
+    let s = tdx_v4();
+    let claims = verify(&s.quote, &s.collateral, JULY_2025).unwrap();
+    let report_data: [u8; 64] = hex::decode(&claims.report_data).unwrap().try_into().unwrap();
+    let endorsements = std::slice::from_ref(&s.collateral);
+
+    // Pinning every register accepts the real quote, through the whole check.
+    let pinned = NodePolicy { tdx: Some(pin_tdx(&claims)), ..NodePolicy::default() };
+    let verdict = pinned.check(&s.quote, endorsements, &report_data, JULY_2025);
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    assert!(pinned.require_pinned_code("the aggregator").is_ok());
+
+    // The same quote with one runtime register changed (a TD on the same firmware
+    // booting another kernel, initrd or command line) is refused, naming the register.
+    for (name, edit) in [("RTMR0", 0), ("RTMR1", 1), ("RTMR2", 2), ("RTMR3", 3)] {
+        let mut other = claims.clone();
+        let value = altered(field(&claims, name));
+        other.fields.insert(name.into(), value.clone());
+        let verdict = pinned.evaluate(&other, &report_data, JULY_2025);
+        assert_eq!(verdict.failures, vec![PolicyFailure::FieldNotAllowed { field: name.into(), value }], "RTMR{edit}");
+    }
+    // And so is the real quote under a policy that expects another value there.
+    let mut rules = pin_tdx(&claims);
+    rules.rtmr2 = vec![altered(&rules.rtmr2[0])];
+    let verdict = NodePolicy { tdx: Some(rules), ..NodePolicy::default() }.check(&s.quote, endorsements, &report_data, JULY_2025);
+    assert_eq!(verdict.failures, vec![PolicyFailure::FieldNotAllowed { field: "RTMR2".into(), value: field(&claims, "RTMR2").into() }]);
+    // MRCONFIGID and MROWNER are pinned the same way.
+    let mut rules = pin_tdx(&claims);
+    rules.mrowner = vec![altered(ZERO48)];
+    let verdict = NodePolicy { tdx: Some(rules), ..NodePolicy::default() }.check(&s.quote, endorsements, &report_data, JULY_2025);
+    assert_eq!(verdict.failures, vec![PolicyFailure::FieldNotAllowed { field: "MROWNER".into(), value: ZERO48.into() }]);
+
+    // MRTD alone (the review's finding: it covers only the public TDVF firmware) no
+    // longer passes: the verdict says which runtime registers are unpinned.
+    let firmware_only = NodePolicy { allowed_measurements: vec![claims.measurement.clone()], ..NodePolicy::default() };
+    let verdict = firmware_only.check(&s.quote, endorsements, &report_data, JULY_2025);
+    assert_eq!(verdict.failures, vec![PolicyFailure::TdxRuntimeUnpinned { missing: "RTMR0, RTMR1, RTMR2".into() }]);
+    let mrtd_section = NodePolicy {
+        tdx: Some(TdxRules { mrtd: vec![claims.measurement.clone()], rtmr0: vec![field(&claims, "RTMR0").into()], ..TdxRules::default() }),
+        ..NodePolicy::default()
+    };
+    assert_eq!(
+        mrtd_section.check(&s.quote, endorsements, &report_data, JULY_2025).failures,
+        vec![PolicyFailure::TdxRuntimeUnpinned { missing: "RTMR1, RTMR2".into() }]
+    );
+
+    // Sections scope the policy: with only [tdx] present, SGX evidence is refused by name
+    // even though nothing else about it fails.
+    let sgx = sgx_v3();
+    let sgx_claims = verify(&sgx.quote, &sgx.collateral, JULY_2025).unwrap();
+    let sgx_rd: [u8; 64] = hex::decode(&sgx_claims.report_data).unwrap().try_into().unwrap();
+    assert_eq!(pinned.evaluate(&sgx_claims, &sgx_rd, JULY_2025).failures, vec![PolicyFailure::FormatNotAllowed { format: "intel-sgx-dcap".into() }]);
+    // A policy pinning TDX code but with an [sgx] section that pins nothing refuses SGX
+    // evidence as unpinned rather than letting any enclave through.
+    let open_sgx = NodePolicy { tdx: Some(pin_tdx(&claims)), sgx: Some(SgxRules::default()), ..NodePolicy::default() };
+    assert_eq!(open_sgx.evaluate(&sgx_claims, &sgx_rd, JULY_2025).failures, vec![PolicyFailure::CodeNotPinned { format: "intel-sgx-dcap".into() }]);
+}
+
+#[test]
+fn an_sgx_policy_pins_mrenclave_or_mrsigner_with_the_product() {
+    let s = sgx_v3();
+    let claims = verify(&s.quote, &s.collateral, JULY_2025).unwrap();
+    let rd: [u8; 64] = hex::decode(&claims.report_data).unwrap().try_into().unwrap();
+    let endorsements = std::slice::from_ref(&s.collateral);
+    let signer = field(&claims, "MRSIGNER").to_string();
+    // MRSIGNER with ISVPRODID pins every build of the signer's product.
+    let by_signer = NodePolicy { sgx: Some(SgxRules { mrsigner: vec![signer.clone()], isvprodid: vec![0], ..SgxRules::default() }), ..NodePolicy::default() };
+    assert!(by_signer.pins_code());
+    let verdict = by_signer.check(&s.quote, endorsements, &rd, JULY_2025);
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    // Another signer, another product: refused, naming the field.
+    let other_signer =
+        NodePolicy { sgx: Some(SgxRules { mrsigner: vec![altered(&signer)], isvprodid: vec![0], ..SgxRules::default() }), ..NodePolicy::default() };
+    assert_eq!(
+        other_signer.check(&s.quote, endorsements, &rd, JULY_2025).failures,
+        vec![PolicyFailure::FieldNotAllowed { field: "MRSIGNER".into(), value: signer.clone() }]
+    );
+    let other_product =
+        NodePolicy { sgx: Some(SgxRules { mrsigner: vec![signer.clone()], isvprodid: vec![7], ..SgxRules::default() }), ..NodePolicy::default() };
+    assert_eq!(
+        other_product.check(&s.quote, endorsements, &rd, JULY_2025).failures,
+        vec![PolicyFailure::FieldNotAllowed { field: "ISVPRODID".into(), value: "0".into() }]
+    );
+    // MRSIGNER alone does not name code (any product of the signer would pass).
+    let signer_only = NodePolicy { sgx: Some(SgxRules { mrsigner: vec![signer], ..SgxRules::default() }), ..NodePolicy::default() };
+    assert!(!signer_only.pins_code());
+    assert!(signer_only.require_pinned_code("the aggregator").is_err());
+    // MRENCLAVE pins one build.
+    let by_enclave = NodePolicy { sgx: Some(SgxRules { mrenclave: vec![claims.measurement.clone()], ..SgxRules::default() }), ..NodePolicy::default() };
+    assert!(by_enclave.check(&s.quote, endorsements, &rd, JULY_2025).accepted);
 }
 
 #[test]

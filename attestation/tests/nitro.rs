@@ -702,3 +702,32 @@ fn the_chain_cache_skips_nothing_that_changed() {
         assert!(matches!(nitro(&ev, &[], s.not_after + 1), Err(VerifyError::NotValidAtTime { .. })), "{}", s.dir);
     }
 }
+
+/// PCR0 (the image) pins the code; PCR1, PCR2 and PCR8 (kernel, application, signing
+/// certificate) are pinned one by one, each refusal naming its register. The sample has
+/// no user data, so the binding fails too: the point here is which PCR checks do.
+#[test]
+fn a_nitro_policy_pins_pcr0_1_2_and_8() {
+    use tessera_attestation::policy::NitroRules;
+    let s = &SAMPLES[1];
+    let claims = nitro(&doc(s), &[], inside(s)).unwrap();
+    let pcr = |i: u8| s.pcrs.iter().find(|(n, _)| *n == i).unwrap().1.to_string();
+    let rules = NitroRules { pcr0: vec![pcr(0)], pcr1: vec![pcr(1)], pcr2: vec![pcr(2)], pcr8: vec![pcr(8)], ..NitroRules::default() };
+    let policy = NodePolicy { nitro: Some(rules.clone()), ..NodePolicy::default() };
+    assert!(policy.pins_code());
+    assert_eq!(policy.evaluate(&claims, &[0; 64], inside(s)).failures, vec![PolicyFailure::ReportDataMismatch]);
+    for which in [1u8, 2, 8] {
+        let mut r = rules.clone();
+        let other = format!("00{}", &pcr(which)[2..]);
+        match which {
+            1 => r.pcr1 = vec![other],
+            2 => r.pcr2 = vec![other],
+            _ => r.pcr8 = vec![other],
+        }
+        let failures = NodePolicy { nitro: Some(r), ..NodePolicy::default() }.evaluate(&claims, &[0; 64], inside(s)).failures;
+        assert_eq!(failures, vec![PolicyFailure::FieldNotAllowed { field: format!("PCR{which}"), value: pcr(which) }, PolicyFailure::ReportDataMismatch]);
+    }
+    // PCR1, PCR2 and PCR8 without PCR0 do not pin the whole image.
+    let partial = NodePolicy { nitro: Some(NitroRules { pcr0: vec![], ..rules }), ..NodePolicy::default() };
+    assert!(!partial.pins_code());
+}

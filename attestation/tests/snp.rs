@@ -2,6 +2,7 @@
 //! expected values are described in `vectors/sev-snp/PROVENANCE.md`.
 
 use proptest::prelude::*;
+use tessera_attestation::policy::{NodePolicy, PolicyFailure, SnpRules};
 use tessera_attestation::snp::{self, AttestationReport, SnpVerifier, REPORT_LEN, SIGNED_LEN};
 use tessera_attestation::{Claims, Format, Verifier, VerifyError};
 
@@ -184,9 +185,18 @@ fn azure_hcl_report_verifies_and_binds_its_runtime_data() {
     let genoa = &samples()[2];
     let claims = tessera_attestation::verify(AZURE_HCL, &endorsements(genoa), INSIDE).unwrap();
     assert_eq!(claims.measurement, genoa.measurement);
-    assert_eq!(claims.report_data, genoa.report_data);
+    // What the guest bound is the runtime data's user-data; REPORT_DATA holds its hash.
+    assert_eq!(claims.report_data, "0".repeat(128));
+    assert_eq!(claims.fields["REPORT_DATA"], genoa.report_data);
     assert_eq!(claims.fields["azure_hcl.runtime_data_hash"], &genoa.report_data[..64]);
     assert_eq!(claims.fields["azure_hcl.user_data"], "0".repeat(128));
+    // So the binding check compares user-data: a policy expecting those 64 bytes finds
+    // them bound, and one expecting the raw REPORT_DATA does not.
+    let policy = NodePolicy { snp: Some(SnpRules { measurement: vec![genoa.measurement.into()], ..SnpRules::default() }), ..NodePolicy::default() };
+    let verdict = policy.evaluate(&claims, &[0; 64], INSIDE);
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    let raw: [u8; 64] = hex::decode(&genoa.report_data).unwrap().try_into().unwrap();
+    assert_eq!(policy.evaluate(&claims, &raw, INSIDE).failures, vec![PolicyFailure::ReportDataMismatch]);
 
     // The runtime data is not signed itself, only through its hash in REPORT_DATA.
     let at = find(AZURE_HCL, b"vmUniqueId");
@@ -446,4 +456,34 @@ fn a_cached_chain_still_checks_time_and_the_report() {
         let r = verify(&tampered, &e, INSIDE);
         assert!(matches!(r, Err(VerifyError::BadSignature { .. })), "{r:?}");
     }
+}
+
+/// The real Milan report comes from VMPL 0 with MIGRATE_MA clear: accepted. The same
+/// claims stating VMPL 3 (a report obtained by code beside an SVSM, outside the measured
+/// image) are refused when the policy requires 0, which is the default.
+#[test]
+fn an_snp_policy_bounds_the_vmpl_and_the_guest_policy() {
+    let s = &samples()[0];
+    let claims = verify(s.report, &endorsements(s), INSIDE).unwrap();
+    let rd: [u8; 64] = hex::decode(&claims.report_data).unwrap().try_into().unwrap();
+    let policy = NodePolicy { snp: Some(SnpRules { measurement: vec![s.measurement.into()], ..SnpRules::default() }), ..NodePolicy::default() };
+    let verdict = policy.check(s.report, &endorsements(s), &rd, INSIDE);
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    let mut at_vmpl3 = claims.clone();
+    at_vmpl3.fields.insert("vmpl".into(), "3".into());
+    assert_eq!(policy.evaluate(&at_vmpl3, &rd, INSIDE).failures, vec![PolicyFailure::VmplTooHigh { vmpl: 3, max_vmpl: 0 }]);
+    // Also without an [snp] section: the default bound applies to every SNP report.
+    let plain = NodePolicy { allowed_measurements: vec![s.measurement.into()], ..NodePolicy::default() };
+    assert_eq!(plain.evaluate(&at_vmpl3, &rd, INSIDE).failures, vec![PolicyFailure::VmplTooHigh { vmpl: 3, max_vmpl: 0 }]);
+    let mut migratable = claims.clone();
+    migratable.fields.insert("policy".into(), "0x70000".into());
+    assert!(
+        matches!(plain.evaluate(&migratable, &rd, INSIDE).failures.as_slice(), [PolicyFailure::SnpGuestPolicy { policy: 0x70000, why }] if why.contains("MIGRATE_MA"))
+    );
+    // A pinned measurement other than the report's is refused by name.
+    let other = NodePolicy { snp: Some(SnpRules { measurement: vec!["00".repeat(48)], ..SnpRules::default() }), ..NodePolicy::default() };
+    assert_eq!(
+        other.evaluate(&claims, &rd, INSIDE).failures,
+        vec![PolicyFailure::FieldNotAllowed { field: "measurement".into(), value: s.measurement.into() }]
+    );
 }

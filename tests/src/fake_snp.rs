@@ -24,12 +24,16 @@ const TEMPLATE: &[u8] = include_bytes!("../../attestation/tests/vectors/sev-snp/
 const REPORT_DATA: usize = 0x50;
 const MEASUREMENT: usize = 0x90;
 const POLICY: usize = 0x08;
+const VMPL: usize = 0x30;
 const SIGNED_LEN: usize = 0x2A0;
 
 /// The fake guest's configfs-tsm and Secure Processor.
 pub struct FakeSnpGuest {
     measurement: [u8; 48],
     debug: bool,
+    /// The VMPL the reports come from, and extra guest-policy bits.
+    vmpl: u32,
+    policy_bits: u64,
     key: EcdsaKeyPair,
     files: Mutex<BTreeMap<PathBuf, Vec<u8>>>,
     reports: std::sync::atomic::AtomicU64,
@@ -46,7 +50,19 @@ impl FakeSnpGuest {
     pub fn new(measurement: [u8; 48], debug: bool) -> Self {
         let rng = ring::rand::SystemRandom::new();
         let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, TEST_VCEK_KEY, &rng).expect("the committed test VCEK key parses");
-        FakeSnpGuest { measurement, debug, key, files: Mutex::new(BTreeMap::new()), reports: Default::default() }
+        FakeSnpGuest { measurement, debug, vmpl: 0, policy_bits: 0, key, files: Mutex::new(BTreeMap::new()), reports: Default::default() }
+    }
+
+    /// Reports requested from `vmpl` (as code beside an SVSM or paravisor would get).
+    pub fn at_vmpl(mut self, vmpl: u32) -> Self {
+        self.vmpl = vmpl;
+        self
+    }
+
+    /// Guest-policy bits set at launch besides the template's (e.g. MIGRATE_MA, 1 << 18).
+    pub fn with_policy_bits(mut self, bits: u64) -> Self {
+        self.policy_bits = bits;
+        self
     }
 
     /// How many reports the Secure Processor signed.
@@ -64,7 +80,9 @@ impl FakeSnpGuest {
         r[MEASUREMENT..MEASUREMENT + 48].copy_from_slice(&self.measurement);
         let mut policy = u64::from_le_bytes(r[POLICY..POLICY + 8].try_into().unwrap_or_default());
         policy = if self.debug { policy | 1 << 19 } else { policy & !(1 << 19) };
+        policy |= self.policy_bits;
         r[POLICY..POLICY + 8].copy_from_slice(&policy.to_le_bytes());
+        r[VMPL..VMPL + 4].copy_from_slice(&self.vmpl.to_le_bytes());
         let sig = self.key.sign(&ring::rand::SystemRandom::new(), &r[..SIGNED_LEN]).map_err(|_| std::io::Error::other("signing failed"))?;
         // r and s, big-endian 48 bytes each from ring, go in as 72-byte little-endian fields.
         let (sr, ss) = sig.as_ref().split_at(48);

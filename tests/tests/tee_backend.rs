@@ -13,7 +13,7 @@ use tessera_enclave::tsm::TsmAttester;
 use tessera_enclave::SealingKey;
 use tessera_server::config::{RoundParams, SealingSource, TeeConfig};
 use tessera_server::service::TeeBackend;
-use tessera_tests::fake_snp::{FakeSnpGuest, TEST_ARK};
+use tessera_tests::fake_snp::{FakeSnpGuest, TEST_ARK, TEST_ASK, TEST_VCEK};
 use tessera_tests::*;
 
 const MEASUREMENT: [u8; 48] = [0x5e; 48];
@@ -266,4 +266,42 @@ fn the_committed_certificate_table_is_the_fake_hosts() {
     assert_eq!(committed, FakeSnpGuest::cert_table());
     let certs = tessera_attestation::tsm::parse_snp_cert_table(&committed).unwrap();
     assert_eq!(certs, vec![tessera_tests::fake_snp::TEST_VCEK.to_vec(), tessera_tests::fake_snp::TEST_ASK.to_vec(), TEST_ARK.to_vec()]);
+}
+
+/// Reports signed by the (test) Secure Processor for a guest at VMPL 3, or with a
+/// migration agent allowed, verify: the signature is genuine. The policy refuses them,
+/// by name; VMPL 0 without MIGRATE_MA passes, and a policy that raises `max_vmpl` (an
+/// SVSM deployment that trusts its VMPL 1–3 code) accepts VMPL 3.
+#[test]
+fn snp_reports_from_a_higher_vmpl_or_with_a_migration_agent_are_refused() {
+    use tessera_attestation::policy::{NodePolicy, PolicyFailure, SnpRules};
+    let report_data = [0x5a; 64];
+    let policy = NodePolicy { allowed_measurements: vec![hex::encode(MEASUREMENT)], additional_snp_arks: vec![pem(TEST_ARK)], ..Default::default() };
+    let endorsements = vec![TEST_VCEK.to_vec(), TEST_ASK.to_vec()];
+    let check = |policy: &NodePolicy, guest: FakeSnpGuest| policy.check(&guest.report(&report_data).unwrap(), &endorsements, &report_data, now());
+
+    let verdict = check(&policy, FakeSnpGuest::new(MEASUREMENT, false));
+    assert!(verdict.accepted, "{}", verdict.reasons());
+    let verdict = check(&policy, FakeSnpGuest::new(MEASUREMENT, false).at_vmpl(3));
+    assert_eq!(verdict.failures, vec![PolicyFailure::VmplTooHigh { vmpl: 3, max_vmpl: 0 }]);
+    assert_eq!(verdict.claims.unwrap().fields["vmpl"], "3", "the report verified; the policy refused it");
+    let svsm = NodePolicy { snp: Some(SnpRules { measurement: vec![hex::encode(MEASUREMENT)], max_vmpl: 3, ..SnpRules::default() }), ..policy.clone() };
+    assert!(check(&svsm, FakeSnpGuest::new(MEASUREMENT, false).at_vmpl(3)).accepted);
+
+    let verdict = check(&policy, FakeSnpGuest::new(MEASUREMENT, false).with_policy_bits(1 << 18));
+    assert!(matches!(verdict.failures.as_slice(), [PolicyFailure::SnpGuestPolicy { why, .. }] if why.contains("MIGRATE_MA")), "{:?}", verdict.failures);
+    // Masks for the remaining bits: SINGLE_SOCKET required, SMT refused.
+    let strict = NodePolicy {
+        snp: Some(SnpRules { measurement: vec![hex::encode(MEASUREMENT)], allow_smt: false, required_policy_bits: 1 << 20, ..SnpRules::default() }),
+        ..policy.clone()
+    };
+    let verdict = check(&strict, FakeSnpGuest::new(MEASUREMENT, false));
+    assert_eq!(verdict.failures.len(), 2, "{:?}", verdict.failures);
+    assert!(
+        check(
+            &NodePolicy { snp: Some(SnpRules { allow_smt: true, ..strict.snp.clone().unwrap() }), ..strict.clone() },
+            FakeSnpGuest::new(MEASUREMENT, false).with_policy_bits(1 << 20)
+        )
+        .accepted
+    );
 }
