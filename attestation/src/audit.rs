@@ -305,9 +305,39 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
             }
             LogEvent::MaskedInput { client, sha256, .. } => {
                 let i = participant(&mut report, *client)?;
-                report.participants[i].masked_input_sha256 = Some(sha256.clone());
+                let p = &mut report.participants[i];
+                if !p.admission.as_ref().is_some_and(|a| a.accepted) {
+                    return Err(ReportError::Malformed(format!("entry {}: client {client} sent a masked input but was never admitted", e.index)));
+                }
+                if p.masked_input_sha256.is_some() {
+                    return Err(ReportError::Malformed(format!("entry {}: a second masked input of client {client}", e.index)));
+                }
+                p.masked_input_sha256 = Some(sha256.clone());
             }
             LogEvent::PhaseClosed { from, to, responded, missing } => {
+                // Responders are roster members that were admitted, each named once and
+                // never also as missing, and each answered the phase before too: a
+                // phase cannot gain participants.
+                let mut seen = std::collections::BTreeSet::new();
+                for c in responded.iter().chain(missing) {
+                    participant(&mut report, *c)?;
+                    if !seen.insert(*c) {
+                        return Err(ReportError::Malformed(format!("entry {}: client {c} is named twice in the {from} phase", e.index)));
+                    }
+                }
+                for c in responded {
+                    if !report.participants[*c as usize].admission.as_ref().is_some_and(|a| a.accepted) {
+                        return Err(ReportError::Malformed(format!("entry {}: client {c} answered the {from} phase but was never admitted", e.index)));
+                    }
+                    if let Some(previous) = report.phases.last() {
+                        if !previous.responded.contains(c) {
+                            return Err(ReportError::Malformed(format!(
+                                "entry {}: client {c} answered the {from} phase but not the {} phase before it",
+                                e.index, previous.from
+                            )));
+                        }
+                    }
+                }
                 for c in missing {
                     let i = participant(&mut report, *c)?;
                     let p = &mut report.participants[i];
@@ -340,9 +370,24 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                 if rdp != dp {
                     return Err(ReportError::Malformed(format!("entry {}: released under other DP parameters than the round opened with", e.index)));
                 }
+                // The released set is the clients whose masked inputs were accepted:
+                // each included one sent one (so was admitted), and none is left out.
                 for c in included {
                     let i = participant(&mut report, *c)?;
-                    report.participants[i].included = true;
+                    let p = &mut report.participants[i];
+                    if p.masked_input_sha256.is_none() {
+                        return Err(ReportError::Malformed(format!("entry {}: client {c} is in the release but sent no masked input", e.index)));
+                    }
+                    if p.included {
+                        return Err(ReportError::Malformed(format!("entry {}: client {c} is in the release twice", e.index)));
+                    }
+                    p.included = true;
+                }
+                if let Some(left_out) = report.participants.iter().find(|p| p.masked_input_sha256.is_some() && !p.included) {
+                    return Err(ReportError::Malformed(format!(
+                        "entry {}: client {} sent a masked input that the release leaves out",
+                        e.index, left_out.client
+                    )));
                 }
                 for p in &mut report.participants {
                     p.epsilon_cumulative = epsilon_by_participant.get(&p.identity).copied();
@@ -432,6 +477,9 @@ pub struct AuditCheck {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuditOutcome {
     pub checks: Vec<AuditCheck>,
+    /// The aggregator's evidence format, as verified (None when it did not verify; the
+    /// bundle's own `aggregator.format` is the host's word).
+    pub verified_format: Option<crate::Format>,
 }
 
 impl AuditOutcome {
@@ -491,7 +539,24 @@ pub fn audit_bundle(bundle: &RoundBundle, inputs: &AuditInputs) -> AuditOutcome 
     match (identity, &fingerprint, &evidence) {
         (Some(identity), Some(fingerprint), Some(evidence)) => {
             let expected = crate::binding::aggregator_report_data(&identity, fingerprint);
-            let verdict = inputs.policy.check(evidence, &[], &expected, inputs.now_secs);
+            // Signatures, certificates, CRLs and collateral are judged at the audit's
+            // time (the present, unless the auditor reproduces a past verdict); the age
+            // limit asks whether the evidence was fresh when the round opened.
+            let opened_secs = bundle.report.opened_at_ms / 1000;
+            let verdict = if evidence.is_empty() {
+                inputs.policy.check(evidence, &[], &expected, inputs.now_secs)
+            } else {
+                match inputs.policy.verify(evidence, &[], inputs.now_secs) {
+                    Ok(claims) => inputs.policy.evaluate(&claims, &expected, opened_secs),
+                    Err(e) => crate::policy::Verdict {
+                        accepted: false,
+                        format: e.format(),
+                        claims: None,
+                        failures: vec![crate::policy::PolicyFailure::Unverified { reason: e.to_string() }],
+                    },
+                }
+            };
+            out.verified_format = verdict.claims.as_ref().map(|c| c.format);
             let detail = match &verdict.claims {
                 Some(c) => format!("{} evidence, measurement {}{}", c.format, c.measurement, if c.debug { ", DEBUG" } else { "" }),
                 None => "evidence did not verify".into(),
@@ -745,6 +810,126 @@ mod tests {
         let mut after = e.clone();
         after.push(LogEntry { index: 14, timestamp_ms: 0, round: 2, event: LogEvent::Aborted { phase: "x".into(), reason: "y".into() } });
         assert!(matches!(derive_report(&after), Err(ReportError::Incomplete(_))));
+    }
+
+    /// A bundle of `entries` as an honest-looking host would export it: dev evidence
+    /// bound to the log key, five earlier leaves, a signed head, inclusion proofs, and
+    /// the report of `report_from` (the entries before the tampering).
+    fn bundle_of(entries: &[LogEntry], report_from: &[LogEntry]) -> (RoundBundle, AuditInputs) {
+        use crate::Attester;
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+        let identity: [u8; 32] = ring::signature::KeyPair::public_key(&key).as_ref().try_into().unwrap();
+        let fingerprint = [9u8; 32];
+        let evidence =
+            crate::dev::DevAttester::new([1; 32], [2; 48], false).attest(&crate::binding::aggregator_report_data(&identity, &fingerprint), 1).unwrap();
+        let with_evidence = |list: &[LogEntry]| -> Vec<LogEntry> {
+            let mut list = list.to_vec();
+            if let LogEvent::RoundOpened { aggregator_evidence_sha256, .. } = &mut list[0].event {
+                *aggregator_evidence_sha256 = sha256_hex(&evidence);
+            }
+            list
+        };
+        let (entries, report_from) = (with_evidence(entries), with_evidence(report_from));
+        let mut log = translog::MerkleLog::new();
+        for i in 0..5u8 {
+            log.append(&[i]);
+        }
+        for e in &entries {
+            log.append(&e.to_bytes());
+        }
+        let size = log.size();
+        let root = log.root();
+        let signature = ring::signature::Ed25519KeyPair::sign(&key, &translog::SignedTreeHead::signed_bytes(size, &root, 5_000));
+        let tree_head =
+            translog::SignedTreeHead { tree_size: size, root_hash: hex::encode(root), timestamp_ms: 5_000, signature: hex::encode(signature.as_ref()) };
+        let bundle = RoundBundle {
+            version: BUNDLE_VERSION,
+            round: 2,
+            report: derive_report(&report_from).unwrap(),
+            names: BTreeMap::new(),
+            aggregator: AggregatorEvidence {
+                format: "dev-insecure".into(),
+                identity_public_key: hex::encode(identity),
+                tls_fingerprint: hex::encode(fingerprint),
+                evidence: hex::encode(&evidence),
+                measurement: None,
+            },
+            tree_head,
+            entries: entries
+                .iter()
+                .map(|e| BundleEntry {
+                    index: e.index,
+                    data: String::from_utf8(e.to_bytes()).unwrap(),
+                    inclusion_proof: log.inclusion(e.index, size).unwrap().iter().map(hex::encode).collect(),
+                })
+                .collect(),
+            consistency: None,
+        };
+        (bundle, AuditInputs { policy: NodePolicy::insecure_dev(), now_secs: 10, previous_head: None, mean: None })
+    }
+
+    #[test]
+    fn audit_cross_checks_catch_tampered_bundles() {
+        let honest = round_entries();
+        let (bundle, inputs) = bundle_of(&honest, &honest);
+        let outcome = audit_bundle(&bundle, &inputs);
+        assert!(outcome.passed(), "{:?}", outcome.checks);
+        assert_eq!(outcome.verified_format, Some(crate::Format::DevInsecure));
+
+        type Tamper = fn(&mut Vec<LogEntry>);
+        let cases: Vec<(&str, Tamper, &str)> = vec![
+            ("a responder outside the roster", |v| set_phase(&mut v[7], vec![0, 2, 7], vec![1]), "client 7 is not in the roster"),
+            ("a responder never admitted", |v| set_admission(&mut v[2], false), "client 1 answered the advertise_keys phase but was never admitted"),
+            (
+                "a phase gaining a participant",
+                |v| {
+                    set_phase(&mut v[4], vec![0, 2], vec![1]);
+                    set_phase(&mut v[7], vec![0, 1, 2], vec![]);
+                },
+                "client 1 answered the masked_input phase but not the advertise_keys phase before it",
+            ),
+            ("a client named twice", |v| set_phase(&mut v[7], vec![0, 2], vec![2]), "client 2 is named twice"),
+            (
+                "a masked input from a client never admitted",
+                |v| {
+                    set_admission(&mut v[3], false);
+                    set_phase(&mut v[4], vec![0, 1], vec![2]);
+                },
+                "client 2 sent a masked input but was never admitted",
+            ),
+            (
+                "a release including a client without a masked input",
+                |v| set_included(&mut v[8], vec![0, 1, 2]),
+                "client 1 is in the release but sent no masked input",
+            ),
+            ("a release leaving a masked input out", |v| set_included(&mut v[8], vec![0]), "client 2 sent a masked input that the release leaves out"),
+        ];
+        for (what, tamper, expected) in cases {
+            let mut entries = honest.clone();
+            tamper(&mut entries);
+            let (bundle, inputs) = bundle_of(&entries, &honest);
+            let outcome = audit_bundle(&bundle, &inputs);
+            let failed: Vec<&AuditCheck> = outcome.failures().collect();
+            assert_eq!(failed.len(), 1, "{what}: {failed:?}");
+            assert_eq!(failed[0].name, "report matches the log", "{what}");
+            assert!(failed[0].detail.contains(expected), "{what}: {}", failed[0].detail);
+        }
+    }
+
+    fn set_phase(e: &mut LogEntry, r: Vec<u32>, m: Vec<u32>) {
+        let LogEvent::PhaseClosed { responded, missing, .. } = &mut e.event else { panic!("not a phase entry") };
+        *responded = r;
+        *missing = m;
+    }
+
+    fn set_admission(e: &mut LogEntry, ok: bool) {
+        let LogEvent::Admission { accepted, .. } = &mut e.event else { panic!("not an admission") };
+        *accepted = ok;
+    }
+
+    fn set_included(e: &mut LogEntry, clients: Vec<u32>) {
+        let LogEvent::Released { included, .. } = &mut e.event else { panic!("not a release") };
+        *included = clients;
     }
 
     #[test]

@@ -165,8 +165,11 @@ pub fn verify_consistency(size1: u64, size2: u64, proof: &[Hash], root1: &Hash, 
         return if root1 == root2 { Ok(()) } else { Err(ProofError::RootMismatch) };
     }
     if size1 == 0 {
-        // The empty tree is a prefix of every tree.
-        return if proof.is_empty() { Ok(()) } else { Err(ProofError::Length { expected: 0, found: proof.len() }) };
+        // The empty tree is a prefix of every tree, but only the empty tree's root is its root.
+        if !proof.is_empty() {
+            return Err(ProofError::Length { expected: 0, found: proof.len() });
+        }
+        return if *root1 == empty_root() { Ok(()) } else { Err(ProofError::RootMismatch) };
     }
     if proof.is_empty() {
         return Err(ProofError::Length { expected: 1, found: 0 });
@@ -366,6 +369,16 @@ mod tests {
 
     /// RFC 6962's test vectors (as in Google's certificate-transparency tests): roots of
     /// the trees over the first n of eight known leaves.
+    #[test]
+    fn the_empty_tree_is_a_prefix_only_under_its_own_root() {
+        let l = leaves(5);
+        let r2 = root_of(&l);
+        assert!(verify_consistency(0, 5, &[], &empty_root(), &r2).is_ok());
+        // A "previous head" of size 0 with any other root is not the empty tree.
+        assert_eq!(verify_consistency(0, 5, &[], &r2, &r2), Err(ProofError::RootMismatch));
+        assert_eq!(verify_consistency(0, 0, &[], &r2, &empty_root()), Err(ProofError::RootMismatch));
+    }
+
     #[test]
     fn rfc6962_reference_roots() {
         let data: [&[u8]; 8] = [

@@ -108,7 +108,7 @@ fn audit_of_a_committed_round_bundle() {
     let dev = dev.to_str().unwrap();
     let head = format!("{d}/earlier-head.json");
     let mean = format!("{d}/round-mean.bin");
-    // Judged as of the round: passes, with every check named.
+    // Judged now (the default, printed as such): passes, with every check named.
     let (code, out, err) = run(&["audit", &bundle, "--policy", dev, "--previous-head", &head, "--mean", &mean]);
     assert_eq!(code, 0, "{out}{err}");
     for check in
@@ -116,16 +116,32 @@ fn audit_of_a_committed_round_bundle() {
     {
         assert!(out.contains(&format!("ok      {check}")), "{check}: {out}");
     }
-    // Judged today, the hour-old limit on evidence age applies.
-    let (code, _, err) = run(&["audit", &bundle, "--policy", dev, "--at", "2030-01-01T00:00:00Z"]);
+    assert!(out.contains("evidence judged at ") && out.contains(" (now)"), "{out}");
+    assert!(out.contains("(aggregator dev-insecure (SIMULATED"), "the header names the verified format: {out}");
+    // --at reproduces a verdict as of another time, and says so; before the evidence was
+    // made, the evidence does not verify.
+    let (code, out, _) = run(&["audit", &bundle, "--policy", dev, "--at", "2030-01-01T00:00:00Z"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("evidence judged at 2030-01-01T00:00:00Z (--at: reproducing a verdict"), "{out}");
+    let (code, out, err) = run(&["audit", &bundle, "--policy", dev, "--at", "2000-01-01T00:00:00Z"]);
     assert_eq!(code, 1);
-    assert!(err.contains("FAILED  aggregator evidence") && err.contains("old"), "{err}");
-    // The default policy refuses simulated evidence; nothing else fails.
-    let (code, out, _) = run(&["audit", &bundle, "--json"]);
+    assert!(err.contains("FAILED  aggregator evidence") && err.contains("issued in the future"), "{err}");
+    assert!(out.contains("evidence unverified; the bundle says \"dev-insecure"), "an unverified format is not printed as fact: {out}");
+    // An auditor's policy must pin the aggregator's code: the default one does not, so
+    // the audit refuses to run and says why.
+    let (code, _, err) = run(&["audit", &bundle]);
+    assert_eq!(code, 2);
+    assert!(err.contains("accepts any measurement"), "{err}");
+    // A policy that pins code refuses simulated evidence; nothing else fails.
+    let pinned = std::env::temp_dir().join(format!("tessera-pinned-policy-{}.toml", std::process::id()));
+    std::fs::write(&pinned, "allowed_measurements = [\"00\"]\n").unwrap();
+    let (code, out, _) = run(&["audit", &bundle, "--policy", pinned.to_str().unwrap(), "--json"]);
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let failed: Vec<&str> = v["checks"].as_array().unwrap().iter().filter(|c| c["passed"] == false).map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(failed, vec!["aggregator evidence"]);
+    assert_eq!(v["reproduction"], false);
+    let _ = std::fs::remove_file(&pinned);
     // Tampering with any entry breaks its inclusion; with the report, the recomputation.
     let text = std::fs::read_to_string(&bundle).unwrap();
     let mut b: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -139,4 +155,50 @@ fn audit_of_a_committed_round_bundle() {
     std::fs::write(&tampered, &text[..text.len() / 2]).unwrap();
     assert_eq!(run(&["audit", tampered.to_str().unwrap()]).0, 2);
     let _ = std::fs::remove_file(&tampered);
+}
+
+/// The host ships the collateral and chose the round's clock; the audit judges the
+/// evidence now. A bundle whose aggregator evidence is a real TDX quote with collateral
+/// that has since expired fails without `--at`, naming the window; as of a time inside
+/// the window only the binding (this quote was not made for this log key) fails.
+#[test]
+fn an_audit_judges_collateral_at_the_present_time() {
+    let d = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/audit");
+    let text = std::fs::read_to_string(format!("{d}/round-bundle.json")).unwrap();
+    let mut b: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let quote = std::fs::read(format!("{V}/tdx-sgx-dcap/tdx-v4-uptodate/quote.bin")).unwrap();
+    let collateral = std::fs::read(format!("{V}/tdx-sgx-dcap/tdx-v4-uptodate/collateral.json")).unwrap();
+    let evidence = tessera_attestation::bundle::EvidenceBundle { evidence: quote, endorsements: vec![collateral] }.encode();
+    b["aggregator"]["evidence"] = serde_json::Value::String(hex::encode(evidence));
+    b["aggregator"]["format"] = serde_json::Value::String("intel-tdx".into());
+    let path = std::env::temp_dir().join(format!("tessera-tdx-bundle-{}.json", std::process::id()));
+    std::fs::write(&path, b.to_string()).unwrap();
+    let policy = std::env::temp_dir().join(format!("tessera-tdx-policy-{}.toml", std::process::id()));
+    std::fs::write(
+        &policy,
+        "[tdx]\n\
+         mrtd = [\"91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7\"]\n\
+         rtmr0 = [\"44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b8492f827fe9d9e5c48aca29b220b80b6a540cf994b9bc9c0\"]\n\
+         rtmr1 = [\"0084452c01668329d4bc06acdf58a7205c26743304509973949e5619bf81a6a7aea8c323c173019b3093d54e579e9378\"]\n\
+         rtmr2 = [\"d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc551dccd829fc207aa3ba80b70870d7330733642e01d48c3132\"]\n",
+    )
+    .unwrap();
+    let (p, pol) = (path.to_str().unwrap(), policy.to_str().unwrap());
+
+    let (code, _, err) = run(&["audit", p, "--policy", pol]);
+    assert_eq!(code, 1);
+    let line = err.lines().find(|l| l.starts_with("FAILED  aggregator evidence")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("not valid at the verification time") && (line.contains("not after") || line.contains("next update") || line.contains("expired")),
+        "{line}"
+    );
+    assert!(!line.contains("report_data"), "verification stops at the expired collateral: {line}");
+
+    let (code, out, err) = run(&["audit", p, "--policy", pol, "--at", "2025-07-01T00:00:00Z"]);
+    assert_eq!(code, 1);
+    let line = err.lines().find(|l| l.starts_with("FAILED  aggregator evidence")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("intel-tdx evidence") && line.contains("report_data mismatch") && !line.contains("not valid"), "{line}");
+    assert!(out.contains("(aggregator intel-tdx,"), "{out}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&policy);
 }

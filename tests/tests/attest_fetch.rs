@@ -20,8 +20,14 @@ async fn fetch_verifies_the_live_aggregator_and_its_tls_binding() {
         let bin = attest_bin();
         async move { tokio::process::Command::new(bin).args(args).output().await.unwrap() }
     };
-    // The secure default refuses simulated evidence: exit 1, the reason named.
+    // Without a policy that pins the aggregator's code, fetch refuses to run: exit 2.
     let out = run(vec!["fetch".into(), url.clone()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("accepts any measurement"));
+    // A policy that pins code refuses simulated evidence: exit 1, the reason named.
+    let pinned = root.path().join("pinned.toml");
+    std::fs::write(&pinned, "allowed_measurements = [\"00\"]\n").unwrap();
+    let out = run(vec!["fetch".into(), url.clone(), "--policy".into(), pinned.display().to_string()]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("simulated (dev) evidence is not allowed"));
     // A dev policy accepts it, and the binding to this TLS certificate was checked.
@@ -51,7 +57,7 @@ async fn fetch_verifies_the_live_aggregator_and_its_tls_binding() {
         assert!(matches!(err, tessera_client::http::HttpError::Status { status, ref code, .. } if status == 400 && code == "bad_query"), "{err}");
     }
     // Nothing listens here: unusable input, exit 2.
-    let out = run(vec!["fetch".into(), format!("https://127.0.0.1:{}", free_port())]).await;
+    let out = run(vec!["fetch".into(), format!("https://127.0.0.1:{}", free_port()), "--policy".into(), dev_policy.display().to_string()]).await;
     assert_eq!(out.status.code(), Some(2));
     server.stop().await;
 }

@@ -222,8 +222,10 @@ async fn round_report_is_audited_offline_and_roles_read_what_they_should() {
     let (code, _, stderr) = cli(&[&forged_path, &p("--policy"), &policy_path], &[]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("FAILED  report matches the log"), "{stderr}");
-    let (code, stdout, _) = cli(&[&bundle_path], &["--json"]);
-    assert_eq!(code, Some(1), "the default policy refuses simulated evidence");
+    assert_eq!(cli(&[&bundle_path], &[]).0, Some(2), "a policy that pins no code is refused");
+    let pinned_path = write("pinned.toml", b"allowed_measurements = [\"00\"]\n");
+    let (code, stdout, _) = cli(&[&bundle_path, &p("--policy"), &pinned_path], &["--json"]);
+    assert_eq!(code, Some(1), "a policy that pins code refuses simulated evidence");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["verified"], false);
     assert!(v["checks"].as_array().unwrap().iter().any(|c| c["name"] == "aggregator evidence" && c["passed"] == false));

@@ -74,7 +74,9 @@ async fn the_server_attests_with_configfs_tsm_evidence_and_tls_binds_it() {
 
     // The pinned AMD roots do not vouch for the test chain: verifiers refuse, by name.
     assert_eq!(tessera_attestation::verify(&fresh.evidence, &fresh.endorsements, now()), Err(VerifyError::UntrustedRoot { format: Format::SevSnp }));
-    let out = tokio::process::Command::new(attest_bin()).args(["fetch", &url, "--json"]).output().await.unwrap();
+    let pinned = root.path().join("pinned.toml");
+    std::fs::write(&pinned, format!("allowed_measurements = [\"{}\"]\n", hex::encode(MEASUREMENT))).unwrap();
+    let out = tokio::process::Command::new(attest_bin()).args(["fetch", &url, "--json", "--policy", pinned.to_str().unwrap()]).output().await.unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verified"], false);

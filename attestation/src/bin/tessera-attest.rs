@@ -14,9 +14,12 @@
 //!   verifies an exported round report offline: the aggregator's evidence and its binding
 //!   to the log key, the signed tree head, every entry's inclusion proof, that the report
 //!   is exactly what the entries say, consistency with a tree head kept from earlier, and
-//!   the released mean's hash. The evidence is judged as of the round's opening unless
-//!   `--at` is given. Same exit contract; `--save-head FILE` keeps the bundle's tree head
-//!   for the next audit.
+//!   the released mean's hash, and that the entries agree with each other (responders
+//!   admitted and in the roster, the released set = the masked inputs). Certificates and
+//!   collateral are judged at the present time; `--at` reproduces a verdict as of another
+//!   time and is printed as such. The policy must pin the aggregator's code (outside dev
+//!   mode). Same exit contract; `--save-head FILE` keeps the bundle's tree head for the
+//!   next audit.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -112,6 +115,10 @@ fn now_or(at: &Option<String>) -> Result<u64, Unusable> {
     }
 }
 
+fn rfc3339(secs: u64) -> Option<String> {
+    chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
 fn run(cli: Cli) -> Result<bool, Unusable> {
     match cli.command {
         Command::Inspect { evidence } => {
@@ -121,12 +128,16 @@ fn run(cli: Cli) -> Result<bool, Unusable> {
             Ok(true)
         }
         Command::Verify { evidence, endorsements, policy } => {
+            if load_policy(&policy)?.require_pinned_code("this evidence").is_err() {
+                eprintln!("WARNING: the policy pins no measurement: a pass says the evidence is genuine and bound, not which code it runs (list allowed_measurements or a per-format section)");
+            }
             let bytes = read(&evidence)?;
             let endorsements = endorsements.iter().map(read).collect::<Result<Vec<_>, _>>()?;
             check(&bytes, &endorsements, &policy, None)
         }
         Command::Audit { bundle, previous_head, mean, save_head, policy } => audit(&bundle, previous_head, mean, save_head, &policy),
         Command::Fetch { url, policy } => {
+            load_policy(&policy)?.require_pinned_code("the aggregator").map_err(Unusable)?;
             // A nonce of our own: the answer must carry evidence made for it, now.
             let mut nonce = [0u8; 32];
             ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).map_err(|_| Unusable("no system randomness".into()))?;
@@ -175,19 +186,32 @@ fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>
         Some(p) => Some(serde_json::from_slice::<SignedTreeHead>(&read(p)?).map_err(|e| Unusable(format!("{}: not a signed tree head: {e}", p.display())))?),
         None => None,
     };
-    // The evidence is judged as of the round (its opening), unless --at says otherwise:
-    // an audit months later asks whether the aggregator was attested when it ran.
-    let now_secs = match &args.at {
-        Some(_) => now_or(&args.at)?,
-        None => parsed.report.opened_at_ms / 1000,
+    // Certificates, CRLs and collateral are judged at the present time: the host chose
+    // the round's clock and ships the collateral, so a platform revoked or out of date
+    // since then must not audit as verified. `--at` reproduces a verdict as of another
+    // time, and says so. (The age limit is measured from the round's opening.)
+    let now_secs = now_or(&args.at)?;
+    let judged_at = match &args.at {
+        Some(at) => format!("{} (--at: reproducing a verdict as of that time, not today's)", rfc3339(now_secs).unwrap_or_else(|| at.clone())),
+        None => format!("{} (now)", rfc3339(now_secs).unwrap_or_else(|| now_secs.to_string())),
     };
-    let inputs = AuditInputs { policy: load_policy(args)?, now_secs, previous_head, mean: mean.as_ref().map(read).transpose()? };
+    let policy = load_policy(args)?;
+    policy.require_pinned_code("the aggregator").map_err(Unusable)?;
+    let inputs = AuditInputs { policy, now_secs, previous_head, mean: mean.as_ref().map(read).transpose()? };
     let outcome = audit_bundle(&parsed, &inputs);
     let passed = outcome.passed();
+    let format = match outcome.verified_format {
+        Some(f) => f.to_string(),
+        None => format!("evidence unverified; the bundle says {:?}", parsed.aggregator.format),
+    };
     if args.json {
-        println!("{}", json!({"verified": passed, "round": parsed.round, "tree_head": parsed.tree_head, "checks": outcome.checks}));
+        println!(
+            "{}",
+            json!({"verified": passed, "round": parsed.round, "judged_at": now_secs, "reproduction": args.at.is_some(), "aggregator_format": outcome.verified_format, "tree_head": parsed.tree_head, "checks": outcome.checks})
+        );
     } else {
-        println!("round {}: {} (aggregator {}, log size {})", parsed.round, parsed.report.status, parsed.aggregator.format, parsed.tree_head.tree_size);
+        println!("round {}: {} (aggregator {format}, log size {})", parsed.round, parsed.report.status, parsed.tree_head.tree_size);
+        println!("evidence judged at {judged_at}");
         for c in &outcome.checks {
             if c.passed {
                 println!("ok      {}: {}", c.name, c.detail);
