@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod identity;
+pub mod ledger;
 pub mod participate;
 pub mod train;
 pub mod update;

@@ -258,6 +258,9 @@ fn own_attester(insecure_dev: bool, endorsements: Vec<PathBuf>) -> anyhow::Resul
     Ok(Some(tessera_client::participate::AttesterHandle::configfs_tsm(root, endorsements)?))
 }
 
+/// The institution's own privacy ledger, in its identity directory.
+const LEDGER_FILE: &str = "privacy-ledger.json";
+
 fn load_floors(path: Option<&std::path::Path>) -> anyhow::Result<tessera_secagg::floors::SecurityFloors> {
     let Some(p) = path else { return Ok(Default::default()) };
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -404,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     aggregator_policy: aggregator_policy.clone(),
                     attester: attester.clone(),
                     floors: floors.clone(),
+                    ledger: Some(dir.join(LEDGER_FILE)),
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -483,7 +487,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let (aggregator_policy, handshake_policy) = aggregator_policy_or_refuse(aggregator_policy.as_deref(), insecure_dev)?;
                 let floors = load_floors(floors.as_deref())?;
                 let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
-                let opts = Options { insecure_dev, drop_after, wait: Duration::from_secs(wait), round, quiet: false, aggregator_policy, attester, floors };
+                let opts = Options {
+                    insecure_dev,
+                    drop_after,
+                    wait: Duration::from_secs(wait),
+                    round,
+                    quiet: false,
+                    aggregator_policy,
+                    attester,
+                    floors,
+                    ledger: Some(dir.join(LEDGER_FILE)),
+                };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
                         .map_err(|e| ParticipateError::Update(e.to_string()))?;

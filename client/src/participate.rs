@@ -52,6 +52,10 @@ pub struct Options {
     pub attester: Option<AttesterHandle>,
     /// What this institution requires of any round it joins (roster, thresholds, DP).
     pub floors: SecurityFloors,
+    /// This institution's own privacy ledger ([`crate::ledger`]): DP rounds are charged
+    /// to it before the masked input leaves, and with a DP floor a round that would take
+    /// it past `max_epsilon` is refused. `None`: no ledger is kept.
+    pub ledger: Option<std::path::PathBuf>,
 }
 
 /// An evidence source shared across rounds.
@@ -83,6 +87,7 @@ impl Default for Options {
             aggregator_policy: None,
             attester: None,
             floors: SecurityFloors::default(),
+            ledger: None,
         }
     }
 }
@@ -123,6 +128,8 @@ pub enum ParticipateError {
     NoAttester(String),
     #[error("this node's evidence could not be produced: {0}")]
     Attestation(String),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// What a finished round gave this institution.
@@ -334,6 +341,15 @@ where
         .map_err(tessera_secagg::Error::from)?;
     let trust = Trust { aggregator_key: enclave_key, config_signature, floors: opts.floors.clone() };
     let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &trust, &mut OsRng)?;
+    // By this institution's own count, before anything is computed for the round.
+    let aggregator_hex = hex::encode(enclave_key);
+    if let Some(path) = &opts.ledger {
+        let ledger = crate::ledger::PrivacyLedger::load(path)?;
+        if let (Some(floor), Some(dp)) = (&opts.floors.dp, &cfg.dp) {
+            ledger.check(&aggregator_hex, &cfg, floor.max_epsilon)?;
+            d.say(&format!("own privacy ledger: ε = {:.3} spent of {} (δ = {:e}) before this round", ledger.spent(dp.delta), floor.max_epsilon, dp.delta));
+        }
+    }
 
     let (update, weight) = provide(&cfg)?;
     if update.len() != cfg.vector_len as usize {
@@ -379,6 +395,9 @@ where
 
     let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)))).await?;
     let masked = client.handle_share_bundle(&bundle, &quantized)?.encode();
+    if let Some(path) = &opts.ledger {
+        crate::ledger::PrivacyLedger::charge(path, &aggregator_hex, &cfg, now_secs() * 1000)?;
+    }
     d.send(round, "masked input", masked.len(), || api.post_bytes(path("masked-input"), masked.clone())).await?;
     d.say(&format!("phase 3/5: masked input sent ({:.1} MB)", masked.len() as f64 / 1e6));
     drop(masked);

@@ -56,6 +56,42 @@ pub enum EnclaveError {
     Log(#[from] LogError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The round's DP does not meet the federation's privacy budget (missing, other
+    /// parameters than the budget fixed at creation, or past it).
+    #[error("privacy budget: {0}")]
+    Budget(String),
+    /// The round would spend past the budget.
+    #[error("privacy budget exhausted: {0}")]
+    BudgetExhausted(String),
+    #[error("the federation's sealed privacy budget is missing while the log holds {entries} entries: restore it (deleting it cannot reset the budget)")]
+    FederationMissing { entries: u64 },
+}
+
+/// The federation's privacy budget: fixed when the federation is created, sealed under
+/// the enclave's key, and charged by every DP round the enclave opens.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationBudget {
+    /// Total ε the federation may spend over all its released rounds.
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// What [`Enclave::establish_federation`] settled.
+#[derive(Debug)]
+pub struct FederationSetup {
+    /// The budget in force (None: the federation was created without one).
+    pub budget: Option<FederationBudget>,
+    /// The sealed record for the host to store.
+    pub sealed: Vec<u8>,
+    /// The operator's configuration differs from the sealed budget, and was ignored.
+    pub configuration_ignored: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FederationRecord {
+    budget: Option<FederationBudget>,
 }
 
 /// What the host stores for a round, in order, to replay after a crash. Client messages
@@ -109,6 +145,8 @@ pub struct Enclave {
     log: TransparencyLog,
     /// SHA-256 of the evidence this enclave last presented (named in `round_opened`).
     evidence_sha256: String,
+    /// The federation's budget, once [`Enclave::establish_federation`] settled it.
+    federation: Option<FederationBudget>,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -144,7 +182,19 @@ impl Enclave {
             std::sync::Arc::new(ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|e| EnclaveError::Internal(e.to_string()))?);
         let sealed = sealing.seal(IDENTITY_AAD, seed.as_ref());
         let attester = std::sync::Arc::from(attester);
-        Ok((Enclave { sealing, identity, attester, node_policy, round: None, log: TransparencyLog::default(), evidence_sha256: String::new() }, sealed))
+        Ok((
+            Enclave {
+                sealing,
+                identity,
+                attester,
+                node_policy,
+                round: None,
+                log: TransparencyLog::default(),
+                evidence_sha256: String::new(),
+                federation: None,
+            },
+            sealed,
+        ))
     }
 
     pub fn identity_public_key(&self) -> [u8; 32] {
@@ -195,6 +245,79 @@ impl Enclave {
         Ok(())
     }
 
+    /// Fixes the federation's privacy budget at its creation, or restores it. Call after
+    /// [`Enclave::load_log`]. `sealed` is the host's stored record from an earlier start:
+    /// it wins over `configured`, which is used only when the federation is created (the
+    /// log is empty), so an operator cannot raise the budget later by editing the
+    /// configuration, and a host cannot by deleting the record (the start then fails).
+    pub fn establish_federation(&mut self, sealed: Option<&[u8]>, configured: Option<FederationBudget>) -> Result<FederationSetup, EnclaveError> {
+        let aad = self.federation_aad();
+        let budget = match sealed {
+            Some(blob) => {
+                let plain = self.sealing.unseal(&aad, blob).map_err(|_| EnclaveError::Unseal("federation budget"))?;
+                let record: FederationRecord = serde_json::from_slice(&plain).map_err(|_| EnclaveError::Unseal("federation budget record"))?;
+                record.budget
+            }
+            None if self.log.size() > 0 => return Err(EnclaveError::FederationMissing { entries: self.log.size() }),
+            None => {
+                if let Some(b) = configured {
+                    let ok = |x: f64| x.is_finite() && x > 0.0;
+                    if !ok(b.epsilon) || !ok(b.delta) || b.delta >= 1.0 {
+                        return Err(EnclaveError::Budget(format!("the federation budget needs ε > 0 and 0 < δ < 1 (got ε = {}, δ = {})", b.epsilon, b.delta)));
+                    }
+                }
+                configured
+            }
+        };
+        let plain = serde_json::to_vec(&FederationRecord { budget }).map_err(|e| EnclaveError::Internal(e.to_string()))?;
+        self.federation = budget;
+        Ok(FederationSetup { budget, sealed: self.sealing.seal(&aad, &plain), configuration_ignored: budget != configured })
+    }
+
+    /// The federation's privacy budget in force.
+    pub fn federation_budget(&self) -> Option<FederationBudget> {
+        self.federation
+    }
+
+    fn federation_aad(&self) -> Vec<u8> {
+        let mut aad = b"tessera/federation/v1".to_vec();
+        aad.extend_from_slice(&self.identity_public_key());
+        aad
+    }
+
+    /// Checks a round's DP against the federation's budget and the ε already spent: the
+    /// charge is made here, before anything of the round exists, and since one round is
+    /// open at a time its release cannot spend more than was checked.
+    fn check_budget(&self, cfg: &RoundConfig) -> Result<(), EnclaveError> {
+        if let Some(fed) = self.federation {
+            let Some(dp) = cfg.dp else {
+                return Err(EnclaveError::Budget(format!(
+                    "the federation's budget (ε = {}, δ = {:e}) requires differential privacy on every round; round {} has none",
+                    fed.epsilon, fed.delta, cfg.round
+                )));
+            };
+            if dp.epsilon_budget != fed.epsilon || dp.delta != fed.delta {
+                return Err(EnclaveError::Budget(format!(
+                    "round {} states ε = {}, δ = {:e}; the federation's budget, fixed when it was created, is ε = {}, δ = {:e}",
+                    cfg.round, dp.epsilon_budget, dp.delta, fed.epsilon, fed.delta
+                )));
+            }
+        }
+        if let Some(dp) = cfg.dp {
+            let after = self.log.projected_epsilon(dp.noise_multiplier, dp.delta);
+            if after > dp.epsilon_budget {
+                return Err(EnclaveError::BudgetExhausted(format!(
+                    "round {} would take the federation to ε = {after:.3} (δ = {:e}), past its budget of {}; the released DP rounds so far spent ε = {:.3}",
+                    cfg.round,
+                    dp.delta,
+                    dp.epsilon_budget,
+                    self.log.spent_epsilon(dp.delta)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn log(&self) -> &TransparencyLog {
         &self.log
     }
@@ -234,6 +357,7 @@ impl Enclave {
                 return Err(EnclaveError::RoundOpen(r.aggregator.config().round));
             }
         }
+        self.check_budget(&cfg)?;
         let quantizer = Quantizer::new(&cfg);
         let aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
         let cfg = aggregator.config();

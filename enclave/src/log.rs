@@ -287,6 +287,22 @@ impl TransparencyLog {
         std::mem::take(&mut self.pending)
     }
 
+    /// The federation's ε (at `delta`) over the DP rounds released so far.
+    pub fn spent_epsilon(&self, delta: f64) -> f64 {
+        if self.ledger.federation.is_empty() {
+            return 0.0;
+        }
+        tessera_secagg::dp::epsilon_of(&self.ledger.federation, delta)
+    }
+
+    /// The federation's ε (at `delta`) after one more released round with noise
+    /// multiplier `z`, over every DP round this log has released.
+    pub fn projected_epsilon(&self, z: f64, delta: f64) -> f64 {
+        let mut fed = self.ledger.federation.clone();
+        add(&mut fed, z);
+        tessera_secagg::dp::epsilon_of(&fed, delta)
+    }
+
     pub(crate) fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> (f64, f64, BTreeMap<String, f64>) {
         self.ledger.release_figures(round, dp, included)
     }

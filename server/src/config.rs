@@ -36,6 +36,42 @@ pub struct ServerConfig {
     /// below the lifetime of any collateral sent with the evidence.
     #[serde(default = "default_certificate_refresh_secs")]
     pub certificate_refresh_secs: u64,
+    /// The federation's privacy budget (`[privacy] epsilon = 8.0, delta = 1e-5`). Fixed
+    /// inside the enclave when the federation is created (the first start with an empty
+    /// log) and sealed: every round must then carry DP with exactly this ε and δ, and
+    /// the enclave refuses to open one that would spend past it. Changing it here later
+    /// has no effect (the server warns).
+    #[serde(default)]
+    pub privacy: Option<tessera_enclave::FederationBudget>,
+    /// Connection and request limits against slow or abundant unauthenticated peers.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// What one peer can hold of the server before it has proved anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections at most; further ones are closed at once, before the handshake.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this (ms), or the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive within this (ms) plus 1 s per 64 KiB of its declared
+    /// length (or of its size limit, without a Content-Length), or it is refused with 408.
+    pub body_read_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 1024, header_read_timeout_ms: 10_000, body_read_timeout_ms: 30_000 }
+    }
+}
+
+impl Limits {
+    /// The time allowed for a body of `len` bytes.
+    pub fn body_timeout(&self, len: usize) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_read_timeout_ms) + std::time::Duration::from_secs((len / (64 * 1024)) as u64)
+    }
 }
 
 pub const DEFAULT_CERTIFICATE_REFRESH_SECS: u64 = 600;

@@ -90,6 +90,9 @@ impl From<EnclaveError> for ApiError {
             },
             EnclaveError::NoRound => ApiError::new(StatusCode::NOT_FOUND, "no_round", msg),
             EnclaveError::RoundOpen(_) => ApiError::new(StatusCode::CONFLICT, "round_open", msg),
+            EnclaveError::Budget(_) => ApiError::new(StatusCode::CONFLICT, "privacy_budget", msg),
+            EnclaveError::BudgetExhausted(_) => ApiError::new(StatusCode::CONFLICT, "privacy_budget_exhausted", msg),
+            EnclaveError::FederationMissing { .. } => ApiError::internal(msg),
             EnclaveError::Unseal(_) | EnclaveError::ReplayMismatch { .. } | EnclaveError::Attestation(_) | EnclaveError::Log(_) | EnclaveError::Internal(_) => {
                 ApiError::internal(msg)
             }

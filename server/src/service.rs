@@ -281,6 +281,25 @@ impl Service {
         let stored_log = store.log_range(0, u64::MAX).await?;
         enclave.load_log(&stored_log)?;
         tracing::info!(entries = stored_log.len(), root = %hex::encode(enclave.log().root()), "transparency log loaded");
+        let sealed_federation = store.get_kv("federation").await?;
+        let federation = enclave.establish_federation(sealed_federation.as_deref(), cfg.privacy).map_err(|e| match e {
+            EnclaveError::Unseal(what) => {
+                StartError::Setup(format!("the stored {what} does not unseal under this enclave's key (altered, or sealed by another build)"))
+            }
+            other => other.into(),
+        })?;
+        store.put_kv("federation", &federation.sealed).await?;
+        match federation.budget {
+            Some(b) => tracing::info!(epsilon = b.epsilon, delta = b.delta, "federation privacy budget (fixed at creation, sealed)"),
+            None => tracing::info!("the federation has no privacy budget of its own: each DP round is held to the budget it states"),
+        }
+        if federation.configuration_ignored {
+            tracing::warn!(
+                sealed = ?federation.budget,
+                configured = ?cfg.privacy,
+                "the configured [privacy] budget differs from the one fixed when the federation was created; the sealed one stays in force"
+            );
+        }
 
         // Resume the last round if it was still running when the process stopped.
         let mut current = None;
@@ -436,22 +455,8 @@ impl Service {
         }
         let round = self.store.latest_round().await?.map(|r| r.round + 1).unwrap_or(1);
         let cfg = self.round_config(round, params)?;
-        if let Some(dp) = &cfg.dp {
-            let spent = self.privacy().await?;
-            let mut groups = spent.groups.clone();
-            groups.push((dp.noise_multiplier, 1));
-            let after = tessera_secagg::dp::epsilon_of(&groups, dp.delta);
-            if after > dp.epsilon_budget {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "privacy_budget_exhausted",
-                    format!(
-                        "round {round} would take the federation to ε = {after:.3} (δ = {:e}), past its budget of {}; {} DP round(s) released so far spent ε = {:.3}",
-                        dp.delta, dp.epsilon_budget, spent.rounds_released, spent.epsilon_spent
-                    ),
-                ));
-            }
-        }
+        // The privacy budget is the enclave's to enforce: it refuses a round that would
+        // spend past it, or whose DP differs from the federation's sealed budget.
         let opened_at = now();
         inner.enclave.open_round(cfg.clone(), opened_at)?;
         let log = inner.enclave.take_log_entries();

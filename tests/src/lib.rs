@@ -35,6 +35,8 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),
         access: Vec::new(),
         certificate_refresh_secs: tessera_server::config::DEFAULT_CERTIFICATE_REFRESH_SECS,
+        privacy: None,
+        limits: Default::default(),
     }
 }
 

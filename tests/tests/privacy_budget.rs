@@ -55,3 +55,148 @@ async fn a_round_past_the_budget_is_refused() {
     assert!(err.message.contains("past its budget"), "{}", err.message);
     server.stop().await;
 }
+
+async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathBuf, tessera_client::Identity)], round: u64) {
+    let url = format!("https://{}", server.addr);
+    let mut tasks = Vec::new();
+    for (i, (dir, _)) in ids.iter().enumerate() {
+        let identity = tessera_client::Identity::load(dir).unwrap();
+        let api = Api::new(&url, server.fingerprint).unwrap();
+        let opts = Options { insecure_dev: true, round: Some(round), quiet: true, wait: Duration::from_secs(60), ..Options::default() };
+        tasks.push(tokio::spawn(async move {
+            participate(&api, &identity, &opts, move |cfg| {
+                let mut v = synthetic_update(i, round, 50);
+                tessera_client::train::federated::prepare_for_round(&mut v, cfg).expect("DP round");
+                Ok((v, 1))
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap().unwrap(), Participation::Completed(_)));
+    }
+}
+
+/// The federation's budget lives in the enclave, sealed when the federation is created:
+/// the host cannot reset it by opening a round with other DP parameters or none, by
+/// raising it in the configuration and restarting, or by deleting the sealed record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_budget_cannot_be_reset_by_the_host() {
+    let one = epsilon(2.0, 1, 1e-5);
+    let budget = tessera_enclave::FederationBudget { epsilon: one * 1.01, delta: 1e-5 };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: budget.epsilon };
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 3);
+    let params = RoundParams { vector_len: 50, clip: 8.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    let data_dir = root.path().join("server");
+    let mut cfg = server_config(&data_dir, "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0);
+    cfg.privacy = Some(budget);
+    let server = tessera_server::spawn(cfg.clone()).await.unwrap();
+
+    // Before anything is spent: a round without DP, with a larger ε or another δ is
+    // refused by the enclave, naming the federation's budget.
+    let refused = |e: tessera_server::error::ApiError, code: &str, says: &str| {
+        assert_eq!(e.code, code, "{}", e.message);
+        assert!(e.message.contains(says), "{}", e.message);
+    };
+    refused(
+        server.service.open_round(&RoundParams { dp: None, ..params.clone() }).await.unwrap_err(),
+        "privacy_budget",
+        "requires differential privacy on every round",
+    );
+    let larger = RoundParams { dp: Some(DpParams { epsilon_budget: 100.0, ..dp }), ..params.clone() };
+    refused(server.service.open_round(&larger).await.unwrap_err(), "privacy_budget", "fixed when it was created");
+    let other_delta = RoundParams { dp: Some(DpParams { delta: 1e-3, ..dp }), ..params.clone() };
+    refused(server.service.open_round(&other_delta).await.unwrap_err(), "privacy_budget", "fixed when it was created");
+
+    // One round spends the budget; the next is refused inside the enclave.
+    server.service.open_round(&params).await.unwrap();
+    one_dp_round(&server, &ids, 1).await;
+    refused(server.service.open_round(&params).await.unwrap_err(), "privacy_budget_exhausted", "past its budget");
+    refused(server.service.open_round(&larger).await.unwrap_err(), "privacy_budget", "fixed when it was created");
+    server.stop().await;
+
+    // A larger budget in the configuration changes nothing: the sealed one stays.
+    let mut raised = cfg.clone();
+    raised.privacy = Some(tessera_enclave::FederationBudget { epsilon: 100.0, delta: 1e-5 });
+    let server = tessera_server::spawn(raised.clone()).await.unwrap();
+    refused(server.service.open_round(&larger).await.unwrap_err(), "privacy_budget", "ε = 100, δ = 1e-5; the federation's budget, fixed when it was created");
+    refused(server.service.open_round(&params).await.unwrap_err(), "privacy_budget_exhausted", "past its budget");
+    server.stop().await;
+
+    // Deleting the sealed record does not start a new federation: the start fails.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", data_dir.join("tessera.db").display())).await.unwrap();
+    sqlx::query("DELETE FROM kv WHERE key = 'federation'").execute(&pool).await.unwrap();
+    pool.close().await;
+    let err = tessera_server::spawn(raised).await.unwrap_err().to_string();
+    assert!(err.contains("sealed privacy budget is missing"), "{err}");
+}
+
+/// Each institution counts its own privacy: a DP round is charged to the ledger in its
+/// identity directory before its masked input leaves. A host that wipes the aggregator
+/// (a fresh data directory: a new federation with nothing spent) still cannot take an
+/// institution past the `max_epsilon` of its DP floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_institution_refuses_rounds_past_its_own_budget_after_the_aggregator_is_reset() {
+    use tessera_secagg::floors::{DpFloor, SecurityFloors};
+    let one = epsilon(2.0, 1, 1e-5);
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1 };
+    let floors = SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5 }), ..SecurityFloors::default() };
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 3);
+    let params = RoundParams { vector_len: 50, clip: 8.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    let run = |server: &tessera_server::Running| {
+        let url = format!("https://{}", server.addr);
+        let fingerprint = server.fingerprint;
+        let tasks: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, (dir, _))| {
+                let identity = tessera_client::Identity::load(dir).unwrap();
+                let api = Api::new(&url, fingerprint).unwrap();
+                let opts = Options {
+                    insecure_dev: true,
+                    round: Some(1),
+                    quiet: true,
+                    wait: Duration::from_secs(60),
+                    floors: floors.clone(),
+                    ledger: Some(dir.join("privacy-ledger.json")),
+                    ..Options::default()
+                };
+                tokio::spawn(async move {
+                    participate(&api, &identity, &opts, move |cfg| {
+                        let mut v = synthetic_update(i, 1, 50);
+                        tessera_client::train::federated::prepare_for_round(&mut v, cfg).expect("DP round");
+                        Ok((v, 1))
+                    })
+                    .await
+                })
+            })
+            .collect();
+        tasks
+    };
+
+    let first = tessera_server::spawn(server_config(&root.path().join("server-a"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 1)).await.unwrap();
+    for t in run(&first) {
+        assert!(matches!(t.await.unwrap().unwrap(), Participation::Completed(_)));
+    }
+    first.stop().await;
+    for (dir, _) in &ids {
+        let ledger = tessera_client::ledger::PrivacyLedger::load(&dir.join("privacy-ledger.json")).unwrap();
+        assert_eq!(ledger.contributions.len(), 1);
+        assert!((ledger.spent(1e-5) - one).abs() < 1e-9);
+    }
+
+    // The host starts over with a new data directory: the aggregator's books are empty,
+    // the institutions' are not.
+    let reset = tessera_server::spawn(server_config(&root.path().join("server-b"), "127.0.0.1:0".parse().unwrap(), &ids, params, 1)).await.unwrap();
+    for t in run(&reset) {
+        let err = t.await.unwrap().unwrap_err();
+        assert!(matches!(err, tessera_client::ParticipateError::Ledger(tessera_client::ledger::LedgerError::OwnBudgetExhausted { round: 1, .. })), "{err}");
+        assert!(err.to_string().contains("by its own ledger, past its budget"), "{err}");
+    }
+    let status: serde_json::Value = Api::new(&format!("https://{}", reset.addr), reset.fingerprint).unwrap().get_json("/v1/rounds/1").await.unwrap();
+    assert_eq!(status["phase"], "advertise_keys", "{status}");
+    assert_eq!(status["admission"].as_array().map(Vec::len), Some(0), "nothing was sent: {status}");
+    reset.stop().await;
+}

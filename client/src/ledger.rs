@@ -1,0 +1,209 @@
+//! The institution's own privacy ledger: every DP round its data went into, kept in its
+//! identity directory, so the privacy its records have spent is counted by the
+//! institution itself and not only by the aggregator. A round that would take it past
+//! its own budget (the `max_epsilon` of its DP floor) is refused before anything is
+//! computed for it, whatever the aggregator says it has spent: a host that resets the
+//! aggregator's state cannot reset this.
+//!
+//! A contribution is charged before the masked input leaves, and is never refunded (an
+//! aborted round may or may not have reached a sum; the ledger assumes it did).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tessera_secagg::config::RoundConfig;
+
+const VERSION: u32 = 1;
+
+/// One round this institution's data went into.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contribution {
+    /// The aggregator's enclave identity key, hex.
+    pub aggregator: String,
+    pub round: u64,
+    /// The round configuration's digest, hex.
+    pub config_digest: String,
+    /// The round's noise multiplier; `None` for a round without DP.
+    pub noise_multiplier: Option<f64>,
+    pub delta: Option<f64>,
+    /// When it was charged, ms since the Unix epoch.
+    pub charged_at_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyLedger {
+    pub version: u32,
+    pub contributions: Vec<Contribution>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot read the privacy ledger {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Never silently replaced: a ledger that cannot be read would otherwise reset the
+    /// institution's count to zero.
+    #[error("the privacy ledger {path} is corrupt ({why}); restore it from a backup (it is never reset on its own)")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("cannot write the privacy ledger {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error(
+        "round {round} would take this institution's records to ε = {projected:.3} (δ = {delta:e}) by its own ledger, past its budget of {budget} \
+         ({rounds} DP round(s) so far spent ε = {spent:.3})"
+    )]
+    OwnBudgetExhausted { round: u64, spent: f64, projected: f64, budget: f64, delta: f64, rounds: usize },
+}
+
+impl PrivacyLedger {
+    /// Loads the ledger at `path`; a missing file is an empty ledger.
+    pub fn load(path: &Path) -> Result<Self, LedgerError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PrivacyLedger { version: VERSION, contributions: Vec::new() }),
+            Err(source) => return Err(LedgerError::Read { path: path.to_path_buf(), source }),
+        };
+        let ledger: PrivacyLedger = serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt { path: path.to_path_buf(), why: e.to_string() })?;
+        if ledger.version != VERSION {
+            return Err(LedgerError::Corrupt { path: path.to_path_buf(), why: format!("version {} (this build reads {VERSION})", ledger.version) });
+        }
+        Ok(ledger)
+    }
+
+    fn groups(&self) -> Vec<(f64, u64)> {
+        let mut groups: Vec<(f64, u64)> = Vec::new();
+        for z in self.contributions.iter().filter_map(|c| c.noise_multiplier) {
+            match groups.iter_mut().find(|(g, _)| *g == z) {
+                Some(g) => g.1 += 1,
+                None => groups.push((z, 1)),
+            }
+        }
+        groups
+    }
+
+    /// ε (at `delta`) of the DP rounds recorded so far.
+    pub fn spent(&self, delta: f64) -> f64 {
+        let groups = self.groups();
+        if groups.is_empty() {
+            0.0
+        } else {
+            tessera_secagg::dp::epsilon_of(&groups, delta)
+        }
+    }
+
+    fn holds(&self, aggregator: &str, cfg: &RoundConfig) -> bool {
+        let digest = hex::encode(cfg.digest());
+        self.contributions.iter().any(|c| c.aggregator == aggregator && c.round == cfg.round && c.config_digest == digest)
+    }
+
+    /// Refuses `cfg` if contributing to it would take this institution past `budget`
+    /// (ε at the round's δ). A round already charged (a retry) costs nothing more.
+    pub fn check(&self, aggregator: &str, cfg: &RoundConfig, budget: f64) -> Result<(), LedgerError> {
+        let Some(dp) = cfg.dp else { return Ok(()) };
+        if self.holds(aggregator, cfg) {
+            return Ok(());
+        }
+        let mut with = self.clone();
+        with.contributions.push(Contribution {
+            aggregator: aggregator.into(),
+            round: cfg.round,
+            config_digest: hex::encode(cfg.digest()),
+            noise_multiplier: Some(dp.noise_multiplier),
+            delta: Some(dp.delta),
+            charged_at_ms: 0,
+        });
+        let projected = with.spent(dp.delta);
+        if projected > budget {
+            return Err(LedgerError::OwnBudgetExhausted {
+                round: cfg.round,
+                spent: self.spent(dp.delta),
+                projected,
+                budget,
+                delta: dp.delta,
+                rounds: self.groups().iter().map(|g| g.1 as usize).sum(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a contribution to `cfg` at `path` (durably: written to a temporary file,
+    /// synced, renamed) unless it is already recorded.
+    pub fn charge(path: &Path, aggregator: &str, cfg: &RoundConfig, now_ms: u64) -> Result<(), LedgerError> {
+        let mut ledger = Self::load(path)?;
+        if ledger.holds(aggregator, cfg) {
+            return Ok(());
+        }
+        ledger.contributions.push(Contribution {
+            aggregator: aggregator.into(),
+            round: cfg.round,
+            config_digest: hex::encode(cfg.digest()),
+            noise_multiplier: cfg.dp.map(|d| d.noise_multiplier),
+            delta: cfg.dp.map(|d| d.delta),
+            charged_at_ms: now_ms,
+        });
+        let write = |e: std::io::Error| LedgerError::Write { path: path.to_path_buf(), source: e };
+        let text = serde_json::to_vec_pretty(&ledger).map_err(|e| write(std::io::Error::other(e)))?;
+        let tmp = path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(write)?;
+            f.write_all(&text).map_err(write)?;
+            f.sync_all().map_err(write)?;
+        }
+        std::fs::rename(&tmp, path).map_err(write)?;
+        if let Some(dir) = path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tessera_secagg::dp::{epsilon, DpParams};
+
+    fn cfg(round: u64, z: f64) -> RoundConfig {
+        let roster = (0..3u8).map(|i| hex::encode([i; 32])).collect();
+        let mut c = RoundConfig::with_defaults(round, roster, 4, [1; 32]);
+        c.max_weight = 1;
+        c.dp = Some(DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0 });
+        c
+    }
+
+    #[test]
+    fn charges_accumulate_refuse_past_the_budget_and_retries_are_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        let one = epsilon(2.0, 1, 1e-5);
+        let budget = one * 1.2;
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        ledger.check("agg", &cfg(1, 2.0), budget).unwrap();
+        PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1).unwrap();
+        PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 2).unwrap();
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        assert_eq!(ledger.contributions.len(), 1, "a retry of the same round is charged once");
+        assert!((ledger.spent(1e-5) - one).abs() < 1e-12);
+        ledger.check("agg", &cfg(1, 2.0), budget).unwrap();
+        // A second round, even at another aggregator (a reset one), would pass the budget.
+        let err = ledger.check("another-agg", &cfg(2, 2.0), budget).unwrap_err();
+        assert!(matches!(err, LedgerError::OwnBudgetExhausted { round: 2, .. }), "{err}");
+        // A round without DP costs nothing here (the DP floor refuses those).
+        let mut plain = cfg(3, 2.0);
+        plain.dp = None;
+        ledger.check("agg", &plain, budget).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_never_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        std::fs::write(&path, b"{\"version\": 1, \"contributions\": [").unwrap();
+        assert!(matches!(PrivacyLedger::load(&path), Err(LedgerError::Corrupt { .. })));
+        assert!(matches!(PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1), Err(LedgerError::Corrupt { .. })));
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"version\": 1, \"contributions\": [");
+    }
+}
