@@ -187,8 +187,9 @@ impl Api {
         format!("https://{}:{}", self.host, self.port)
     }
 
-    pub async fn request(&self, method: Method, path: impl Into<String>, body: Option<(&str, Vec<u8>)>) -> Result<Bytes, HttpError> {
-        let path: String = path.into();
+    /// A TLS connection to the server, its certificate checked as for every request
+    /// (the pin, and the evidence policy if any); the caller speaks HTTP over it.
+    pub async fn connect_tls(&self) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, HttpError> {
         let addr = format!("{}:{}", self.host, self.port);
         let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((self.host.as_str(), self.port)))
             .await
@@ -204,6 +205,13 @@ impl Api {
                 HttpError::Connect { addr: addr.clone(), why: e.to_string() }
             }
         })?;
+        Ok(tls)
+    }
+
+    pub async fn request(&self, method: Method, path: impl Into<String>, body: Option<(&str, Vec<u8>)>) -> Result<Bytes, HttpError> {
+        let path: String = path.into();
+        let addr = format!("{}:{}", self.host, self.port);
+        let tls = self.connect_tls().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
         tokio::spawn(conn);
         let mut builder = Request::builder().method(method).uri(path.as_str()).header(hyper::header::HOST, &addr);

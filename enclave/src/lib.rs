@@ -116,6 +116,80 @@ pub enum MessageKind {
     Unmask,
 }
 
+/// A client message that parsed and passed [`preverify`].
+#[derive(Debug)]
+pub enum Preverified {
+    Advertise(AdvertiseKeys),
+    ShareKeys(ShareKeys),
+    /// Masked inputs are folded from their received bytes.
+    MaskedInput,
+    Consistency(ConsistencySignature),
+    Unmask(UnmaskShares),
+}
+
+/// What can be checked of a client message without the round's state: it parses, names
+/// `cfg`'s round and a roster member, and, where the signed transcript depends only on
+/// the message and the configuration (every message but the consistency signature, whose
+/// transcript names the survivor set), carries that member's signature. A masked input's
+/// header and length are checked before its body is hashed for the signature. The
+/// server runs this before it takes the round's lock, so a body from no roster member
+/// costs no one else any time; the enclave checks everything again.
+pub fn preverify(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, body: &[u8]) -> Result<Preverified, EnclaveError> {
+    use tessera_secagg::{Error, ProtocolError};
+    let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
+    let parse_err = |e: serde_json::Error| EnclaveError::Protocol(Error::Malformed(e.to_string()));
+    let round_ok = |round: u64| if round == cfg.round { Ok(()) } else { Err(protocol(ProtocolError::WrongRound { expected: cfg.round, got: round })) };
+    let key = |client: ClientId| -> Result<[u8; 32], EnclaveError> {
+        cfg.roster
+            .get(client.0 as usize)
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+            .ok_or_else(|| protocol(ProtocolError::UnknownClient(client)))
+    };
+    let signed = |round: u64, client: ClientId, transcript: &tessera_secagg::crypto::Transcript, sig: &[u8; 64]| -> Result<(), EnclaveError> {
+        round_ok(round)?;
+        let k = key(client)?;
+        if tessera_secagg::crypto::verify_signature(&k, transcript.as_bytes(), sig) {
+            Ok(())
+        } else {
+            Err(protocol(ProtocolError::BadSignature(client)))
+        }
+    };
+    Ok(match kind {
+        MessageKind::Advertise => {
+            let m: AdvertiseKeys = serde_json::from_slice(body).map_err(parse_err)?;
+            signed(m.round, m.client, &m.transcript(digest), &m.signature)?;
+            Preverified::Advertise(m)
+        }
+        MessageKind::ShareKeys => {
+            let m: ShareKeys = serde_json::from_slice(body).map_err(parse_err)?;
+            signed(m.round, m.client, &m.transcript(digest), &m.signature)?;
+            Preverified::ShareKeys(m)
+        }
+        MessageKind::MaskedInput => {
+            let v = MaskedInputView::parse(body)?;
+            round_ok(v.round)?;
+            key(v.client)?;
+            if v.len() != cfg.masked_len() {
+                return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: v.len() }));
+            }
+            signed(v.round, v.client, &MaskedInput::transcript_for(digest, v.round, v.client, &v.data_digest()), &v.signature)?;
+            Preverified::MaskedInput
+        }
+        MessageKind::Consistency => {
+            let m: ConsistencySignature = serde_json::from_slice(body).map_err(parse_err)?;
+            round_ok(m.round)?;
+            key(m.client)?;
+            Preverified::Consistency(m)
+        }
+        MessageKind::Unmask => {
+            let m: UnmaskShares = serde_json::from_slice(body).map_err(parse_err)?;
+            signed(m.round, m.client, &m.transcript(digest), &m.signature)?;
+            Preverified::Unmask(m)
+        }
+    })
+}
+
 /// The outcome of [`Enclave::advance`]: the change, its sealed record for the host to
 /// store, and the release if the round just finished.
 #[derive(Debug)]
@@ -456,6 +530,18 @@ impl Enclave {
     }
 
     /// Feeds one stored client message (used live by the host and in replay).
+    /// Handles a message [`preverify`] parsed (`body` is its received bytes); the
+    /// verdict is the admission's, for an advertisement.
+    pub fn handle_preverified(&mut self, msg: Preverified, body: &[u8], received_at: Timestamp) -> Result<Option<Verdict>, EnclaveError> {
+        match msg {
+            Preverified::Advertise(m) => self.handle_advertise(m, received_at).map(Some),
+            Preverified::ShareKeys(m) => self.handle_share_keys(m).map(|()| None),
+            Preverified::MaskedInput => self.handle_message(MessageKind::MaskedInput, body, received_at).map(|()| None),
+            Preverified::Consistency(m) => self.handle_consistency(m).map(|()| None),
+            Preverified::Unmask(m) => self.handle_unmask(m).map(|()| None),
+        }
+    }
+
     pub fn handle_message(&mut self, kind: MessageKind, body: &[u8], received_at: Timestamp) -> Result<(), EnclaveError> {
         let bytes = body;
         let parse_err = |e: serde_json::Error| EnclaveError::Protocol(tessera_secagg::Error::Malformed(e.to_string()));

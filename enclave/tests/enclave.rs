@@ -229,3 +229,47 @@ fn tree_heads_are_signed_by_the_identity_key() {
     let other = enclave([6; 32]);
     assert_eq!(head.verify(&other.identity_public_key()), Err(HeadError::BadSignature));
 }
+
+/// The stateless checks the server runs before it takes the round's lock: every honest
+/// message of a round passes; a forged signature, another round, a sender outside the
+/// roster and a masked input of the wrong length are refused, each by name.
+#[test]
+fn preverify_passes_honest_messages_and_refuses_forgeries_without_state() {
+    use tessera_enclave::preverify;
+    use tessera_secagg::{Error, ProtocolError};
+    let (_, log, _) = run(5, &[]);
+    let cfg = config(5);
+    let digest = cfg.digest();
+    let messages: Vec<(MessageKind, Vec<u8>)> =
+        log.iter().filter_map(|ev| if let StoredEvent::Message { kind, body, .. } = ev { Some((*kind, body.clone())) } else { None }).collect();
+    assert!(messages.len() >= 20);
+    for (kind, body) in &messages {
+        preverify(&cfg, &digest, *kind, body).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    }
+    let protocol = |r: Result<tessera_enclave::Preverified, EnclaveError>| match r {
+        Err(EnclaveError::Protocol(Error::Protocol(p))) => p,
+        other => panic!("expected a protocol refusal, got {other:?}"),
+    };
+    let (_, advert) = messages.iter().find(|(k, _)| *k == MessageKind::Advertise).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(advert).unwrap();
+    let sig = v["signature"].as_str().unwrap().to_string();
+    v["signature"] = serde_json::Value::String(format!("{}{}", if sig.starts_with('0') { "1" } else { "0" }, &sig[1..]));
+    assert!(matches!(protocol(preverify(&cfg, &digest, MessageKind::Advertise, &serde_json::to_vec(&v).unwrap())), ProtocolError::BadSignature(_)));
+    let mut v: serde_json::Value = serde_json::from_slice(advert).unwrap();
+    v["client"] = serde_json::json!(9);
+    assert!(matches!(protocol(preverify(&cfg, &digest, MessageKind::Advertise, &serde_json::to_vec(&v).unwrap())), ProtocolError::UnknownClient(ClientId(9))));
+    let mut v: serde_json::Value = serde_json::from_slice(advert).unwrap();
+    v["round"] = serde_json::json!(7);
+    assert!(matches!(protocol(preverify(&cfg, &digest, MessageKind::Advertise, &serde_json::to_vec(&v).unwrap())), ProtocolError::WrongRound { got: 7, .. }));
+    // Another configuration (digest) than the round's: the signature no longer verifies.
+    assert!(matches!(protocol(preverify(&cfg, &[0; 32], MessageKind::Advertise, advert)), ProtocolError::BadSignature(_)));
+    // A masked input with one word too few is refused before its body is hashed; one
+    // with a flipped data byte fails its signature.
+    let (_, masked) = messages.iter().find(|(k, _)| *k == MessageKind::MaskedInput).unwrap();
+    assert!(matches!(preverify(&cfg, &digest, MessageKind::MaskedInput, &masked[..masked.len() - 4]), Err(EnclaveError::Protocol(_))));
+    let mut flipped = masked.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    assert!(matches!(protocol(preverify(&cfg, &digest, MessageKind::MaskedInput, &flipped)), ProtocolError::BadSignature(_)));
+    // Garbage is malformed.
+    assert!(matches!(preverify(&cfg, &digest, MessageKind::Unmask, b"{not json"), Err(EnclaveError::Protocol(Error::Malformed(_)))));
+}

@@ -217,7 +217,7 @@ struct LoginForm {
 
 async fn login(State(s): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
     let result: Result<Response, ApiError> = async {
-        let bytes = read_body(&headers, body, 4096).await?;
+        let bytes = read_body(&s, &headers, body, 4096).await?;
         let form: LoginForm = serde_urlencoded_form(&bytes)?;
         if form.token.is_empty() {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "no token given"));
@@ -280,8 +280,18 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
     }
 }
 
-/// Reads a body up to `limit` bytes; larger bodies get 413 before they are buffered.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads a body up to `limit` bytes within the configured time; larger bodies get 413
+/// before they are buffered, slower ones 408.
+async fn read_body(s: &Service, headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let timeout = s.config().limits.body_timeout(declared.unwrap_or(limit).min(limit));
+    match tokio::time::timeout(timeout, read_body_untimed(headers, body, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the request body did not arrive within {timeout:?}"))),
+    }
+}
+
+async fn read_body_untimed(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {limit} bytes"));
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
         if len > limit {
@@ -326,7 +336,7 @@ async fn attestation(State(s): State<Arc<Service>>, Query(q): Query<NonceQuery>)
 
 async fn open_round(State(s): State<Arc<Service>>, Caller(who): Caller, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     require(who, &[Role::Admin], "opening a round")?;
-    let bytes = read_body(&headers, body, JSON_LIMIT).await?;
+    let bytes = read_body(&s, &headers, body, JSON_LIMIT).await?;
     let params: RoundParams = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
     let cfg = s.open_round(&params).await?;
     Ok((StatusCode::CREATED, Json(cfg)).into_response())
@@ -347,7 +357,7 @@ async fn status(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result
 }
 
 async fn submit_json(s: &Service, round: u64, kind: MessageKind, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(headers, body, JSON_LIMIT).await?;
+    let bytes = read_body(s, headers, body, JSON_LIMIT).await?;
     let verdict = s.submit(round, kind, &bytes).await?;
     Ok(match verdict {
         Some(v) => (StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true, "verdict": v}))).into_response(),
@@ -373,7 +383,7 @@ async fn unmask(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: 
 
 async fn masked_input(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let cfg = s.current_config().await.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_round", "no round has been opened"))?;
-    let bytes = read_body(&headers, body, Service::masked_input_limit(&cfg)).await?;
+    let bytes = read_body(&s, &headers, body, Service::masked_input_limit(&cfg)).await?;
     s.submit(round, MessageKind::MaskedInput, &bytes).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true}))).into_response())
 }

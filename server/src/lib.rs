@@ -80,6 +80,7 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
     let refresh_every = Duration::from_secs(service.config().certificate_refresh_secs);
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let app = api::app(service.clone());
+    let limits = service.config().limits;
     let ticker = service.clone();
     let mut tick_rx = tx.subscribe();
     let task = tokio::spawn(async move {
@@ -104,7 +105,7 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
                 }
             }
         });
-        tls::serve(listener, server_tls, app, async move {
+        tls::serve(listener, server_tls, app, limits, async move {
             let _ = rx.changed().await;
         })
         .await;

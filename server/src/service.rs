@@ -31,8 +31,11 @@ pub fn now() -> Timestamp {
 
 /// Refusals waiting to be written to the denial log.
 pub const DENIAL_QUEUE: usize = 1024;
-/// Denials kept in the store; older ones are pruned.
+/// Denials kept in the store, of authenticated and of unauthenticated callers each;
+/// older ones are pruned.
 pub const DENIALS_KEPT: u64 = 100_000;
+/// Unauthenticated refusals listed one by one per minute; the rest are counted.
+pub const ANONYMOUS_DENIALS_PER_MINUTE: u64 = 100;
 
 fn spawn_denial_writer(store: Store) -> tokio::sync::mpsc::Sender<crate::store::Denial> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::store::Denial>(DENIAL_QUEUE);
@@ -86,6 +89,8 @@ pub struct Service {
     attest_permits: tokio::sync::Semaphore,
     denials: tokio::sync::mpsc::Sender<crate::store::Denial>,
     denials_dropped: std::sync::atomic::AtomicU64,
+    /// Unauthenticated refusals in the current minute: (minute, listed, counted only).
+    anonymous_denials: std::sync::Mutex<(u64, u64, u64)>,
     last_schedule_error: Mutex<Option<String>>,
 }
 
@@ -355,6 +360,7 @@ impl Service {
             attest_permits: tokio::sync::Semaphore::new(FRESH_EVIDENCE_CONCURRENCY),
             denials,
             denials_dropped: std::sync::atomic::AtomicU64::new(0),
+            anonymous_denials: std::sync::Mutex::new((0, 0, 0)),
             last_schedule_error: Mutex::new(None),
         });
         // A round that finished just before a crash may not have its result stored yet.
@@ -385,6 +391,37 @@ impl Service {
     /// flood of refusals neither delays answers nor competes with round commits; past
     /// [`DENIAL_QUEUE`] waiting records the excess is counted and dropped.
     pub fn record_denial(&self, d: crate::store::Denial) {
+        // Anyone can make unauthenticated requests: past ANONYMOUS_DENIALS_PER_MINUTE
+        // they are counted, not listed (one summary row per minute), so a flood neither
+        // fills the queue nor pushes refusals of authenticated callers out of the log.
+        if d.principal.is_none() {
+            let minute = d.at_ms / 60_000;
+            let mut summary = None;
+            {
+                let Ok(mut w) = self.anonymous_denials.lock() else { return };
+                if w.0 != minute {
+                    if w.2 > 0 {
+                        summary = Some(crate::store::Denial {
+                            at_ms: (w.0 + 1) * 60_000 - 1,
+                            method: "*".into(),
+                            path: "*".into(),
+                            status: 401,
+                            principal: None,
+                            reason: format!("{} further unauthenticated refusals in this minute were counted, not listed", w.2),
+                        });
+                    }
+                    *w = (minute, 0, 0);
+                }
+                if w.1 >= ANONYMOUS_DENIALS_PER_MINUTE {
+                    w.2 += 1;
+                    return;
+                }
+                w.1 += 1;
+            }
+            if let Some(sm) = summary {
+                let _ = self.denials.try_send(sm);
+            }
+        }
         if self.denials.try_send(d).is_err() {
             let n = self.denials_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
@@ -522,15 +559,25 @@ impl Service {
     /// Accepts one client message for `round`: enclave first, then the store, then any
     /// phase change that it completes.
     pub async fn submit(&self, round: u64, kind: MessageKind, body: &[u8]) -> Result<Option<Verdict>, ApiError> {
+        // Parsing, the sender and its signature are checked before the round's lock is
+        // taken: a body from no roster member is refused without delaying anyone.
+        let cfg = self.current_config().await.filter(|c| c.round == round);
+        let parsed = match &cfg {
+            Some(cfg) => Some(tessera_enclave::preverify(cfg, &cfg.digest(), kind, body)?),
+            None => None,
+        };
         let mut inner = self.inner.lock().await;
         self.current(&inner, round)?;
         let t = now();
-        let result = match kind {
-            MessageKind::Advertise => {
-                let msg: AdvertiseKeys = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
-                inner.enclave.handle_advertise(msg, t).map(Some)
-            }
-            _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
+        let result = match parsed {
+            Some(msg) => inner.enclave.handle_preverified(msg, body, t),
+            None => match kind {
+                MessageKind::Advertise => {
+                    let msg: AdvertiseKeys = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
+                    inner.enclave.handle_advertise(msg, t).map(Some)
+                }
+                _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
+            },
         };
         let log = inner.enclave.take_log_entries();
         let verdict = match result {

@@ -278,9 +278,15 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps only the newest `keep` denials.
+    /// Keeps only the newest `keep` denials of authenticated callers and the newest
+    /// `keep` of unauthenticated ones, so neither kind pushes the other out.
     pub async fn prune_denials(&self, keep: u64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM denials WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM denials) - ?").bind(keep as i64).execute(&self.pool).await?;
+        for kind in ["principal IS NULL", "principal IS NOT NULL"] {
+            sqlx::query(&format!("DELETE FROM denials WHERE {kind} AND id NOT IN (SELECT id FROM denials WHERE {kind} ORDER BY id DESC LIMIT ?)"))
+                .bind(keep as i64)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 

@@ -211,8 +211,10 @@ impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
 }
 
 /// Accepts TLS connections and serves `app` on each until `shutdown` completes.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router, limits: crate::config::Limits, shutdown: impl Future<Output = ()>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let header_timeout = std::time::Duration::from_millis(limits.header_read_timeout_ms.max(1));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -226,9 +228,16 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 }
             },
         };
+        // At the cap, a new connection is closed before any work is done for it.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, max = limits.max_connections, "connection refused: at the connection cap");
+            drop(tcp);
+            continue;
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -252,7 +261,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 req
             });
             let service = TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -116,11 +116,13 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     let want = fedavg(&updates, &(0..N).collect::<Vec<_>>());
     let max_err = release.mean.iter().zip(&want).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
     assert!(max_err <= release.error_bound + 1e-6);
-    // After the round: a conflicting advertisement for an admitted client is refused as
-    // equivocation, even with a bad signature (it is never verified, let alone stored).
-    assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &forged).await.unwrap_err()), (409, "duplicate"));
+    // After the round: a forged advertisement for an admitted client is refused for its
+    // signature before the round's state is consulted (checked outside the round's
+    // lock); a genuinely signed conflicting one is refused as equivocation.
+    assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &forged).await.unwrap_err()), (401, "bad_signature"));
     assert_eq!(status_code(&api.post_json("/v1/rounds/1/advertise", &c0.advertise(vec![])).await.unwrap_err()), (409, "duplicate"));
-    // Replaying a masked input of this round to the finished round changes nothing.
+    // An unsigned masked input for an included client, sent to the finished round, is
+    // refused for its signature before anything else, and changes nothing.
     assert_eq!(
         status_code(
             &post(
@@ -130,7 +132,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
             )
             .await
         ),
-        (409, "duplicate")
+        (401, "bad_signature")
     );
     server.stop().await;
 }
