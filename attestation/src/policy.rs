@@ -92,6 +92,9 @@ pub struct SnpRules {
     pub required_policy_bits: u64,
     /// Guest-policy bits that must be clear, as a mask (e.g. CXL_ALLOW `0x200000`).
     pub forbidden_policy_bits: u64,
+    /// Require an AMD CRL among the endorsements (the KDS's, signed by the ARK): with it
+    /// a revoked ASK is refused. Off by default (the CRL must be fetched and kept fresh).
+    pub require_crl: bool,
 }
 
 impl Default for SnpRules {
@@ -105,6 +108,7 @@ impl Default for SnpRules {
             allow_smt: true,
             required_policy_bits: 0,
             forbidden_policy_bits: 0,
+            require_crl: false,
         }
     }
 }
@@ -244,6 +248,8 @@ pub enum PolicyFailure {
     TdxRuntimeUnpinned { missing: String },
     #[error("the report comes from VMPL {vmpl}; the policy allows at most VMPL {max_vmpl} (code at a higher VMPL is outside the measured image)")]
     VmplTooHigh { vmpl: u64, max_vmpl: u32 },
+    #[error("the policy requires an AMD CRL (snp.require_crl) and none came with the evidence")]
+    SnpCrlMissing,
     #[error("the SEV-SNP guest policy {policy:#x} is refused: {why}")]
     SnpGuestPolicy { policy: u64, why: String },
 }
@@ -417,6 +423,9 @@ impl NodePolicy {
             Some(vmpl) if vmpl > u64::from(rules.max_vmpl) => failures.push(PolicyFailure::VmplTooHigh { vmpl, max_vmpl: rules.max_vmpl }),
             Some(_) => {}
             None => failures.push(PolicyFailure::FieldMissing { field: "vmpl".into() }),
+        }
+        if rules.require_crl && !claims.fields.contains_key("crl") {
+            failures.push(PolicyFailure::SnpCrlMissing);
         }
         let Some(policy) = claims.fields.get("policy").and_then(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok()) else {
             failures.push(PolicyFailure::FieldMissing { field: "policy".into() });

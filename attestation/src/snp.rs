@@ -471,7 +471,8 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
         SigningKey::Reserved(b) => return Err(malformed(format!("SIGNING_KEY {b} is reserved"))),
     }
 
-    let supplied = decode_certificates(endorsements, |i, why| malformed(format!("endorsement {i}: {why}")))?;
+    let (certificates, crls) = split_crls(endorsements);
+    let supplied = decode_certificates(&certificates, |i, why| malformed(format!("endorsement {i}: {why}")))?;
     let anchors = decode_certificates(&trusted_arks.iter().map(|a| a.to_vec()).collect::<Vec<_>>(), |i, why| chain_error(format!("trust anchor {i}: {why}")))?;
     let supplied = parse_all(&supplied, |i, why| malformed(format!("endorsement certificate {i}: {why}")))?;
     let anchors = parse_all(&anchors, |i, why| chain_error(format!("trust anchor {i}: {why}")))?;
@@ -487,11 +488,15 @@ pub fn verify_with_roots(evidence: &[u8], endorsements: &[Vec<u8>], trusted_arks
         .map_err(|_| VerifyError::BadSignature { format: F, what: format!("the report (with the key of {})", leaf_name(report)) })?;
 
     check_tcb_extensions(report, chain.leaf)?;
+    let crl_checked = check_crls(&crls, &chain, now_secs)?;
 
     let mut fields = report.fields();
     fields.insert("root".into(), common_name(chain.ark));
     fields.insert("intermediate".into(), common_name(chain.ask));
     fields.insert("REPORT_DATA".into(), hex::encode(report.report_data));
+    if let Some(text) = crl_checked {
+        fields.insert("crl".into(), text);
+    }
     // What the guest bound: REPORT_DATA itself, or under Azure's paravisor (HCL) the
     // runtime data's `user-data`, which REPORT_DATA binds through its hash. Without
     // user-data an Azure report binds nothing the guest chose, and the binding check fails.
@@ -529,6 +534,74 @@ fn leaf_name(report: &AttestationReport) -> &'static str {
         SigningKey::Vlek => "the VLEK certificate",
         _ => "the VCEK certificate",
     }
+}
+
+/// Takes the CRLs (DER, or PEM `X509 CRL`) out of the endorsements; the rest are certificates.
+fn split_crls(items: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    use x509_parser::prelude::FromDer;
+    let mut certificates = Vec::new();
+    let mut crls = Vec::new();
+    for item in items {
+        if item.first() == Some(&0x30) {
+            if X509Certificate::from_der(item).is_err() && x509_parser::revocation_list::CertificateRevocationList::from_der(item).is_ok() {
+                crls.push(item.clone());
+            } else {
+                certificates.push(item.clone());
+            }
+            continue;
+        }
+        let pems: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(item).filter_map(Result::ok).collect();
+        if !pems.is_empty() && pems.iter().all(|p| p.label == "X509 CRL") {
+            crls.extend(pems.into_iter().map(|p| p.contents));
+        } else {
+            certificates.push(item.clone());
+        }
+    }
+    (certificates, crls)
+}
+
+/// Checks AMD's CRLs (as the KDS serves them: issued and signed by the ARK, listing
+/// revoked ASKs): each must be the ARK's, signed by it with RSA-PSS, and current at
+/// `now_secs`; the chain's ASK must not be listed. Returns what was checked, if any CRL
+/// was given.
+fn check_crls(crls: &[Vec<u8>], chain: &Chain<'_, '_>, now_secs: u64) -> Result<Option<String>, VerifyError> {
+    use x509_parser::prelude::FromDer;
+    let mut checked = Vec::new();
+    for (i, der) in crls.iter().enumerate() {
+        let crl = match x509_parser::revocation_list::CertificateRevocationList::from_der(der) {
+            Ok(([], crl)) => crl,
+            Ok((rest, _)) => return Err(malformed(format!("CRL {i}: {} bytes follow it", rest.len()))),
+            Err(e) => return Err(malformed(format!("CRL {i}: {e}"))),
+        };
+        if crl.issuer().as_raw() != chain.ark.subject().as_raw() {
+            return Err(chain_error(format!("CRL {i} is issued by {}, not by the ARK {}", crl.issuer(), chain.ark.subject())));
+        }
+        let signed = crl.signature_algorithm.algorithm == OID_PKCS1_RSASSAPSS
+            && crl.signature_value.unused_bits == 0
+            && UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA384, &chain.ark.public_key().subject_public_key.data)
+                .verify(crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+                .is_ok();
+        if !signed {
+            return Err(VerifyError::BadSignature { format: F, what: format!("CRL {i} (by the ARK {})", common_name(chain.ark)) });
+        }
+        let now = i64::try_from(now_secs).unwrap_or(i64::MAX);
+        let next = crl.next_update().map(|t| t.timestamp());
+        if now < crl.last_update().timestamp() || next.is_none_or(|n| now > n) {
+            return Err(VerifyError::NotValidAtTime {
+                format: F,
+                what: format!(
+                    "CRL {i} (this update {}, next update {})",
+                    crl.last_update(),
+                    crl.next_update().map_or_else(|| "none".into(), |t| t.to_string())
+                ),
+            });
+        }
+        if crl.iter_revoked_certificates().any(|r| r.raw_serial() == chain.ask.raw_serial()) {
+            return Err(VerifyError::Revoked { format: F, what: format!("the ASK {} (serial {})", common_name(chain.ask), chain.ask.raw_serial_as_string()) });
+        }
+        checked.push(format!("ARK CRL of {} ({} revoked)", crl.last_update(), crl.iter_revoked_certificates().count()));
+    }
+    Ok((!checked.is_empty()).then(|| checked.join("; ")))
 }
 
 /// Splits endorsements into DER certificates: an item starting with a DER SEQUENCE is one

@@ -16,6 +16,11 @@ use tessera_enclave::tsm::{ConfigFs, ARK_GUID, ASK_GUID, VCEK_GUID};
 pub const TEST_ARK: &[u8] = include_bytes!("../data/snp-test-pki/ark.der");
 pub const TEST_ASK: &[u8] = include_bytes!("../data/snp-test-pki/ask.der");
 pub const TEST_VCEK: &[u8] = include_bytes!("../data/snp-test-pki/vcek.der");
+/// CRLs the test ARK signed: empty, revoking the test ASK, and one whose nextUpdate
+/// (2026-02-01) has passed.
+pub const TEST_CRL_EMPTY: &[u8] = include_bytes!("../data/snp-test-pki/crl-empty.der");
+pub const TEST_CRL_REVOKING_ASK: &[u8] = include_bytes!("../data/snp-test-pki/crl-revoking-ask.der");
+pub const TEST_CRL_EXPIRED: &[u8] = include_bytes!("../data/snp-test-pki/crl-expired.der");
 const TEST_VCEK_KEY: &[u8] = include_bytes!("../data/snp-test-pki/vcek.pk8");
 /// A real Milan report (v2) as the layout template: its CHIP_ID and REPORTED_TCB are
 /// the ones the test VCEK certifies.

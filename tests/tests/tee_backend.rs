@@ -307,3 +307,54 @@ fn snp_reports_from_a_higher_vmpl_or_with_a_migration_agent_are_refused() {
         .accepted
     );
 }
+
+/// AMD's CRL (the KDS's, signed by the ARK) among the endorsements: an empty, current one
+/// is checked and named in the claims; one revoking the ASK, one past its nextUpdate and
+/// one with a flipped signature byte are refused by name; a policy that requires a CRL
+/// refuses evidence without one.
+#[test]
+fn an_ark_signed_crl_revokes_the_ask() {
+    use tessera_attestation::policy::{NodePolicy, PolicyFailure, SnpRules};
+    use tessera_tests::fake_snp::{TEST_CRL_EMPTY, TEST_CRL_EXPIRED, TEST_CRL_REVOKING_ASK};
+    let report_data = [0x5a; 64];
+    let report = FakeSnpGuest::new(MEASUREMENT, false).report(&report_data).unwrap();
+    let verify = |crl: Option<&[u8]>| {
+        let mut e = vec![TEST_VCEK.to_vec(), TEST_ASK.to_vec()];
+        e.extend(crl.map(<[u8]>::to_vec));
+        snp::verify_with_roots(&report, &e, &[TEST_ARK], now())
+    };
+    let claims = verify(Some(TEST_CRL_EMPTY)).unwrap();
+    assert!(claims.fields["crl"].contains("ARK CRL") && claims.fields["crl"].contains("0 revoked"), "{:?}", claims.fields.get("crl"));
+    assert!(!verify(None).unwrap().fields.contains_key("crl"));
+    let crl_pem = format!("-----BEGIN X509 CRL-----\n{}\n-----END X509 CRL-----\n", {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(TEST_CRL_EMPTY)
+    });
+    assert!(verify(Some(crl_pem.as_bytes())).unwrap().fields.contains_key("crl"), "a PEM CRL is read too");
+
+    match verify(Some(TEST_CRL_REVOKING_ASK)) {
+        Err(VerifyError::Revoked { what, .. }) => assert!(what.contains("TEST-ASK") && what.contains("02"), "{what}"),
+        other => panic!("expected the ASK revoked, got {other:?}"),
+    }
+    match verify(Some(TEST_CRL_EXPIRED)) {
+        Err(VerifyError::NotValidAtTime { what, .. }) => assert!(what.contains("next update"), "{what}"),
+        other => panic!("expected a stale CRL, got {other:?}"),
+    }
+    let mut tampered = TEST_CRL_EMPTY.to_vec();
+    *tampered.last_mut().unwrap() ^= 1;
+    assert!(matches!(verify(Some(&tampered)), Err(VerifyError::BadSignature { .. })));
+
+    let policy = NodePolicy {
+        snp: Some(SnpRules { measurement: vec![hex::encode(MEASUREMENT)], require_crl: true, ..SnpRules::default() }),
+        additional_snp_arks: vec![pem(TEST_ARK)],
+        ..Default::default()
+    };
+    let endorse = |crl: Option<&[u8]>| {
+        let mut e = vec![TEST_VCEK.to_vec(), TEST_ASK.to_vec()];
+        e.extend(crl.map(<[u8]>::to_vec));
+        e
+    };
+    assert_eq!(policy.check(&report, &endorse(None), &report_data, now()).failures, vec![PolicyFailure::SnpCrlMissing]);
+    let verdict = policy.check(&report, &endorse(Some(TEST_CRL_EMPTY)), &report_data, now());
+    assert!(verdict.accepted, "{}", verdict.reasons());
+}

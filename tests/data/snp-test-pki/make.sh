@@ -39,6 +39,27 @@ openssl req -new -key vcek.key -subj "$subj/CN=TEST-VCEK" -out vcek.csr
 openssl x509 -req -in vcek.csr -CA ask.der -CAform DER -CAkey ask.key "${pss[@]}" -days 36500 -set_serial 3 \
   -extfile ext.cnf -extensions vcek -outform DER -out vcek.der
 openssl pkcs8 -topk8 -nocrypt -in vcek.key -outform DER -out vcek.pk8
+# CRLs the ARK signs, as AMD's KDS serves (they list revoked ASKs): an empty one valid for
+# a century, one revoking the ASK, and one whose nextUpdate has passed.
+mkdir -p ca && : > ca/index.txt && echo 01 > ca/crlnumber
+cat > ca.cnf <<'CNF'
+[ca]
+default_ca = test
+[test]
+database = ca/index.txt
+crlnumber = ca/crlnumber
+default_md = sha384
+CNF
+openssl x509 -inform DER -in ark.der -out ark.pem
+openssl x509 -inform DER -in ask.der -out ask.pem
+crlsig=(-md sha384 -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:48 -sigopt rsa_mgf1_md:sha384)
+crl() { openssl ca -config ca.cnf -gencrl -cert ark.pem -keyfile ark.key "${crlsig[@]}" -crl_lastupdate "$1" -crl_nextupdate "$2" -out "$3.pem"
+        openssl crl -in "$3.pem" -outform DER -out "$3.der"; rm -f "$3.pem"; }
+crl 20260101000000Z 21260101000000Z crl-empty
+crl 20260101000000Z 20260201000000Z crl-expired
+openssl ca -config ca.cnf -revoke ask.pem -cert ark.pem -keyfile ark.key -md sha384
+crl 20260101000000Z 21260101000000Z crl-revoking-ask
+rm -rf ca ca.cnf ark.pem ask.pem
 rm -f ark.key ask.key vcek.key ask.csr vcek.csr ext.cnf
 # The extended-report certificate table the fake host hands out (also the fuzz seed of
 # the snp_cert_table target); tests/tests/tee_backend.rs checks it is FakeSnpGuest's.
