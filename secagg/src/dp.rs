@@ -93,10 +93,16 @@ pub fn epsilon_of(groups: &[(f64, u64)], delta: f64) -> f64 {
 }
 
 /// The smallest noise multiplier (to 0.1%) with which `rounds` rounds spend at most `epsilon`.
-pub fn noise_multiplier_for(epsilon_target: f64, rounds: u64, delta: f64) -> f64 {
+pub fn noise_multiplier_for(epsilon_target: f64, rounds: u64, delta: f64) -> Result<f64, crate::Error> {
     let (mut lo, mut hi) = (0.01f64, 1.0f64);
     while epsilon(hi, rounds, delta) > epsilon_target && hi < 1e6 {
         hi *= 2.0;
+    }
+    if epsilon(hi, rounds, delta) > epsilon_target {
+        return Err(crate::Error::Config(format!(
+            "ε = {epsilon_target} over {rounds} round(s) at δ = {delta:e} is out of reach: this accountant's RDP orders give at least ε = {:.4} at any noise",
+            epsilon(hi, rounds, delta)
+        )));
     }
     while hi - lo > hi * 1e-3 {
         let mid = (lo + hi) / 2.0;
@@ -106,7 +112,7 @@ pub fn noise_multiplier_for(epsilon_target: f64, rounds: u64, delta: f64) -> f64
             hi = mid;
         }
     }
-    hi
+    Ok(hi)
 }
 
 #[cfg(test)]
@@ -143,11 +149,19 @@ mod tests {
 
     #[test]
     fn calibration_inverts_the_accountant() {
-        let z = noise_multiplier_for(8.0, 5, 1e-5);
+        let z = noise_multiplier_for(8.0, 5, 1e-5).unwrap();
         assert!(epsilon(z, 5, 1e-5) <= 8.0);
         assert!(epsilon(z * 0.99, 5, 1e-5) > 8.0);
         let p = DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0 };
         assert_eq!(p.max_rounds(), 5);
+        // Reachable targets are met; unreachable ones are an error naming the floor,
+        // never a silent 2^20.
+        for (target, rounds) in [(0.5, 1), (2.0, 3), (23.5, 1), (50.0, 3)] {
+            let z = noise_multiplier_for(target, rounds, 1e-5).unwrap();
+            assert!(epsilon(z, rounds, 1e-5) <= target, "{target} over {rounds}");
+        }
+        let err = noise_multiplier_for(0.05, 1, 1e-5).unwrap_err().to_string();
+        assert!(err.contains("out of reach") && err.contains("at least"), "{err}");
     }
 
     #[test]

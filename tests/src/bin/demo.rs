@@ -125,7 +125,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(work)?;
     let dp_delta = 1e-5;
-    let z = noise_multiplier_for(args.epsilon, args.rounds, dp_delta);
+    let z = noise_multiplier_for(args.epsilon, args.rounds, dp_delta).context("--epsilon")?;
     let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon };
     println!(
         "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
