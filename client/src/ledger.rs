@@ -31,6 +31,20 @@ pub struct Contribution {
     pub charged_at_ms: u64,
 }
 
+impl Contribution {
+    /// A contribution of this institution's data to `cfg`'s round at `aggregator`.
+    fn to(aggregator: &str, cfg: &RoundConfig, charged_at_ms: u64) -> Self {
+        Contribution {
+            aggregator: aggregator.into(),
+            round: cfg.round,
+            config_digest: hex::encode(cfg.digest()),
+            noise_multiplier: cfg.dp.map(|d| d.noise_multiplier),
+            delta: cfg.dp.map(|d| d.delta),
+            charged_at_ms,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyLedger {
@@ -104,14 +118,7 @@ impl PrivacyLedger {
             return Ok(());
         }
         let mut with = self.clone();
-        with.contributions.push(Contribution {
-            aggregator: aggregator.into(),
-            round: cfg.round,
-            config_digest: hex::encode(cfg.digest()),
-            noise_multiplier: Some(dp.noise_multiplier),
-            delta: Some(dp.delta),
-            charged_at_ms: 0,
-        });
+        with.contributions.push(Contribution::to(aggregator, cfg, 0));
         let projected = with.spent(dp.delta);
         if projected > budget {
             return Err(LedgerError::OwnBudgetExhausted {
@@ -133,14 +140,7 @@ impl PrivacyLedger {
         if ledger.holds(aggregator, cfg) {
             return Ok(());
         }
-        ledger.contributions.push(Contribution {
-            aggregator: aggregator.into(),
-            round: cfg.round,
-            config_digest: hex::encode(cfg.digest()),
-            noise_multiplier: cfg.dp.map(|d| d.noise_multiplier),
-            delta: cfg.dp.map(|d| d.delta),
-            charged_at_ms: now_ms,
-        });
+        ledger.contributions.push(Contribution::to(aggregator, cfg, now_ms));
         let write = |e: std::io::Error| LedgerError::Write { path: path.to_path_buf(), source: e };
         let text = serde_json::to_vec_pretty(&ledger).map_err(|e| write(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");

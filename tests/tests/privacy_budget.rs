@@ -28,23 +28,7 @@ async fn a_round_past_the_budget_is_refused() {
     assert_eq!(err.code, "invalid_round_params", "{}", err.message);
 
     server.service.open_round(&params).await.unwrap();
-    let mut tasks = Vec::new();
-    for (i, (dir, _)) in ids.iter().enumerate() {
-        let identity = tessera_client::Identity::load(dir).unwrap();
-        let api = Api::new(&url, server.fingerprint).unwrap();
-        let opts = Options { insecure_dev: true, round: Some(1), quiet: true, wait: Duration::from_secs(60), ..Options::default() };
-        tasks.push(tokio::spawn(async move {
-            participate(&api, &identity, &opts, move |cfg| {
-                let mut v = synthetic_update(i, 1, 50);
-                tessera_client::train::federated::prepare_for_round(&mut v, cfg).expect("DP round");
-                Ok((v, 1))
-            })
-            .await
-        }));
-    }
-    for t in tasks {
-        assert!(matches!(t.await.unwrap().unwrap(), Participation::Completed(_)));
-    }
+    one_dp_round(&server, &ids, 1).await;
     let report: serde_json::Value = api.clone().with_bearer(ADMIN_TOKEN).get_json("/v1/privacy").await.unwrap();
     assert_eq!(report["rounds_released"], 1);
     assert_eq!(report["rounds_remaining"], 0);
