@@ -19,14 +19,48 @@ use sha2::{Digest, Sha256};
 use crate::policy::NodePolicy;
 use crate::translog::{self, Hash, SignedTreeHead};
 
+/// The neighbouring relation a round's ε is stated under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Adjacency {
+    /// One institution's update replaced by zeros (sensitivity C). The release names who
+    /// was included, so participation itself is public.
+    #[default]
+    #[serde(rename = "zero-out")]
+    ZeroOut,
+}
+
+impl Adjacency {
+    pub fn explained(self) -> &'static str {
+        match self {
+            Adjacency::ZeroOut => "zero-out adjacency: one institution's update replaced by zeros (sensitivity C); who took part is public",
+        }
+    }
+}
+
+impl std::fmt::Display for Adjacency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Adjacency::ZeroOut => "zero-out",
+        })
+    }
+}
+
 /// The DP parameters a round ran under (mirrors `tessera_secagg::dp::DpParams`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpSummary {
+    /// The multiplier a coalition of `colluders` participants faces after subtracting
+    /// its own noise shares; the ε figures named plainly are against that coalition.
     pub noise_multiplier: f64,
     pub l2_clip: f64,
     pub delta: f64,
     pub epsilon_budget: f64,
+    /// Colluding participants the noise is calibrated against (0 in entries written
+    /// before the calibration: their noise was calibrated to outsiders only).
+    #[serde(default)]
+    pub colluders: u32,
+    #[serde(default)]
+    pub adjacency: Adjacency,
 }
 
 /// One entry of the log. Its leaf is `SHA-256(0x00 ‖ the entry's JSON bytes)`, over the
@@ -90,6 +124,12 @@ pub enum LogEvent {
         epsilon_cumulative: Option<f64>,
         /// ε per participant (roster key) over the released DP rounds it was included in.
         epsilon_by_participant: BTreeMap<String, f64>,
+        /// The same two figures against an outsider, who knows no noise share: the
+        /// sum of at least `min_survivors` shares.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epsilon_outsider_round: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epsilon_outsider_cumulative: Option<f64>,
     },
     /// The round ended without a release.
     Aborted { phase: String, reason: String },
@@ -201,12 +241,44 @@ pub struct RoundReport {
     /// Clients that went missing in any phase.
     pub dropouts: Vec<u32>,
     pub dp: Option<DpSummary>,
+    /// ε of this round and of the federation so far against a coalition of
+    /// `dp.colluders` participants (the conservative figures the budget is charged).
     pub epsilon_round: Option<f64>,
     pub epsilon_cumulative: Option<f64>,
+    /// The same against an outsider.
+    #[serde(default)]
+    pub epsilon_outsider_round: Option<f64>,
+    #[serde(default)]
+    pub epsilon_outsider_cumulative: Option<f64>,
     pub release: Option<ReleaseRecord>,
     pub abort_reason: Option<String>,
     /// Log indices of the round's entries, in order.
     pub entries: Vec<u64>,
+}
+
+impl RoundReport {
+    /// One line saying what the round's DP protects and what it spent, against a
+    /// coalition of participants and against outsiders; `None` without DP.
+    pub fn privacy_summary(&self) -> Option<String> {
+        let dp = self.dp?;
+        let f = |v: Option<f64>| v.map(|e| format!("{e:.3}")).unwrap_or_else(|| "-".into());
+        let against = match dp.colluders {
+            0 => "participants: not calibrated (insiders see less noise)".to_string(),
+            1 => "any 1 participant".to_string(),
+            n => format!("any {n} colluding participants"),
+        };
+        Some(format!(
+            "{}; δ = {:e}, z = {} against {against}; ε this round {} against {against}, {} against outsiders; federation cumulative {} against {against}, {} against outsiders (budget {})",
+            dp.adjacency.explained(),
+            dp.delta,
+            dp.noise_multiplier,
+            f(self.epsilon_round),
+            f(self.epsilon_outsider_round),
+            f(self.epsilon_cumulative),
+            f(self.epsilon_outsider_cumulative),
+            dp.epsilon_budget
+        ))
+    }
 }
 
 /// Derives a round's report from its log entries, which must be the round's whole,
@@ -258,6 +330,8 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
         dp: *dp,
         epsilon_round: None,
         epsilon_cumulative: None,
+        epsilon_outsider_round: None,
+        epsilon_outsider_cumulative: None,
         release: None,
         abort_reason: None,
         entries: vec![first.index],
@@ -366,6 +440,8 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                 epsilon_round,
                 epsilon_cumulative,
                 epsilon_by_participant,
+                epsilon_outsider_round,
+                epsilon_outsider_cumulative,
             } => {
                 if rdp != dp {
                     return Err(ReportError::Malformed(format!("entry {}: released under other DP parameters than the round opened with", e.index)));
@@ -394,6 +470,8 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                 }
                 report.epsilon_round = *epsilon_round;
                 report.epsilon_cumulative = *epsilon_cumulative;
+                report.epsilon_outsider_round = *epsilon_outsider_round;
+                report.epsilon_outsider_cumulative = *epsilon_outsider_cumulative;
                 report.release = Some(ReleaseRecord {
                     included: included.clone(),
                     total_weight: *total_weight,
@@ -772,6 +850,8 @@ mod tests {
             epsilon_round: None,
             epsilon_cumulative: None,
             epsilon_by_participant: BTreeMap::new(),
+            epsilon_outsider_round: None,
+            epsilon_outsider_cumulative: None,
         });
         v
     }

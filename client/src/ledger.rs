@@ -24,9 +24,12 @@ pub struct Contribution {
     pub round: u64,
     /// The round configuration's digest, hex.
     pub config_digest: String,
-    /// The round's noise multiplier; `None` for a round without DP.
+    /// The round's noise multiplier, the guarantee against a coalition of `colluders`
+    /// participants under zero-out adjacency; `None` for a round without DP.
     pub noise_multiplier: Option<f64>,
     pub delta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colluders: Option<u32>,
     /// When it was charged, ms since the Unix epoch.
     pub charged_at_ms: u64,
 }
@@ -40,6 +43,7 @@ impl Contribution {
             config_digest: hex::encode(cfg.digest()),
             noise_multiplier: cfg.dp.map(|d| d.noise_multiplier),
             delta: cfg.dp.map(|d| d.delta),
+            colluders: cfg.dp.map(|d| d.colluders),
             charged_at_ms,
         }
     }
@@ -170,7 +174,7 @@ mod tests {
         let roster = (0..3u8).map(|i| hex::encode([i; 32])).collect();
         let mut c = RoundConfig::with_defaults(round, roster, 4, [1; 32]);
         c.max_weight = 1;
-        c.dp = Some(DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0 });
+        c.dp = Some(DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders: 1 });
         c
     }
 

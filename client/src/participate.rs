@@ -347,7 +347,14 @@ where
         let ledger = crate::ledger::PrivacyLedger::load(path)?;
         if let (Some(floor), Some(dp)) = (&opts.floors.dp, &cfg.dp) {
             ledger.check(&aggregator_hex, &cfg, floor.max_epsilon)?;
-            d.say(&format!("own privacy ledger: ε = {:.3} spent of {} (δ = {:e}) before this round", ledger.spent(dp.delta), floor.max_epsilon, dp.delta));
+            d.say(&format!(
+                "own privacy ledger: ε = {:.3} spent of {} (δ = {:e}; {} adjacency, against any {} colluding participant(s)) before this round",
+                ledger.spent(dp.delta),
+                floor.max_epsilon,
+                dp.delta,
+                tessera_secagg::dp::ADJACENCY,
+                dp.colluders
+            ));
         }
     }
 

@@ -586,13 +586,12 @@ impl Enclave {
         if let Some(r) = &release {
             let dp = self.state()?.aggregator.config().dp.map(dp_summary);
             let included: Vec<u32> = r.included.iter().map(|c| c.0).collect();
-            let (epsilon_round, epsilon_cumulative, epsilon_by_participant) = match &dp {
-                Some(dp) => {
-                    let (a, b, c) = self.log.release_figures(round, dp, &included);
-                    (Some(a), Some(b), c)
-                }
-                None => (None, None, BTreeMap::new()),
+            let figures = dp.as_ref().map(|dp| self.log.release_figures(round, dp, &included));
+            let (epsilon_round, epsilon_cumulative, epsilon_outsider_round, epsilon_outsider_cumulative) = match &figures {
+                Some(f) => (Some(f.round), Some(f.cumulative), Some(f.outsider_round), Some(f.outsider_cumulative)),
+                None => (None, None, None, None),
             };
+            let epsilon_by_participant = figures.map(|f| f.by_participant).unwrap_or_default();
             self.log.append(
                 round,
                 change.at.0,
@@ -606,6 +605,8 @@ impl Enclave {
                     epsilon_round,
                     epsilon_cumulative,
                     epsilon_by_participant,
+                    epsilon_outsider_round,
+                    epsilon_outsider_cumulative,
                 },
             );
         } else if let Some(Outcome::Aborted { phase, reason }) = self.outcome() {
@@ -714,7 +715,14 @@ fn phase_name(p: Phase) -> String {
 }
 
 fn dp_summary(dp: tessera_secagg::dp::DpParams) -> DpSummary {
-    DpSummary { noise_multiplier: dp.noise_multiplier, l2_clip: dp.l2_clip, delta: dp.delta, epsilon_budget: dp.epsilon_budget }
+    DpSummary {
+        noise_multiplier: dp.noise_multiplier,
+        l2_clip: dp.l2_clip,
+        delta: dp.delta,
+        epsilon_budget: dp.epsilon_budget,
+        colluders: dp.colluders,
+        adjacency: tessera_attestation::audit::Adjacency::ZeroOut,
+    }
 }
 
 /// What a sealed phase record is bound to besides its bytes: the enclave identity that

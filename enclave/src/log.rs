@@ -44,12 +44,38 @@ pub enum LogError {
 /// ε bookkeeping over released DP rounds, as RDP groups (noise multiplier, rounds).
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Ledger {
+    /// Against a coalition of the rounds' colluders (what the budget is charged).
     federation: Vec<(f64, u64)>,
+    /// Against an outsider, who knows no noise share.
+    outsider: Vec<(f64, u64)>,
     by_participant: BTreeMap<String, Vec<(f64, u64)>>,
-    /// The roster of each round seen opening, to name the included clients.
-    rosters: BTreeMap<u64, Vec<String>>,
+    /// The roster and minimum survivors of each round seen opening, to name the
+    /// included clients and to derive the outsider's multiplier.
+    rosters: BTreeMap<u64, (Vec<String>, u32)>,
     /// The round opened last, while it has no end entry.
     open_round: Option<u64>,
+}
+
+/// The ε figures of one release.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ReleaseFigures {
+    pub round: f64,
+    pub cumulative: f64,
+    pub outsider_round: f64,
+    pub outsider_cumulative: f64,
+    pub by_participant: BTreeMap<String, f64>,
+}
+
+/// The multiplier an outsider faces in a round with `t` minimum survivors.
+fn outsider_multiplier(dp: &DpSummary, t: u32) -> f64 {
+    let params = tessera_secagg::dp::DpParams {
+        noise_multiplier: dp.noise_multiplier,
+        l2_clip: dp.l2_clip,
+        delta: dp.delta,
+        epsilon_budget: dp.epsilon_budget,
+        colluders: dp.colluders,
+    };
+    params.outsider_noise_multiplier(t)
 }
 
 fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
@@ -62,8 +88,8 @@ fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
 impl Ledger {
     fn observe(&mut self, entry: &LogEntry) {
         match &entry.event {
-            LogEvent::RoundOpened { roster, .. } => {
-                self.rosters.insert(entry.round, roster.clone());
+            LogEvent::RoundOpened { roster, min_survivors, .. } => {
+                self.rosters.insert(entry.round, (roster.clone(), *min_survivors));
                 self.open_round = Some(entry.round);
             }
             e if e.is_terminal() && self.open_round == Some(entry.round) => {
@@ -78,7 +104,8 @@ impl Ledger {
 
     fn observe_release(&mut self, round: u64, included: &[u32], dp: &DpSummary) {
         add(&mut self.federation, dp.noise_multiplier);
-        let roster = self.rosters.get(&round).cloned().unwrap_or_default();
+        let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
+        add(&mut self.outsider, outsider_multiplier(dp, t));
         for c in included {
             if let Some(id) = roster.get(*c as usize) {
                 add(self.by_participant.entry(id.clone()).or_default(), dp.noise_multiplier);
@@ -87,12 +114,15 @@ impl Ledger {
     }
 
     /// The ε figures a release of `round` under `dp` including `included` would carry.
-    fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> (f64, f64, BTreeMap<String, f64>) {
+    fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> ReleaseFigures {
         let eps_round = tessera_secagg::dp::epsilon(dp.noise_multiplier, 1, dp.delta);
         let mut fed = self.federation.clone();
         add(&mut fed, dp.noise_multiplier);
         let eps_cum = tessera_secagg::dp::epsilon_of(&fed, dp.delta);
-        let roster = self.rosters.get(&round).cloned().unwrap_or_default();
+        let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
+        let z_out = outsider_multiplier(dp, t);
+        let mut outsider = self.outsider.clone();
+        add(&mut outsider, z_out);
         let mut by = BTreeMap::new();
         for c in included {
             if let Some(id) = roster.get(*c as usize) {
@@ -101,7 +131,13 @@ impl Ledger {
                 by.insert(id.clone(), tessera_secagg::dp::epsilon_of(&g, dp.delta));
             }
         }
-        (eps_round, eps_cum, by)
+        ReleaseFigures {
+            round: eps_round,
+            cumulative: eps_cum,
+            outsider_round: tessera_secagg::dp::epsilon(z_out, 1, dp.delta),
+            outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, dp.delta),
+            by_participant: by,
+        }
     }
 }
 
@@ -303,7 +339,7 @@ impl TransparencyLog {
         tessera_secagg::dp::epsilon_of(&fed, delta)
     }
 
-    pub(crate) fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> (f64, f64, BTreeMap<String, f64>) {
+    pub(crate) fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> ReleaseFigures {
         self.ledger.release_figures(round, dp, included)
     }
 }

@@ -202,6 +202,26 @@ impl RoundConfig {
             if self.max_weight != 1 {
                 return bad(format!("a round with DP must be unweighted (max_weight = 1), got max_weight = {}", self.max_weight));
             }
+            if dp.colluders >= self.min_survivors {
+                return bad(format!(
+                    "dp.colluders = {} must be below min_survivors = {}: the noise of at least one honest input must remain after the colluders subtract theirs",
+                    dp.colluders, self.min_survivors
+                ));
+            }
+            // Each noised coordinate is clamped to [-clip, clip] before quantization; a
+            // clamp too close to C cuts the noise's tails and biases the mean.
+            let need = dp.min_range_clip(self.min_survivors);
+            if f64::from(self.clip) < need {
+                return bad(format!(
+                    "clip = {} is below dp.l2_clip + {}σ = {} + {} × {:.6} = {need:.6}, where σ is a client's noise share (z·C/√(t − f)): \
+                     set clip to at least {need:.6} so the range clip does not cut the noise",
+                    self.clip,
+                    crate::dp::RANGE_SIGMAS,
+                    dp.l2_clip,
+                    crate::dp::RANGE_SIGMAS,
+                    dp.client_noise_std(self.min_survivors)
+                ));
+            }
         }
         self.graph_seed_bytes()?;
         for i in 0..self.roster.len() {
@@ -255,6 +275,7 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
         put("dp.l2_clip", &dp.l2_clip.to_bits().to_le_bytes());
         put("dp.delta", &dp.delta.to_bits().to_le_bytes());
         put("dp.epsilon_budget", &dp.epsilon_budget.to_bits().to_le_bytes());
+        put("dp.colluders", &dp.colluders.to_le_bytes());
     }
     out
 }
@@ -360,12 +381,54 @@ mod tests {
         let mut other = base.clone();
         other.advertise_timeout_ms = 1;
         assert_ne!(base.digest(), other.digest());
-        let dp = crate::dp::DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0 };
+        let dp = crate::dp::DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
         let mut with_dp = base.clone();
         with_dp.dp = Some(dp);
         assert_ne!(base.digest(), with_dp.digest());
         let mut more_noise = with_dp.clone();
         more_noise.dp = Some(crate::dp::DpParams { noise_multiplier: 1.5, ..dp });
         assert_ne!(with_dp.digest(), more_noise.digest());
+        let mut more_colluders = with_dp.clone();
+        more_colluders.dp = Some(crate::dp::DpParams { colluders: 2, ..dp });
+        assert_ne!(with_dp.digest(), more_colluders.digest());
+    }
+
+    fn dp_round(clip: f32) -> RoundConfig {
+        let mut cfg = RoundConfig::with_defaults(1, roster(10), 1000, [7; 32]);
+        cfg.min_survivors = 7;
+        cfg.max_weight = 1;
+        cfg.clip = clip;
+        cfg.dp = Some(crate::dp::DpParams { noise_multiplier: 1.1, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 1 });
+        cfg
+    }
+
+    /// The README's example before this check: z = 1.1, C = 0.5, t = 7 and the default
+    /// clip of 1.0, which clamps about one coordinate per client per million.
+    #[test]
+    fn a_dp_round_needs_a_range_clip_above_the_noise() {
+        let dp = dp_round(1.0).dp.unwrap();
+        let need = dp.min_range_clip(7);
+        // σ = 1.1 · 0.5 / √6 ≈ 0.2245, so C + 6σ ≈ 1.847.
+        assert!((need - (0.5 + 6.0 * 0.55 / 6f64.sqrt())).abs() < 1e-12, "{need}");
+        let err = dp_round(1.0).validate().unwrap_err().to_string();
+        assert!(err.contains("clip = 1") && err.contains("dp.l2_clip + 6σ") && err.contains(&format!("{need:.6}")), "{err}");
+        dp_round(need as f32 + 1e-3).validate().unwrap();
+        // Without DP any positive clip is the operator's choice.
+        let mut plain = dp_round(1.0);
+        plain.dp = None;
+        plain.validate().unwrap();
+    }
+
+    #[test]
+    fn colluders_must_leave_an_honest_input() {
+        let mut cfg = dp_round(3.0);
+        cfg.dp = Some(crate::dp::DpParams { colluders: 7, ..cfg.dp.unwrap() });
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("colluders = 7") && err.contains("min_survivors = 7"), "{err}");
+        cfg.dp = Some(crate::dp::DpParams { colluders: 6, ..cfg.dp.unwrap() });
+        // With f = 6 one honest share must carry all the noise: σ = z·C, C + 6σ = 3.8.
+        assert!(cfg.validate().unwrap_err().to_string().contains("clip = 3"));
+        cfg.clip = 3.9;
+        cfg.validate().unwrap();
     }
 }

@@ -1,9 +1,18 @@
 //! Distributed differential privacy for secure aggregation: each client clips its update
-//! to L2 norm `C` and adds Gaussian noise of standard deviation `z·C/√t`, so the sum of
-//! any `t` or more surviving inputs carries noise of standard deviation at least `z·C`:
-//! the Gaussian mechanism with noise multiplier `z` on a sum of sensitivity `C` (one
-//! institution added or removed). No single party, the aggregator included, ever holds an
-//! un-noised sum.
+//! to L2 norm `C` and adds Gaussian noise of standard deviation `z·C/√(t − f)`, where `t`
+//! is the round's minimum number of survivors and `f` the number of colluding
+//! participants the round tolerates. Every participant receives the released sum and
+//! knows its own noise share; a coalition of `f` of them can subtract theirs, and what is
+//! left, at least `t − f` honest shares, still carries noise of standard deviation `z·C`.
+//! So `z` is the guarantee against such a coalition (the aggregator and its host
+//! included); against an outsider, who knows no share, the sum of at least `t` shares
+//! gives the larger multiplier `z·√(t / (t − f))` ([`DpParams::outsider_noise_multiplier`]).
+//!
+//! **Adjacency.** The release names who was included, so participation is public. What is
+//! protected is the content of one institution's update: two neighbouring datasets differ
+//! in one institution's update, replaced by zeros (zero-out adjacency, sensitivity `C`).
+//! Under replace-one adjacency the sensitivity would be `2C`; the figures here are not
+//! that guarantee. [`ADJACENCY`] names it wherever ε is shown.
 //!
 //! The accountant is Rényi DP (Mironov 2017): one round costs `α/(2z²)` at order `α`,
 //! rounds compose by addition, and the conversion to (ε, δ) is the one of Balle et al.
@@ -13,6 +22,21 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+
+/// The neighbouring relation every ε of the institution-level mechanism is stated under.
+pub const ADJACENCY: &str = "zero-out";
+
+/// One sentence saying what [`ADJACENCY`] protects, for reports and CLIs.
+pub const ADJACENCY_EXPLAINED: &str = "zero-out adjacency: one institution's update replaced by zeros (sensitivity C); who took part is public";
+
+/// The range clip must leave this many standard deviations of a client's noise share
+/// above its clipped update: `clip ≥ C + RANGE_SIGMAS·σ`, so a coordinate is clamped
+/// with probability below 2·Φ(−6) ≈ 2·10⁻⁹.
+pub const RANGE_SIGMAS: f64 = 6.0;
+
+fn one() -> u32 {
+    1
+}
 
 /// The DP parameters of a federation, fixed for all its rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +50,10 @@ pub struct DpParams {
     pub delta: f64,
     /// Total ε the federation may spend over all its rounds.
     pub epsilon_budget: f64,
+    /// Colluding participants `f` the noise is calibrated against (at least 1): any `f`
+    /// participants who pool their own noise shares still face noise multiplier `z`.
+    #[serde(default = "one")]
+    pub colluders: u32,
 }
 
 impl DpParams {
@@ -37,13 +65,35 @@ impl DpParams {
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(Error::Config(format!("dp: delta must be in (0, 1), got {}", self.delta)));
         }
+        if self.colluders == 0 {
+            return Err(Error::Config("dp: colluders must be at least 1: every participant knows its own noise share and can subtract it from the sum".into()));
+        }
         Ok(())
     }
 
+    /// The honest shares a coalition of `colluders` participants cannot subtract, in a
+    /// sum of at least `min_survivors` inputs.
+    fn honest_shares(&self, min_survivors: u32) -> u32 {
+        min_survivors.saturating_sub(self.colluders).max(1)
+    }
+
     /// Standard deviation of one client's noise share when at least `min_survivors`
-    /// inputs enter the sum.
+    /// inputs enter the sum: `t − f` of them carry `z·C` together.
     pub fn client_noise_std(&self, min_survivors: u32) -> f64 {
-        self.noise_multiplier * self.l2_clip / f64::from(min_survivors.max(1)).sqrt()
+        self.noise_multiplier * self.l2_clip / f64::from(self.honest_shares(min_survivors)).sqrt()
+    }
+
+    /// The noise multiplier an outsider faces (someone who knows no noise share): the sum
+    /// of at least `min_survivors` shares, `z·√(t / (t − f))`.
+    pub fn outsider_noise_multiplier(&self, min_survivors: u32) -> f64 {
+        let honest = self.honest_shares(min_survivors);
+        self.noise_multiplier * (f64::from(min_survivors.max(honest)) / f64::from(honest)).sqrt()
+    }
+
+    /// The smallest per-coordinate range clip that leaves [`RANGE_SIGMAS`] standard
+    /// deviations of a client's noise share above its clipped update.
+    pub fn min_range_clip(&self, min_survivors: u32) -> f64 {
+        self.l2_clip + RANGE_SIGMAS * self.client_noise_std(min_survivors)
     }
 
     /// ε spent after `rounds` rounds.
@@ -152,7 +202,7 @@ mod tests {
         let z = noise_multiplier_for(8.0, 5, 1e-5).unwrap();
         assert!(epsilon(z, 5, 1e-5) <= 8.0);
         assert!(epsilon(z * 0.99, 5, 1e-5) > 8.0);
-        let p = DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0 };
+        let p = DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
         assert_eq!(p.max_rounds(), 5);
         // Reachable targets are met; unreachable ones are an error naming the floor,
         // never a silent 2^20.
@@ -166,16 +216,23 @@ mod tests {
 
     #[test]
     fn noise_shares_add_up_to_the_mechanism() {
-        let p = DpParams { noise_multiplier: 1.2, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0 };
+        let p = DpParams { noise_multiplier: 1.2, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 2 };
         let t = 7;
+        // t − f honest shares carry z·C; all t carry the outsider's multiplier.
+        let honest_var = f64::from(t - 2) * p.client_noise_std(t).powi(2);
+        assert!((honest_var.sqrt() - 1.2 * 0.5).abs() < 1e-12);
         let total_var = f64::from(t) * p.client_noise_std(t).powi(2);
-        assert!((total_var.sqrt() - 1.2 * 0.5).abs() < 1e-12);
+        assert!((total_var.sqrt() - p.outsider_noise_multiplier(t) * 0.5).abs() < 1e-12);
+        assert!((p.outsider_noise_multiplier(t) - 1.2 * (7.0f64 / 5.0).sqrt()).abs() < 1e-12);
+        assert!(epsilon(p.outsider_noise_multiplier(t), 3, 1e-5) < epsilon(1.2, 3, 1e-5));
+        assert!((p.min_range_clip(t) - (0.5 + RANGE_SIGMAS * p.client_noise_std(t))).abs() < 1e-12);
     }
 
     #[test]
     fn bad_parameters_are_refused() {
-        let good = DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1.0 };
+        let good = DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1.0, colluders: 1 };
         assert!(good.validate().is_ok());
+        assert!(DpParams { colluders: 0, ..good }.validate().unwrap_err().to_string().contains("colluders"));
         assert!(DpParams { delta: 0.0, ..good }.validate().is_err());
         assert!(DpParams { noise_multiplier: f64::NAN, ..good }.validate().is_err());
         assert!(DpParams { l2_clip: -1.0, ..good }.validate().is_err());

@@ -35,6 +35,8 @@ pub enum FloorViolation {
     EpsilonTooHigh { max: f64, got: f64 },
     #[error("the round's δ is {got}, this institution allows at most {max}")]
     DeltaTooHigh { max: f64, got: f64 },
+    #[error("the round's noise holds against {got} colluding participant(s), this institution requires at least {min}")]
+    TooFewColluders { min: u32, got: u32 },
 }
 
 /// The DP an institution requires of every round it joins.
@@ -47,6 +49,13 @@ pub struct DpFloor {
     pub max_epsilon: f64,
     /// Largest δ accepted.
     pub max_delta: f64,
+    /// Fewest colluding participants the round's noise must be calibrated against.
+    #[serde(default = "one")]
+    pub min_colluders: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -124,6 +133,9 @@ impl SecurityFloors {
             if dp.delta > floor.max_delta {
                 return Err(FloorViolation::DeltaTooHigh { max: floor.max_delta, got: dp.delta });
             }
+            if dp.colluders < floor.min_colluders {
+                return Err(FloorViolation::TooFewColluders { min: floor.min_colluders, got: dp.colluders });
+            }
         }
         Ok(())
     }
@@ -165,14 +177,17 @@ mod tests {
         assert!(matches!(pinned.check(&swapped), Err(FloorViolation::RosterMismatch { .. })));
         let allow = SecurityFloors { allowed_peers: roster(4)[..3].to_vec(), ..Default::default() };
         assert!(matches!(allow.check(&cfg), Err(FloorViolation::PeerNotAllowed { index: 3, .. })));
-        let dp_floor = SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: 8.0, max_delta: 1e-5 }), ..Default::default() };
+        let dp_floor =
+            SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: 8.0, max_delta: 1e-5, min_colluders: 2 }), ..Default::default() };
         assert_eq!(dp_floor.check(&cfg).unwrap_err(), FloorViolation::NoDp);
-        let dp = crate::dp::DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0 };
+        let dp = crate::dp::DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
         let weak = RoundConfig { dp: Some(dp), ..cfg.clone() };
         assert_eq!(dp_floor.check(&weak).unwrap_err(), FloorViolation::NoiseTooLow { min: 1.0, got: 0.5 });
         let loose = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, epsilon_budget: 50.0, ..dp }), ..cfg.clone() };
         assert_eq!(dp_floor.check(&loose).unwrap_err(), FloorViolation::EpsilonTooHigh { max: 8.0, got: 50.0 });
-        let ok = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, ..dp }), ..cfg };
+        let one_colluder = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, ..dp }), ..cfg.clone() };
+        assert_eq!(dp_floor.check(&one_colluder).unwrap_err(), FloorViolation::TooFewColluders { min: 2, got: 1 });
+        let ok = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, colluders: 2, ..dp }), ..cfg };
         dp_floor.check(&ok).unwrap();
     }
 }

@@ -200,16 +200,32 @@ pub fn report(b: &RoundBundle) -> String {
     h.push_str("<h2>Differential privacy</h2>");
     match &r.dp {
         Some(dp) => {
+            let coalition = match dp.colluders {
+                0 => "a participant (calibrated to outsiders only: insiders see less noise)".to_string(),
+                1 => "any one participant, who subtracts its own noise share".to_string(),
+                f => format!("any {f} colluding participants, who subtract their own noise shares"),
+            };
             let _ = write!(
                 h,
-                "<table id=\"privacy\"><tr><th>Noise multiplier z</th><td>{}</td></tr><tr><th>L2 clip C</th><td>{}</td></tr><tr><th>δ</th><td>{:e}</td></tr>\
-                 <tr><th>ε budget</th><td>{}</td></tr><tr><th>ε of this round</th><td>{}</td></tr><tr><th>ε spent by the federation, cumulative</th><td id=\"epsilon\">{}</td></tr></table>",
+                "<p id=\"adjacency\">Adjacency: {}. The aggregator and its host know no noise share; the figures against participants are the ones the budget is charged.</p>\
+                 <table id=\"privacy\"><tr><th>Noise multiplier z (against {})</th><td>{}</td></tr><tr><th>L2 clip C</th><td>{}</td></tr><tr><th>δ</th><td>{:e}</td></tr>\
+                 <tr><th>ε budget</th><td>{}</td></tr>\
+                 <tr><th>ε of this round, against {}</th><td id=\"epsilon-round\">{}</td></tr>\
+                 <tr><th>ε spent by the federation, cumulative, against {}</th><td id=\"epsilon\">{}</td></tr>\
+                 <tr><th>ε of this round, against outsiders</th><td id=\"epsilon-outsider-round\">{}</td></tr>\
+                 <tr><th>ε spent by the federation, cumulative, against outsiders</th><td id=\"epsilon-outsider\">{}</td></tr></table>",
+                esc(dp.adjacency.explained()),
+                esc(&coalition),
                 dp.noise_multiplier,
                 dp.l2_clip,
                 dp.delta,
                 dp.epsilon_budget,
+                esc(&coalition),
                 eps(r.epsilon_round),
-                eps(r.epsilon_cumulative)
+                esc(&coalition),
+                eps(r.epsilon_cumulative),
+                eps(r.epsilon_outsider_round),
+                eps(r.epsilon_outsider_cumulative)
             );
         }
         None => h.push_str("<p id=\"privacy\">This round ran without differential privacy.</p>"),

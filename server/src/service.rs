@@ -222,8 +222,14 @@ pub struct PrivacyReport {
     /// The DP parameters of the round schedule, if any.
     pub params: Option<tessera_secagg::dp::DpParams>,
     pub rounds_released: u64,
-    /// Cumulative ε over every released DP round, at `delta`.
+    /// The neighbouring relation every ε here is stated under (`zero-out`), and what it means.
+    pub adjacency: &'static str,
+    pub adjacency_explained: &'static str,
+    /// Cumulative ε over every released DP round, at `delta`, against a coalition of
+    /// each round's `colluders` participants (the figure the budget is charged).
     pub epsilon_spent: f64,
+    /// The same against an outsider, who knows no institution's noise share.
+    pub epsilon_outsider_spent: f64,
     pub delta: Option<f64>,
     /// Further rounds the schedule's budget allows.
     pub rounds_remaining: Option<u64>,
@@ -236,7 +242,10 @@ pub struct PrivacyReport {
 pub struct RoundPrivacy {
     pub round: u64,
     pub noise_multiplier: f64,
+    /// The colluding participants the round's noise is calibrated against.
+    pub colluders: u32,
     pub epsilon_cumulative: f64,
+    pub epsilon_outsider_cumulative: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -630,6 +639,7 @@ impl Service {
     pub async fn privacy(&self) -> Result<PrivacyReport, ApiError> {
         let schedule_dp = self.cfg.rounds.params.dp;
         let mut groups: Vec<(f64, u64)> = Vec::new();
+        let mut outsider: Vec<(f64, u64)> = Vec::new();
         let mut per_round = Vec::new();
         let mut delta = schedule_dp.map(|d| d.delta);
         for row in self.store.rounds().await? {
@@ -638,19 +648,24 @@ impl Service {
                 continue;
             }
             delta.get_or_insert(dp.delta);
-            match groups.iter_mut().find(|(z, _)| *z == dp.noise_multiplier) {
+            let add = |groups: &mut Vec<(f64, u64)>, z: f64| match groups.iter_mut().find(|(g, _)| *g == z) {
                 Some(g) => g.1 += 1,
-                None => groups.push((dp.noise_multiplier, 1)),
-            }
+                None => groups.push((z, 1)),
+            };
+            add(&mut groups, dp.noise_multiplier);
+            add(&mut outsider, dp.outsider_noise_multiplier(row.config.min_survivors));
             let d = delta.unwrap_or(dp.delta);
             per_round.push(RoundPrivacy {
                 round: row.round,
                 noise_multiplier: dp.noise_multiplier,
+                colluders: dp.colluders,
                 epsilon_cumulative: tessera_secagg::dp::epsilon_of(&groups, d),
+                epsilon_outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, d),
             });
         }
         let rounds_released = groups.iter().map(|g| g.1).sum();
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
+        let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
         let rounds_remaining = schedule_dp.map(|dp| {
             let mut extra = 0u64;
             loop {
@@ -662,7 +677,18 @@ impl Service {
                 extra += 1;
             }
         });
-        Ok(PrivacyReport { params: schedule_dp, rounds_released, epsilon_spent, delta, rounds_remaining, per_round, groups })
+        Ok(PrivacyReport {
+            params: schedule_dp,
+            rounds_released,
+            adjacency: tessera_secagg::dp::ADJACENCY,
+            adjacency_explained: tessera_secagg::dp::ADJACENCY_EXPLAINED,
+            epsilon_spent,
+            epsilon_outsider_spent,
+            delta,
+            rounds_remaining,
+            per_round,
+            groups,
+        })
     }
 
     /// Closes due phases and opens scheduled rounds; the server calls it periodically.

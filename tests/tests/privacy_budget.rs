@@ -14,11 +14,11 @@ use tessera_tests::*;
 async fn a_round_past_the_budget_is_refused() {
     // A budget that affords exactly one round at z = 2.
     let one = epsilon(2.0, 1, 1e-5);
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.01 };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.01, colluders: 1 };
     assert_eq!(dp.max_rounds(), 1);
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
-    let params = RoundParams { vector_len: 50, clip: 8.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    let params = RoundParams { vector_len: 50, clip: 16.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
     let server = tessera_server::spawn(server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0)).await.unwrap();
     let url = format!("https://{}", server.addr);
     let api = Api::new(&url, server.fingerprint).unwrap();
@@ -33,6 +33,42 @@ async fn a_round_past_the_budget_is_refused() {
     assert_eq!(report["rounds_released"], 1);
     assert_eq!(report["rounds_remaining"], 0);
     assert!((report["epsilon_spent"].as_f64().unwrap() - one).abs() < 1e-9);
+    // Both figures, under the adjacency named: z = 2 holds against any one participant;
+    // an outsider faces the sum of t = 2 shares of σ = z·C/√(t − f), z·√2.
+    let outsider = epsilon(2.0 * 2f64.sqrt(), 1, 1e-5);
+    assert_eq!(report["adjacency"], "zero-out");
+    assert!(report["adjacency_explained"].as_str().unwrap().contains("replaced by zeros"));
+    assert!((report["epsilon_outsider_spent"].as_f64().unwrap() - outsider).abs() < 1e-9, "{report}");
+    assert!(outsider < one);
+    assert_eq!(report["per_round"][0]["colluders"], 1);
+    assert!((report["per_round"][0]["epsilon_outsider_cumulative"].as_f64().unwrap() - outsider).abs() < 1e-9);
+    // The round's report, from the signed log, carries the same.
+    let auditor = api.clone().with_bearer(ADMIN_TOKEN);
+    let bundle: tessera_attestation::audit::RoundBundle = auditor.get_json("/v1/rounds/1/report").await.unwrap();
+    let r = &bundle.report;
+    let logged = r.dp.unwrap();
+    assert_eq!((logged.colluders, logged.adjacency), (1, tessera_attestation::audit::Adjacency::ZeroOut));
+    assert!((r.epsilon_round.unwrap() - one).abs() < 1e-9 && (r.epsilon_outsider_round.unwrap() - outsider).abs() < 1e-9, "{r:?}");
+    assert!((r.epsilon_outsider_cumulative.unwrap() - outsider).abs() < 1e-9);
+    // The report page and the auditor's CLI show the adjacency and both figures.
+    let page = String::from_utf8(auditor.get_bytes("/reports/1").await.unwrap().to_vec()).unwrap();
+    for needle in ["zero-out adjacency", "against any one participant", "against outsiders", &format!("{one:.3}"), &format!("{outsider:.3}")] {
+        assert!(page.contains(needle), "the report page lacks {needle:?}");
+    }
+    let dir = root.path().join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("round-1.json"), serde_json::to_vec(&bundle).unwrap()).unwrap();
+    std::fs::write(dir.join("dev.toml"), b"allow_insecure_dev = true\n").unwrap();
+    let out = std::process::Command::new(attest_bin()).arg("audit").arg(dir.join("round-1.json")).arg("--policy").arg(dir.join("dev.toml")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("privacy: ")).expect("the audit prints the privacy line");
+    assert!(
+        line.contains("zero-out adjacency")
+            && line.contains(&format!("{one:.3} against any 1 participant"))
+            && line.contains(&format!("{outsider:.3} against outsiders")),
+        "{line}"
+    );
 
     let err = server.service.open_round(&params).await.unwrap_err();
     assert_eq!(err.code, "privacy_budget_exhausted");
@@ -68,10 +104,10 @@ async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathB
 async fn the_budget_cannot_be_reset_by_the_host() {
     let one = epsilon(2.0, 1, 1e-5);
     let budget = tessera_enclave::FederationBudget { epsilon: one * 1.01, delta: 1e-5 };
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: budget.epsilon };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: budget.epsilon, colluders: 1 };
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
-    let params = RoundParams { vector_len: 50, clip: 8.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    let params = RoundParams { vector_len: 50, clip: 16.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
     let data_dir = root.path().join("server");
     let mut cfg = server_config(&data_dir, "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0);
     cfg.privacy = Some(budget);
@@ -124,11 +160,14 @@ async fn the_budget_cannot_be_reset_by_the_host() {
 async fn an_institution_refuses_rounds_past_its_own_budget_after_the_aggregator_is_reset() {
     use tessera_secagg::floors::{DpFloor, SecurityFloors};
     let one = epsilon(2.0, 1, 1e-5);
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1 };
-    let floors = SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5 }), ..SecurityFloors::default() };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1, colluders: 1 };
+    let floors = SecurityFloors {
+        dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5, min_colluders: 1 }),
+        ..SecurityFloors::default()
+    };
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
-    let params = RoundParams { vector_len: 50, clip: 8.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    let params = RoundParams { vector_len: 50, clip: 16.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
     let run = |server: &tessera_server::Running| {
         let url = format!("https://{}", server.addr);
         let fingerprint = server.fingerprint;

@@ -207,11 +207,14 @@ fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>
     if args.json {
         println!(
             "{}",
-            json!({"verified": passed, "round": parsed.round, "judged_at": now_secs, "reproduction": args.at.is_some(), "aggregator_format": outcome.verified_format, "tree_head": parsed.tree_head, "checks": outcome.checks})
+            json!({"verified": passed, "round": parsed.round, "judged_at": now_secs, "reproduction": args.at.is_some(), "aggregator_format": outcome.verified_format, "tree_head": parsed.tree_head, "checks": outcome.checks, "privacy": parsed.report.dp.map(|dp| json!({"adjacency": dp.adjacency, "colluders": dp.colluders, "noise_multiplier": dp.noise_multiplier, "delta": dp.delta, "epsilon_round": parsed.report.epsilon_round, "epsilon_cumulative": parsed.report.epsilon_cumulative, "epsilon_outsider_round": parsed.report.epsilon_outsider_round, "epsilon_outsider_cumulative": parsed.report.epsilon_outsider_cumulative}))})
         );
     } else {
         println!("round {}: {} (aggregator {format}, log size {})", parsed.round, parsed.report.status, parsed.tree_head.tree_size);
         println!("evidence judged at {judged_at}");
+        if let Some(p) = parsed.report.privacy_summary() {
+            println!("privacy: {p}");
+        }
         for c in &outcome.checks {
             if c.passed {
                 println!("ok      {}: {}", c.name, c.detail);

@@ -126,7 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(work)?;
     let dp_delta = 1e-5;
     let z = noise_multiplier_for(args.epsilon, args.rounds, dp_delta).context("--epsilon")?;
-    let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon };
+    let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon, colluders: 1 };
     println!(
         "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
         args.institutions,
@@ -142,9 +142,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         if args.lora_mode == LoraMode::Ffa { "FFA-LoRA" } else { "LoRA (A and B both averaged)" },
         if model.ends_with("smollm2") { " (sized for a 2-core CPU: raise --steps and --max-len on a GPU)" } else { "" }
     );
+    let min_survivors = (args.institutions - usize::from(args.dropout >= 0)).max(2) as u32;
+    let z_out = dp.outsider_noise_multiplier(min_survivors);
     println!(
-        "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds.",
-        args.clip, args.epsilon, args.rounds
+        "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds \
+         against any one participant, who knows its own noise share; against outsiders z = {z_out:.3}, ε = {:.2}. Adjacency: {}.",
+        args.clip,
+        args.epsilon,
+        args.rounds,
+        tessera_secagg::dp::epsilon(z_out, args.rounds, dp_delta),
+        tessera_secagg::dp::ADJACENCY_EXPLAINED
     );
     println!("NOTE: dev mode — attestation is SIMULATED and the sealing key is a file.\n");
 
@@ -198,8 +205,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // 3. The operator's configuration and the aggregator.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let layout_toml: String = layout.iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
-    // Per-coordinate range for quantization: the clipped update plus a wide margin for the noise share.
-    let coord_clip = args.clip + 8.0 * dp.client_noise_std(2);
+    // Per-coordinate range for quantization: the clipped update plus 6σ of the noise share,
+    // the least the round's validation accepts.
+    let coord_clip = (dp.min_range_clip(min_survivors) * 1.0001) as f32;
     let admin_token = hex::encode(rand::random::<[u8; 16]>());
     // A compliance auditor's credential: the server keeps only its SHA-256.
     let auditor_token = hex::encode(rand::random::<[u8; 16]>());
@@ -215,7 +223,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         admin_token,
         args.epsilon,
         args.rounds,
-        (args.institutions - usize::from(args.dropout >= 0)).max(2),
+        min_survivors,
         args.clip,
         args.epsilon,
     );
@@ -302,17 +310,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let privacy = privacy_report(&url, &fingerprint, &admin_token)?;
     let audit = export_for_audit(&url, &fingerprint, &auditor_token, args.rounds, work)?;
-    let eps_of = |round: u64| -> f64 {
-        privacy["per_round"].as_array().and_then(|a| a.iter().find(|r| r["round"] == round)).and_then(|r| r["epsilon_cumulative"].as_f64()).unwrap_or(f64::NAN)
+    let eps_of = |round: u64, field: &str| -> f64 {
+        privacy["per_round"].as_array().and_then(|a| a.iter().find(|r| r["round"] == round)).and_then(|r| r[field].as_f64()).unwrap_or(f64::NAN)
     };
     drop(server);
     println!(
-        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>10} | {:>7} | {:>8} | {:>8}",
-        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "global acc", "ε spent", "MB sent", "tok/s"
+        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>10} | {:>7} | {:>7} | {:>8} | {:>8}",
+        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "global acc", "ε insid", "ε outsd", "MB sent", "tok/s"
     );
     let pct = |g: Option<f64>| g.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
     println!(
-        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>8} | {:>8}",
+        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8} | {:>8}",
         0,
         "-",
         "-",
@@ -321,12 +329,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         100.0 * mean(&rows[0].acc),
         pct(rows[0].global_acc),
         "0",
+        "0",
         "-",
         "-"
     );
     for (r, row) in rows.iter().enumerate().skip(1) {
         println!(
-            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>8.3} | {:>8.0}",
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>7.2} | {:>8.3} | {:>8.0}",
             r,
             format!("{}/{}", row.included, args.institutions),
             row.dropped,
@@ -334,7 +343,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             mean(&row.loss),
             100.0 * mean(&row.acc),
             pct(row.global_acc),
-            eps_of(r as u64),
+            eps_of(r as u64, "epsilon_cumulative"),
+            eps_of(r as u64, "epsilon_outsider_cumulative"),
             row.bytes as f64 / 1e6,
             mean(&row.tok_s)
         );
@@ -343,6 +353,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let series: Vec<(f64, f64, f64)> = rows.iter().map(|r| (mean(&r.loss), mean(&r.acc), 0.0)).collect();
     tessera_tests::plot::curves(&plot, &series)?;
     println!("\nHeld-out loss and accuracy: averaged over the institutions, each on reviews of its own conditions. Global accuracy: the global model on {} reviews of all conditions (evaluated by clinic-0).", global_test.len());
+    println!(
+        "ε insid: the federation's cumulative ε against any one participant, who subtracts its own noise share (the figure the budget is charged); ε outsd: against everyone else. {}.",
+        tessera_secagg::dp::ADJACENCY_EXPLAINED
+    );
     println!("Every update left its institution clipped, noised and masked; the aggregator released only the signed mean of each round.");
     println!("\nCompliance: round {} report page {} (open it in a browser), bundle {}.", audit.round, audit.page.display(), audit.bundle.display());
     for c in &audit.outcome.checks {
