@@ -1,9 +1,13 @@
 //! HTTPS to the aggregator: rustls with the server's certificate pinned by its SHA-256
-//! fingerprint (the dev certificate is self-signed), hyper HTTP/1.1, one connection per
-//! request so a restarted server is simply reconnected to.
+//! fingerprint (the dev certificate is self-signed), hyper HTTP/1.1 over one kept-alive
+//! connection, whose certificate (pin and attestation evidence) is verified once, in its
+//! handshake. A connection the server closed (idle, restarted) is replaced transparently,
+//! and one older than [`MAX_CONNECTION_AGE`] is not reused, so the evidence behind it
+//! is re-checked at that interval.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -103,6 +107,20 @@ mod ct {
     }
 }
 
+/// A kept-alive connection is used for new requests for at most this long; then a new
+/// handshake verifies the server's (re-issued) certificate and evidence again.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// The idle connection of an [`Api`] and its clones, with when it was opened.
+#[derive(Default)]
+struct Pool {
+    idle: tokio::sync::Mutex<Option<(Sender, Instant)>>,
+    handshakes: AtomicU64,
+    requests: AtomicU64,
+}
+
 #[derive(Clone)]
 pub struct Api {
     host: String,
@@ -112,6 +130,7 @@ pub struct Api {
     verifier: Arc<PinnedCert>,
     /// Sent as `Authorization: Bearer …` (compliance endpoints); zeroized on drop.
     bearer: Option<zeroize::Zeroizing<String>>,
+    pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Api {
@@ -145,7 +164,7 @@ impl Api {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(PinnedCert { fingerprint, policy, provider: provider.clone() });
         let connector = Self::connector(url, &verifier, None)?;
-        Ok(Api { host, port, fingerprint, connector, verifier, bearer: None })
+        Ok(Api { host, port, fingerprint, connector, verifier, bearer: None, pool: Arc::default() })
     }
 
     fn connector(url: &str, verifier: &Arc<PinnedCert>, client_cert: Option<(Vec<u8>, Vec<u8>)>) -> Result<tokio_rustls::TlsConnector, HttpError> {
@@ -176,6 +195,8 @@ impl Api {
     /// (mTLS; the server pins its public key to a role).
     pub fn with_client_certificate(mut self, cert_der: Vec<u8>, key_der: Vec<u8>) -> Result<Api, HttpError> {
         self.connector = Self::connector(&self.base_url(), &self.verifier, Some((cert_der, key_der)))?;
+        // Connections made without the certificate are not this client's.
+        self.pool = Arc::default();
         Ok(self)
     }
 
@@ -208,27 +229,83 @@ impl Api {
         Ok(tls)
     }
 
+    /// TLS handshakes made so far by this client and its clones (each verifies the
+    /// server's certificate), and requests sent over them.
+    pub fn connection_counts(&self) -> (u64, u64) {
+        (self.pool.handshakes.load(Ordering::Relaxed), self.pool.requests.load(Ordering::Relaxed))
+    }
+
+    /// The idle kept-alive connection, if it is still open and young enough.
+    async fn pooled(&self) -> Option<(Sender, Instant)> {
+        let (mut sender, opened) = self.pool.idle.lock().await.take()?;
+        if opened.elapsed() > MAX_CONNECTION_AGE || sender.is_closed() {
+            return None;
+        }
+        sender.ready().await.ok()?;
+        Some((sender, opened))
+    }
+
+    async fn open(&self) -> Result<(Sender, Instant), HttpError> {
+        let tls = self.connect_tls().await?;
+        self.pool.handshakes.fetch_add(1, Ordering::Relaxed);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok((sender, Instant::now()))
+    }
+
     pub async fn request(&self, method: Method, path: impl Into<String>, body: Option<(&str, Vec<u8>)>) -> Result<Bytes, HttpError> {
         let path: String = path.into();
         let addr = format!("{}:{}", self.host, self.port);
-        let tls = self.connect_tls().await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
-        tokio::spawn(conn);
-        let mut builder = Request::builder().method(method).uri(path.as_str()).header(hyper::header::HOST, &addr);
-        if let Some(token) = &self.bearer {
-            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.as_str()));
-        }
-        let payload = match body {
-            Some((ct, bytes)) => {
-                builder = builder.header(hyper::header::CONTENT_TYPE, ct);
-                Bytes::from(bytes)
-            }
-            None => Bytes::new(),
+        let (content_type, payload) = match body {
+            Some((ct, bytes)) => (Some(ct.to_string()), Bytes::from(bytes)),
+            None => (None, Bytes::new()),
         };
-        let req = builder.body(Full::new(payload)).map_err(|e| HttpError::Exchange(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
+        let build = || {
+            let mut builder = Request::builder().method(method.clone()).uri(path.as_str()).header(hyper::header::HOST, &addr);
+            if let Some(token) = &self.bearer {
+                builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {}", token.as_str()));
+            }
+            if let Some(ct) = &content_type {
+                builder = builder.header(hyper::header::CONTENT_TYPE, ct.as_str());
+            }
+            builder.body(Full::new(payload.clone())).map_err(|e| HttpError::Exchange(e.to_string()))
+        };
+        let (mut sender, opened, reused) = match self.pooled().await {
+            Some((s, at)) => (s, at, true),
+            None => {
+                let (s, at) = self.open().await?;
+                (s, at, false)
+            }
+        };
+        self.pool.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = match sender.send_request(build()?).await {
+            Ok(r) => r,
+            // The server closed a kept-alive connection as the request left (an idle
+            // timeout, a restart): once more on a fresh one. Every protocol message is
+            // safe to repeat (a stored one is answered as a duplicate).
+            Err(_) if reused => {
+                let (s, at) = self.open().await?;
+                sender = s;
+                let r = sender.send_request(build()?).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
+                return self.finish(r, sender, at).await;
+            }
+            Err(e) => return Err(HttpError::Exchange(e.to_string())),
+        };
+        self.finish(resp, sender, opened).await
+    }
+
+    /// Reads the response, hands the connection back for the next request, and maps
+    /// error statuses to [`HttpError::Status`].
+    async fn finish(&self, resp: hyper::Response<hyper::body::Incoming>, sender: Sender, opened: Instant) -> Result<Bytes, HttpError> {
         let status = resp.status();
+        let keep = !resp.headers().get(hyper::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let bytes = resp.into_body().collect().await.map_err(|e| HttpError::Exchange(e.to_string()))?.to_bytes();
+        if keep && !sender.is_closed() {
+            let mut idle = self.pool.idle.lock().await;
+            if idle.is_none() {
+                *idle = Some((sender, opened));
+            }
+        }
         if status.is_success() {
             return Ok(bytes);
         }

@@ -29,6 +29,10 @@ struct ServerArgs {
     /// SHA-256 of the aggregator's TLS public key (hex), as printed by the server.
     #[arg(long, env = "TESSERA_FINGERPRINT")]
     fingerprint: String,
+    /// Threads for masking the update (default: every core; the masked vector is the
+    /// same for any count).
+    #[arg(long)]
+    mask_threads: Option<usize>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -408,6 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     attester: attester.clone(),
                     floors: floors.clone(),
                     ledger: Some(dir.join(LEDGER_FILE)),
+                    mask_threads: server.mask_threads,
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -497,6 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     attester,
                     floors,
                     ledger: Some(dir.join(LEDGER_FILE)),
+                    mask_threads: server.mask_threads,
                 };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)

@@ -56,6 +56,8 @@ pub struct Options {
     /// to it before the masked input leaves, and with a DP floor a round that would take
     /// it past `max_epsilon` is refused. `None`: no ledger is kept.
     pub ledger: Option<std::path::PathBuf>,
+    /// Threads the masking uses; `None`: every core.
+    pub mask_threads: Option<usize>,
 }
 
 /// An evidence source shared across rounds.
@@ -88,6 +90,7 @@ impl Default for Options {
             attester: None,
             floors: SecurityFloors::default(),
             ledger: None,
+            mask_threads: None,
         }
     }
 }
@@ -179,11 +182,21 @@ struct Driver<'a> {
     bytes_sent: u64,
 }
 
+/// How long one read may park on the server waiting for a phase.
+const LONG_POLL: Duration = Duration::from_secs(20);
+
 impl Driver<'_> {
     fn say(&self, msg: &str) {
         if !self.opts.quiet {
             eprintln!("[{}] {msg}", self.who);
         }
+    }
+
+    /// `?wait=…` for a read of a phase's data: the server parks the request until the
+    /// phase is ready, for at most 20 s and never past this client's own deadline.
+    fn wait_query(&self) -> String {
+        let left = self.opts.wait.saturating_sub(self.start.elapsed());
+        format!("?wait={}", left.min(LONG_POLL).as_secs())
     }
 
     fn timed_out(&self, what: &str) -> Option<ParticipateError> {
@@ -341,6 +354,9 @@ where
         .map_err(tessera_secagg::Error::from)?;
     let trust = Trust { aggregator_key: enclave_key, config_signature, floors: opts.floors.clone() };
     let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &trust, &mut OsRng)?;
+    if let Some(threads) = opts.mask_threads {
+        client.set_threads(threads);
+    }
     // By this institution's own count, before anything is computed for the round.
     let aggregator_hex = hex::encode(enclave_key);
     if let Some(path) = &opts.ledger {
@@ -390,7 +406,7 @@ where
         return Ok(Participation::Dropped { round, after: DropPoint::AfterAdvertise });
     }
 
-    let dir: KeyDirectory = d.poll(round, "the key directory", || api.get_json(path("key-directory"))).await?;
+    let dir: KeyDirectory = d.poll(round, "the key directory", || api.get_json(path("key-directory") + &d.wait_query())).await?;
     let shares = client.handle_key_directory(&dir, &mut OsRng)?;
     let size = serde_json::to_vec(&shares).map(|v| v.len()).unwrap_or(0);
     d.send(round, "key shares", size, || api.post_json(path("share-keys"), &shares)).await?;
@@ -400,7 +416,7 @@ where
         return Ok(Participation::Dropped { round, after: DropPoint::AfterShareKeys });
     }
 
-    let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)))).await?;
+    let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)) + &d.wait_query())).await?;
     let masked = client.handle_share_bundle(&bundle, &quantized)?.encode();
     if let Some(path) = &opts.ledger {
         crate::ledger::PrivacyLedger::charge(path, &aggregator_hex, &cfg, now_secs() * 1000)?;
@@ -413,7 +429,7 @@ where
         return Ok(Participation::Dropped { round, after: DropPoint::AfterMaskedInput });
     }
 
-    let set: SurvivorSet = d.poll(round, "the survivor set", || api.get_json(path("survivors"))).await?;
+    let set: SurvivorSet = d.poll(round, "the survivor set", || api.get_json(path("survivors") + &d.wait_query())).await?;
     if !set.survivors.contains(&me) {
         return Err(ParticipateError::Excluded(round));
     }
@@ -421,7 +437,7 @@ where
     d.send(round, "consistency signature", 200, || api.post_json(path("consistency"), &sig)).await?;
     d.say(&format!("phase 4/5: signed the survivor set ({} of {})", set.survivors.len(), cfg.participants()));
 
-    let req: UnmaskRequest = d.poll(round, "the unmask request", || api.get_json(path("unmask-request"))).await?;
+    let req: UnmaskRequest = d.poll(round, "the unmask request", || api.get_json(path("unmask-request") + &d.wait_query())).await?;
     let reveal = client.handle_unmask_request(&req)?;
     let size = serde_json::to_vec(&reveal).map(|v| v.len()).unwrap_or(0);
     match d.send(round, "unmask shares", size, || api.post_json(path("unmask"), &reveal)).await {
@@ -431,8 +447,8 @@ where
         Err(e) => return Err(e),
     }
 
-    let mut release: Release = d.poll(round, "the released aggregate", || api.get_json(path("result"))).await?;
-    let mean = d.poll(round, "the released aggregate", || api.get_bytes(path("result/mean"))).await?;
+    let mut release: Release = d.poll(round, "the released aggregate", || api.get_json(path("result") + &d.wait_query())).await?;
+    let mean = d.poll(round, "the released aggregate", || api.get_bytes(path("result/mean") + &d.wait_query())).await?;
     release.mean = mean.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     if release.round != round || release.config_digest != cfg.digest() || !release.verify(&enclave_key) {
         return Err(ParticipateError::BadRelease);

@@ -118,11 +118,12 @@ pub enum MessageKind {
 
 /// A client message that parsed and passed [`preverify`].
 #[derive(Debug)]
-pub enum Preverified {
+pub enum Preverified<'a> {
     Advertise(AdvertiseKeys),
     ShareKeys(ShareKeys),
-    /// Masked inputs are folded from their received bytes.
-    MaskedInput,
+    /// Masked inputs are folded from their received bytes, with the digest the early
+    /// signature check computed (the body is hashed once).
+    MaskedInput(tessera_secagg::wire::DigestedMaskedInput<'a>),
     Consistency(ConsistencySignature),
     Unmask(UnmaskShares),
 }
@@ -134,7 +135,7 @@ pub enum Preverified {
 /// header and length are checked before its body is hashed for the signature. The
 /// server runs this before it takes the round's lock, so a body from no roster member
 /// costs no one else any time; the enclave checks everything again.
-pub fn preverify(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, body: &[u8]) -> Result<Preverified, EnclaveError> {
+pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, body: &'a [u8]) -> Result<Preverified<'a>, EnclaveError> {
     use tessera_secagg::{Error, ProtocolError};
     let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
     let parse_err = |e: serde_json::Error| EnclaveError::Protocol(Error::Malformed(e.to_string()));
@@ -173,8 +174,9 @@ pub fn preverify(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, body: 
             if v.len() != cfg.masked_len() {
                 return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: v.len() }));
             }
-            signed(v.round, v.client, &MaskedInput::transcript_for(digest, v.round, v.client, &v.data_digest()), &v.signature)?;
-            Preverified::MaskedInput
+            let input = v.digested();
+            signed(v.round, v.client, &input.transcript(digest), &v.signature)?;
+            Preverified::MaskedInput(input)
         }
         MessageKind::Consistency => {
             let m: ConsistencySignature = serde_json::from_slice(body).map_err(parse_err)?;
@@ -221,6 +223,8 @@ pub struct Enclave {
     evidence_sha256: String,
     /// The federation's budget, once [`Enclave::establish_federation`] settled it.
     federation: Option<FederationBudget>,
+    /// Threads the unmasking uses (default: the machine's cores).
+    threads: usize,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -266,9 +270,15 @@ impl Enclave {
                 log: TransparencyLog::default(),
                 evidence_sha256: String::new(),
                 federation: None,
+                threads: tessera_secagg::prg::default_threads(),
             },
             sealed,
         ))
+    }
+
+    /// Sets the threads each round's unmasking uses (at least 1).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     pub fn identity_public_key(&self) -> [u8; 32] {
@@ -433,7 +443,8 @@ impl Enclave {
         }
         self.check_budget(&cfg)?;
         let quantizer = Quantizer::new(&cfg);
-        let aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
+        let mut aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
+        aggregator.set_threads(self.threads);
         let cfg = aggregator.config();
         let event = LogEvent::RoundOpened {
             config_digest: hex::encode(aggregator.config_digest()),
@@ -532,11 +543,11 @@ impl Enclave {
     /// Feeds one stored client message (used live by the host and in replay).
     /// Handles a message [`preverify`] parsed (`body` is its received bytes); the
     /// verdict is the admission's, for an advertisement.
-    pub fn handle_preverified(&mut self, msg: Preverified, body: &[u8], received_at: Timestamp) -> Result<Option<Verdict>, EnclaveError> {
+    pub fn handle_preverified(&mut self, msg: Preverified<'_>, received_at: Timestamp) -> Result<Option<Verdict>, EnclaveError> {
         match msg {
             Preverified::Advertise(m) => self.handle_advertise(m, received_at).map(Some),
             Preverified::ShareKeys(m) => self.handle_share_keys(m).map(|()| None),
-            Preverified::MaskedInput => self.handle_message(MessageKind::MaskedInput, body, received_at).map(|()| None),
+            Preverified::MaskedInput(input) => self.handle_masked_input(&input, received_at).map(|()| None),
             Preverified::Consistency(m) => self.handle_consistency(m).map(|()| None),
             Preverified::Unmask(m) => self.handle_unmask(m).map(|()| None),
         }
@@ -549,16 +560,21 @@ impl Enclave {
             MessageKind::Advertise => self.handle_advertise(serde_json::from_slice(bytes).map_err(parse_err)?, received_at).map(|_| ()),
             MessageKind::ShareKeys => self.handle_share_keys(serde_json::from_slice(bytes).map_err(parse_err)?),
             MessageKind::MaskedInput => {
-                let state = self.state_mut()?;
-                let (client, digest) = state.aggregator.handle_masked_input_encoded(bytes)?;
-                let round = state.aggregator.config().round;
-                let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: bytes.len() as u64 };
-                self.log.append(round, received_at.0, event);
-                Ok(())
+                let input = tessera_secagg::wire::MaskedInputView::parse(bytes)?.digested();
+                self.handle_masked_input(&input, received_at)
             }
             MessageKind::Consistency => self.handle_consistency(serde_json::from_slice(bytes).map_err(parse_err)?),
             MessageKind::Unmask => self.handle_unmask(serde_json::from_slice(bytes).map_err(parse_err)?),
         }
+    }
+
+    fn handle_masked_input(&mut self, input: &tessera_secagg::wire::DigestedMaskedInput<'_>, received_at: Timestamp) -> Result<(), EnclaveError> {
+        let state = self.state_mut()?;
+        let (client, digest) = state.aggregator.handle_masked_input_digested(input)?;
+        let round = state.aggregator.config().round;
+        let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64 };
+        self.log.append(round, received_at.0, event);
+        Ok(())
     }
 
     fn seal_change(&self, round: u64, seq: u64, change: &PhaseChange) -> Result<Vec<u8>, EnclaveError> {

@@ -6,7 +6,8 @@
 //! cargo bench -p tessera-secagg --bench masking -- --quick      # m = 100_000 smoke run
 //! cargo bench -p tessera-secagg --bench masking -- --m 250000 --n 50
 //! cargo bench -p tessera-secagg --bench masking -- --compare m=1000000,n=100,k=46   # one JSON line
-//! cargo bench -p tessera-secagg --bench masking -- --kernels    # variants of the mask loop
+//! cargo bench -p tessera-secagg --bench masking -- --threads-scan   # kernel vs keystream bound and OpenSSL, 1, 2, … threads
+//! cargo bench -p tessera-secagg --bench masking -- --threads 1      # the whole round on one core
 //! ```
 //!
 //! No criterion and no global allocator (the workspace denies `unsafe`, so a counting
@@ -158,6 +159,13 @@ fn phase_payload(agg: &Aggregator, to: Phase) -> Value {
     }
 }
 
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The threads masking and unmasking use in this run (`--threads`, default all cores).
+fn threads() -> usize {
+    THREADS.get().copied().unwrap_or_else(prg::default_threads)
+}
+
 fn aggregator_child() {
     let (baseline_rss, baseline_hwm) = vm_status();
     let mut r = BufReader::with_capacity(1 << 20, io::stdin().lock());
@@ -169,7 +177,8 @@ fn aggregator_child() {
         let reply: Result<Value, String> = (|| {
             if tag == b'G' {
                 let cfg: RoundConfig = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                let a = Aggregator::new(cfg, aggregator_key(), Timestamp(0)).map_err(|e| e.to_string())?;
+                let mut a = Aggregator::new(cfg, aggregator_key(), Timestamp(0)).map_err(|e| e.to_string())?;
+                a.set_threads(threads());
                 let config_signature = hex::encode(a.config_signature());
                 agg = Some(a);
                 return Ok(json!({ "baseline_rss": baseline_rss, "baseline_hwm": baseline_hwm, "config_signature": config_signature }));
@@ -246,6 +255,8 @@ impl AggregatorProcess {
         let exe = std::env::current_exe().expect("current_exe");
         let mut child = Command::new(exe)
             .arg("--aggregator-child")
+            .arg("--threads")
+            .arg(threads().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -386,14 +397,18 @@ fn digest_streaming_ring(data: &[u32]) -> [u8; 32] {
     out
 }
 
-/// `prg::keystream` for `count` distinct seeds over `buf` (one stream of 4(m+1) bytes each).
+/// The keystream bound: `count` distinct streams of `buf.len()` bytes each, with the
+/// run's thread count (`prg::keystream_parallel`; one thread is `prg::keystream`'s loop).
 fn keystreams(count: usize, buf: &mut [u8], ctr: &mut u64) {
-    for _ in 0..count {
-        *ctr += 1;
-        let mut seed = [0u8; 32];
-        seed[..8].copy_from_slice(&ctr.to_le_bytes());
-        prg::keystream(&seed, buf);
-    }
+    let seeds: Vec<[u8; 32]> = (0..count)
+        .map(|_| {
+            *ctr += 1;
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&ctr.to_le_bytes());
+            seed
+        })
+        .collect();
+    prg::keystream_parallel(&seeds, buf, threads());
     std::hint::black_box(&buf);
 }
 
@@ -436,7 +451,13 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     // The bench measures speed at the configured thresholds, whatever an institution's floors.
     let floors = tessera_secagg::floors::SecurityFloors { min_participants: 0, min_survivor_fraction: 0.0, ..Default::default() };
     let trust = Trust { aggregator_key: aggregator_key().public_key(), config_signature, floors };
-    let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust, &mut rng).expect("client")).collect();
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| {
+            let mut c = Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust, &mut rng).expect("client");
+            c.set_threads(threads());
+            c
+        })
+        .collect();
     for c in &clients {
         aggp.send_json(b'A', &c.advertise(vec![]));
     }
@@ -476,7 +497,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         // Right after, under the same machine conditions: the bare kernel on a scratch
         // vector, the keystream bound for the same k+1 streams, and one stream.
         let t = Instant::now();
-        let mut streams: Vec<MaskStream> = (0..=k)
+        let streams: Vec<MaskStream> = (0..=k)
             .map(|s| {
                 let mut seed = [0u8; 32];
                 seed[..4].copy_from_slice(&s.to_le_bytes());
@@ -484,7 +505,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
                 MaskStream::new(&seed, b"bench", if s.is_multiple_of(2) { Sign::Add } else { Sign::Subtract })
             })
             .collect();
-        prg::apply_masks(&mut scratch, &mut streams);
+        prg::apply_masks(&mut scratch, &streams, threads());
         st.kernel_s.push(t.elapsed().as_secs_f64());
         drop(streams);
         let t = Instant::now();
@@ -741,6 +762,9 @@ fn parse_compare(arg: &str) -> Spec {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     if args.iter().any(|a| a == "--aggregator-child") {
+        if let Some(t) = args.iter().position(|a| a == "--threads").and_then(|i| args.get(i + 1)).and_then(|t| t.parse().ok()) {
+            THREADS.set(t).ok();
+        }
         aggregator_child();
         return;
     }
@@ -749,11 +773,16 @@ fn main() {
     let mut reps = 3usize;
     let mut compare: Option<Spec> = None;
     let mut kernels_only = false;
+    let mut max_threads = prg::default_threads();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => ms = vec![100_000],
-            "--kernels" => kernels_only = true,
+            "--threads-scan" => kernels_only = true,
+            "--threads" => {
+                let t: usize = it.next().expect("--threads N").parse().expect("threads");
+                max_threads = t.max(1);
+            }
             "--m" => {
                 ms = it.next().expect("--m LIST").split(',').map(|s| s.replace('_', "").parse().expect("m")).collect();
             }
@@ -762,11 +791,13 @@ fn main() {
             "--compare" => compare = Some(parse_compare(it.next().map(String::as_str).unwrap_or(""))),
             s if s.starts_with("--compare=") => compare = Some(parse_compare(&s["--compare=".len()..])),
             other => {
-                eprintln!("unknown argument {other}; usage: masking [--quick] [--kernels] [--m LIST] [--n N] [--reps R] [--compare m=..,n=..,k=..]");
+                eprintln!("unknown argument {other}; usage: masking [--quick] [--threads-scan] [--threads N] [--m LIST] [--n N] [--reps R] [--compare m=..,n=..,k=..]");
                 std::process::exit(2);
             }
         }
     }
+    THREADS.set(max_threads).ok();
+    println!("{}; masking and unmasking with {} thread(s)", cpu_line(), threads());
     if let Some(spec) = compare {
         let stats = run_round(&spec, true);
         println!("{}", compare_json(&stats));
@@ -774,8 +805,18 @@ fn main() {
     }
     let (k, ts) = default_neighbours(n as u32, DEFAULT_DROPOUT_RATE, DEFAULT_CORRUPTION_RATE);
     if kernels_only {
+        let single = openssl_speed(1);
+        let multi = openssl_speed(max_threads);
+        match (single, multi) {
+            (Some(a), Some(b)) => println!(
+                "anchor: `openssl speed -evp aes-128-ctr -bytes 16384`: {:.2} GB/s on one core, {:.2} GB/s with -multi {max_threads}",
+                a / 1e9,
+                b / 1e9
+            ),
+            _ => println!("anchor: openssl is not installed; no OpenSSL figure"),
+        }
         for &m in &ms {
-            kernel_variants(m, k as usize, reps.max(5));
+            thread_scaling(m, k as usize, reps.max(5), max_threads);
         }
         return;
     }
@@ -785,142 +826,74 @@ fn main() {
 }
 
 // ---------------------------------------------------------------------------------------
-// `--kernels`: variants of the fused mask loop of `prg::apply_masks`, to size a proposed
-// patch. Same HKDF and AES-128-CTR as `prg::MaskStream`; each variant is checked to give
-// exactly the output of `prg::apply_masks`.
+// `--threads-scan`: the mask kernel against the keystream bounds, 1, 2, … threads.
 
-mod kernels {
-    use aes::cipher::{KeyIvInit, StreamCipher, StreamCipherCore};
-    use hkdf::Hkdf;
-    use sha2::Sha256;
-
-    type Aes128Ctr = ctr::Ctr128BE<aes::Aes128>;
-    type Aes128CtrCore = ctr::CtrCore<aes::Aes128, ctr::flavors::Ctr128BE>;
-    type AesBlock = aes::cipher::Block<Aes128CtrCore>;
-
-    const BLOCK_WORDS: usize = 4096;
-    static ZERO: [u8; BLOCK_WORDS * 4] = [0; BLOCK_WORDS * 4];
-
-    fn okm(seed: &[u8; 32], label: &[u8]) -> [u8; 32] {
-        let hk = Hkdf::<Sha256>::new(Some(b"tessera/prg/v1"), seed);
-        let mut okm = [0u8; 32];
-        hk.expand(label, &mut okm).expect("HKDF length");
-        okm
-    }
-
-    pub fn wrapper(seed: &[u8; 32], label: &[u8]) -> Aes128Ctr {
-        let k = okm(seed, label);
-        Aes128Ctr::new((&k[..16]).into(), (&k[16..]).into())
-    }
-
-    pub fn core(seed: &[u8; 32], label: &[u8]) -> Aes128CtrCore {
-        let k = okm(seed, label);
-        Aes128CtrCore::new((&k[..16]).into(), (&k[16..]).into())
-    }
-
-    fn add_words(block: &mut [u32], bytes: &[u8], add: bool) {
-        if add {
-            for (o, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = o.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
-            }
-        } else {
-            for (o, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = o.wrapping_sub(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
-            }
-        }
-    }
-
-    /// (B) `apply_keystream_b2b` from a static zero block instead of `fill(0)` then
-    /// `apply_keystream`: one 16 KiB memset per stream and block less; same semantics
-    /// (streams resume mid-block) since the wrapper still buffers partial blocks.
-    pub fn b2b(out: &mut [u32], streams: &mut [(Aes128Ctr, bool)]) {
-        let mut ks = [0u8; BLOCK_WORDS * 4];
-        for block in out.chunks_mut(BLOCK_WORDS) {
-            let n = block.len() * 4;
-            for (c, add) in streams.iter_mut() {
-                c.apply_keystream_b2b(&ZERO[..n], &mut ks[..n]).expect("keystream length");
-                add_words(block, &ks[..n], *add);
-            }
-        }
-    }
-
-    /// (C) The raw CTR core writes keystream blocks directly (no XOR at all). Whole
-    /// 16-byte blocks only: fine for one call over the whole vector, which is how the
-    /// client and the aggregator use `apply_masks`.
-    pub fn raw_core(out: &mut [u32], streams: &mut [(Aes128CtrCore, bool)]) {
-        let mut ks = vec![AesBlock::default(); BLOCK_WORDS / 4];
-        for block in out.chunks_mut(BLOCK_WORDS) {
-            let nblocks = block.len().div_ceil(4);
-            for (c, add) in streams.iter_mut() {
-                c.write_keystream_blocks(&mut ks[..nblocks]);
-                let (full, tail) = block.split_at_mut(block.len() / 4 * 4);
-                if *add {
-                    for (o4, b) in full.chunks_exact_mut(4).zip(&ks) {
-                        for j in 0..4 {
-                            o4[j] = o4[j].wrapping_add(u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]]));
-                        }
-                    }
-                } else {
-                    for (o4, b) in full.chunks_exact_mut(4).zip(&ks) {
-                        for j in 0..4 {
-                            o4[j] = o4[j].wrapping_sub(u32::from_le_bytes([b[4 * j], b[4 * j + 1], b[4 * j + 2], b[4 * j + 3]]));
-                        }
-                    }
-                }
-                if !tail.is_empty() {
-                    let b = &ks[full.len() / 4];
-                    add_words(tail, &b[..tail.len() * 4], *add);
-                }
-            }
-        }
-    }
+/// The CPU model and the features that decide the kernel's speed, as this process sees them.
+fn cpu_line() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(str::trim).unwrap_or("unknown").to_string();
+    let flags: Vec<&str> = info.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    let wanted = ["aes", "vaes", "avx2", "avx512f", "avx512vl", "sha_ni", "vpclmulqdq"];
+    let have: Vec<&str> = wanted.iter().copied().filter(|f| flags.contains(f)).collect();
+    format!("CPU: {model}, {} logical cores; flags {}", prg::default_threads(), have.join(" "))
 }
 
-fn kernel_variants(m: usize, k: usize, reps: usize) {
-    use tessera_secagg::prg::{apply_masks, MaskStream, Sign};
+/// `openssl speed -evp aes-128-ctr` on 16 KiB blocks, one process and one per core, in
+/// bytes per second; `None` when openssl is not installed.
+fn openssl_speed(multi: usize) -> Option<f64> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["speed", "-evp", "aes-128-ctr", "-bytes", "16384", "-seconds", "2"]);
+    if multi > 1 {
+        cmd.args(["-multi", &multi.to_string()]);
+    }
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The last line: "AES-128-CTR  123456.78k" (1000-byte units).
+    let line = text.lines().rev().find(|l| l.to_ascii_lowercase().starts_with("aes-128-ctr"))?;
+    let v = line.split_whitespace().last()?.trim_end_matches('k').parse::<f64>().ok()?;
+    Some(v * 1000.0)
+}
+
+fn thread_scaling(m: usize, k: usize, reps: usize, max_threads: usize) {
+    use tessera_secagg::prg::{apply_masks, keystream_parallel, MaskStream, Sign};
     let words = m + 1;
     let seeds: Vec<[u8; 32]> = (0..=k).map(|s| [s as u8 + 1; 32]).collect();
     let sign = |s: usize| if s.is_multiple_of(2) { Sign::Add } else { Sign::Subtract };
+    let streams: Vec<MaskStream> = seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect();
     let mut reference = vec![7u32; words];
-    let mut streams: Vec<MaskStream> = seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect();
-    apply_masks(&mut reference, &mut streams);
-    let mut b = vec![7u32; words];
-    kernels::b2b(&mut b, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::wrapper(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
-    assert_eq!(b, reference, "variant B differs from prg::apply_masks");
-    let mut c = vec![7u32; words];
-    kernels::raw_core(&mut c, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::core(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
-    assert_eq!(c, reference, "variant C differs from prg::apply_masks");
-    drop((b, c));
-
-    let (mut ta, mut tb, mut tc, mut tk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut data = vec![7u32; words];
-    let mut buf = vec![0u8; 4 * words];
-    let mut ctr = 0u64;
-    for _ in 0..reps {
-        // Interleaved, so that all four see the same machine conditions.
-        let t = Instant::now();
-        apply_masks(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect::<Vec<_>>());
-        ta.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        kernels::b2b(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::wrapper(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
-        tb.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        kernels::raw_core(&mut data, &mut seeds.iter().enumerate().map(|(s, seed)| (kernels::core(seed, b"x"), s.is_multiple_of(2))).collect::<Vec<_>>());
-        tc.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        keystreams(k + 1, &mut buf, &mut ctr);
-        tk.push(t.elapsed().as_secs_f64());
+    apply_masks(&mut reference, &streams, 1);
+    let mut threads: Vec<usize> = vec![1];
+    while *threads.last().unwrap_or(&1) * 2 <= max_threads {
+        threads.push(threads.last().unwrap_or(&1) * 2);
     }
-    let bound = median(&tk);
-    println!("\n### Masking kernel variants, m = {m}, {} streams, median of {reps} interleaved repetitions\n", k + 1);
-    println!("| kernel | time | × keystream bound |");
-    println!("|---|---:|---:|");
-    for (name, t) in [
-        ("`prg::apply_masks` (current: `fill(0)` + `apply_keystream` + add, per stream per 16 KiB block)", median(&ta)),
-        ("(B) `apply_keystream_b2b` from a static zero block (no memset)", median(&tb)),
-        ("(C) `CtrCore::write_keystream_blocks` straight into the block buffer (no memset, no XOR)", median(&tc)),
-        ("keystream bound: `prg::keystream` over the same bytes", bound),
-    ] {
-        println!("| {name} | {} | {:.2}× |", fmt_time(t), t / bound);
+    if *threads.last().unwrap_or(&1) != max_threads {
+        threads.push(max_threads);
+    }
+    let mut buf = vec![0u8; 4 * words];
+    let bytes = (k + 1) * 4 * words;
+    println!("\n### Mask kernel and keystream, m = {m}, {} streams ({}), median of {reps} interleaved repetitions\n", k + 1, mib(bytes as f64));
+    println!("| threads | `prg::apply_masks` | GB/s | keystream bound (`keystream_parallel`, same threads) | GB/s | kernel ÷ bound | speed-up over 1 thread |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut one = f64::NAN;
+    for &t in &threads {
+        let mut check = vec![7u32; words];
+        apply_masks(&mut check, &streams, t);
+        assert_eq!(check, reference, "{t} threads differ from 1");
+        let (mut tk, mut tb) = (Vec::new(), Vec::new());
+        let mut data = vec![7u32; words];
+        for _ in 0..reps {
+            let s0 = Instant::now();
+            apply_masks(&mut data, &streams, t);
+            tk.push(s0.elapsed().as_secs_f64());
+            let s0 = Instant::now();
+            std::hint::black_box(keystream_parallel(&seeds, &mut buf, t));
+            tb.push(s0.elapsed().as_secs_f64());
+        }
+        let (kt, bt) = (median(&tk), median(&tb));
+        if t == 1 {
+            one = kt;
+        }
+        let gbs = |s: f64| bytes as f64 / s / 1e9;
+        println!("| {t} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2}× |", fmt_time(kt), gbs(kt), fmt_time(bt), gbs(bt), kt / bt, one / kt);
     }
 }

@@ -91,6 +91,8 @@ pub struct Aggregator {
     u4: BTreeMap<ClientId, ConsistencySignature>,
     u5: BTreeMap<ClientId, UnmaskShares>,
     outcome: Option<Outcome>,
+    /// Threads the unmasking uses (default: the machine's cores).
+    threads: usize,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -120,7 +122,13 @@ impl Aggregator {
             u4: BTreeMap::new(),
             u5: BTreeMap::new(),
             outcome: None,
+            threads: crate::prg::default_threads(),
         })
+    }
+
+    /// Sets the threads unmasking uses (at least 1); the sum is the same for any count.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     pub fn config(&self) -> &RoundConfig {
@@ -232,10 +240,15 @@ impl Aggregator {
     /// Returns the sender and the SHA-256 of the masked vector (the digest its signature
     /// covers), so callers can record it without hashing the input again.
     pub fn handle_masked_input_encoded(&mut self, bytes: &[u8]) -> Result<(ClientId, [u8; 32]), Error> {
-        let view = MaskedInputView::parse(bytes)?;
-        let digest = view.data_digest();
-        self.fold_masked(view.round, view.client, &view.signature, view.len(), &digest, view.words())?;
-        Ok((view.client, digest))
+        self.handle_masked_input_digested(&MaskedInputView::parse(bytes)?.digested())
+    }
+
+    /// [`Aggregator::handle_masked_input_encoded`] for an input whose digest was already
+    /// computed (by an early signature check): the body is not hashed again.
+    pub fn handle_masked_input_digested(&mut self, input: &DigestedMaskedInput<'_>) -> Result<(ClientId, [u8; 32]), Error> {
+        let view = input.view();
+        self.fold_masked(view.round, view.client, &view.signature, view.len(), input.digest(), view.words())?;
+        Ok((view.client, *input.digest()))
     }
 
     fn fold_masked(
@@ -447,7 +460,7 @@ impl Aggregator {
             }
         }
         let mut sum = std::mem::take(&mut self.sum);
-        apply_masks(&mut sum, &mut streams);
+        apply_masks(&mut sum, &streams, self.threads);
         let mask = self.cfg.modulus_mask();
         sum.iter_mut().for_each(|x| *x &= mask);
         Ok(AggregateSum { round: self.cfg.round, included: self.u3.keys().copied().collect(), sum })

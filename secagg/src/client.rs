@@ -117,6 +117,8 @@ pub struct Client {
     held: BTreeMap<ClientId, HeldShares>,
     signed_survivors: Option<Vec<ClientId>>,
     revealed: BTreeMap<ClientId, Revealed>,
+    /// Threads the mask expansion uses (default: the machine's cores).
+    threads: usize,
     /// The positive control of the malicious-aggregator harness: U2 taken as the server
     /// says, as the code before the review did. Test builds only.
     #[cfg(feature = "danger-test-weakened-client")]
@@ -166,9 +168,16 @@ impl Client {
             held: BTreeMap::new(),
             signed_survivors: None,
             revealed: BTreeMap::new(),
+            threads: crate::prg::default_threads(),
             #[cfg(feature = "danger-test-weakened-client")]
             danger_trust_u2: false,
         })
+    }
+
+    /// Sets the threads masking uses (at least 1); the masked vector is the same for any
+    /// count.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     pub fn id(&self) -> ClientId {
@@ -414,7 +423,7 @@ impl Client {
             let sign = if self.id < *v { Sign::Add } else { Sign::Subtract };
             streams.push(MaskStream::new(&seed, PAIR_MASK_LABEL, sign));
         }
-        apply_masks(&mut data, &mut streams);
+        apply_masks(&mut data, &streams, self.threads);
         if modulus != u32::MAX {
             data.iter_mut().for_each(|x| *x &= modulus);
         }

@@ -289,6 +289,41 @@ impl<'a> MaskedInputView<'a> {
     pub fn data_digest(&self) -> [u8; 32] {
         sha256(self.body)
     }
+
+    /// The view with its data digest, computed here once from the borrowed body: whoever
+    /// checks the signature early and whoever folds later share one hash pass, and the
+    /// borrow keeps the body unchanged in between.
+    pub fn digested(self) -> DigestedMaskedInput<'a> {
+        DigestedMaskedInput { digest: self.data_digest(), view: self }
+    }
+}
+
+/// A [`MaskedInputView`] and the SHA-256 of its body. Only [`MaskedInputView::digested`]
+/// makes one, so the digest is always that of the body it borrows.
+#[derive(Clone, Copy, Debug)]
+pub struct DigestedMaskedInput<'a> {
+    view: MaskedInputView<'a>,
+    digest: [u8; 32],
+}
+
+impl<'a> DigestedMaskedInput<'a> {
+    pub fn view(&self) -> &MaskedInputView<'a> {
+        &self.view
+    }
+
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    /// The transcript the sender's signature must cover under a configuration `digest`.
+    pub fn transcript(&self, config_digest: &[u8; 32]) -> Transcript {
+        MaskedInput::transcript_for(config_digest, self.view.round, self.view.client, &self.digest)
+    }
+
+    /// Size of the received encoding (header and body).
+    pub fn encoded_len(&self) -> usize {
+        MASKED_HEADER_LEN + self.view.body.len()
+    }
 }
 
 /// Server to clients after phase 2: U3, the clients whose masked inputs were summed.

@@ -440,7 +440,7 @@ fn the_invariant_check_catches_a_weakened_client_and_holds_for_the_real_one() {
     let shares: Vec<Share> = k.self_mask[&ClientId(0)].values().cloned().collect();
     let seed = shamir::reconstruct(&shares, l.ts()).unwrap();
     let mut x = k.masked[&ClientId(0)].0.data.clone();
-    apply_masks(&mut x, &mut [MaskStream::new(&seed, b"self-mask", Sign::Subtract)]);
+    apply_masks(&mut x, &[MaskStream::new(&seed, b"self-mask", Sign::Subtract)], 1);
     assert_eq!(x, l.inputs[0], "the weakened victim's plaintext input is recovered");
 }
 

@@ -388,31 +388,57 @@ async fn masked_input(State(s): State<Arc<Service>>, Path(round): Path<u64>, hea
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true}))).into_response())
 }
 
-async fn key_directory(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {
-    let dir = s.read(round, "the key directory", |e| e.aggregator().ok()?.key_directory()).await?;
+/// `?wait=SECONDS` (0 to 30, default 0): how long a read of a phase's data may park
+/// until the phase is ready, instead of answering `not_ready` at once.
+struct Wait(std::time::Duration);
+
+impl<S: Send + Sync> FromRequestParts<S> for Wait {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(query) = parts.uri.query() else { return Ok(Wait(std::time::Duration::ZERO)) };
+        let mut wait = std::time::Duration::ZERO;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("wait", v)) => {
+                    let secs: u64 = v.parse().map_err(|_| ApiError::bad_request("bad_query", format!("wait must be a whole number of seconds, got {v:?}")))?;
+                    if std::time::Duration::from_secs(secs) > crate::service::MAX_WAIT {
+                        return Err(ApiError::bad_request("bad_query", format!("wait may be at most {} s, got {secs}", crate::service::MAX_WAIT.as_secs())));
+                    }
+                    wait = std::time::Duration::from_secs(secs);
+                }
+                _ => return Err(ApiError::bad_request("bad_query", format!("unknown query parameter {pair:?}; only wait=SECONDS is accepted"))),
+            }
+        }
+        Ok(Wait(wait))
+    }
+}
+
+async fn key_directory(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    let dir = s.long_poll(wait, || s.read(round, "the key directory", |e| e.aggregator().ok()?.key_directory())).await?;
     Ok(json(&dir))
 }
 
-async fn share_bundle(State(s): State<Arc<Service>>, Path((round, client)): Path<(u64, u32)>) -> Result<Response, ApiError> {
-    let b = s.read(round, "the share bundle", |e| e.aggregator().ok()?.share_bundle(ClientId(client))).await?;
+async fn share_bundle(State(s): State<Arc<Service>>, Path((round, client)): Path<(u64, u32)>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    let b = s.long_poll(wait, || s.read(round, "the share bundle", |e| e.aggregator().ok()?.share_bundle(ClientId(client)))).await?;
     Ok(json(&b))
 }
 
-async fn survivors(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {
-    Ok(json(&s.read(round, "the survivor set", |e| e.aggregator().ok()?.survivor_set()).await?))
+async fn survivors(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    Ok(json(&s.long_poll(wait, || s.read(round, "the survivor set", |e| e.aggregator().ok()?.survivor_set())).await?))
 }
 
-async fn unmask_request(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {
-    Ok(json(&s.read(round, "the unmask request", |e| e.aggregator().ok()?.unmask_request()).await?))
+async fn unmask_request(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    Ok(json(&s.long_poll(wait, || s.read(round, "the unmask request", |e| e.aggregator().ok()?.unmask_request())).await?))
 }
 
-async fn result(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {
-    let (release, _) = s.result(round).await?;
+async fn result(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    let (release, _) = s.long_poll(wait, || s.result(round)).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], release).into_response())
 }
 
-async fn result_mean(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result<Response, ApiError> {
-    let (_, mean) = s.result(round).await?;
+async fn result_mean(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    let (_, mean) = s.long_poll(wait, || s.result(round)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], mean).into_response())
 }
 

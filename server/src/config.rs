@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// Connection and request limits against slow or abundant unauthenticated peers.
     #[serde(default)]
     pub limits: Limits,
+    /// Threads the unmasking uses (default: every core of the machine).
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 /// What one peer can hold of the server before it has proved anything.

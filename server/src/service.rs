@@ -68,9 +68,18 @@ struct Inner {
 }
 
 struct Current {
-    cfg: RoundConfig,
+    /// Shared with the requests that check messages before the round's lock, with its
+    /// digest computed once.
+    cfg: Arc<RoundConfig>,
+    digest: [u8; 32],
     opened_at: Timestamp,
     finished_at: Option<Timestamp>,
+}
+
+impl Current {
+    fn new(cfg: RoundConfig, opened_at: Timestamp, finished_at: Option<Timestamp>) -> Self {
+        Current { digest: cfg.digest(), cfg: Arc::new(cfg), opened_at, finished_at }
+    }
 }
 
 pub struct Service {
@@ -92,7 +101,13 @@ pub struct Service {
     /// Unauthenticated refusals in the current minute: (minute, listed, counted only).
     anonymous_denials: std::sync::Mutex<(u64, u64, u64)>,
     last_schedule_error: Mutex<Option<String>>,
+    /// Bumped whenever the round's state changes in a way a waiting reader may care
+    /// about (a round opened, a phase closed, a round ended): long-polls park on it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
+
+/// The longest a client may park a request waiting for a phase (`?wait=SECONDS`).
+pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -289,6 +304,9 @@ impl Service {
             other => other.into(),
         })?;
         store.put_kv("enclave_identity", &sealed).await?;
+        if let Some(threads) = cfg.threads {
+            enclave.set_threads(threads);
+        }
         let identity = enclave.identity_public_key();
         let evidence = enclave.evidence(&tls_fingerprint, now().0 / 1000)?;
         store.put_evidence(&tessera_attestation::audit::sha256_hex(&evidence), &evidence, &hex::encode(tls_fingerprint), now().0).await?;
@@ -334,7 +352,7 @@ impl Service {
                             store.commit(Commit { round: row.round, log: &log, ..Default::default() }).await?;
                         }
                         tracing::info!(round = row.round, events = events.len(), phase = ?enclave.phase(), "resumed round from the store");
-                        current = Some(Current { cfg: row.config, opened_at: row.opened_at, finished_at: None });
+                        current = Some(Current::new(row.config, row.opened_at, None));
                     }
                     Err(e) => {
                         tracing::error!(round = row.round, error = %e, "cannot resume round; marking it aborted");
@@ -349,7 +367,7 @@ impl Service {
                     }
                 }
             } else {
-                current = Some(Current { cfg: row.config.clone(), opened_at: row.opened_at, finished_at: Some(row.opened_at) });
+                current = Some(Current::new(row.config.clone(), row.opened_at, Some(row.opened_at)));
             }
         }
         let authenticator = crate::auth::Authenticator::new(&cfg);
@@ -371,6 +389,7 @@ impl Service {
             denials_dropped: std::sync::atomic::AtomicU64::new(0),
             anonymous_denials: std::sync::Mutex::new((0, 0, 0)),
             last_schedule_error: Mutex::new(None),
+            changes: tokio::sync::watch::channel(0).0,
         });
         // A round that finished just before a crash may not have its result stored yet.
         service.tick().await.map_err(|e| StartError::Setup(e.message))?;
@@ -513,7 +532,8 @@ impl Service {
             return Err(e.into());
         }
         tracing::info!(round, participants = cfg.participants(), k = cfg.neighbours, t = cfg.min_survivors, m = cfg.vector_len, "round opened");
-        inner.current = Some(Current { cfg: cfg.clone(), opened_at, finished_at: None });
+        inner.current = Some(Current::new(cfg.clone(), opened_at, None));
+        self.changed();
         Ok(cfg)
     }
 
@@ -561,8 +581,13 @@ impl Service {
         MaskedInput::encoded_len(cfg.masked_len())
     }
 
-    pub async fn current_config(&self) -> Option<RoundConfig> {
+    pub async fn current_config(&self) -> Option<Arc<RoundConfig>> {
         self.inner.lock().await.current.as_ref().map(|c| c.cfg.clone())
+    }
+
+    /// The current round's configuration and its digest, without copying either.
+    async fn current_with_digest(&self) -> Option<(Arc<RoundConfig>, [u8; 32])> {
+        self.inner.lock().await.current.as_ref().map(|c| (c.cfg.clone(), c.digest))
     }
 
     /// Accepts one client message for `round`: enclave first, then the store, then any
@@ -570,16 +595,16 @@ impl Service {
     pub async fn submit(&self, round: u64, kind: MessageKind, body: &[u8]) -> Result<Option<Verdict>, ApiError> {
         // Parsing, the sender and its signature are checked before the round's lock is
         // taken: a body from no roster member is refused without delaying anyone.
-        let cfg = self.current_config().await.filter(|c| c.round == round);
+        let cfg = self.current_with_digest().await.filter(|(c, _)| c.round == round);
         let parsed = match &cfg {
-            Some(cfg) => Some(tessera_enclave::preverify(cfg, &cfg.digest(), kind, body)?),
+            Some((cfg, digest)) => Some(tessera_enclave::preverify(cfg, digest, kind, body)?),
             None => None,
         };
         let mut inner = self.inner.lock().await;
         self.current(&inner, round)?;
         let t = now();
         let result = match parsed {
-            Some(msg) => inner.enclave.handle_preverified(msg, body, t),
+            Some(msg) => inner.enclave.handle_preverified(msg, t),
             None => match kind {
                 MessageKind::Advertise => {
                     let msg: AdvertiseKeys = serde_json::from_slice(body).map_err(|e| ApiError::bad_request("malformed", e.to_string()))?;
@@ -620,7 +645,7 @@ impl Service {
         let Some(cur) = &inner.current else { return Ok(()) };
         let round = cur.cfg.round;
         let events = self.store.events(round).await?;
-        inner.enclave.restore_round(cur.cfg.clone(), cur.opened_at, &events)?;
+        inner.enclave.restore_round((*cur.cfg).clone(), cur.opened_at, &events)?;
         let log = inner.enclave.take_log_entries();
         if !log.is_empty() {
             self.store.commit(Commit { round, log: &log, ..Default::default() }).await?;
@@ -751,7 +776,36 @@ impl Service {
                 cur.finished_at = Some(t);
             }
         }
+        self.changed();
         Ok(())
+    }
+
+    /// Wakes every parked long-poll to look again.
+    fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Runs `attempt` until it answers anything but `not_ready`, or `wait` has passed:
+    /// between attempts it parks on the state-change signal, so a waiting client costs
+    /// a parked request, not a poll.
+    pub async fn long_poll<T, F, Fut>(&self, wait: std::time::Duration, attempt: F) -> Result<T, ApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut rx = self.changes.subscribe();
+        loop {
+            // Marked seen before the attempt, so a change during it wakes the wait below.
+            rx.borrow_and_update();
+            match attempt().await {
+                Err(e) if e.code == "not_ready" && tokio::time::Instant::now() < deadline => match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => return Err(e),
+                },
+                other => return other,
+            }
+        }
     }
 
     /// How the round ended, for the store.
@@ -785,7 +839,7 @@ impl Service {
     }
 
     /// Reads something the enclave hands out after a phase closed; 425 before, 410 after an abort.
-    pub async fn read<T>(&self, round: u64, what: &str, f: impl FnOnce(&Enclave) -> Option<T>) -> Result<T, ApiError> {
+    pub async fn read<T>(&self, round: u64, what: &str, f: impl Fn(&Enclave) -> Option<T>) -> Result<T, ApiError> {
         let inner = self.inner.lock().await;
         self.current(&inner, round)?;
         if let Some(v) = f(&inner.enclave) {
@@ -810,7 +864,7 @@ impl Service {
                 round,
                 phase: agg.phase(),
                 participants: self.names(&cur.cfg),
-                config: cur.cfg.clone(),
+                config: (*cur.cfg).clone(),
                 config_signature: Some(hex::encode(agg.config_signature())),
                 waiting_for: agg.waiting_for(),
                 outcome,

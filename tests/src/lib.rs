@@ -37,6 +37,7 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         certificate_refresh_secs: tessera_server::config::DEFAULT_CERTIFICATE_REFRESH_SECS,
         privacy: None,
         limits: Default::default(),
+        threads: None,
     }
 }
 

@@ -37,8 +37,10 @@ struct Proxy {
 
 async fn forward(proxy: Arc<Proxy>, method: Method, uri: Uri, body: Bytes) -> Response {
     let path = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    // Rewrites match the route; the query (a long-poll's `?wait=`) is forwarded as is.
+    let route = uri.path().to_string();
     let payload = (!body.is_empty()).then(|| {
-        let ct = if path.ends_with("/masked-input") { "application/octet-stream" } else { "application/json" };
+        let ct = if route.ends_with("/masked-input") { "application/octet-stream" } else { "application/json" };
         (ct, body.to_vec())
     });
     let answer = match proxy.upstream.request(method, path.clone(), payload).await {
@@ -47,12 +49,12 @@ async fn forward(proxy: Arc<Proxy>, method: Method, uri: Uri, body: Bytes) -> Re
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
     let rewritten = match proxy.lie {
-        Lie::Threshold if path == "/v1/rounds/current" => {
+        Lie::Threshold if route == "/v1/rounds/current" => {
             let mut v: serde_json::Value = serde_json::from_slice(&answer).unwrap();
             v["config"]["min_survivors"] = 1.into();
             serde_json::to_vec(&v).unwrap()
         }
-        Lie::PaddedU2 if path.ends_with("/share-bundle/0") => {
+        Lie::PaddedU2 if route.ends_with("/share-bundle/0") => {
             let mut b: ShareBundle = serde_json::from_slice(&answer).unwrap();
             b.shared = vec![ClientId(0), ClientId(70), ClientId(71)];
             b.shares.clear();
