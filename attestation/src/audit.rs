@@ -104,9 +104,10 @@ pub enum LogEvent {
         debug: Option<bool>,
         failures: Vec<String>,
     },
-    /// A masked input was accepted: the SHA-256 of its masked vector (the digest the
-    /// client's signature covers; the vector is uniformly random to everyone but the sum)
-    /// and the size of the message received.
+    /// A masked input was accepted: the data digest of its masked vector (the digest the
+    /// client's signature covers: since protocol version 2 the SHA-256 tree of
+    /// `tessera_secagg::wire::data_digest_of_bytes`, 1 MiB leaves; the vector is uniformly
+    /// random to everyone but the sum) and the size of the message received.
     MaskedInput { client: u32, sha256: String, bytes: u64 },
     /// A protocol phase closed: who answered and who went missing in it (dropouts).
     PhaseClosed { from: String, to: String, responded: Vec<u32>, missing: Vec<u32> },

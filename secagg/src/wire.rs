@@ -180,24 +180,71 @@ impl std::fmt::Debug for MaskedInput {
 }
 
 const MASKED_MAGIC: &[u8; 4] = b"TSMI";
-const MASKED_VERSION: u8 = 1;
+/// 2: the data digest is the chunked tree hash of [`data_digest_of_bytes`] (1 was the
+/// SHA-256 of the whole body).
+const MASKED_VERSION: u8 = 2;
+
+/// Bytes of the masked body per leaf of the data digest (1 MiB, 262,144 words).
+pub const DIGEST_CHUNK_BYTES: usize = 1 << 20;
+
+/// Below this many bytes per thread the digest is computed on one thread.
+const DIGEST_MIN_BYTES_PER_THREAD: usize = DIGEST_CHUNK_BYTES;
+
+/// The digest a masked input's signature binds: `SHA-256("tessera/masked-data/v2" ‖
+/// u64 LE body length ‖ leaf_0 ‖ leaf_1 ‖ …)`, where `leaf_i` is the SHA-256 of the
+/// i-th 1 MiB chunk of the body (the last one shorter). The leaves are independent, so
+/// the digest is computed on every core (`threads`), with the same result for any count.
+pub fn data_digest_of_bytes(body: &[u8], threads: usize) -> [u8; 32] {
+    data_digest_with(body.len(), threads, |range, h| sha2::Digest::update(h, &body[range]))
+}
+
+/// The same digest over words, read as little-endian bytes, without a copy of the whole.
+pub fn data_digest_of_words(data: &[u32], threads: usize) -> [u8; 32] {
+    data_digest_with(data.len() * 4, threads, |range, h| {
+        let mut block = [0u8; 16 * 1024];
+        for chunk in data[range.start / 4..range.end / 4].chunks(block.len() / 4) {
+            for (dst, w) in block.chunks_exact_mut(4).zip(chunk) {
+                dst.copy_from_slice(&w.to_le_bytes());
+            }
+            sha2::Digest::update(h, &block[..chunk.len() * 4]);
+        }
+    })
+}
+
+fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<usize>, &mut sha2::Sha256) + Sync) -> [u8; 32] {
+    use sha2::Digest;
+    let leaves = len.div_ceil(DIGEST_CHUNK_BYTES);
+    let leaf = |i: usize| -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        feed(i * DIGEST_CHUNK_BYTES..((i + 1) * DIGEST_CHUNK_BYTES).min(len), &mut h);
+        h.finalize().into()
+    };
+    let threads = threads.clamp(1, leaves.max(1)).min(len.div_ceil(DIGEST_MIN_BYTES_PER_THREAD).max(1));
+    let hashes: Vec<[u8; 32]> = if threads <= 1 {
+        (0..leaves).map(leaf).collect()
+    } else {
+        let per = leaves.div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || (t * per..((t + 1) * per).min(leaves)).map(leaf).collect::<Vec<_>>())).collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| unreachable!("a digest thread does not panic"))).collect()
+        })
+    };
+    let mut root = sha2::Sha256::new();
+    root.update(b"tessera/masked-data/v2");
+    root.update((len as u64).to_le_bytes());
+    for h in &hashes {
+        root.update(h);
+    }
+    root.finalize().into()
+}
 /// magic, version, round, client, element count, signature.
 pub const MASKED_HEADER_LEN: usize = 4 + 1 + 8 + 4 + 4 + 64;
 
 impl MaskedInput {
-    /// SHA-256 of the words as little-endian bytes (the encoded body), hashed in
-    /// blocks rather than copied whole.
+    /// The data digest ([`data_digest_of_bytes`]) of the words as little-endian bytes
+    /// (the encoded body), on every core, hashed in blocks rather than copied whole.
     pub fn data_digest(data: &[u32]) -> [u8; 32] {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        let mut block = [0u8; 16 * 1024];
-        for chunk in data.chunks(block.len() / 4) {
-            for (dst, w) in block.chunks_exact_mut(4).zip(chunk) {
-                dst.copy_from_slice(&w.to_le_bytes());
-            }
-            h.update(&block[..chunk.len() * 4]);
-        }
-        h.finalize().into()
+        data_digest_of_words(data, crate::prg::default_threads())
     }
 
     pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32]) -> Transcript {
@@ -287,7 +334,7 @@ impl<'a> MaskedInputView<'a> {
 
     /// Equal to [`MaskedInput::data_digest`] of the decoded words.
     pub fn data_digest(&self) -> [u8; 32] {
-        sha256(self.body)
+        data_digest_of_bytes(self.body, crate::prg::default_threads())
     }
 
     /// The view with its data digest, computed here once from the borrowed body: whoever
@@ -460,6 +507,34 @@ mod tests {
 
     fn sample() -> MaskedInput {
         MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], signature: [5; 64] }
+    }
+
+    /// A known answer computed apart with Python's hashlib (leaves of 1 MiB, the label,
+    /// the length), for 655,363 words (two full leaves and a short one) and for nothing.
+    #[test]
+    fn the_data_digest_is_the_documented_tree_hash() {
+        let words: Vec<u32> = (0..655_363u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(hex::encode(data_digest_of_words(&words, threads)), "a905561f5fc9814f2bd8f885901dfe3e5b585cd2a2a4bc320d5c55089f06abc3");
+            assert_eq!(hex::encode(data_digest_of_bytes(&bytes, threads)), "a905561f5fc9814f2bd8f885901dfe3e5b585cd2a2a4bc320d5c55089f06abc3");
+        }
+        assert_eq!(hex::encode(data_digest_of_words(&[], 4)), "80da92438276e1c183c6247195f5dffb8c9fbab37541a824c1af09bd1fcc7117");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+        /// Lengths around the leaf boundary and thread counts: words and bytes agree, and
+        /// the thread count changes nothing.
+        #[test]
+        fn the_data_digest_does_not_depend_on_threads(extra in 0usize..3, delta in -3i64..4, threads in 1usize..6, seed in proptest::prelude::any::<u32>()) {
+            let n = ((extra as i64 * (DIGEST_CHUNK_BYTES as i64 / 4)) + delta).max(0) as usize;
+            let words: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(seed | 1)).collect();
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let one = data_digest_of_words(&words, 1);
+            proptest::prop_assert_eq!(data_digest_of_words(&words, threads), one);
+            proptest::prop_assert_eq!(data_digest_of_bytes(&bytes, threads), one);
+        }
     }
 
     #[test]
