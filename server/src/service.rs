@@ -755,6 +755,7 @@ impl Service {
                 // Replay can finish a round whose result was not stored before a crash.
                 if inner.enclave.phase().is_some_and(Phase::is_terminal) {
                     self.record_end(inner, round, t).await?;
+                    self.changed();
                 }
                 return Ok(());
             }
