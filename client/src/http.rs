@@ -278,18 +278,19 @@ impl Api {
             }
         };
         self.pool.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = match sender.send_request(build()?).await {
+        let resp = match sender.try_send_request(build()?).await {
             Ok(r) => r,
-            // The server closed a kept-alive connection as the request left (an idle
-            // timeout, a restart): once more on a fresh one. Every protocol message is
-            // safe to repeat (a stored one is answered as a duplicate).
-            Err(_) if reused => {
+            // The server had closed a kept-alive connection before the request left (an
+            // idle timeout, a restart): hyper hands the unsent request back, and it goes
+            // once more on a fresh connection. A request that may have reached the server
+            // is never repeated here.
+            Err(e) if reused && e.message().is_some() => {
                 let (s, at) = self.open().await?;
                 sender = s;
                 let r = sender.send_request(build()?).await.map_err(|e| HttpError::Exchange(e.to_string()))?;
                 return self.finish(r, sender, at).await;
             }
-            Err(e) => return Err(HttpError::Exchange(e.to_string())),
+            Err(e) => return Err(HttpError::Exchange(e.into_error().to_string())),
         };
         self.finish(resp, sender, opened).await
     }

@@ -88,9 +88,13 @@ impl PrivacyLedger {
         Ok(ledger)
     }
 
+    /// RDP groups (multiplier against a participant, rounds). An entry without
+    /// `colluders` was charged by an earlier version for a round whose noise was split
+    /// over all t shares, so its z held against outsiders only; not knowing t, it is
+    /// charged at the worst case t = 2, z·√(1/2).
     fn groups(&self) -> Vec<(f64, u64)> {
         let mut groups: Vec<(f64, u64)> = Vec::new();
-        for z in self.contributions.iter().filter_map(|c| c.noise_multiplier) {
+        for z in self.contributions.iter().filter_map(|c| c.noise_multiplier.map(|z| if c.colluders.unwrap_or(0) == 0 { z * 0.5f64.sqrt() } else { z })) {
             match groups.iter_mut().find(|(g, _)| *g == z) {
                 Some(g) => g.1 += 1,
                 None => groups.push((z, 1)),

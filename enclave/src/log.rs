@@ -66,16 +66,25 @@ pub(crate) struct ReleaseFigures {
     pub by_participant: BTreeMap<String, f64>,
 }
 
-/// The multiplier an outsider faces in a round with `t` minimum survivors.
-fn outsider_multiplier(dp: &DpSummary, t: u32) -> f64 {
-    let params = tessera_secagg::dp::DpParams {
+fn params_of(dp: &DpSummary) -> tessera_secagg::dp::DpParams {
+    tessera_secagg::dp::DpParams {
         noise_multiplier: dp.noise_multiplier,
         l2_clip: dp.l2_clip,
         delta: dp.delta,
         epsilon_budget: dp.epsilon_budget,
         colluders: dp.colluders,
-    };
-    params.outsider_noise_multiplier(t)
+    }
+}
+
+/// The multiplier an outsider faces in a round with `t` minimum survivors.
+fn outsider_multiplier(dp: &DpSummary, t: u32) -> f64 {
+    params_of(dp).outsider_noise_multiplier(t)
+}
+
+/// The multiplier the ledger charges: against a coalition of the round's colluders (for a
+/// round logged before `colluders` existed, against one participant).
+fn coalition_multiplier(dp: &DpSummary, t: u32) -> f64 {
+    params_of(dp).coalition_noise_multiplier(t)
 }
 
 fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
@@ -103,23 +112,25 @@ impl Ledger {
     }
 
     fn observe_release(&mut self, round: u64, included: &[u32], dp: &DpSummary) {
-        add(&mut self.federation, dp.noise_multiplier);
         let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
+        let z = coalition_multiplier(dp, t);
+        add(&mut self.federation, z);
         add(&mut self.outsider, outsider_multiplier(dp, t));
         for c in included {
             if let Some(id) = roster.get(*c as usize) {
-                add(self.by_participant.entry(id.clone()).or_default(), dp.noise_multiplier);
+                add(self.by_participant.entry(id.clone()).or_default(), z);
             }
         }
     }
 
     /// The ε figures a release of `round` under `dp` including `included` would carry.
     fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> ReleaseFigures {
-        let eps_round = tessera_secagg::dp::epsilon(dp.noise_multiplier, 1, dp.delta);
-        let mut fed = self.federation.clone();
-        add(&mut fed, dp.noise_multiplier);
-        let eps_cum = tessera_secagg::dp::epsilon_of(&fed, dp.delta);
         let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
+        let z = coalition_multiplier(dp, t);
+        let eps_round = tessera_secagg::dp::epsilon(z, 1, dp.delta);
+        let mut fed = self.federation.clone();
+        add(&mut fed, z);
+        let eps_cum = tessera_secagg::dp::epsilon_of(&fed, dp.delta);
         let z_out = outsider_multiplier(dp, t);
         let mut outsider = self.outsider.clone();
         add(&mut outsider, z_out);
@@ -127,7 +138,7 @@ impl Ledger {
         for c in included {
             if let Some(id) = roster.get(*c as usize) {
                 let mut g = self.by_participant.get(id).cloned().unwrap_or_default();
-                add(&mut g, dp.noise_multiplier);
+                add(&mut g, z);
                 by.insert(id.clone(), tessera_secagg::dp::epsilon_of(&g, dp.delta));
             }
         }
@@ -390,6 +401,60 @@ mod tests {
             aggregator_format: "dev".into(),
             aggregator_evidence_sha256: String::new(),
         }
+    }
+
+    /// A release logged by a version before `colluders` (0 in the entry): its noise was
+    /// split over all t shares, so the ledger charges it at what one participant faced,
+    /// z·√((t − 1)/t), and an outsider's figure at z; a new round at z and z·√(t/(t − f)).
+    #[test]
+    fn releases_are_charged_against_a_coalition_and_reported_against_outsiders() {
+        let entries = |colluders: u32| {
+            let dp = DpSummary { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders, adjacency: Default::default() };
+            let open = LogEvent::RoundOpened {
+                config_digest: "00".repeat(32),
+                roster: vec!["aa".repeat(32), "bb".repeat(32), "cc".repeat(32)],
+                min_survivors: 3,
+                neighbours: 2,
+                vector_len: 1,
+                dp: Some(dp),
+                node_policy_sha256: String::new(),
+                aggregator_format: "dev".into(),
+                aggregator_evidence_sha256: String::new(),
+            };
+            let mut log = TransparencyLog::default();
+            log.append(1, 0, open);
+            let f = log.release_figures(1, &dp, &[0, 1, 2]);
+            log.append(
+                1,
+                1,
+                LogEvent::Released {
+                    included: vec![0, 1, 2],
+                    total_weight: 3,
+                    mean_sha256: String::new(),
+                    error_bound: 0.0,
+                    release_signature: String::new(),
+                    dp: Some(dp),
+                    epsilon_round: Some(f.round),
+                    epsilon_cumulative: Some(f.cumulative),
+                    epsilon_by_participant: f.by_participant.clone(),
+                    epsilon_outsider_round: Some(f.outsider_round),
+                    epsilon_outsider_cumulative: Some(f.outsider_cumulative),
+                },
+            );
+            (log, f)
+        };
+        let eps = |z: f64| tessera_secagg::dp::epsilon(z, 1, 1e-5);
+        let (mut legacy, f) = entries(0);
+        let spent = legacy.spent_epsilon(1e-5);
+        assert!((spent - eps(2.0 * (2.0f64 / 3.0).sqrt())).abs() < 1e-9);
+        assert!((f.outsider_round - eps(2.0)).abs() < 1e-9);
+        let (new, f) = entries(1);
+        assert!((new.spent_epsilon(1e-5) - eps(2.0)).abs() < 1e-9);
+        assert!((f.outsider_round - eps(2.0 * 1.5f64.sqrt())).abs() < 1e-9);
+        assert!((f.by_participant["bb".repeat(32).as_str()] - eps(2.0)).abs() < 1e-9);
+        // Reloading the stored log rebuilds the same ledger.
+        let stored = legacy.take_pending();
+        assert!((TransparencyLog::load(&stored).unwrap().spent_epsilon(1e-5) - spent).abs() < 1e-12);
     }
 
     #[test]

@@ -237,8 +237,9 @@ impl Aggregator {
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
     /// peak memory for a submission is the received body plus the running sum.
-    /// Returns the sender and the SHA-256 of the masked vector (the digest its signature
-    /// covers), so callers can record it without hashing the input again.
+    /// Returns the sender and the data digest of the masked vector (the digest its
+    /// signature covers, [`crate::wire::data_digest_of_bytes`]), so callers can record it
+    /// without hashing the input again.
     pub fn handle_masked_input_encoded(&mut self, bytes: &[u8]) -> Result<(ClientId, [u8; 32]), Error> {
         self.handle_masked_input_digested(&MaskedInputView::parse(bytes)?.digested())
     }

@@ -275,7 +275,9 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
         put("dp.l2_clip", &dp.l2_clip.to_bits().to_le_bytes());
         put("dp.delta", &dp.delta.to_bits().to_le_bytes());
         put("dp.epsilon_budget", &dp.epsilon_budget.to_bits().to_le_bytes());
-        put("dp.colluders", &dp.colluders.to_le_bytes());
+        if dp.colluders != 0 {
+            put("dp.colluders", &dp.colluders.to_le_bytes());
+        }
     }
     out
 }

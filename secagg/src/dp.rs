@@ -34,10 +34,6 @@ pub const ADJACENCY_EXPLAINED: &str = "zero-out adjacency: one institution's upd
 /// with probability below 2·Φ(−6) ≈ 2·10⁻⁹.
 pub const RANGE_SIGMAS: f64 = 6.0;
 
-fn one() -> u32 {
-    1
-}
-
 /// The DP parameters of a federation, fixed for all its rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,9 +46,12 @@ pub struct DpParams {
     pub delta: f64,
     /// Total ε the federation may spend over all its rounds.
     pub epsilon_budget: f64,
-    /// Colluding participants `f` the noise is calibrated against (at least 1): any `f`
-    /// participants who pool their own noise shares still face noise multiplier `z`.
-    #[serde(default = "one")]
+    /// Colluding participants `f` the noise is calibrated against (at least 1 for a new
+    /// round): any `f` participants who pool their own noise shares still face noise
+    /// multiplier `z`. 0 is a round configured before this field existed: its noise was
+    /// split over all `t` shares, so `z` held against outsiders only; such rounds are
+    /// read and accounted ([`DpParams::coalition_noise_multiplier`]), never opened.
+    #[serde(default)]
     pub colluders: u32,
 }
 
@@ -88,6 +87,17 @@ impl DpParams {
     pub fn outsider_noise_multiplier(&self, min_survivors: u32) -> f64 {
         let honest = self.honest_shares(min_survivors);
         self.noise_multiplier * (f64::from(min_survivors.max(honest)) / f64::from(honest)).sqrt()
+    }
+
+    /// The multiplier a single participant faces after subtracting its own share: `z`,
+    /// except for a round from before `colluders` (0), whose `t` shares each carried
+    /// `z·C/√t`, leaving `z·√((t − 1)/t)` to an insider. The privacy ledgers charge this.
+    pub fn coalition_noise_multiplier(&self, min_survivors: u32) -> f64 {
+        if self.colluders > 0 {
+            return self.noise_multiplier;
+        }
+        let t = f64::from(min_survivors.max(2));
+        self.noise_multiplier * ((t - 1.0) / t).sqrt()
     }
 
     /// The smallest per-coordinate range clip that leaves [`RANGE_SIGMAS`] standard
@@ -232,6 +242,14 @@ mod tests {
     fn bad_parameters_are_refused() {
         let good = DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1.0, colluders: 1 };
         assert!(good.validate().is_ok());
+        // A configuration that does not name its colluders is refused for a new round
+        // (0 reads rounds from before the field), and is accounted as it was run.
+        let legacy: DpParams = serde_json::from_str(r#"{"noise_multiplier": 1.0, "l2_clip": 1.0, "delta": 1e-5, "epsilon_budget": 1.0}"#).unwrap();
+        assert_eq!(legacy.colluders, 0);
+        assert!(legacy.validate().unwrap_err().to_string().contains("colluders"));
+        assert!((legacy.coalition_noise_multiplier(3) - (2.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(legacy.outsider_noise_multiplier(3), 1.0);
+        assert_eq!(good.coalition_noise_multiplier(3), 1.0);
         assert!(DpParams { colluders: 0, ..good }.validate().unwrap_err().to_string().contains("colluders"));
         assert!(DpParams { delta: 0.0, ..good }.validate().is_err());
         assert!(DpParams { noise_multiplier: f64::NAN, ..good }.validate().is_err());

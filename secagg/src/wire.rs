@@ -345,7 +345,7 @@ impl<'a> MaskedInputView<'a> {
     }
 }
 
-/// A [`MaskedInputView`] and the SHA-256 of its body. Only [`MaskedInputView::digested`]
+/// A [`MaskedInputView`] and the data digest of its body ([`data_digest_of_bytes`]). Only [`MaskedInputView::digested`]
 /// makes one, so the digest is always that of the body it borrows.
 #[derive(Clone, Copy, Debug)]
 pub struct DigestedMaskedInput<'a> {

@@ -677,7 +677,9 @@ impl Service {
                 Some(g) => g.1 += 1,
                 None => groups.push((z, 1)),
             };
-            add(&mut groups, dp.noise_multiplier);
+            // Rounds stored before `colluders` existed are charged at what one
+            // participant faced (see `DpParams::coalition_noise_multiplier`).
+            add(&mut groups, dp.coalition_noise_multiplier(row.config.min_survivors));
             add(&mut outsider, dp.outsider_noise_multiplier(row.config.min_survivors));
             let d = delta.unwrap_or(dp.delta);
             per_round.push(RoundPrivacy {

@@ -219,7 +219,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n[privacy]\nepsilon = {}\ndelta = {dp_delta:e}\n\n[node_policy]\nallow_insecure_dev = true\n\n\
          [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\n\n\
-         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}\n{access_toml}",
+         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ncolluders = 1\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}\n{access_toml}",
         admin_token,
         args.epsilon,
         args.rounds,
