@@ -95,10 +95,7 @@ impl PrivacyLedger {
     fn groups(&self) -> Vec<(f64, u64)> {
         let mut groups: Vec<(f64, u64)> = Vec::new();
         for z in self.contributions.iter().filter_map(|c| c.noise_multiplier.map(|z| if c.colluders.unwrap_or(0) == 0 { z * 0.5f64.sqrt() } else { z })) {
-            match groups.iter_mut().find(|(g, _)| *g == z) {
-                Some(g) => g.1 += 1,
-                None => groups.push((z, 1)),
-            }
+            tessera_secagg::dp::add_release(&mut groups, z);
         }
         groups
     }

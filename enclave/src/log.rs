@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use tessera_attestation::audit::{DpSummary, LogEntry, LogEvent};
 use tessera_attestation::translog::{leaf_hash, Hash, MerkleLog, ProofError};
+use tessera_secagg::dp::add_release as add;
 
 /// An entry as the host stores it: its position, round and the exact bytes hashed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,13 +86,6 @@ fn outsider_multiplier(dp: &DpSummary, t: u32) -> f64 {
 /// round logged before `colluders` existed, against one participant).
 fn coalition_multiplier(dp: &DpSummary, t: u32) -> f64 {
     params_of(dp).coalition_noise_multiplier(t)
-}
-
-fn add(groups: &mut Vec<(f64, u64)>, z: f64) {
-    match groups.iter_mut().find(|(g, _)| *g == z) {
-        Some(g) => g.1 += 1,
-        None => groups.push((z, 1)),
-    }
 }
 
 impl Ledger {

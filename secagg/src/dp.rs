@@ -137,6 +137,15 @@ pub fn epsilon(z: f64, rounds: u64, delta: f64) -> f64 {
     epsilon_of(&[(z, rounds)], delta)
 }
 
+/// Records one more release at noise multiplier `z` in RDP groups (multiplier, rounds),
+/// the form [`epsilon_of`] composes.
+pub fn add_release(groups: &mut Vec<(f64, u64)>, z: f64) {
+    match groups.iter_mut().find(|(g, _)| *g == z) {
+        Some(g) => g.1 += 1,
+        None => groups.push((z, 1)),
+    }
+}
+
 /// ε of a sequence of Gaussian releases given as (noise multiplier, how many rounds used
 /// it): RDP adds up order by order across the groups, then converts once.
 pub fn epsilon_of(groups: &[(f64, u64)], delta: f64) -> f64 {

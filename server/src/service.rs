@@ -673,14 +673,10 @@ impl Service {
                 continue;
             }
             delta.get_or_insert(dp.delta);
-            let add = |groups: &mut Vec<(f64, u64)>, z: f64| match groups.iter_mut().find(|(g, _)| *g == z) {
-                Some(g) => g.1 += 1,
-                None => groups.push((z, 1)),
-            };
             // Rounds stored before `colluders` existed are charged at what one
             // participant faced (see `DpParams::coalition_noise_multiplier`).
-            add(&mut groups, dp.coalition_noise_multiplier(row.config.min_survivors));
-            add(&mut outsider, dp.outsider_noise_multiplier(row.config.min_survivors));
+            tessera_secagg::dp::add_release(&mut groups, dp.coalition_noise_multiplier(row.config.min_survivors));
+            tessera_secagg::dp::add_release(&mut outsider, dp.outsider_noise_multiplier(row.config.min_survivors));
             let d = delta.unwrap_or(dp.delta);
             per_round.push(RoundPrivacy {
                 round: row.round,
