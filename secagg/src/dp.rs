@@ -121,10 +121,7 @@ impl DpParams {
     }
 }
 
-/// Opacus' default RDP orders: 1.1, 1.2, …, 10.9, then 12, 13, …, 63.
-pub fn default_orders() -> Vec<f64> {
-    (1..100).map(|x| 1.0 + f64::from(x) / 10.0).chain((12..64).map(f64::from)).collect()
-}
+pub use crate::rdp::default_orders;
 
 /// RDP of `rounds` compositions of the Gaussian mechanism with noise multiplier `z`, at order `alpha`.
 pub fn gaussian_rdp(z: f64, rounds: u64, alpha: f64) -> f64 {

@@ -17,6 +17,8 @@
 //!   Ed25519 signatures over message transcripts;
 //! - [`shamir`]: t-of-k secret sharing over GF(2^8), constant time;
 //! - [`prg`]: AES-128-CTR mask expansion fused with the masking arithmetic;
+//! - [`dp`] and [`rdp`]: distributed DP of the release and the Rényi-DP accountants
+//!   (institution level, and DP-SGD's record level);
 //! - [`wire`]: the messages of the five phases and their canonical encodings;
 //! - [`client`] and [`aggregator`]: the two state machines.
 
@@ -30,6 +32,7 @@ pub mod floors;
 pub mod graph;
 pub mod prg;
 pub mod quantize;
+pub mod rdp;
 pub mod shamir;
 pub mod wire;
 
