@@ -133,12 +133,7 @@ pub fn sampled_gaussian_rdp(q: f64, sigma: f64, alpha: f64) -> f64 {
 /// (ε, δ) from RDP values at `orders` (Balle et al. 2020, Theorem 21): the best order's
 /// ε, skipping orders whose RDP could not be computed. ∞ when none could.
 pub fn rdp_to_epsilon(orders: &[f64], rdp: &[f64], delta: f64) -> f64 {
-    orders
-        .iter()
-        .zip(rdp)
-        .map(|(&a, &r)| r - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln())
-        .filter(|e| !e.is_nan())
-        .fold(f64::INFINITY, f64::min)
+    orders.iter().zip(rdp).map(|(&a, &r)| r - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln()).filter(|e| !e.is_nan()).fold(f64::INFINITY, f64::min)
 }
 
 /// One phase of training: `steps` steps at sampling rate `sample_rate` and noise
@@ -170,10 +165,8 @@ pub fn epsilon(history: &[SgmSteps], delta: f64) -> f64 {
         return 0.0;
     }
     let orders = default_orders();
-    let rdp: Vec<f64> = orders
-        .iter()
-        .map(|&a| history.iter().map(|h| h.steps as f64 * sampled_gaussian_rdp(h.sample_rate, h.noise_multiplier, a)).sum())
-        .collect();
+    let rdp: Vec<f64> =
+        orders.iter().map(|&a| history.iter().map(|h| h.steps as f64 * sampled_gaussian_rdp(h.sample_rate, h.noise_multiplier, a)).sum()).collect();
     rdp_to_epsilon(&orders, &rdp, delta)
 }
 
