@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -120,12 +121,29 @@ impl LoraConfig {
     }
 }
 
+/// Where per-example copies of one trainable tensor are put while DP-SGD computes
+/// per-example gradients (see [`Adapter::per_example`]); empty otherwise.
+#[derive(Clone, Debug, Default)]
+struct PerExample(Arc<Mutex<Option<Tensor>>>);
+
+impl PerExample {
+    fn get(&self) -> Option<Tensor> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Tensor::shallow_clone)
+    }
+    fn set(&self, t: Option<Tensor>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+}
+
 /// A linear layer of the base model, with its LoRA pair when it is a target.
 #[derive(Debug)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     lora: Option<LoraPair>,
+    /// Set for modules trained whole (a head).
+    per_weight: Option<PerExample>,
+    per_bias: Option<PerExample>,
 }
 
 #[derive(Debug)]
@@ -134,17 +152,82 @@ struct LoraPair {
     b: Tensor,
     scaling: f64,
     dropout: f64,
+    /// Set when A is trained (not under FFA-LoRA).
+    per_a: Option<PerExample>,
+    per_b: Option<PerExample>,
+}
+
+/// `x W_iᵀ` for each example i of the batch: `x` is `[batch, …, in]`, `w` `[batch, out, in]`.
+fn per_example_linear(x: &Tensor, w: &Tensor) -> Tensor {
+    let size = x.size();
+    let (batch, inner) = (size[0], size[size.len() - 1]);
+    let mut out = size.clone();
+    out[size.len() - 1] = w.size()[1];
+    x.reshape([batch, -1, inner]).matmul(&w.transpose(1, 2)).reshape(out)
+}
+
+/// A per-example bias `[batch, out]` shaped to broadcast over `[batch, …, out]`.
+fn per_example_bias(b: &Tensor, dims: usize) -> Tensor {
+    let mut shape = vec![1i64; dims];
+    let s = b.size();
+    shape[0] = s[0];
+    shape[dims - 1] = s[1];
+    b.reshape(shape)
+}
+
+fn get(slot: &Option<PerExample>) -> Option<Tensor> {
+    slot.as_ref().and_then(PerExample::get)
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = match get(&self.per_weight) {
+            None => match get(&self.per_bias) {
+                None => x.linear(&self.weight, self.bias.as_ref()),
+                Some(b) => x.linear::<Tensor>(&self.weight, None) + per_example_bias(&b, x.dim()),
+            },
+            Some(w) => {
+                let y = per_example_linear(x, &w);
+                match (get(&self.per_bias), &self.bias) {
+                    (Some(b), _) => y + per_example_bias(&b, x.dim()),
+                    (None, Some(b)) => y + b,
+                    (None, None) => y,
+                }
+            }
+        };
         match &self.lora {
             None => y,
             Some(l) => {
                 let x = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x.shallow_clone() };
-                y + x.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scaling
+                let h = match get(&l.per_a) {
+                    Some(a) => per_example_linear(&x, &a),
+                    None => x.linear::<Tensor>(&l.a, None),
+                };
+                let h = match get(&l.per_b) {
+                    Some(b) => per_example_linear(&h, &b),
+                    None => h.linear::<Tensor>(&l.b, None),
+                };
+                y + h * l.scaling
             }
+        }
+    }
+}
+
+/// While alive, the forward pass uses per-example copies of every trainable tensor, so
+/// one backward pass of a summed loss leaves example i's gradient in row i of each
+/// copy's `grad()` (the "expanded weights" of Opacus' `grad_sample_mode="ew"`). Dropping
+/// it restores the shared tensors.
+#[derive(Debug)]
+pub struct PerExampleGrads<'a> {
+    adapter: &'a Adapter,
+    /// `[batch, …shape]` leaf tensors, in update order.
+    pub copies: Vec<Tensor>,
+}
+
+impl Drop for PerExampleGrads<'_> {
+    fn drop(&mut self) {
+        for slot in self.adapter.per_example.values() {
+            slot.set(None);
         }
     }
 }
@@ -160,6 +243,8 @@ pub struct Adapter {
     /// PEFT task type written to the config (`SEQ_CLS`, `CAUSAL_LM`).
     task_type: String,
     kind: Kind,
+    /// The per-example slot of every trainable tensor, by name (sorted as update order).
+    per_example: BTreeMap<String, PerExample>,
 }
 
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -167,14 +252,14 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 impl Adapter {
     pub fn new(config: LoraConfig, task_type: &str, device: Device, kind: Kind) -> Result<Adapter, ModelError> {
         config.validate()?;
-        Ok(Adapter { config, vs: nn::VarStore::new(device), modules_to_save: Vec::new(), task_type: task_type.into(), kind })
+        Ok(Adapter { config, vs: nn::VarStore::new(device), modules_to_save: Vec::new(), task_type: task_type.into(), kind, per_example: BTreeMap::new() })
     }
 
     /// Wraps a frozen base linear layer; adds a LoRA pair when `module` is a target.
     pub fn linear(&mut self, module: &str, weight: Tensor, bias: Option<Tensor>) -> Linear {
         let last = module.rsplit('.').next().unwrap_or(module);
         if !self.config.target_modules.iter().any(|t| t == last) {
-            return Linear { weight, bias, lora: None };
+            return Linear { weight, bias, lora: None, per_weight: None, per_bias: None };
         }
         let (out_f, in_f) = match weight.size()[..] {
             [o, i] => (o, i),
@@ -183,19 +268,19 @@ impl Adapter {
         let r = self.config.r;
         // PEFT: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0.
         let a = self.seeded_uniform(&format!("{module}.lora_A.weight"), &[r, in_f], 1.0 / (in_f as f64).sqrt());
-        let a = self.add(&format!("{module}.lora_A.weight"), &a, self.config.mode == LoraMode::Both);
-        let b = self.add(&format!("{module}.lora_B.weight"), &Tensor::zeros([out_f, r], (self.kind, self.vs.device())), true);
-        let lora = LoraPair { a, b, scaling: self.config.scaling(), dropout: self.config.dropout };
-        Linear { weight, bias, lora: Some(lora) }
+        let (a, per_a) = self.add(&format!("{module}.lora_A.weight"), &a, self.config.mode == LoraMode::Both);
+        let (b, per_b) = self.add(&format!("{module}.lora_B.weight"), &Tensor::zeros([out_f, r], (self.kind, self.vs.device())), true);
+        let lora = LoraPair { a, b, scaling: self.config.scaling(), dropout: self.config.dropout, per_a, per_b };
+        Linear { weight, bias, lora: Some(lora), per_weight: None, per_bias: None }
     }
 
     /// A new linear module trained whole (a task head): weight U(±1/√in), bias 0.
     pub fn head(&mut self, module: &str, in_f: i64, out_f: i64) -> Linear {
         self.modules_to_save.push(module.into());
         let w = self.seeded_uniform(&format!("{module}.weight"), &[out_f, in_f], 1.0 / (in_f as f64).sqrt());
-        let weight = self.add(&format!("{module}.weight"), &w, true);
-        let bias = self.add(&format!("{module}.bias"), &Tensor::zeros([out_f], (self.kind, self.vs.device())), true);
-        Linear { weight, bias: Some(bias), lora: None }
+        let (weight, per_weight) = self.add(&format!("{module}.weight"), &w, true);
+        let (bias, per_bias) = self.add(&format!("{module}.bias"), &Tensor::zeros([out_f], (self.kind, self.vs.device())), true);
+        Linear { weight, bias: Some(bias), lora: None, per_weight, per_bias }
     }
 
     fn seeded_uniform(&self, name: &str, shape: &[i64], bound: f64) -> Tensor {
@@ -207,7 +292,7 @@ impl Adapter {
         Tensor::from_slice(&v).reshape(shape).to_kind(self.kind).to_device(self.vs.device())
     }
 
-    fn add(&mut self, name: &str, value: &Tensor, trainable: bool) -> Tensor {
+    fn add(&mut self, name: &str, value: &Tensor, trainable: bool) -> (Tensor, Option<PerExample>) {
         let mut path = self.vs.root();
         let parts: Vec<&str> = name.split('.').collect();
         for p in &parts[..parts.len() - 1] {
@@ -216,7 +301,27 @@ impl Adapter {
         let last = parts[parts.len() - 1];
         let t = if trainable { path.zeros(last, &value.size()) } else { path.zeros_no_train(last, &value.size()) };
         tch::no_grad(|| t.shallow_clone().copy_(value));
-        t
+        let slot = trainable.then(|| self.per_example.entry(name.to_string()).or_default().clone());
+        (t, slot)
+    }
+
+    /// Puts `batch` per-example copies of every trainable tensor into the forward pass
+    /// until the returned guard is dropped.
+    pub fn per_example(&self, batch: i64) -> PerExampleGrads<'_> {
+        let all = self.tensors();
+        let copies = self
+            .per_example
+            .iter()
+            .map(|(name, slot)| {
+                let t = &all[name];
+                let mut shape = vec![batch];
+                shape.extend(t.size());
+                let copy = t.detach().unsqueeze(0).expand(shape.as_slice(), false).contiguous().set_requires_grad(true);
+                slot.set(Some(copy.shallow_clone()));
+                copy
+            })
+            .collect();
+        PerExampleGrads { adapter: self, copies }
     }
 
     /// Every adapter tensor by its name (without the PEFT prefix), sorted.

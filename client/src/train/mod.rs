@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod data;
+pub mod dpsgd;
 pub mod federated;
 pub mod llama;
 pub mod lora;

@@ -4,12 +4,14 @@
 
 use std::time::Instant;
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::OsRng;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::data::{shuffled, Batch, Encoded, TextEncoder};
+use super::dpsgd::{clipped_sum, noised_mean, poisson_sample, DpSgdConfig, PerExampleMethod};
 use super::lora::Adapter;
 use super::weights::ModelError;
 
@@ -34,11 +36,15 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Print a progress line every this many steps (0: never).
     pub log_every: usize,
+    /// Record-level DP-SGD: Poisson-sampled batches at rate q, per-example clipping and
+    /// Gaussian noise on every step; `batch_size` is then the physical micro-batch.
+    #[serde(default)]
+    pub dp_sgd: Option<DpSgdConfig>,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { steps: 20, batch_size: 8, grad_accum: 1, lr: 1e-3, warmup: 0.1, weight_decay: 0.0, prox_mu: 0.0, seed: 0, log_every: 5 }
+        TrainConfig { steps: 20, batch_size: 8, grad_accum: 1, lr: 1e-3, warmup: 0.1, weight_decay: 0.0, prox_mu: 0.0, seed: 0, log_every: 5, dp_sgd: None }
     }
 }
 
@@ -63,6 +69,8 @@ pub struct TrainStats {
     pub final_loss: f64,
     pub tokens_per_sec: f64,
     pub seconds: f64,
+    /// Under DP-SGD: the fraction of sampled records whose gradient was clipped.
+    pub clipped_fraction: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -85,6 +93,18 @@ pub fn train(
 ) -> Result<TrainStats, ModelError> {
     if data.is_empty() {
         return Err(ModelError::Adapter("no training examples".into()));
+    }
+    if let Some(dp) = &cfg.dp_sgd {
+        return train_dp(
+            model,
+            adapter,
+            encoder,
+            data,
+            cfg,
+            dp,
+            &mut ChaCha20Rng::from_rng(OsRng).map_err(|e| ModelError::Adapter(format!("the OS random generator failed: {e}")))?,
+            label,
+        );
     }
     let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
     let mut opt = adapter.optimizer(cfg.lr, cfg.weight_decay)?;
@@ -150,6 +170,102 @@ pub fn train(
     stats.tokens_per_sec = stats.tokens as f64 / stats.seconds.max(1e-9);
     let tail = &losses[losses.len() - losses.len().div_ceil(4)..];
     stats.final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
+    Ok(stats)
+}
+
+/// DP-SGD: `cfg.steps` steps, each on a Poisson sample of `data` at rate q processed in
+/// micro-batches of `cfg.batch_size`, with per-example clipping and noise (see
+/// [`super::dpsgd`]). Sampling and noise come from `rng`, which must be a CSPRNG seeded
+/// unpredictably outside tests. The FedProx term, which depends on no record, is added
+/// to the noised gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dp(
+    model: &dyn Classify,
+    adapter: &Adapter,
+    encoder: &TextEncoder,
+    data: &[Encoded],
+    cfg: &TrainConfig,
+    dp: &DpSgdConfig,
+    rng: &mut dyn RngCore,
+    label: &str,
+) -> Result<TrainStats, ModelError> {
+    dp.validate()?;
+    if cfg.grad_accum > 1 {
+        return Err(ModelError::Adapter(
+            "DP-SGD sets the logical batch by its sampling rate; gradient accumulation does not apply (leave it at 1, raise --sample-rate instead)".into(),
+        ));
+    }
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let mut opt = adapter.optimizer(cfg.lr, cfg.weight_decay)?;
+    let global = if cfg.prox_mu > 0.0 { adapter.snapshot() } else { Vec::new() };
+    let params = adapter.trainable_in_update_order();
+    let started = Instant::now();
+    let mut stats = TrainStats::default();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    let (mut sampled, mut clipped) = (0usize, 0usize);
+    let autocast = device.is_cuda();
+    for step in 0..cfg.steps {
+        opt.set_lr(cfg.lr_at(step));
+        let picked = poisson_sample(data.len(), dp.sample_rate, rng);
+        let mut sum: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
+        let mut loss = 0.0;
+        for chunk in picked.chunks(cfg.batch_size.max(1)) {
+            let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+            let batch = encoder.batch(&items, device);
+            let part = tch::autocast(autocast, || clipped_sum(model, adapter, &batch, dp.max_grad_norm, PerExampleMethod::Expanded, true));
+            for (s, p) in sum.iter_mut().zip(&part.sum) {
+                *s = &*s + p;
+            }
+            clipped += part.norms.iter().filter(|&&n| n > dp.max_grad_norm).count();
+            loss += part.loss;
+            stats.tokens += batch.tokens;
+        }
+        // An empty batch is a step of noise alone: skipping it would change the mechanism.
+        let mut grads = noised_mean(&sum, dp, data.len(), rng);
+        if cfg.prox_mu > 0.0 {
+            for ((g, w), w0) in grads.iter_mut().zip(&params).zip(&global) {
+                *g = &*g + (w.detach() - w0) * cfg.prox_mu;
+            }
+        }
+        opt.zero_grad();
+        // d/dw Σ w·g = g: sets each tensor's gradient to the noised one.
+        let surrogate = params.iter().zip(&grads).map(|(w, g)| (w * g.detach()).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+        surrogate.backward();
+        opt.step();
+        opt.zero_grad();
+        let step_loss = if picked.is_empty() { f64::NAN } else { loss / picked.len() as f64 };
+        if !picked.is_empty() && !step_loss.is_finite() {
+            return Err(ModelError::Adapter(format!("training diverged at step {}: loss is {step_loss}", step + 1)));
+        }
+        if step_loss.is_finite() {
+            losses.push(step_loss);
+        }
+        sampled += picked.len();
+        stats.examples += picked.len();
+        stats.steps += 1;
+        if cfg.log_every > 0 && ((step + 1) % cfg.log_every == 0 || step + 1 == cfg.steps) {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "[{label}] DP-SGD step {:>3}/{} batch {:>3} loss {:.4} clipped {:.0}% lr {:.1e} {:.0} tok/s",
+                step + 1,
+                cfg.steps,
+                picked.len(),
+                step_loss,
+                100.0 * clipped as f64 / sampled.max(1) as f64,
+                cfg.lr_at(step),
+                stats.tokens as f64 / secs.max(1e-9)
+            );
+        }
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    stats.tokens_per_sec = stats.tokens as f64 / stats.seconds.max(1e-9);
+    stats.clipped_fraction = clipped as f64 / sampled.max(1) as f64;
+    if !losses.is_empty() {
+        let tail = &losses[losses.len() - losses.len().div_ceil(4)..];
+        stats.final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
+    } else {
+        stats.final_loss = f64::NAN;
+    }
     Ok(stats)
 }
 

@@ -1,0 +1,172 @@
+//! DP-SGD (Abadi et al., CCS 2016) over an institution's records, as Opacus runs it:
+//! each step samples every record independently with probability q (Poisson sampling, so
+//! batches vary in size and may be empty), clips each record's gradient of the trainable
+//! tensors to L2 norm C, sums, adds N(0, (σC)²) to every coordinate and divides by the
+//! expected batch size qN. The privacy of one record over all steps is then that of the
+//! Poisson-subsampled Gaussian, which `tessera_secagg::rdp` accounts.
+//!
+//! Per-example gradients come from one of two paths that must agree within 1e-5:
+//! - [`PerExampleMethod::Expanded`] (the default): every trainable tensor is replaced in
+//!   the forward pass by `batch` copies of itself, so a single backward pass of the summed
+//!   loss leaves each example's gradient in its own copy (Opacus' expanded weights; for
+//!   LoRA the trainable tensors are small, so the copies cost little memory);
+//! - [`PerExampleMethod::OneByOne`]: the reference, one forward and backward per example.
+//!
+//! The noise and the sampling come from a ChaCha20 stream seeded by the operating system:
+//! Opacus' `secure_mode` makes the same point, a predictable generator voids the guarantee.
+
+use rand::{Rng, RngCore};
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Reduction, Tensor};
+
+use super::data::Batch;
+use super::lora::Adapter;
+use super::trainer::Classify;
+use super::weights::ModelError;
+
+/// The DP-SGD parameters of local training.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpSgdConfig {
+    /// σ: the noise std is σ·C.
+    pub noise_multiplier: f64,
+    /// C: each record's gradient is clipped to this L2 norm.
+    pub max_grad_norm: f64,
+    /// q: the probability that a record is in a step's batch.
+    pub sample_rate: f64,
+}
+
+impl DpSgdConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+            return Err(ModelError::Adapter(format!("DP-SGD: the noise multiplier must be finite and ≥ 0, got {}", self.noise_multiplier)));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
+            return Err(ModelError::Adapter(format!("DP-SGD: the clipping norm must be positive, got {}", self.max_grad_norm)));
+        }
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err(ModelError::Adapter(format!("DP-SGD: the sampling rate must be in (0, 1], got {}", self.sample_rate)));
+        }
+        Ok(())
+    }
+
+    /// The accountant's view of `steps` steps with these parameters.
+    pub fn steps(&self, steps: u64) -> tessera_secagg::rdp::SgmSteps {
+        tessera_secagg::rdp::SgmSteps { noise_multiplier: self.noise_multiplier, sample_rate: self.sample_rate, steps }
+    }
+}
+
+/// How per-example gradients are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerExampleMethod {
+    /// One backward pass with per-example copies of the trainable tensors.
+    Expanded,
+    /// The reference: one forward and backward pass per example.
+    OneByOne,
+}
+
+/// The indices of the records in one Poisson-sampled batch: each of `n` independently
+/// with probability `q`.
+pub fn poisson_sample<R: RngCore + ?Sized>(n: usize, q: f64, rng: &mut R) -> Vec<usize> {
+    (0..n).filter(|_| rng.gen_bool(q)).collect()
+}
+
+/// The summed training loss of a batch: cross-entropy of each example, summed (not
+/// averaged), so that each example's gradient is its own.
+pub fn summed_loss(model: &dyn Classify, batch: &Batch, train: bool) -> Tensor {
+    let logits = model.logits(batch, train).to_kind(Kind::Float);
+    logits.cross_entropy_loss::<Tensor>(&batch.labels, None, Reduction::Sum, -100, 0.0)
+}
+
+/// What one physical batch contributes to a DP-SGD step.
+#[derive(Debug)]
+pub struct ClippedSum {
+    /// Σ_i clip_C(g_i) for each trainable tensor, in update order.
+    pub sum: Vec<Tensor>,
+    /// ‖g_i‖ before clipping, for each example.
+    pub norms: Vec<f64>,
+    /// Σ_i loss_i.
+    pub loss: f64,
+}
+
+/// Opacus' clipping factor: min(1, C / (‖g‖ + 1e-6)), so a clipped norm is below C.
+fn clip_factors(norms: &Tensor, c: f64) -> Tensor {
+    ((norms + 1e-6).reciprocal() * c).clamp_max(1.0)
+}
+
+/// Per-example gradients of the summed loss over `batch`, each clipped to L2 norm `c`
+/// (the norm taken over all trainable tensors together, in f64), and their sum.
+pub fn clipped_sum(model: &dyn Classify, adapter: &Adapter, batch: &Batch, c: f64, method: PerExampleMethod, train: bool) -> ClippedSum {
+    match method {
+        PerExampleMethod::Expanded => {
+            let rows = batch.ids.size()[0];
+            let per = adapter.per_example(rows);
+            let loss = summed_loss(model, batch, train);
+            loss.backward();
+            let grads: Vec<Tensor> = per.copies.iter().map(|t| t.grad().flatten(1, -1)).collect();
+            let sq = grads
+                .iter()
+                .map(|g| g.to_kind(Kind::Double).square().sum_dim_intlist([1i64].as_slice(), false, Kind::Double))
+                .fold(Tensor::zeros([rows], (Kind::Double, batch.ids.device())), |a, b| a + b);
+            let norms = sq.sqrt();
+            let factors = clip_factors(&norms, c).to_kind(Kind::Float);
+            let sum = grads
+                .iter()
+                .zip(&per.copies)
+                .map(|(g, t)| (g * factors.unsqueeze(1)).sum_dim_intlist([0i64].as_slice(), false, Kind::Float).view(&t.size()[1..]))
+                .collect();
+            ClippedSum { sum, norms: Vec::<f64>::try_from(norms.to_device(tch::Device::Cpu)).unwrap_or_default(), loss: loss.double_value(&[]) }
+        }
+        PerExampleMethod::OneByOne => {
+            let params = adapter.trainable_in_update_order();
+            let mut sum: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
+            let (mut norms, mut total) = (Vec::new(), 0.0);
+            for row in 0..batch.ids.size()[0] {
+                let one = Batch { ids: batch.ids.narrow(0, row, 1), mask: batch.mask.narrow(0, row, 1), labels: batch.labels.narrow(0, row, 1), tokens: 0 };
+                for p in &params {
+                    let mut g = p.grad();
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                }
+                let loss = summed_loss(model, &one, train);
+                loss.backward();
+                total += loss.double_value(&[]);
+                let grads: Vec<Tensor> = params.iter().map(|p| p.grad().detach().copy()).collect();
+                let norm = grads.iter().map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+                let factor = (c / (norm + 1e-6)).min(1.0);
+                for (s, g) in sum.iter_mut().zip(&grads) {
+                    *s = &*s + g * factor;
+                }
+                norms.push(norm);
+            }
+            for p in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            ClippedSum { sum, norms, loss: total }
+        }
+    }
+}
+
+/// The noised mean gradient of one step: (Σ clipped + N(0, (σC)²)) / (q·N), every
+/// coordinate's noise drawn from `rng`.
+pub fn noised_mean<R: RngCore + ?Sized>(sum: &[Tensor], dp: &DpSgdConfig, records: usize, rng: &mut R) -> Vec<Tensor> {
+    let std = dp.noise_multiplier * dp.max_grad_norm;
+    let expected = dp.sample_rate * records as f64;
+    sum.iter()
+        .map(|s| {
+            let n = s.numel();
+            let z: Vec<f32> = (0..n)
+                .map(|_| {
+                    let x: f64 = StandardNormal.sample(rng);
+                    (x * std) as f32
+                })
+                .collect();
+            let noise = Tensor::from_slice(&z).view(s.size().as_slice()).to_device(s.device()).to_kind(s.kind());
+            (s + noise) / expected
+        })
+        .collect()
+}
