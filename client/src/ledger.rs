@@ -7,11 +7,18 @@
 //!
 //! A contribution is charged before the masked input leaves, and is never refunded (an
 //! aborted round may or may not have reached a sum; the ledger assumes it did).
+//!
+//! Under DP-SGD the ledger also holds the record-level account: every local training run
+//! (σ, q, steps) is charged before its first step, and a run that would take the records
+//! past the institution's record-level budget is refused before it starts. That guarantee
+//! holds against everyone who sees the update, the aggregator included, because the noise
+//! was added inside the institution.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tessera_secagg::config::RoundConfig;
+use tessera_secagg::rdp::SgmSteps;
 
 const VERSION: u32 = 1;
 
@@ -54,6 +61,31 @@ impl Contribution {
 pub struct PrivacyLedger {
     pub version: u32,
     pub contributions: Vec<Contribution>,
+    /// Local DP-SGD runs over this institution's records (absent in ledgers written
+    /// before record-level DP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub record_level: Vec<RecordCharge>,
+}
+
+/// One local DP-SGD training run over the institution's records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordCharge {
+    /// What the run was for ("round 3").
+    pub purpose: String,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub steps: u64,
+    /// The number of records sampled from.
+    pub records: usize,
+    /// When it was charged, ms since the Unix epoch.
+    pub charged_at_ms: u64,
+}
+
+impl RecordCharge {
+    fn steps(&self) -> SgmSteps {
+        SgmSteps { noise_multiplier: self.noise_multiplier, sample_rate: self.sample_rate, steps: self.steps }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +99,23 @@ pub enum LedgerError {
     #[error("cannot write the privacy ledger {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error(
+        "{purpose} ({steps} DP-SGD steps at σ = {noise_multiplier:.3}, q = {sample_rate:.4}) would take each record to ε = {projected:.3} (δ = {delta:e}), \
+         past the record-level budget of {budget} ({runs} run(s) so far spent ε = {spent:.3}); lower the steps or the sampling rate, or raise the noise"
+    )]
+    RecordBudgetExhausted {
+        purpose: String,
+        steps: u64,
+        noise_multiplier: f64,
+        sample_rate: f64,
+        spent: f64,
+        projected: f64,
+        budget: f64,
+        delta: f64,
+        runs: usize,
+    },
+    #[error("invalid DP-SGD run: {0}")]
+    InvalidRun(String),
+    #[error(
         "round {round} would take this institution's records to ε = {projected:.3} (δ = {delta:e}) by its own ledger, past its budget of {budget} \
          ({rounds} DP round(s) so far spent ε = {spent:.3})"
     )]
@@ -78,7 +127,9 @@ impl PrivacyLedger {
     pub fn load(path: &Path) -> Result<Self, LedgerError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PrivacyLedger { version: VERSION, contributions: Vec::new() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(PrivacyLedger { version: VERSION, contributions: Vec::new(), record_level: Vec::new() })
+            }
             Err(source) => return Err(LedgerError::Read { path: path.to_path_buf(), source }),
         };
         let ledger: PrivacyLedger = serde_json::from_slice(&bytes).map_err(|e| LedgerError::Corrupt { path: path.to_path_buf(), why: e.to_string() })?;
@@ -146,8 +197,60 @@ impl PrivacyLedger {
             return Ok(());
         }
         ledger.contributions.push(Contribution::to(aggregator, cfg, now_ms));
+        ledger.save(path)
+    }
+
+    /// The record-level history: every local DP-SGD run so far.
+    pub fn record_history(&self) -> Vec<SgmSteps> {
+        self.record_level.iter().map(RecordCharge::steps).collect()
+    }
+
+    /// ε (at `delta`) that each record has spent in local DP-SGD runs so far.
+    pub fn record_spent(&self, delta: f64) -> f64 {
+        let h = self.record_history();
+        if h.is_empty() {
+            0.0
+        } else {
+            tessera_secagg::rdp::epsilon(&h, delta)
+        }
+    }
+
+    /// Refuses `run` if it would take the records past `budget` (ε at `delta`); returns
+    /// the ε the records will have spent after it.
+    pub fn check_record(&self, run: &RecordCharge, budget: f64, delta: f64) -> Result<f64, LedgerError> {
+        run.steps().validate().map_err(|e| LedgerError::InvalidRun(e.to_string()))?;
+        let mut with = self.record_history();
+        with.push(run.steps());
+        let projected = tessera_secagg::rdp::epsilon(&with, delta);
+        if projected.is_nan() || projected > budget {
+            return Err(LedgerError::RecordBudgetExhausted {
+                purpose: run.purpose.clone(),
+                steps: run.steps,
+                noise_multiplier: run.noise_multiplier,
+                sample_rate: run.sample_rate,
+                spent: self.record_spent(delta),
+                projected,
+                budget,
+                delta,
+                runs: self.record_level.len(),
+            });
+        }
+        Ok(projected)
+    }
+
+    /// Checks `run` against `budget` and records it at `path`, durably, before the run
+    /// starts; returns the ε spent after it. Every run is charged: each draws fresh noise.
+    pub fn charge_record(path: &Path, run: RecordCharge, budget: f64, delta: f64) -> Result<f64, LedgerError> {
+        let mut ledger = Self::load(path)?;
+        let projected = ledger.check_record(&run, budget, delta)?;
+        ledger.record_level.push(run);
+        ledger.save(path)?;
+        Ok(projected)
+    }
+
+    fn save(&self, path: &Path) -> Result<(), LedgerError> {
         let write = |e: std::io::Error| LedgerError::Write { path: path.to_path_buf(), source: e };
-        let text = serde_json::to_vec_pretty(&ledger).map_err(|e| write(std::io::Error::other(e)))?;
+        let text = serde_json::to_vec_pretty(self).map_err(|e| write(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
         {
             use std::io::Write;
@@ -210,5 +313,50 @@ mod tests {
         assert!(matches!(PrivacyLedger::load(&path), Err(LedgerError::Corrupt { .. })));
         assert!(matches!(PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1), Err(LedgerError::Corrupt { .. })));
         assert_eq!(std::fs::read(&path).unwrap(), b"{\"version\": 1, \"contributions\": [");
+    }
+
+    fn run(purpose: &str, steps: u64) -> RecordCharge {
+        RecordCharge { purpose: purpose.into(), noise_multiplier: 1.1, sample_rate: 0.01, steps, records: 1000, charged_at_ms: 1 }
+    }
+
+    #[test]
+    fn record_level_runs_compose_and_are_refused_past_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        // An institution-level contribution is kept alongside.
+        PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1).unwrap();
+        let one = tessera_secagg::rdp::epsilon(&[run("a", 500).steps()], 1e-5);
+        let two = tessera_secagg::rdp::epsilon(&[run("a", 1000).steps()], 1e-5);
+        assert!(two > one && two < 2.0 * one, "RDP composes sublinearly: {one} then {two}");
+        let budget = (one + two) / 2.0;
+        let after = PrivacyLedger::charge_record(&path, run("round 1", 500), budget, 1e-5).unwrap();
+        assert!((after - one).abs() < 1e-12);
+        let err = PrivacyLedger::charge_record(&path, run("round 2", 500), budget, 1e-5).unwrap_err();
+        match &err {
+            LedgerError::RecordBudgetExhausted { spent, projected, runs: 1, .. } => {
+                assert!((spent - one).abs() < 1e-12 && (projected - two).abs() < 1e-9, "{err}");
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("round 2") && err.to_string().contains("record-level budget"));
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        assert_eq!((ledger.contributions.len(), ledger.record_level.len()), (1, 1), "the refused run is not recorded");
+        assert!((ledger.record_spent(1e-5) - one).abs() < 1e-12);
+        // A shorter run still fits.
+        PrivacyLedger::charge_record(&path, run("round 2", 50), budget, 1e-5).unwrap();
+        assert!(matches!(
+            PrivacyLedger::charge_record(&path, RecordCharge { sample_rate: 0.0, ..run("bad", 1) }, budget, 1e-5),
+            Err(LedgerError::InvalidRun(_))
+        ));
+    }
+
+    #[test]
+    fn ledgers_written_before_record_level_dp_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        std::fs::write(&path, br#"{"version": 1, "contributions": []}"#).unwrap();
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        assert!(ledger.record_level.is_empty());
+        assert_eq!(ledger.record_spent(1e-5), 0.0);
     }
 }

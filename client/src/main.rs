@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tessera_client::ledger::PrivacyLedger;
 use tessera_client::participate::ParticipateError;
 use tessera_client::train::data::read_jsonl;
+use tessera_client::train::dpsgd::{RecordPrivacy, RecordPrivacyRequest};
 use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec};
 use tessera_client::train::server_opt::{ServerOptimizer, Strategy};
 use tessera_client::train::trainer::TrainConfig;
@@ -168,6 +170,26 @@ enum Command {
         /// FedProx proximal coefficient μ (0: FedAvg).
         #[arg(long, default_value_t = 0.0)]
         prox_mu: f64,
+        /// Record-level DP: train with DP-SGD (per-record clipping and noise in every step)
+        /// and keep each training record within this ε over all local training, counted in
+        /// the identity directory's privacy ledger. The guarantee holds against the
+        /// aggregator too. Runs past it are refused before they start.
+        #[arg(long)]
+        record_epsilon: Option<f64>,
+        /// δ of the record-level guarantee (must be below 1/records).
+        #[arg(long, default_value_t = 1e-5, requires = "record_epsilon")]
+        record_delta: f64,
+        /// DP-SGD noise multiplier σ (default: calibrated so that --rounds rounds of --steps
+        /// steps spend exactly what is left of --record-epsilon).
+        #[arg(long, requires = "record_epsilon")]
+        noise_multiplier: Option<f64>,
+        /// DP-SGD per-record clipping norm C.
+        #[arg(long, default_value_t = 1.0, requires = "record_epsilon")]
+        max_grad_norm: f64,
+        /// DP-SGD Poisson sampling rate q (default: batch size / records); --batch-size is
+        /// then the micro-batch that bounds memory.
+        #[arg(long, requires = "record_epsilon")]
+        sample_rate: Option<f64>,
         /// Server optimizer applied to each released mean (Reddi et al. 2021). Every
         /// institution applies it to the same signed release, so all hold the same model;
         /// they must agree on it, as on the model and LoRA flags.
@@ -347,6 +369,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             grad_accum,
             lr,
             prox_mu,
+            record_epsilon,
+            record_delta,
+            noise_multiplier,
+            max_grad_norm,
+            sample_rate,
             server_opt,
             server_lr,
             adapter_out,
@@ -383,6 +410,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 log_every: 5,
                 ..TrainConfig::default()
             };
+            let ledger_path = dir.join(LEDGER_FILE);
+            let record_privacy = match record_epsilon {
+                None => None,
+                Some(budget) => {
+                    let req = RecordPrivacyRequest { budget, delta: record_delta, noise_multiplier, max_grad_norm, sample_rate };
+                    let ledger = PrivacyLedger::load(&ledger_path)?;
+                    let plan = RecordPrivacy::plan(&req, &ledger, train_examples.len(), batch_size, steps as u64, rounds)?;
+                    eprintln!(
+                        "[{}] record-level DP-SGD: σ = {:.3}{}, C = {}, q = {:.4} (expected batch {:.1}); ε = {:.3} of {budget} spent so far (δ = {record_delta:e})",
+                        identity.name,
+                        plan.dp.noise_multiplier,
+                        if noise_multiplier.is_none() { " (calibrated)" } else { "" },
+                        plan.dp.max_grad_norm,
+                        plan.dp.sample_rate,
+                        plan.dp.sample_rate * train_examples.len() as f64,
+                        ledger.record_spent(record_delta),
+                    );
+                    Some(plan)
+                }
+            };
+            let cfg = TrainConfig { dp_sgd: record_privacy.as_ref().map(|p| p.dp), ..cfg };
             let mut inst = Institution::new(&identity.name, &model.spec(), &train_examples, &test_examples, cfg)?;
             let lr = server_lr.unwrap_or(if server_opt == Strategy::FedAvg { 1.0 } else { 0.01 });
             inst.server_opt = ServerOptimizer::new(server_opt, lr);
@@ -400,6 +448,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("[{}] initial model: held-out loss {:.4}, accuracy {:.3}", identity.name, before.loss, before.accuracy);
             let mut next_round: Option<u64> = None;
             for i in 1..=rounds {
+                let record_epsilon = match &record_privacy {
+                    Some(plan) => {
+                        let purpose = format!("local training for round {}", next_round.unwrap_or(i));
+                        let eps = plan.charge(&ledger_path, &purpose, now_ms())?;
+                        eprintln!("[{}] {purpose}: records will have spent ε = {eps:.3} of {} (δ = {:e})", identity.name, plan.budget, plan.delta);
+                        Some(eps)
+                    }
+                    None => None,
+                };
                 let update = inst.local_update(next_round.unwrap_or(i))?;
                 let drop_after = (drop_in_round == Some(i)).then_some(DropPoint::AfterShareKeys);
                 let opts = Options {
@@ -411,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     aggregator_policy: aggregator_policy.clone(),
                     attester: attester.clone(),
                     floors: floors.clone(),
-                    ledger: Some(dir.join(LEDGER_FILE)),
+                    ledger: Some(ledger_path.clone()),
                     mask_threads: server.mask_threads,
                 };
                 let delta = update.delta;
@@ -443,6 +500,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "tokens_per_sec": update.stats.tokens_per_sec,
                     "train_seconds": update.stats.seconds, "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),
                     "initial_loss": before.loss, "initial_accuracy": before.accuracy,
+                    "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
+                    "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
                 });
                 eprintln!(
                     "[{}] round {round}: train loss {:.4}, held-out loss {:.4}, accuracy {:.3}, {:.0} tok/s",
@@ -548,4 +607,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

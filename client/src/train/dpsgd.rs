@@ -170,3 +170,96 @@ pub fn noised_mean<R: RngCore + ?Sized>(sum: &[Tensor], dp: &DpSgdConfig, record
         })
         .collect()
 }
+
+/// Record-level DP for a federation run: the DP-SGD parameters of every local training
+/// run, the records' budget, and the ledger that holds them to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordPrivacy {
+    pub dp: DpSgdConfig,
+    /// The records' ε budget over every local run, at `delta`.
+    pub budget: f64,
+    pub delta: f64,
+    /// Steps per local run.
+    pub steps: u64,
+    pub records: usize,
+}
+
+/// What the institution asks for on its command line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordPrivacyRequest {
+    pub budget: f64,
+    pub delta: f64,
+    /// σ; calibrated when absent so that `rounds` runs exactly fit what is left.
+    pub noise_multiplier: Option<f64>,
+    pub max_grad_norm: f64,
+    /// q; `batch_size / records` when absent.
+    pub sample_rate: Option<f64>,
+}
+
+impl RecordPrivacy {
+    /// Settles the parameters before any training: q from the batch size, σ calibrated
+    /// against what `ledger` has spent, and the whole plan (`rounds` runs of `steps`)
+    /// checked against the budget, so a run that cannot finish is refused up front.
+    pub fn plan(
+        req: &RecordPrivacyRequest,
+        ledger: &crate::ledger::PrivacyLedger,
+        records: usize,
+        batch_size: usize,
+        steps: u64,
+        rounds: u64,
+    ) -> Result<RecordPrivacy, ModelError> {
+        let bad = |m: String| ModelError::Adapter(format!("record-level DP: {m}"));
+        if records == 0 {
+            return Err(bad("no training records".into()));
+        }
+        if !(req.delta > 0.0 && req.delta < 1.0 / records as f64) {
+            return Err(bad(format!(
+                "δ = {:e} must be positive and below 1/records = {:e} (at δ ≥ 1/N, publishing one record at random would be allowed)",
+                req.delta,
+                1.0 / records as f64
+            )));
+        }
+        if !(req.budget.is_finite() && req.budget > 0.0) {
+            return Err(bad(format!("the ε budget must be positive, got {}", req.budget)));
+        }
+        let q = req.sample_rate.unwrap_or((batch_size as f64 / records as f64).min(1.0));
+        let history = ledger.record_history();
+        let total = steps.checked_mul(rounds).ok_or_else(|| bad("too many steps".into()))?;
+        let sigma = match req.noise_multiplier {
+            Some(s) => s,
+            None => tessera_secagg::rdp::noise_multiplier_for(req.budget, req.delta, q, total, &history).map_err(|e| bad(e.to_string()))?,
+        };
+        let dp = DpSgdConfig { noise_multiplier: sigma, max_grad_norm: req.max_grad_norm, sample_rate: q };
+        dp.validate()?;
+        if sigma <= 0.0 {
+            return Err(bad("DP-SGD needs noise: the noise multiplier must be positive".into()));
+        }
+        let mut all = history;
+        all.push(dp.steps(total));
+        let projected = tessera_secagg::rdp::epsilon(&all, req.delta);
+        if projected > req.budget {
+            return Err(bad(format!(
+                "{rounds} round(s) of {steps} steps at σ = {sigma:.3}, q = {q:.4} would take each record to ε = {projected:.3} (δ = {:e}), past the budget of {} \
+                 (ε = {:.3} spent already); lower --rounds or --steps, raise the noise, or leave --noise-multiplier out to calibrate it",
+                req.delta,
+                req.budget,
+                ledger.record_spent(req.delta)
+            )));
+        }
+        Ok(RecordPrivacy { dp, budget: req.budget, delta: req.delta, steps, records })
+    }
+
+    /// Charges one local run to the ledger at `path` before it starts (refusing it past
+    /// the budget); returns ε spent after it.
+    pub fn charge(&self, path: &std::path::Path, purpose: &str, now_ms: u64) -> Result<f64, crate::ledger::LedgerError> {
+        let run = crate::ledger::RecordCharge {
+            purpose: purpose.into(),
+            noise_multiplier: self.dp.noise_multiplier,
+            sample_rate: self.dp.sample_rate,
+            steps: self.steps,
+            records: self.records,
+            charged_at_ms: now_ms,
+        };
+        crate::ledger::PrivacyLedger::charge_record(path, run, self.budget, self.delta)
+    }
+}

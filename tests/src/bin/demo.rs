@@ -47,6 +47,13 @@ struct Args {
     /// L2 clipping bound of each institution's update.
     #[arg(long, default_value_t = 0.5)]
     clip: f64,
+    /// Record-level DP: each institution trains with DP-SGD and keeps every one of its
+    /// records within this ε (δ = 1e-5) over all rounds; σ is calibrated per institution.
+    #[arg(long)]
+    record_epsilon: Option<f64>,
+    /// DP-SGD per-record clipping norm (with --record-epsilon).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
     /// Working directory (recreated).
     #[arg(long, default_value = ".tessera-demo")]
     workdir: PathBuf,
@@ -105,6 +112,8 @@ struct RoundRow {
     bytes: u64,
     included: usize,
     dropped: usize,
+    /// The largest record-level ε of any institution after this round (DP-SGD runs).
+    record_eps: Option<f64>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -262,6 +271,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             .arg(dir.join("global-adapter"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("federate.log"))?);
+        if let Some(eps) = args.record_epsilon {
+            cmd.args(["--record-epsilon", &eps.to_string(), "--max-grad-norm", &args.max_grad_norm.to_string()]);
+        }
         if i == 0 {
             cmd.arg("--global-test").arg(work.join("global-test.jsonl"));
         }
@@ -306,6 +318,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             row.bytes += r["bytes_sent"].as_u64().unwrap_or(0);
             row.included = row.included.max(r["included"].as_u64().unwrap_or(0) as usize);
             row.dropped += usize::from(r["dropped"].as_bool().unwrap_or(false));
+            if let Some(e) = r["record_epsilon"].as_f64() {
+                row.record_eps = Some(row.record_eps.map_or(e, |m: f64| m.max(e)));
+            }
         }
     }
     let privacy = privacy_report(&url, &fingerprint, &admin_token)?;
@@ -334,8 +349,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         "-"
     );
     for (r, row) in rows.iter().enumerate().skip(1) {
+        let record = row.record_eps.map(|e| format!(" | ε record {e:.2}")).unwrap_or_default();
         println!(
-            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>7.2} | {:>8.3} | {:>8.0}",
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>7.2} | {:>8.3} | {:>8.0}{record}",
             r,
             format!("{}/{}", row.included, args.institutions),
             row.dropped,
@@ -357,6 +373,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         "ε insid: the federation's cumulative ε against any one participant, who subtracts its own noise share (the figure the budget is charged); ε outsd: against everyone else. {}.",
         tessera_secagg::dp::ADJACENCY_EXPLAINED
     );
+    if let Some(e) = args.record_epsilon {
+        println!(
+            "ε record: under DP-SGD, the largest ε (δ = 1e-5) any institution's records have spent in local training, of a budget of {e}; it holds against the aggregator too (counted in each institution's own ledger)."
+        );
+    }
     println!("Every update left its institution clipped, noised and masked; the aggregator released only the signed mean of each round.");
     println!("\nCompliance: round {} report page {} (open it in a browser), bundle {}.", audit.round, audit.page.display(), audit.bundle.display());
     for c in &audit.outcome.checks {
