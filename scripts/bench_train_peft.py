@@ -3,7 +3,11 @@ client/benches/train.rs: fixed-length random batches, LoRA r=8 alpha=16 no dropo
 query/value projections (both factors trained), AdamW lr 1e-3, the same classification
 head (BERT: masked-mean pooling + linear; Llama: label-token logits at the last position).
 
-    python scripts/bench_train_peft.py --model DIR [--batch 8] [--seq 64] [--steps 20] [--warmup 3]
+    python scripts/bench_train_peft.py --model DIR [--batch 8] [--seq 64] [--steps 20] [--warmup 3] [--dp-sgd]
+
+With --dp-sgd the same steps run under Opacus (GradSampleModule per-sample gradients,
+DPOptimizer clipping to C = 1 and noise σ = 1 over the expected batch size), the anchor
+for `client/benches/train.rs --dp-sgd`.
 """
 import argparse
 import json
@@ -20,6 +24,7 @@ p.add_argument("--batch", type=int, default=8)
 p.add_argument("--seq", type=int, default=64)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=3)
+p.add_argument("--dp-sgd", action="store_true", help="DP-SGD through Opacus")
 p.add_argument("--attn", default="sdpa", help="transformers attention implementation (sdpa, eager)")
 a = p.parse_args()
 
@@ -40,6 +45,17 @@ if cfg.model_type != "llama":
 label_ids = torch.tensor([1000, 1001, 1002], device=device)
 params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
 opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+if a.dp_sgd:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.head = model, head
+
+    wrapped = GradSampleModule(Both())
+    opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=a.batch)
 vocab = min(cfg.vocab_size, 30000)
 batches = [
     (torch.randint(100, vocab, (a.batch, a.seq), device=device), torch.randint(0, 3, (a.batch,), device=device))
@@ -65,12 +81,15 @@ for i, (ids, labels) in enumerate(batches):
     loss = torch.nn.functional.cross_entropy(logits(ids), labels)
     opt.zero_grad()
     loss.backward()
+    if a.dp_sgd and i == 0:
+        missing = [n for n, q in wrapped.named_parameters() if q.requires_grad and getattr(q, "grad_sample", None) is None]
+        assert not missing, f"Opacus computed no per-sample gradients for {missing}"
     opt.step()
 if device == "cuda":
     torch.cuda.synchronize()
 secs = time.perf_counter() - start
 print(json.dumps({
-    "impl": f"PyTorch {torch.__version__} + PEFT (attn {a.attn})", "model": pathlib.Path(a.model).name, "device": device,
+    "impl": f"PyTorch {torch.__version__} + PEFT (attn {a.attn})" + (" + Opacus DP-SGD" if a.dp_sgd else ""), "model": pathlib.Path(a.model).name, "device": device,
     "threads": torch.get_num_threads(), "batch": a.batch, "seq": a.seq, "steps": a.steps,
     "tokens_per_sec": a.batch * a.seq * a.steps / secs, "seconds": secs,
 }))

@@ -63,6 +63,70 @@ pub struct DpSummary {
     pub adjacency: Adjacency,
 }
 
+/// The record-level DP an institution signed with its masked input (mirrors
+/// `tessera_secagg::wire::RecordPrivacyClaim`): the ε of each of its records over every
+/// local DP-SGD run so far, at `delta`, and this round's run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordPrivacySummary {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub budget: f64,
+    pub noise_multiplier: f64,
+    pub sample_rate: f64,
+    pub max_grad_norm: f64,
+    pub steps: u64,
+}
+
+/// What stands behind an institution's record-level ε.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordPrivacySource {
+    /// The institution was admitted on hardware evidence (not dev mode, not a debug
+    /// guest) whose measurement the node policy accepted: the figure was computed by
+    /// measured code.
+    Measured,
+    /// The institution was admitted without hardware attestation: the figure is its own
+    /// claim, signed but not backed by any measurement.
+    Claimed,
+}
+
+impl RecordPrivacySource {
+    /// Measured only for an accepted admission on hardware evidence of a non-debug node.
+    pub fn of(admission: Option<&AdmissionRecord>) -> Self {
+        match admission {
+            Some(a) if a.accepted && a.debug == Some(false) && a.format.as_deref().is_some_and(|f| !f.starts_with("dev")) => RecordPrivacySource::Measured,
+            _ => RecordPrivacySource::Claimed,
+        }
+    }
+
+    pub fn explained(self) -> &'static str {
+        match self {
+            RecordPrivacySource::Measured => "from measured code: the institution was admitted on hardware evidence that met the node policy",
+            RecordPrivacySource::Claimed => {
+                "the institution's own claim: it was admitted without hardware attestation (dev mode), so no measurement stands behind it"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for RecordPrivacySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordPrivacySource::Measured => "measured",
+            RecordPrivacySource::Claimed => "claimed",
+        })
+    }
+}
+
+/// A participant's record-level privacy in a round's report.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordPrivacyRecord {
+    pub claim: RecordPrivacySummary,
+    pub source: RecordPrivacySource,
+}
+
 /// One entry of the log. Its leaf is `SHA-256(0x00 ‖ the entry's JSON bytes)`, over the
 /// exact bytes the log stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,7 +172,16 @@ pub enum LogEvent {
     /// client's signature covers: since protocol version 2 the SHA-256 tree of
     /// `tessera_secagg::wire::data_digest_of_bytes`, 1 MiB leaves; the vector is uniformly
     /// random to everyone but the sum) and the size of the message received.
-    MaskedInput { client: u32, sha256: String, bytes: u64 },
+    /// `record_privacy` is the record-level DP the sender signed with the input, if it
+    /// trained with DP-SGD (absent from entries without one, so older entries hash as
+    /// they did).
+    MaskedInput {
+        client: u32,
+        sha256: String,
+        bytes: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record_privacy: Option<RecordPrivacySummary>,
+    },
     /// A protocol phase closed: who answered and who went missing in it (dropouts).
     PhaseClosed { from: String, to: String, responded: Vec<u32>, missing: Vec<u32> },
     /// The aggregate was released: its hash, who is in it, and the privacy it spent.
@@ -190,6 +263,9 @@ pub struct ParticipantRecord {
     pub dropped_in: Option<String>,
     /// ε over the released DP rounds this participant was included in, up to this one.
     pub epsilon_cumulative: Option<f64>,
+    /// The record-level DP it signed with its masked input, and what stands behind it.
+    #[serde(default)]
+    pub record_privacy: Option<RecordPrivacyRecord>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -324,6 +400,7 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                 included: false,
                 dropped_in: None,
                 epsilon_cumulative: None,
+                record_privacy: None,
             })
             .collect(),
         phases: Vec::new(),
@@ -378,7 +455,7 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                     attempts,
                 });
             }
-            LogEvent::MaskedInput { client, sha256, .. } => {
+            LogEvent::MaskedInput { client, sha256, record_privacy, .. } => {
                 let i = participant(&mut report, *client)?;
                 let p = &mut report.participants[i];
                 if !p.admission.as_ref().is_some_and(|a| a.accepted) {
@@ -388,6 +465,7 @@ pub fn derive_report(entries: &[LogEntry]) -> Result<RoundReport, ReportError> {
                     return Err(ReportError::Malformed(format!("entry {}: a second masked input of client {client}", e.index)));
                 }
                 p.masked_input_sha256 = Some(sha256.clone());
+                p.record_privacy = record_privacy.map(|claim| RecordPrivacyRecord { claim, source: RecordPrivacySource::of(p.admission.as_ref()) });
             }
             LogEvent::PhaseClosed { from, to, responded, missing } => {
                 // Responders are roster members that were admitted, each named once and
@@ -838,8 +916,8 @@ mod tests {
             });
         }
         push(LogEvent::PhaseClosed { from: "advertise_keys".into(), to: "share_keys".into(), responded: vec![0, 1, 2], missing: vec![] });
-        push(LogEvent::MaskedInput { client: 0, sha256: "55".repeat(32), bytes: 100 });
-        push(LogEvent::MaskedInput { client: 2, sha256: "66".repeat(32), bytes: 100 });
+        push(LogEvent::MaskedInput { client: 0, sha256: "55".repeat(32), bytes: 100, record_privacy: None });
+        push(LogEvent::MaskedInput { client: 2, sha256: "66".repeat(32), bytes: 100, record_privacy: None });
         push(LogEvent::PhaseClosed { from: "masked_input".into(), to: "consistency_check".into(), responded: vec![0, 2], missing: vec![1] });
         push(LogEvent::Released {
             included: vec![0, 2],
@@ -870,6 +948,35 @@ mod tests {
         assert_eq!(r.release.unwrap().mean_sha256, "77".repeat(32));
     }
 
+    /// The signed claim reaches the report, labelled by what the sender was admitted on:
+    /// dev evidence makes it a claim, hardware evidence of a non-debug node a measured
+    /// figure. An entry without a claim keeps its old bytes (the field is left out).
+    #[test]
+    fn record_privacy_is_reported_with_its_source() {
+        let claim = RecordPrivacySummary { epsilon: 6.5, delta: 1e-5, budget: 8.0, noise_multiplier: 0.8, sample_rate: 0.05, max_grad_norm: 1.0, steps: 16 };
+        let mut e = round_entries();
+        assert!(!String::from_utf8(e[5].to_bytes()).unwrap().contains("record_privacy"));
+        for i in [5, 6] {
+            if let LogEvent::MaskedInput { record_privacy, .. } = &mut e[i].event {
+                *record_privacy = Some(claim);
+            }
+        }
+        if let LogEvent::Admission { format, .. } = &mut e[3].event {
+            *format = Some("amd-sev-snp".into());
+        }
+        let r = derive_report(&e).unwrap();
+        assert_eq!(r.participants[0].record_privacy, Some(RecordPrivacyRecord { claim, source: RecordPrivacySource::Claimed }));
+        assert_eq!(r.participants[2].record_privacy, Some(RecordPrivacyRecord { claim, source: RecordPrivacySource::Measured }));
+        assert_eq!(r.participants[1].record_privacy, None);
+        // A debug guest's figure is not measured either.
+        if let LogEvent::Admission { debug, .. } = &mut e[3].event {
+            *debug = Some(true);
+        }
+        assert_eq!(derive_report(&e).unwrap().participants[2].record_privacy.unwrap().source, RecordPrivacySource::Claimed);
+        let parsed = LogEntry::parse(&e[5].to_bytes()).unwrap();
+        assert_eq!(parsed, e[5]);
+    }
+
     #[test]
     fn incomplete_records_are_refused() {
         let e = round_entries();
@@ -885,7 +992,7 @@ mod tests {
         assert!(matches!(derive_report(&other), Err(ReportError::Incomplete(_))));
         // A client outside the roster.
         let mut bad = e.clone();
-        bad[5].event = LogEvent::MaskedInput { client: 9, sha256: String::new(), bytes: 0 };
+        bad[5].event = LogEvent::MaskedInput { client: 9, sha256: String::new(), bytes: 0, record_privacy: None };
         assert!(matches!(derive_report(&bad), Err(ReportError::Malformed(_))));
         // Entries after the end.
         let mut after = e.clone();

@@ -1,7 +1,11 @@
 //! Training throughput of the Rust (tch) LoRA trainer, for comparison with Python PyTorch +
 //! PEFT on the same model, batch, sequence length and LoRA (scripts/bench-train runs both).
 //!
-//! cargo bench -p tessera-client --bench train -- --model DIR [--batch 8] [--seq 64] [--steps 20] [--warmup 3]
+//! cargo bench -p tessera-client --bench train -- --model DIR [--batch 8] [--seq 64] [--steps 20] [--warmup 3] [--dp-sgd]
+//!
+//! With `--dp-sgd` every step is a DP-SGD step on the same fixed batch (per-example
+//! gradients by expanded weights, clipping to C = 1, noise σ = 1), the measurement that
+//! Opacus makes on the Python side (`bench_train_peft.py --dp-sgd`).
 //!
 //! Batches are fixed-length (no padding) seeded random token ids with random labels, so
 //! both sides process exactly the same number of tokens. LoRA r = 8, alpha = 16, no
@@ -13,6 +17,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 use tessera_client::train::data::Batch;
+use tessera_client::train::dpsgd::{clipped_sum, noised_mean, DpSgdConfig, PerExampleMethod};
 use tessera_client::train::federated::{Architecture, TaskModel, LABEL_WORDS};
 use tessera_client::train::trainer::Classify;
 use tessera_client::train::{bert, llama, Adapter, LoraConfig, LoraMode};
@@ -28,6 +33,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: i64 = arg("--seq", "64").parse()?;
     let steps: usize = arg("--steps", "20").parse()?;
     let warmup: usize = arg("--warmup", "3").parse()?;
+    let dp_sgd = std::env::args().any(|a| a == "--dp-sgd");
+    let dp = DpSgdConfig { noise_multiplier: 1.0, max_grad_norm: 1.0, sample_rate: 0.01 };
     let device = tessera_client::train::device();
     let arch = Architecture::detect(&model_dir)?;
     let lora = LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, target_modules: arch.default_targets(), mode: LoraMode::Both, seed: 1 };
@@ -59,6 +66,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokens: batch * seq,
         }
     };
+    let params = adapter.trainable_in_update_order();
+    let mut noise_rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
     let batches: Vec<Batch> = (0..steps + warmup).map(|_| make()).collect();
     let mut started = Instant::now();
     for (i, b) in batches.iter().enumerate() {
@@ -67,6 +76,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tch::Cuda::synchronize(0);
             }
             started = Instant::now();
+        }
+        if dp_sgd {
+            // The noised mean over the batch, as Opacus' DPOptimizer divides by the expected batch size.
+            let part = clipped_sum(&model, &adapter, b, dp.max_grad_norm, PerExampleMethod::Expanded, true);
+            let grads = noised_mean(&part.sum, &DpSgdConfig { sample_rate: 1.0, ..dp }, batch as usize, &mut noise_rng);
+            opt.zero_grad();
+            let surrogate =
+                params.iter().zip(&grads).map(|(w, g)| (w * g.detach()).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+            surrogate.backward();
+            opt.step();
+            continue;
         }
         let loss = model.logits(b, true).cross_entropy_for_logits(&b.labels);
         opt.zero_grad();
@@ -79,7 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "tessera (Rust, tch)", "model": model_dir.file_name().and_then(|n| n.to_str()), "device": format!("{device:?}"),
+            "impl": if dp_sgd { "tessera (Rust, tch) DP-SGD" } else { "tessera (Rust, tch)" }, "model": model_dir.file_name().and_then(|n| n.to_str()), "device": format!("{device:?}"),
             "threads": tch::get_num_threads(), "batch": batch, "seq": seq, "steps": steps, "tokens_per_sec": tokens / secs, "seconds": secs
         })
     );

@@ -457,6 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     None => None,
                 };
+                let record_claim = record_privacy.as_ref().zip(record_epsilon).map(|(plan, epsilon)| plan.claim(epsilon));
                 let update = inst.local_update(next_round.unwrap_or(i))?;
                 let drop_after = (drop_in_round == Some(i)).then_some(DropPoint::AfterShareKeys);
                 let opts = Options {
@@ -470,6 +471,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     floors: floors.clone(),
                     ledger: Some(ledger_path.clone()),
                     mask_threads: server.mask_threads,
+                    record_privacy: record_claim,
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -562,6 +564,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     floors,
                     ledger: Some(dir.join(LEDGER_FILE)),
                     mask_threads: server.mask_threads,
+                    record_privacy: None,
                 };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)

@@ -58,6 +58,9 @@ pub struct Options {
     pub ledger: Option<std::path::PathBuf>,
     /// Threads the masking uses; `None`: every core.
     pub mask_threads: Option<usize>,
+    /// The record-level DP (DP-SGD) the update was trained under, signed with the masked
+    /// input so that the log and the compliance report carry it.
+    pub record_privacy: Option<tessera_secagg::wire::RecordPrivacyClaim>,
 }
 
 /// An evidence source shared across rounds.
@@ -91,6 +94,7 @@ impl Default for Options {
             floors: SecurityFloors::default(),
             ledger: None,
             mask_threads: None,
+            record_privacy: None,
         }
     }
 }
@@ -356,6 +360,9 @@ where
     let mut client = Client::new(cfg.clone(), me, identity.key.clone(), &trust, &mut OsRng)?;
     if let Some(threads) = opts.mask_threads {
         client.set_threads(threads);
+    }
+    if let Some(claim) = opts.record_privacy {
+        client.set_record_privacy(claim)?;
     }
     // By this institution's own count, before anything is computed for the round.
     let aggregator_hex = hex::encode(enclave_key);

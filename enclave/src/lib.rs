@@ -572,7 +572,16 @@ impl Enclave {
         let state = self.state_mut()?;
         let (client, digest) = state.aggregator.handle_masked_input_digested(input)?;
         let round = state.aggregator.config().round;
-        let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64 };
+        let record_privacy = input.view().record_privacy.map(|c| tessera_attestation::audit::RecordPrivacySummary {
+            epsilon: c.epsilon,
+            delta: c.delta,
+            budget: c.budget,
+            noise_multiplier: c.noise_multiplier,
+            sample_rate: c.sample_rate,
+            max_grad_norm: c.max_grad_norm,
+            steps: c.steps,
+        });
+        let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64, record_privacy };
         self.log.append(round, received_at.0, event);
         Ok(())
     }

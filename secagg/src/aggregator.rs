@@ -232,7 +232,7 @@ impl Aggregator {
 
     /// Phase 2: verifies and folds the masked input into the running sum.
     pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), Error> {
-        self.fold_masked(msg.round, msg.client, &msg.signature, msg.data.len(), &MaskedInput::data_digest(&msg.data), msg.data.iter().copied())
+        self.fold_masked(msg.round, msg.client, &msg.signature, msg.record_privacy.as_ref(), &MaskedInput::data_digest(&msg.data), msg.data.iter().copied())
     }
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
@@ -248,7 +248,7 @@ impl Aggregator {
     /// computed (by an early signature check): the body is not hashed again.
     pub fn handle_masked_input_digested(&mut self, input: &DigestedMaskedInput<'_>) -> Result<(ClientId, [u8; 32]), Error> {
         let view = input.view();
-        self.fold_masked(view.round, view.client, &view.signature, view.len(), input.digest(), view.words())?;
+        self.fold_masked(view.round, view.client, &view.signature, view.record_privacy.as_ref(), input.digest(), view.words())?;
         Ok((view.client, *input.digest()))
     }
 
@@ -257,10 +257,11 @@ impl Aggregator {
         round: u64,
         client: ClientId,
         signature: &[u8; 64],
-        len: usize,
+        claim: Option<&crate::wire::RecordPrivacyClaim>,
         digest: &[u8; 32],
-        words: impl Iterator<Item = u32> + Clone,
+        words: impl ExactSizeIterator<Item = u32> + Clone,
     ) -> Result<(), Error> {
+        let len = words.len();
         let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), signature)?;
         if !self.u2.contains_key(&client) {
             return Err(ProtocolError::NotInSurvivorSet(client).into());
@@ -272,7 +273,11 @@ impl Aggregator {
         if modulus != u32::MAX && words.clone().any(|x| x & !modulus != 0) {
             return Err(Error::malformed("masked input exceeds the modulus"));
         }
-        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest), signature)?;
+        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest, claim), signature)?;
+        // Signed, so the sender's own: checked for coherence before it reaches the log.
+        if let Some(c) = claim {
+            c.validate()?;
+        }
         for (s, x) in self.sum.iter_mut().zip(words) {
             *s = s.wrapping_add(x);
         }

@@ -119,6 +119,8 @@ pub struct Client {
     revealed: BTreeMap<ClientId, Revealed>,
     /// Threads the mask expansion uses (default: the machine's cores).
     threads: usize,
+    /// The record-level privacy claim signed with the masked input, if any.
+    record_privacy: Option<crate::wire::RecordPrivacyClaim>,
     /// The positive control of the malicious-aggregator harness: U2 taken as the server
     /// says, as the code before the review did. Test builds only.
     #[cfg(feature = "danger-test-weakened-client")]
@@ -169,6 +171,7 @@ impl Client {
             signed_survivors: None,
             revealed: BTreeMap::new(),
             threads: crate::prg::default_threads(),
+            record_privacy: None,
             #[cfg(feature = "danger-test-weakened-client")]
             danger_trust_u2: false,
         })
@@ -178,6 +181,15 @@ impl Client {
     /// count.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// States the record-level DP (DP-SGD) the input of phase 2 was trained under; the
+    /// claim is signed with the masked input. Refused if incoherent
+    /// ([`crate::wire::RecordPrivacyClaim::validate`]), as the aggregator would refuse it.
+    pub fn set_record_privacy(&mut self, claim: crate::wire::RecordPrivacyClaim) -> Result<(), Error> {
+        claim.validate()?;
+        self.record_privacy = Some(claim);
+        Ok(())
     }
 
     pub fn id(&self) -> ClientId {
@@ -428,11 +440,12 @@ impl Client {
             data.iter_mut().for_each(|x| *x &= modulus);
         }
         let data_digest = MaskedInput::data_digest(&data);
-        let signature = self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest).as_bytes());
+        let claim = self.record_privacy;
+        let signature = self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest, claim.as_ref()).as_bytes());
         self.held = held;
         self.u2 = u2.into_iter().collect();
         self.state = State::AwaitingSurvivors;
-        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, signature })
+        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, signature, record_privacy: claim })
     }
 
     /// Phase 3: signs U3. An honest client signs exactly one survivor set per round.

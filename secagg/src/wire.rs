@@ -164,25 +164,131 @@ impl ShareBundle {
     }
 }
 
-/// Phase 2: the masked, quantized update `y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^b`.
-#[derive(Clone, PartialEq, Eq)]
+/// An institution's statement of the record-level DP (DP-SGD) its update was trained
+/// under, signed with its masked input: the records' ε over every local run so far, this
+/// one included (its own ledger's figure), and this run's mechanism, from which anyone
+/// can recompute what the run alone spends ([`RecordPrivacyClaim::run_epsilon`]).
+///
+/// The aggregator checks that it is coherent ([`RecordPrivacyClaim::validate`]) and the
+/// log records it; whether the figure comes from measured code or is only the
+/// institution's word depends on the evidence the institution was admitted with.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordPrivacyClaim {
+    /// ε of each record over every local run so far, this one included, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The records' ε budget the institution holds itself to.
+    pub budget: f64,
+    /// σ of this run's DP-SGD.
+    pub noise_multiplier: f64,
+    /// q, the Poisson sampling rate of this run.
+    pub sample_rate: f64,
+    /// C, the per-record L2 clip.
+    pub max_grad_norm: f64,
+    /// Noisy steps of this run.
+    pub steps: u64,
+}
+
+/// Encoded size of a [`RecordPrivacyClaim`]: six f64 and a u64, little-endian.
+pub const RECORD_PRIVACY_LEN: usize = 7 * 8;
+
+/// Relative slack allowed between a claimed ε and what its own run implies (the
+/// accountant's floating point on the two sides).
+const CLAIM_EPSILON_SLACK: f64 = 1e-6;
+
+impl RecordPrivacyClaim {
+    pub fn to_bytes(&self) -> [u8; RECORD_PRIVACY_LEN] {
+        let mut out = [0u8; RECORD_PRIVACY_LEN];
+        let fields = [self.epsilon, self.delta, self.budget, self.noise_multiplier, self.sample_rate, self.max_grad_norm];
+        for (dst, v) in out.chunks_exact_mut(8).zip(fields) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        out[48..].copy_from_slice(&self.steps.to_le_bytes());
+        out
+    }
+
+    pub fn from_bytes(b: &[u8; RECORD_PRIVACY_LEN]) -> Self {
+        let f = |i: usize| f64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        RecordPrivacyClaim {
+            epsilon: f(0),
+            delta: f(1),
+            budget: f(2),
+            noise_multiplier: f(3),
+            sample_rate: f(4),
+            max_grad_norm: f(5),
+            steps: u64::from_le_bytes(b[48..56].try_into().unwrap_or([0; 8])),
+        }
+    }
+
+    /// ε of this run alone at `delta` (RDP of the Poisson-subsampled Gaussian).
+    pub fn run_epsilon(&self) -> f64 {
+        crate::rdp::epsilon(&[crate::rdp::SgmSteps { noise_multiplier: self.noise_multiplier, sample_rate: self.sample_rate, steps: self.steps }], self.delta)
+    }
+
+    /// A claim must be a possible ledger figure: finite, σ > 0, q in (0, 1], C > 0, at
+    /// least one step, δ in (0, 1), within its own budget, and no smaller than what this
+    /// run alone spends (a cumulative ε cannot be below one of its parts).
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::malformed(format!("record-level privacy claim: {m}")));
+        let all = [self.epsilon, self.delta, self.budget, self.noise_multiplier, self.sample_rate, self.max_grad_norm];
+        if all.iter().any(|v| !v.is_finite()) {
+            return bad("every figure must be finite".into());
+        }
+        if !(self.noise_multiplier > 0.0 && self.sample_rate > 0.0 && self.sample_rate <= 1.0 && self.max_grad_norm > 0.0 && self.steps >= 1) {
+            return bad(format!(
+                "σ = {}, q = {}, C = {}, steps = {} is not a DP-SGD run (σ > 0, 0 < q ≤ 1, C > 0, steps ≥ 1)",
+                self.noise_multiplier, self.sample_rate, self.max_grad_norm, self.steps
+            ));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return bad(format!("δ = {} is not in (0, 1)", self.delta));
+        }
+        if !(self.epsilon >= 0.0 && self.budget > 0.0) || self.epsilon > self.budget * (1.0 + CLAIM_EPSILON_SLACK) {
+            return bad(format!("ε = {} is not within the budget of {}", self.epsilon, self.budget));
+        }
+        let run = self.run_epsilon();
+        // A run the accountant cannot bound (NaN) is refused too.
+        if run.is_nan() || self.epsilon < run * (1.0 - CLAIM_EPSILON_SLACK) {
+            return bad(format!(
+                "ε = {} is less than this run alone spends ({run:.6} for σ = {}, q = {}, {} steps at δ = {:e})",
+                self.epsilon, self.noise_multiplier, self.sample_rate, self.steps, self.delta
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Phase 2: the masked, quantized update `y = x + PRG(b) + Σ ±PRG(s_uv) mod 2^b`, and the
+/// record-level privacy its sender claims for it, if it trained with DP-SGD.
+#[derive(Clone, PartialEq)]
 pub struct MaskedInput {
     pub round: u64,
     pub client: ClientId,
     pub data: Vec<u32>,
     pub signature: [u8; 64],
+    pub record_privacy: Option<RecordPrivacyClaim>,
 }
 
 impl std::fmt::Debug for MaskedInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MaskedInput").field("round", &self.round).field("client", &self.client).field("len", &self.data.len()).finish()
+        f.debug_struct("MaskedInput")
+            .field("round", &self.round)
+            .field("client", &self.client)
+            .field("len", &self.data.len())
+            .field("record_privacy", &self.record_privacy)
+            .finish()
     }
 }
 
 const MASKED_MAGIC: &[u8; 4] = b"TSMI";
 /// 2: the data digest is the chunked tree hash of [`data_digest_of_bytes`] (1 was the
-/// SHA-256 of the whole body).
+/// SHA-256 of the whole body). An input without a record-level privacy claim is encoded
+/// in version 2, byte for byte as before.
 const MASKED_VERSION: u8 = 2;
+/// 3: version 2 with a [`RecordPrivacyClaim`] after the signature, which the signature
+/// covers.
+const MASKED_VERSION_CLAIM: u8 = 3;
 
 /// Bytes of the masked body per leaf of the data digest (1 MiB, 262,144 words).
 pub const DIGEST_CHUNK_BYTES: usize = 1 << 20;
@@ -239,6 +345,8 @@ fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<us
 }
 /// magic, version, round, client, element count, signature.
 pub const MASKED_HEADER_LEN: usize = 4 + 1 + 8 + 4 + 4 + 64;
+/// The version-3 header: [`MASKED_HEADER_LEN`] and the record-level privacy claim.
+pub const MASKED_HEADER_LEN_CLAIM: usize = MASKED_HEADER_LEN + RECORD_PRIVACY_LEN;
 
 impl MaskedInput {
     /// The data digest ([`data_digest_of_bytes`]) of the words as little-endian bytes
@@ -247,30 +355,40 @@ impl MaskedInput {
         data_digest_of_words(data, crate::prg::default_threads())
     }
 
-    pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32]) -> Transcript {
+    /// What the sender signs: the round, the sender, the data digest and, when it makes
+    /// one, its record-level privacy claim (so the claim cannot be stripped, added or
+    /// changed without the signature failing). Without a claim the transcript is the
+    /// one of version 2.
+    pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32], claim: Option<&RecordPrivacyClaim>) -> Transcript {
         let mut t = Transcript::new("masked-input", digest, round);
         t.id(client).bytes(data_digest);
+        if let Some(c) = claim {
+            t.bytes(b"record-privacy/v1").bytes(&c.to_bytes());
+        }
         t
     }
 
     pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
-        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data))
+        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data), self.record_privacy.as_ref())
     }
 
-    /// Size of the encoding of an input of `elements` words; servers derive their body
-    /// limit from it.
+    /// The largest encoding of an input of `elements` words (with a claim); servers
+    /// derive their body limit from it.
     pub fn encoded_len(elements: usize) -> usize {
-        MASKED_HEADER_LEN + 4 * elements
+        MASKED_HEADER_LEN_CLAIM + 4 * elements
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(Self::encoded_len(self.data.len()));
         out.extend_from_slice(MASKED_MAGIC);
-        out.push(MASKED_VERSION);
+        out.push(if self.record_privacy.is_some() { MASKED_VERSION_CLAIM } else { MASKED_VERSION });
         out.extend_from_slice(&self.round.to_le_bytes());
         out.extend_from_slice(&self.client.0.to_le_bytes());
         out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.signature);
+        if let Some(c) = &self.record_privacy {
+            out.extend_from_slice(&c.to_bytes());
+        }
         for w in &self.data {
             out.extend_from_slice(&w.to_le_bytes());
         }
@@ -281,7 +399,7 @@ impl MaskedInput {
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let view = MaskedInputView::parse(bytes)?;
         let data = view.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-        Ok(MaskedInput { round: view.round, client: view.client, data, signature: view.signature })
+        Ok(MaskedInput { round: view.round, client: view.client, data, signature: view.signature, record_privacy: view.record_privacy })
     }
 }
 
@@ -293,6 +411,8 @@ pub struct MaskedInputView<'a> {
     pub round: u64,
     pub client: ClientId,
     pub signature: [u8; 64],
+    /// The record-level privacy the sender claims (version 3), covered by its signature.
+    pub record_privacy: Option<RecordPrivacyClaim>,
     /// `len` little-endian u32 words.
     pub body: &'a [u8],
 }
@@ -302,13 +422,19 @@ impl<'a> MaskedInputView<'a> {
         if bytes.len() < MASKED_HEADER_LEN {
             return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
         }
-        let (header, body) = bytes.split_at(MASKED_HEADER_LEN);
-        if &header[..4] != MASKED_MAGIC {
+        if &bytes[..4] != MASKED_MAGIC {
             return Err(Error::malformed("masked input does not start with TSMI"));
         }
-        if header[4] != MASKED_VERSION {
-            return Err(Error::malformed(format!("masked input version {} is not supported", header[4])));
+        let header_len = match bytes[4] {
+            MASKED_VERSION => MASKED_HEADER_LEN,
+            MASKED_VERSION_CLAIM => MASKED_HEADER_LEN_CLAIM,
+            v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
+        };
+        if bytes.len() < header_len {
+            return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
         }
+        let (header, body) = bytes.split_at(header_len);
+        let record_privacy = header.get(MASKED_HEADER_LEN..).and_then(|c| <&[u8; RECORD_PRIVACY_LEN]>::try_from(c).ok()).map(RecordPrivacyClaim::from_bytes);
         let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
         let count = u32_at(17) as usize;
@@ -317,7 +443,7 @@ impl<'a> MaskedInputView<'a> {
         if body.len() != count.saturating_mul(4) {
             return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
         }
-        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, body })
+        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, body })
     }
 
     pub fn len(&self) -> usize {
@@ -328,7 +454,7 @@ impl<'a> MaskedInputView<'a> {
         self.body.is_empty()
     }
 
-    pub fn words(&self) -> impl Iterator<Item = u32> + Clone + 'a {
+    pub fn words(&self) -> impl ExactSizeIterator<Item = u32> + Clone + 'a {
         self.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
     }
 
@@ -364,12 +490,13 @@ impl<'a> DigestedMaskedInput<'a> {
 
     /// The transcript the sender's signature must cover under a configuration `digest`.
     pub fn transcript(&self, config_digest: &[u8; 32]) -> Transcript {
-        MaskedInput::transcript_for(config_digest, self.view.round, self.view.client, &self.digest)
+        MaskedInput::transcript_for(config_digest, self.view.round, self.view.client, &self.digest, self.view.record_privacy.as_ref())
     }
 
     /// Size of the received encoding (header and body).
     pub fn encoded_len(&self) -> usize {
-        MASKED_HEADER_LEN + self.view.body.len()
+        let header = if self.view.record_privacy.is_some() { MASKED_HEADER_LEN_CLAIM } else { MASKED_HEADER_LEN };
+        header + self.view.body.len()
     }
 }
 
@@ -506,7 +633,58 @@ mod tests {
     use super::*;
 
     fn sample() -> MaskedInput {
-        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], signature: [5; 64] }
+        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], signature: [5; 64], record_privacy: None }
+    }
+
+    fn claim() -> RecordPrivacyClaim {
+        RecordPrivacyClaim { epsilon: 3.0, delta: 1e-5, budget: 8.0, noise_multiplier: 1.1, sample_rate: 0.01, max_grad_norm: 1.0, steps: 100 }
+    }
+
+    #[test]
+    fn a_claim_round_trips_and_is_bound_by_the_transcript() {
+        let with = MaskedInput { record_privacy: Some(claim()), ..sample() };
+        let bytes = with.encode();
+        assert_eq!(bytes[4], MASKED_VERSION_CLAIM);
+        assert_eq!(bytes.len(), MaskedInput::encoded_len(3));
+        assert_eq!(MaskedInput::decode(&bytes).unwrap(), with);
+        assert_eq!(MaskedInputView::parse(&bytes).unwrap().digested().encoded_len(), bytes.len());
+        // Without a claim: version 2, byte for byte, and the version-2 transcript.
+        let without = sample().encode();
+        assert_eq!(without[4], MASKED_VERSION);
+        assert_eq!(without.len(), MASKED_HEADER_LEN + 12);
+        let d = [9u8; 32];
+        let t = |c: Option<&RecordPrivacyClaim>| MaskedInput::transcript_for(&d, 7, ClientId(3), &[1; 32], c).as_bytes().to_vec();
+        assert_ne!(t(None), t(Some(&claim())));
+        assert_ne!(t(Some(&claim())), t(Some(&RecordPrivacyClaim { epsilon: 2.9, ..claim() })));
+        for cut in 0..bytes.len() {
+            assert!(MaskedInput::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn incoherent_claims_are_refused() {
+        let c = claim();
+        c.validate().unwrap();
+        let run = c.run_epsilon();
+        assert!(run > 0.0 && run < c.epsilon, "{run}");
+        for (bad, why) in [
+            (RecordPrivacyClaim { epsilon: f64::NAN, ..c }, "finite"),
+            (RecordPrivacyClaim { budget: f64::INFINITY, ..c }, "finite"),
+            (RecordPrivacyClaim { noise_multiplier: 0.0, ..c }, "not a DP-SGD run"),
+            (RecordPrivacyClaim { sample_rate: 1.5, ..c }, "not a DP-SGD run"),
+            (RecordPrivacyClaim { steps: 0, ..c }, "not a DP-SGD run"),
+            (RecordPrivacyClaim { max_grad_norm: -1.0, ..c }, "not a DP-SGD run"),
+            (RecordPrivacyClaim { delta: 1.0, ..c }, "not in (0, 1)"),
+            (RecordPrivacyClaim { epsilon: 9.0, ..c }, "within the budget"),
+            (RecordPrivacyClaim { epsilon: -1.0, ..c }, "within the budget"),
+            (RecordPrivacyClaim { epsilon: run / 2.0, ..c }, "less than this run alone spends"),
+            // Next to no noise: the run alone spends more than any budget.
+            (RecordPrivacyClaim { noise_multiplier: 1e-300, sample_rate: 1.0, ..c }, "less than this run alone spends"),
+            (RecordPrivacyClaim { noise_multiplier: 1e-9, steps: u64::MAX, ..c }, "less than this run alone spends"),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     /// A known answer computed apart with Python's hashlib (leaves of 1 MiB, the label,
@@ -546,7 +724,7 @@ mod tests {
         let view = MaskedInputView::parse(&bytes).unwrap();
         assert_eq!(view.data_digest(), MaskedInput::data_digest(&big.data));
         assert_eq!(view.words().collect::<Vec<_>>(), big.data);
-        assert_eq!(m.encode().len(), MaskedInput::encoded_len(3));
+        assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 12);
     }
 
     #[test]
@@ -573,6 +751,8 @@ mod tests {
             let mut framed = MASKED_MAGIC.to_vec();
             framed.push(MASKED_VERSION);
             framed.extend_from_slice(&bytes);
+            let _ = MaskedInput::decode(&framed);
+            framed[4] = MASKED_VERSION_CLAIM;
             let _ = MaskedInput::decode(&framed);
             let _ = serde_json::from_slice::<AdvertiseKeys>(&bytes);
             let _ = serde_json::from_slice::<ShareKeys>(&bytes);

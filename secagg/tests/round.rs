@@ -404,6 +404,68 @@ fn tampered_masked_input_is_rejected_and_sum_unaffected() {
     assert_eq!(sum.sum, vec![15; 5]);
 }
 
+/// The record-level privacy claim travels under the sender's signature: changed,
+/// stripped or added by anyone else, the input is refused and the sum is unaffected; a
+/// claim its sender did sign but that no honest ledger could produce is refused too.
+#[test]
+fn record_privacy_claims_are_signed_and_checked() {
+    let cfg = config(3, 2, 2, 2, 4, 32);
+    let mut rng = ChaCha20Rng::seed_from_u64(13);
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+    let claim = RecordPrivacyClaim { epsilon: 4.0, delta: 1e-5, budget: 8.0, noise_multiplier: 1.0, sample_rate: 0.02, max_grad_norm: 1.0, steps: 50 };
+    clients[0].set_record_privacy(claim).unwrap();
+    // The client refuses to sign an incoherent claim, as the aggregator would refuse it.
+    assert!(clients[1].set_record_privacy(RecordPrivacyClaim { epsilon: 9.0, ..claim }).is_err());
+    for c in &clients {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    agg.advance(Timestamp(1));
+    let dir = agg.key_directory().unwrap();
+    for c in &mut clients {
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(2));
+    let masked: Vec<MaskedInput> =
+        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
+    assert_eq!(masked[0].record_privacy, Some(claim));
+    assert_eq!(masked[1].record_privacy, None);
+    // Through the wire encoding, as the enclave receives it.
+    let encoded = masked[0].encode();
+    assert_eq!(MaskedInputView::parse(&encoded).unwrap().record_privacy, Some(claim));
+    let bad_sig = |m: &MaskedInput| Error::Protocol(ProtocolError::BadSignature(m.client));
+    let lowered = MaskedInput { record_privacy: Some(RecordPrivacyClaim { epsilon: 0.5, ..claim }), ..masked[0].clone() };
+    assert_eq!(agg.handle_masked_input(&lowered).unwrap_err(), bad_sig(&lowered));
+    let stripped = MaskedInput { record_privacy: None, ..masked[0].clone() };
+    assert_eq!(agg.handle_masked_input(&stripped).unwrap_err(), bad_sig(&stripped));
+    let added = MaskedInput { record_privacy: Some(claim), ..masked[1].clone() };
+    assert_eq!(agg.handle_masked_input(&added).unwrap_err(), bad_sig(&added));
+    // Signed by its sender, but below what its own run spends: refused, typed.
+    let mut incoherent = MaskedInput { record_privacy: Some(RecordPrivacyClaim { epsilon: 0.01, ..claim }), ..masked[2].clone() };
+    incoherent.signature = MessageSigner::sign(signer(2).as_ref(), incoherent.transcript(&cfg.digest()).as_bytes());
+    match agg.handle_masked_input(&incoherent).unwrap_err() {
+        Error::Malformed(m) => assert!(m.contains("less than this run alone spends"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    for m in &masked {
+        agg.handle_masked_input(m).unwrap();
+    }
+    agg.advance(Timestamp(3));
+    let set = agg.survivor_set().unwrap();
+    for c in &mut clients {
+        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(4));
+    let req = agg.unmask_request().unwrap();
+    for c in &mut clients {
+        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(5));
+    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!() };
+    assert_eq!(sum.sum, vec![15; 5]);
+}
+
 #[test]
 fn deadline_closes_a_phase_without_stragglers() {
     let cfg = config(4, 3, 3, 2, 2, 32);

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use tessera_attestation::audit::RoundBundle;
+use tessera_attestation::audit::{RecordPrivacySource, RoundBundle};
 
 use crate::compliance::RoundSummary;
 
@@ -147,7 +147,7 @@ pub fn report(b: &RoundBundle) -> String {
 
     h.push_str(
         "<h2>Participants</h2><table id=\"participants\"><thead><tr><th>Institution</th><th>Admission</th><th>Evidence</th>\
-         <th>Masked input SHA-256</th><th>In the sum</th><th>Dropped in</th><th>Cumulative ε</th></tr></thead><tbody>",
+         <th>Masked input SHA-256</th><th>In the sum</th><th>Dropped in</th><th>Cumulative ε</th><th>Record-level ε</th></tr></thead><tbody>",
     );
     for p in &r.participants {
         let admission = match &p.admission {
@@ -167,9 +167,26 @@ pub fn report(b: &RoundBundle) -> String {
                 )
             })
             .unwrap_or_default();
+        let record = match &p.record_privacy {
+            Some(rp) => format!(
+                "<span class=\"record-epsilon\">{:.3}</span> of {} (δ = {:e})<br><span class=\"muted\">σ = {:.3}, q = {:.4}, C = {}, {} steps</span><br><span class=\"{}\" title=\"{}\">{}</span>",
+                rp.claim.epsilon,
+                rp.claim.budget,
+                rp.claim.delta,
+                rp.claim.noise_multiplier,
+                rp.claim.sample_rate,
+                rp.claim.max_grad_norm,
+                rp.claim.steps,
+                if rp.source == RecordPrivacySource::Measured { "ok" } else { "bad" },
+                esc(rp.source.explained()),
+                if rp.source == RecordPrivacySource::Measured { "measured code" } else { "institution's claim (dev mode)" }
+            ),
+            None if p.masked_input_sha256.is_some() => "<span class=\"muted\">none stated</span>".into(),
+            None => "—".into(),
+        };
         let _ = write!(
             h,
-            "<tr><td>{}<br><span class=\"hash muted\">{}</span></td><td>{admission}</td><td>{evidence}</td><td class=\"hash\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}<br><span class=\"hash muted\">{}</span></td><td>{admission}</td><td>{evidence}</td><td class=\"hash\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{record}</td></tr>",
             esc(&name(&p.identity)),
             esc(&p.identity),
             esc(p.masked_input_sha256.as_deref().unwrap_or("—")),
@@ -179,6 +196,14 @@ pub fn report(b: &RoundBundle) -> String {
         );
     }
     h.push_str("</tbody></table>");
+    if r.participants.iter().any(|p| p.record_privacy.is_some()) {
+        h.push_str(
+            "<p class=\"muted\" id=\"record-legend\">Cumulative ε is the institution-level guarantee of the noise on the sum (zero-out adjacency: \
+             one institution's update). Record-level ε is each institution's DP-SGD guarantee for any one of its records over every local run \
+             so far, signed with its masked input: <em>measured code</em> when it was admitted on hardware evidence that met the node policy, \
+             otherwise only the <em>institution's claim</em>.</p>",
+        );
+    }
 
     h.push_str("<h2>Protocol phases</h2><table id=\"phases\"><thead><tr><th>Phase</th><th>Closed</th><th>Answered</th><th>Missing</th></tr></thead><tbody>");
     for ph in &r.phases {

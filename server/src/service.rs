@@ -6,6 +6,7 @@
 //! disk; if the append fails the round is rebuilt from the store, so the enclave never
 //! holds a message the store lacks.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -249,8 +250,92 @@ pub struct PrivacyReport {
     /// Further rounds the schedule's budget allows.
     pub rounds_remaining: Option<u64>,
     pub per_round: Vec<RoundPrivacy>,
+    /// Per institution on a round's roster: its institution-level ε and the record-level
+    /// DP it signed with its masked inputs, as the log records them.
+    pub institutions: Vec<InstitutionPrivacy>,
     #[serde(skip)]
     pub groups: Vec<(f64, u64)>,
+}
+
+/// One institution's two guarantees (GET /v1/privacy, `institutions`).
+#[derive(Clone, Debug, Serialize)]
+pub struct InstitutionPrivacy {
+    pub institution: String,
+    /// Roster key, hex.
+    pub identity: String,
+    /// Institution-level ε over the released DP rounds it was included in (the noise on
+    /// the sum), from the latest such release.
+    pub epsilon: Option<f64>,
+    /// The record-level DP of its latest masked input that stated one.
+    pub record: Option<RecordPrivacyView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RecordPrivacyView {
+    /// ε of any one of its records over every local DP-SGD run so far, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub budget: f64,
+    pub round: u64,
+    /// `measured` or `claimed` ([`tessera_attestation::audit::RecordPrivacySource`]).
+    pub source: tessera_attestation::audit::RecordPrivacySource,
+    pub source_explained: &'static str,
+    /// Rounds whose masked input carried a record-level claim.
+    pub rounds: Vec<u64>,
+    /// The claims are consistent across rounds: ε never decreases, and the latest is at
+    /// least what the logged runs compose to (a lower bound: runs whose input never
+    /// reached the aggregator are not in the log).
+    pub consistent: bool,
+    pub inconsistency: Option<String>,
+    /// ε the logged runs compose to at `delta` (RDP), the lower bound above.
+    pub epsilon_logged_runs: f64,
+}
+
+/// A round and the record-level claim an institution signed in it.
+type RoundClaim = (u64, tessera_attestation::audit::RecordPrivacyRecord);
+
+/// Record-level claims of one institution, in round order: the view of the latest, and
+/// whether they are consistent with one another.
+fn record_view(claims: &[RoundClaim]) -> Option<RecordPrivacyView> {
+    let (round, last) = *claims.last()?;
+    let mut inconsistency = None;
+    for w in claims.windows(2) {
+        let ((r0, a), (r1, b)) = (&w[0], &w[1]);
+        if b.claim.epsilon < a.claim.epsilon * (1.0 - 1e-9) {
+            inconsistency.get_or_insert(format!(
+                "round {r1} claims ε = {:.4}, less than the {:.4} claimed in round {r0}: a ledger reset or rolled back",
+                b.claim.epsilon, a.claim.epsilon
+            ));
+        }
+        if b.claim.delta != a.claim.delta {
+            inconsistency
+                .get_or_insert(format!("round {r1} states δ = {:e}, round {r0} δ = {:e}: the figures are not comparable", b.claim.delta, a.claim.delta));
+        }
+    }
+    let runs: Vec<tessera_secagg::rdp::SgmSteps> = claims
+        .iter()
+        .map(|(_, c)| tessera_secagg::rdp::SgmSteps { noise_multiplier: c.claim.noise_multiplier, sample_rate: c.claim.sample_rate, steps: c.claim.steps })
+        .collect();
+    let logged = tessera_secagg::rdp::epsilon(&runs, last.claim.delta);
+    if last.claim.epsilon < logged * (1.0 - 1e-6) {
+        inconsistency.get_or_insert(format!(
+            "round {round} claims ε = {:.4}, less than the {logged:.4} its {} logged runs compose to",
+            last.claim.epsilon,
+            runs.len()
+        ));
+    }
+    Some(RecordPrivacyView {
+        epsilon: last.claim.epsilon,
+        delta: last.claim.delta,
+        budget: last.claim.budget,
+        round,
+        source: last.source,
+        source_explained: last.source.explained(),
+        rounds: claims.iter().map(|(r, _)| *r).collect(),
+        consistent: inconsistency.is_none(),
+        inconsistency,
+        epsilon_logged_runs: logged,
+    })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -686,6 +771,7 @@ impl Service {
                 epsilon_outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, d),
             });
         }
+        let institutions = self.institution_privacy().await?;
         let rounds_released = groups.iter().map(|g| g.1).sum();
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
         let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
@@ -710,8 +796,42 @@ impl Service {
             delta,
             rounds_remaining,
             per_round,
+            institutions,
             groups,
         })
+    }
+
+    /// Each rostered institution's institution-level ε and record-level claims, from the
+    /// reports derived from the log (rounds that predate the log have none).
+    async fn institution_privacy(&self) -> Result<Vec<InstitutionPrivacy>, ApiError> {
+        let mut by_key: BTreeMap<String, (Option<f64>, Vec<RoundClaim>)> = BTreeMap::new();
+        for row in self.store.rounds().await? {
+            let stored = self.store.log_of_round(row.round).await?;
+            if stored.is_empty() {
+                continue;
+            }
+            let entries: Vec<tessera_attestation::audit::LogEntry> =
+                stored.iter().map(|e| tessera_attestation::audit::LogEntry::parse(&e.data)).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+            let report = tessera_attestation::audit::derive_report(&entries).map_err(ApiError::internal)?;
+            for p in &report.participants {
+                let slot = by_key.entry(p.identity.to_ascii_lowercase()).or_default();
+                if p.epsilon_cumulative.is_some() {
+                    slot.0 = p.epsilon_cumulative;
+                }
+                if let Some(rp) = p.record_privacy {
+                    slot.1.push((report.round, rp));
+                }
+            }
+        }
+        Ok(by_key
+            .into_iter()
+            .map(|(identity, (epsilon, claims))| InstitutionPrivacy {
+                institution: self.institution_name(&identity).unwrap_or("(unknown)").to_string(),
+                identity,
+                epsilon,
+                record: record_view(&claims),
+            })
+            .collect())
     }
 
     /// Closes due phases and opens scheduled rounds; the server calls it periodically.

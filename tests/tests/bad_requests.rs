@@ -128,7 +128,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
             &post(
                 "/v1/rounds/1/masked-input",
                 "application/octet-stream",
-                MaskedInput { round: 1, client: ClientId(2), data: vec![0; cfg.masked_len()], signature: [0; 64] }.encode()
+                MaskedInput { round: 1, client: ClientId(2), data: vec![0; cfg.masked_len()], signature: [0; 64], record_privacy: None }.encode()
             )
             .await
         ),

@@ -207,13 +207,30 @@ fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>
     if args.json {
         println!(
             "{}",
-            json!({"verified": passed, "round": parsed.round, "judged_at": now_secs, "reproduction": args.at.is_some(), "aggregator_format": outcome.verified_format, "tree_head": parsed.tree_head, "checks": outcome.checks, "privacy": parsed.report.dp.map(|dp| json!({"adjacency": dp.adjacency, "colluders": dp.colluders, "noise_multiplier": dp.noise_multiplier, "delta": dp.delta, "epsilon_round": parsed.report.epsilon_round, "epsilon_cumulative": parsed.report.epsilon_cumulative, "epsilon_outsider_round": parsed.report.epsilon_outsider_round, "epsilon_outsider_cumulative": parsed.report.epsilon_outsider_cumulative}))})
+            json!({"verified": passed, "round": parsed.round, "judged_at": now_secs, "reproduction": args.at.is_some(), "aggregator_format": outcome.verified_format, "tree_head": parsed.tree_head, "checks": outcome.checks, "privacy": parsed.report.dp.map(|dp| json!({"adjacency": dp.adjacency, "colluders": dp.colluders, "noise_multiplier": dp.noise_multiplier, "delta": dp.delta, "epsilon_round": parsed.report.epsilon_round, "epsilon_cumulative": parsed.report.epsilon_cumulative, "epsilon_outsider_round": parsed.report.epsilon_outsider_round, "epsilon_outsider_cumulative": parsed.report.epsilon_outsider_cumulative})), "record_privacy": parsed.report.participants.iter().filter_map(|p| p.record_privacy.map(|rp| json!({"client": p.client, "identity": p.identity, "institution": parsed.names.get(&p.identity), "epsilon": rp.claim.epsilon, "delta": rp.claim.delta, "budget": rp.claim.budget, "noise_multiplier": rp.claim.noise_multiplier, "sample_rate": rp.claim.sample_rate, "max_grad_norm": rp.claim.max_grad_norm, "steps": rp.claim.steps, "source": rp.source, "source_explained": rp.source.explained()}))).collect::<Vec<_>>()})
         );
     } else {
         println!("round {}: {} (aggregator {format}, log size {})", parsed.round, parsed.report.status, parsed.tree_head.tree_size);
         println!("evidence judged at {judged_at}");
         if let Some(p) = parsed.report.privacy_summary() {
             println!("privacy: {p}");
+        }
+        for p in &parsed.report.participants {
+            if let Some(rp) = p.record_privacy {
+                let who = parsed.names.get(&p.identity).cloned().unwrap_or_else(|| format!("client {}", p.client));
+                println!(
+                    "record privacy: {who}: ε = {:.3} of {} per record (δ = {:e}; DP-SGD σ = {:.3}, q = {:.4}, C = {}, {} steps this round); {}: {}",
+                    rp.claim.epsilon,
+                    rp.claim.budget,
+                    rp.claim.delta,
+                    rp.claim.noise_multiplier,
+                    rp.claim.sample_rate,
+                    rp.claim.max_grad_norm,
+                    rp.claim.steps,
+                    rp.source,
+                    rp.source.explained()
+                );
+            }
         }
         for c in &outcome.checks {
             if c.passed {

@@ -249,6 +249,20 @@ impl RecordPrivacy {
         Ok(RecordPrivacy { dp, budget: req.budget, delta: req.delta, steps, records })
     }
 
+    /// The claim signed with the masked input of a run after which the records have
+    /// spent `epsilon` ([`tessera_secagg::wire::RecordPrivacyClaim`]).
+    pub fn claim(&self, epsilon: f64) -> tessera_secagg::wire::RecordPrivacyClaim {
+        tessera_secagg::wire::RecordPrivacyClaim {
+            epsilon,
+            delta: self.delta,
+            budget: self.budget,
+            noise_multiplier: self.dp.noise_multiplier,
+            sample_rate: self.dp.sample_rate,
+            max_grad_norm: self.dp.max_grad_norm,
+            steps: self.steps,
+        }
+    }
+
     /// Charges one local run to the ledger at `path` before it starts (refusing it past
     /// the budget); returns ε spent after it.
     pub fn charge(&self, path: &std::path::Path, purpose: &str, now_ms: u64) -> Result<f64, crate::ledger::LedgerError> {
