@@ -83,8 +83,7 @@ pub fn read_tensors(path: &Path) -> Result<Tensors, UpdateError> {
 /// The module-path name of a tensor saved by PEFT: without `base_model.model.` and the
 /// adapter name (`lora_A.default.weight`). Other names are unchanged.
 pub fn peft_name(name: &str) -> String {
-    let n = name.strip_prefix("base_model.model.").unwrap_or(name);
-    n.replace(".default.", ".")
+    tessera_secagg::config::peft_module_name(name)
 }
 
 /// Flattens the update for a round: `local` (minus `global` if given), in layout order.
@@ -111,7 +110,9 @@ pub fn load_update(local: &Path, global: Option<&Path>, layout: &[TensorSpec], v
         }
     } else {
         for spec in layout {
-            let (shape, values) = tensors.remove(&spec.name).ok_or_else(|| UpdateError::Shape {
+            // Matched as the file's names are: a layout written with PEFT's own names
+            // (`base_model.model.…`) finds the same tensors.
+            let (shape, values) = tensors.remove(&spec.module_name()).ok_or_else(|| UpdateError::Shape {
                 path: p.clone(),
                 name: spec.name.clone(),
                 expected: spec.shape.clone(),
@@ -190,6 +191,20 @@ mod tests {
         assert!(matches!(err, UpdateError::Length { expected: 13, got: 12 }), "{err}");
         std::fs::write(dir.path().join("bad.safetensors"), b"\x05\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
         assert!(matches!(load_update(&dir.path().join("bad.safetensors"), None, &[], 1), Err(UpdateError::Format { .. })));
+    }
+
+    /// A layout in PEFT's own names (as `adapter_model.safetensors` holds them) matches a
+    /// file in either spelling, in the layout's order.
+    #[test]
+    fn a_layout_in_peft_names_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let peft: Vec<TensorSpec> = layout().iter().map(|t| TensorSpec { name: format!("base_model.model.{}.default.weight", t.name), ..t.clone() }).collect();
+        let plain: Vec<TensorSpec> = layout().iter().map(|t| TensorSpec { name: format!("{}.weight", t.name), ..t.clone() }).collect();
+        for (written, read) in [(&peft, &plain), (&plain, &peft), (&peft, &peft)] {
+            save_flat(&dir.path().join("u.safetensors"), &values, written).unwrap();
+            assert_eq!(load_update(&dir.path().join("u.safetensors"), None, read, 12).unwrap(), values);
+        }
     }
 
     #[test]

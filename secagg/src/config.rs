@@ -31,6 +31,19 @@ impl TensorSpec {
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
     }
+
+    /// The module-path name the tensor is matched by: a name written the way PEFT saves
+    /// it (`base_model.model.<module>.lora_A.default.weight`) means the same tensor as
+    /// `<module>.lora_A.weight`. Other names are unchanged.
+    pub fn module_name(&self) -> String {
+        peft_module_name(&self.name)
+    }
+}
+
+/// [`TensorSpec::module_name`] of a tensor name: without PEFT's `base_model.model.`
+/// prefix and its adapter name (`.default.`).
+pub fn peft_module_name(name: &str) -> String {
+    name.strip_prefix("base_model.model.").unwrap_or(name).replace(".default.", ".")
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,6 +193,16 @@ impl RoundConfig {
             let total: u64 = self.layout.iter().map(TensorSpec::numel).sum();
             if total != self.vector_len as u64 {
                 return bad(format!("layout has {total} elements, vector_len is {}", self.vector_len));
+            }
+            let mut seen = std::collections::BTreeMap::new();
+            for t in &self.layout {
+                if let Some(first) = seen.insert(t.module_name(), &t.name) {
+                    return bad(format!(
+                        "layout names tensor {} twice ({first:?} and {:?}; PEFT's base_model.model. prefix and .default. adapter name are ignored)",
+                        t.module_name(),
+                        t.name
+                    ));
+                }
             }
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
@@ -368,6 +391,16 @@ mod tests {
         let mut cfg = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
         cfg.max_weight = u32::MAX;
         assert!(cfg.validate().unwrap_err().to_string().contains("overflows"));
+        // One tensor named twice, once as PEFT saves it.
+        let mut cfg = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
+        cfg.layout = vec![
+            TensorSpec { name: "base_model.model.q.lora_B.default.weight".into(), shape: vec![5] },
+            TensorSpec { name: "q.lora_B.weight".into(), shape: vec![5] },
+        ];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("names tensor q.lora_B.weight twice"), "{err}");
+        cfg.layout[1].name = "v.lora_B.weight".into();
+        cfg.validate().unwrap();
     }
 
     #[test]

@@ -49,8 +49,19 @@ struct Args {
     clip: f64,
     /// Record-level DP: each institution trains with DP-SGD and keeps every one of its
     /// records within this ε (δ = 1e-5) over all rounds; σ is calibrated per institution.
+    #[arg(long, default_value_t = 8.0)]
+    record_epsilon: f64,
+    /// Train without DP-SGD (institution-level noise on the sum stays).
     #[arg(long)]
-    record_epsilon: Option<f64>,
+    no_record_dp: bool,
+    /// No differential privacy at all: neither DP-SGD nor noise on the sum (updates are
+    /// still clipped and masked). The baseline of --compare-without-dp.
+    #[arg(long, conflicts_with = "no_record_dp")]
+    no_dp: bool,
+    /// After the run, run the same federation again with --no-dp (in WORKDIR-no-dp) and
+    /// print what the privacy cost: held-out loss, accuracy and time side by side.
+    #[arg(long, conflicts_with = "no_dp")]
+    compare_without_dp: bool,
     /// DP-SGD per-record clipping norm (with --record-epsilon).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -122,6 +133,27 @@ fn mean(v: &[f64]) -> f64 {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    let record_epsilon = (!args.no_dp && !args.no_record_dp).then_some(args.record_epsilon);
+    if args.institutions < 2 {
+        bail!("a federation needs at least 2 institutions, got --institutions {}", args.institutions);
+    }
+    if args.dropout >= 0 && args.rounds >= 2 {
+        // Each institution's masks are recovered from t of its k neighbours: one dropout
+        // must leave t of them.
+        use tessera_secagg::config::{default_neighbours, DEFAULT_CORRUPTION_RATE, DEFAULT_DROPOUT_RATE};
+        let (k, t) = default_neighbours(args.institutions as u32, DEFAULT_DROPOUT_RATE, DEFAULT_CORRUPTION_RATE);
+        if k < t + 1 {
+            bail!(
+                "with {} institutions each has k = {k} neighbours and t = {t} of them must answer to recover its masks, so the dropout of \
+                 --dropout {} in round 2 could not be recovered; use --institutions 4 or more, or --dropout -1",
+                args.institutions,
+                args.dropout
+            );
+        }
+        if args.dropout as usize >= args.institutions {
+            bail!("--dropout {} names no institution (there are {})", args.dropout, args.institutions);
+        }
+    }
     let (server_bin, client_bin) = (bin("tessera-server")?, bin("tessera-client")?);
     let data = tessera_client::train::data_root();
     let model = args.model.clone().unwrap_or_else(|| data.join("smollm2"));
@@ -153,15 +185,28 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let min_survivors = (args.institutions - usize::from(args.dropout >= 0)).max(2) as u32;
     let z_out = dp.outsider_noise_multiplier(min_survivors);
-    println!(
-        "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds \
+    if args.no_dp {
+        println!(
+            "Privacy: NONE (--no-dp): updates are masked (each coordinate clamped to ±{} for quantization) but carry no noise, and no DP-SGD runs.",
+            args.clip
+        );
+    } else {
+        println!(
+            "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds \
          against any one participant, who knows its own noise share; against outsiders z = {z_out:.3}, ε = {:.2}. Adjacency: {}.",
-        args.clip,
-        args.epsilon,
-        args.rounds,
-        tessera_secagg::dp::epsilon(z_out, args.rounds, dp_delta),
-        tessera_secagg::dp::ADJACENCY_EXPLAINED
-    );
+            args.clip,
+            args.epsilon,
+            args.rounds,
+            tessera_secagg::dp::epsilon(z_out, args.rounds, dp_delta),
+            tessera_secagg::dp::ADJACENCY_EXPLAINED
+        );
+    }
+    if let Some(e) = record_epsilon {
+        println!(
+            "Record-level privacy: every institution trains with DP-SGD and keeps each of its records within ε = {e} at δ = 1e-5 over all {} rounds (σ calibrated per institution, per-record clip {}).",
+            args.rounds, args.max_grad_norm
+        );
+    }
     println!("NOTE: dev mode — attestation is SIMULATED and the sealing key is a file.\n");
 
     // 1. Non-IID shards: clinics by condition.
@@ -216,7 +261,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let layout_toml: String = layout.iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
     // Per-coordinate range for quantization: the clipped update plus 6σ of the noise share,
     // the least the round's validation accepts.
-    let coord_clip = (dp.min_range_clip(min_survivors) * 1.0001) as f32;
+    let coord_clip = if args.no_dp { args.clip as f32 } else { (dp.min_range_clip(min_survivors) * 1.0001) as f32 };
     let admin_token = hex::encode(rand::random::<[u8; 16]>());
     // A compliance auditor's credential: the server keeps only its SHA-256.
     let auditor_token = hex::encode(rand::random::<[u8; 16]>());
@@ -225,16 +270,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         "[[access]]\nname = \"compliance-auditor\"\nrole = \"auditor\"\ntoken_sha256 = \"{}\"\n",
         hex::encode(sha2::Sha256::digest(auditor_token.as_bytes()))
     );
+    let (privacy_toml, dp_toml) = if args.no_dp {
+        (String::new(), String::new())
+    } else {
+        (
+            format!("[privacy]\nepsilon = {}\ndelta = {dp_delta:e}\n\n", args.epsilon),
+            format!(
+                "[rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ncolluders = 1\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n",
+                args.clip, args.epsilon
+            ),
+        )
+    };
     let config = format!(
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n[privacy]\nepsilon = {}\ndelta = {dp_delta:e}\n\n[node_policy]\nallow_insecure_dev = true\n\n\
+        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n{privacy_toml}[node_policy]\nallow_insecure_dev = true\n\n\
          [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\n\n\
-         [rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ncolluders = 1\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{layout_toml}\n{institutions_toml}\n{access_toml}",
-        admin_token,
-        args.epsilon,
-        args.rounds,
-        min_survivors,
-        args.clip,
-        args.epsilon,
+         {dp_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
+        admin_token, args.rounds, min_survivors,
     );
     let config_path = work.join("server.toml");
     std::fs::write(&config_path, config)?;
@@ -271,7 +322,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .arg(dir.join("global-adapter"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("federate.log"))?);
-        if let Some(eps) = args.record_epsilon {
+        if let Some(eps) = record_epsilon {
             cmd.args(["--record-epsilon", &eps.to_string(), "--max-grad-norm", &args.max_grad_norm.to_string()]);
         }
         if i == 0 {
@@ -373,7 +424,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         "ε insid: the federation's cumulative ε against any one participant, who subtracts its own noise share (the figure the budget is charged); ε outsd: against everyone else. {}.",
         tessera_secagg::dp::ADJACENCY_EXPLAINED
     );
-    if let Some(e) = args.record_epsilon {
+    if let Some(e) = record_epsilon {
         println!(
             "ε record: under DP-SGD, the largest ε (δ = 1e-5) any institution's records have spent in local training, of a budget of {e}; it holds against the aggregator too (counted in each institution's own ledger)."
         );
@@ -382,6 +433,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     println!("\nCompliance: round {} report page {} (open it in a browser), bundle {}.", audit.round, audit.page.display(), audit.bundle.display());
     for c in &audit.outcome.checks {
         println!("  audit {} {}: {}", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail);
+    }
+    for (name, r) in &audit.records {
+        println!(
+            "  record-level ε of {name} in the signed log: {:.3} of {} (δ = {:e}; this round σ = {:.3}, q = {:.4}, {} steps): {}",
+            r.claim.epsilon,
+            r.claim.budget,
+            r.claim.delta,
+            r.claim.noise_multiplier,
+            r.claim.sample_rate,
+            r.claim.steps,
+            r.source.explained()
+        );
     }
     let attest_bin = std::env::current_exe()?.with_file_name("tessera-attest");
     println!(
@@ -400,6 +463,81 @@ fn run(args: Args) -> anyhow::Result<()> {
         work.display(),
         started.elapsed().as_secs_f64()
     );
+    let last = rows.last().cloned().unwrap_or_default();
+    let summary = Summary {
+        held_out_loss: mean(&last.loss),
+        accuracy: mean(&last.acc),
+        global_accuracy: last.global_acc,
+        seconds: started.elapsed().as_secs_f64(),
+        epsilon_institution: (!args.no_dp).then(|| eps_of(args.rounds, "epsilon_cumulative")),
+        epsilon_record: last.record_eps,
+    };
+    std::fs::write(work.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    if args.compare_without_dp {
+        compare_without_dp(&args, &summary)?;
+    }
+    Ok(())
+}
+
+/// The last round of a run, for --compare-without-dp (written to WORKDIR/summary.json).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Summary {
+    held_out_loss: f64,
+    accuracy: f64,
+    global_accuracy: Option<f64>,
+    seconds: f64,
+    epsilon_institution: Option<f64>,
+    epsilon_record: Option<f64>,
+}
+
+/// Runs the same federation again without any DP (this binary, --no-dp, in
+/// WORKDIR-no-dp) and prints both last rounds side by side.
+fn compare_without_dp(args: &Args, with_dp: &Summary) -> anyhow::Result<()> {
+    let mut dir = args.workdir.clone().into_os_string();
+    dir.push("-no-dp");
+    let dir = PathBuf::from(dir);
+    // The child clears its working directory first: its log goes beside it.
+    let log_path = PathBuf::from(format!("{}.log", dir.display()));
+    println!("\n== the same federation without DP, for comparison (output in {}) …", log_path.display());
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--no-dp").arg("--workdir").arg(&dir);
+    cmd.args(["--institutions", &args.institutions.to_string(), "--rounds", &args.rounds.to_string(), "--steps", &args.steps.to_string()]);
+    cmd.args(["--batch-size", &args.batch_size.to_string(), "--max-len", &args.max_len.to_string(), "--lr", &args.lr.to_string()]);
+    cmd.args(["--held-out", &args.held_out.to_string(), "--clip", &args.clip.to_string(), "--dropout", &args.dropout.to_string()]);
+    cmd.args(["--lora-mode", if args.lora_mode == LoraMode::Ffa { "ffa" } else { "both" }]);
+    if let Some(m) = &args.model {
+        cmd.arg("--model").arg(m);
+    }
+    let status = cmd.stdout(std::fs::File::create(&log_path)?).stderr(Stdio::inherit()).status()?;
+    if !status.success() {
+        bail!("the run without DP failed; see {}", log_path.display());
+    }
+    let without: Summary = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?).context("the run without DP left no summary")?;
+    let pct = |g: Option<f64>| g.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
+    let eps = |e: Option<f64>| e.map(|e| format!("{e:.2}")).unwrap_or_else(|| "none".into());
+    println!("\nWhat privacy costs, last round (round {}):", args.rounds);
+    println!(
+        "{:>18} | {:>13} | {:>8} | {:>10} | {:>12} | {:>8} | {:>7}",
+        "run", "held-out loss", "accuracy", "global acc", "ε institution", "ε record", "seconds"
+    );
+    for (name, s) in [("with DP", with_dp), ("without DP", &without)] {
+        println!(
+            "{:>18} | {:>13.4} | {:>7.1}% | {:>10} | {:>12} | {:>8} | {:>7.0}",
+            name,
+            s.held_out_loss,
+            100.0 * s.accuracy,
+            pct(s.global_accuracy),
+            eps(s.epsilon_institution),
+            eps(s.epsilon_record),
+            s.seconds
+        );
+    }
+    println!(
+        "DP costs {:+.4} held-out loss and {:+.1} points of accuracy here (the run without DP: {}).",
+        with_dp.held_out_loss - without.held_out_loss,
+        100.0 * (with_dp.accuracy - without.accuracy),
+        log_path.display()
+    );
     Ok(())
 }
 
@@ -412,6 +550,8 @@ struct AuditExport {
     page: PathBuf,
     mean: PathBuf,
     outcome: tessera_attestation::audit::AuditOutcome,
+    /// Each institution's record-level DP as its signed masked input stated it (name, claim).
+    records: Vec<(String, tessera_attestation::audit::RecordPrivacyRecord)>,
 }
 
 fn export_for_audit(url: &str, fingerprint: &str, token: &str, round: u64, work: &Path) -> anyhow::Result<AuditExport> {
@@ -439,7 +579,13 @@ fn export_for_audit(url: &str, fingerprint: &str, token: &str, round: u64, work:
         mean: Some(mean.to_vec()),
     };
     let outcome = tessera_attestation::audit::audit_bundle(&parsed, &inputs);
-    Ok(AuditExport { round, bundle: paths.0, page: paths.1, mean: paths.2, outcome })
+    let records = parsed
+        .report
+        .participants
+        .iter()
+        .filter_map(|p| p.record_privacy.map(|r| (parsed.names.get(&p.identity).cloned().unwrap_or_else(|| format!("client {}", p.client)), r)))
+        .collect();
+    Ok(AuditExport { round, bundle: paths.0, page: paths.1, mean: paths.2, outcome, records })
 }
 
 fn privacy_report(url: &str, fingerprint: &str, token: &str) -> anyhow::Result<serde_json::Value> {
