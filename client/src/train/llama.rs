@@ -6,6 +6,14 @@
 //! As a classifier it scores the label words after a prompt: the logits of the first
 //! token of each label at the last prompt position, i.e. the causal-LM loss restricted to
 //! the verbalizers, so no new head is trained.
+//!
+//! Configuration fields that change the math are implemented or refused by name, never
+//! ignored: `rope_scaling` / `rope_parameters` of type `llama3` (Llama 3.1/3.2),
+//! `linear` or `default`; `attention_bias` and `mlp_bias` (and Qwen2's q/k/v biases,
+//! loaded whenever the checkpoint has them); `head_dim` other than hidden/heads; an
+//! untied `lm_head`. Anything else that would change the outputs (another RoPE type,
+//! a sliding window, partial rotary embeddings, another `model_type`) is refused with
+//! the field's name ([`LlamaConfig::check`]).
 
 use std::path::Path;
 
@@ -34,6 +42,48 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub head_dim: Option<i64>,
+    /// Biases on q/k/v/o (Llama's `attention_bias`); required in the checkpoint when true.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections; required in the checkpoint when true.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// RoPE frequency scaling as transformers < 5 writes it (`{"rope_type" | "type", "factor", …}`).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// The same as transformers 5 writes it, `rope_theta` included.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub sliding_window: Option<serde_json::Value>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    /// Per-layer attention kind (Qwen2, transformers 5): only `full_attention` is computed.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<i64>,
+}
+
+/// How rotary frequencies are scaled ([`LlamaConfig::rope`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (transformers' `linear`).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling (transformers' `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 fn eps() -> f64 {
@@ -52,6 +102,100 @@ impl LlamaConfig {
     }
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// RoPE base frequency: `rope_parameters.rope_theta` (transformers 5) or `rope_theta`.
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()).unwrap_or(self.rope_theta)
+    }
+
+    /// The RoPE scaling the configuration asks for, or why it is not supported.
+    pub fn rope(&self) -> Result<RopeScaling, String> {
+        let Some(spec) = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()).filter(|v| !v.is_null()) else {
+            return Ok(RopeScaling::None);
+        };
+        let field = if self.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" };
+        let kind = spec.get("rope_type").or_else(|| spec.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+        let num = |name: &str| -> Result<f64, String> {
+            spec.get(name)
+                .and_then(|v| v.as_f64())
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| format!("{field} of type {kind} needs a positive `{name}`"))
+        };
+        if let Some(f) = spec.get("attention_factor").and_then(|v| v.as_f64()) {
+            if f != 1.0 {
+                return Err(format!("{field}.attention_factor = {f} is not supported"));
+            }
+        }
+        match kind {
+            "default" => Ok(RopeScaling::None),
+            "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(format!("{field}: high_freq_factor ({high}) must exceed low_freq_factor ({low})"));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                })
+            }
+            other => {
+                Err(format!("{field} of type `{other}` is not supported (default, linear and llama3 are); refusing rather than computing other positions"))
+            }
+        }
+    }
+
+    /// Refuses, by name, every field whose effect this implementation does not compute.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(t) = self.model_type.as_deref() {
+            if !["llama", "qwen2", "mistral"].contains(&t) {
+                return Err(format!("model_type `{t}` is not supported (llama, qwen2 and mistral are)"));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act `{}` is not supported (silu is)", self.hidden_act));
+        }
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h < 1 || kv < 1 || h % kv != 0 || self.head_dim() < 2 || self.head_dim() % 2 != 0 {
+            return Err("attention heads must be a multiple of key/value heads, with an even head dimension".into());
+        }
+        if let Some(f) = self.partial_rotary_factor {
+            if f != 1.0 {
+                return Err(format!("partial_rotary_factor = {f} is not supported (rotary embeddings over the whole head are)"));
+            }
+        }
+        let window = self.sliding_window.as_ref().filter(|v| !v.is_null());
+        if let Some(w) = window {
+            if self.use_sliding_window != Some(false) {
+                return Err(format!("sliding_window = {w} is not supported: attention here is over the whole causal context"));
+            }
+        }
+        if let Some(other) = self.layer_types.iter().flatten().find(|t| *t != "full_attention") {
+            return Err(format!("layer_types names `{other}` attention: only full_attention is supported"));
+        }
+        self.rope().map(|_| ())
+    }
+
+    /// Rotary inverse frequencies `[head_dim / 2]`, scaled as the configuration says.
+    fn inv_freq(&self, device: Device) -> Result<Tensor, String> {
+        let d = self.head_dim();
+        let base = (Tensor::arange_start_step(0, d, 2, (Kind::Double, device)) * (-(self.theta().ln()) / d as f64)).exp();
+        Ok(match self.rope()? {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base / factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                let wavelen = (base.reciprocal() * (2.0 * std::f64::consts::PI)).to_kind(Kind::Double);
+                let scaled = base.where_self(&wavelen.le(low_wavelen), &(&base / factor));
+                let smooth = (wavelen.reciprocal() * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+                let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
+                smoothed.where_self(&medium, &scaled)
+            }
+        })
     }
 }
 
@@ -75,6 +219,8 @@ pub struct Llama {
     lm_head: Tensor,
     norm: Tensor,
     layers: Vec<Layer>,
+    /// Rotary inverse frequencies (f64), scaling applied.
+    inv_freq: Tensor,
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
@@ -95,14 +241,14 @@ impl Llama {
     pub fn load(dir: &Path, adapter: &mut Adapter, device: Device) -> Result<Llama, ModelError> {
         let path = dir.join("config.json");
         let config: LlamaConfig = read_json(&path)?;
-        if config.hidden_act != "silu" {
-            return Err(ModelError::Config { path, reason: format!("hidden_act `{}` is not supported (silu is)", config.hidden_act) });
-        }
-        let (h, kv) = (config.num_attention_heads, config.kv_heads());
-        if h < 1 || kv < 1 || h % kv != 0 || config.head_dim() % 2 != 0 {
-            return Err(ModelError::Config { path, reason: "attention heads must be a multiple of key/value heads, with an even head dimension".into() });
-        }
+        config.check().map_err(|reason| ModelError::Config { path: path.clone(), reason })?;
         let w = Weights::load(dir, device, Kind::Float)?;
+        if !config.tie_word_embeddings && !w.contains("lm_head.weight") {
+            return Err(ModelError::Config {
+                path,
+                reason: "tie_word_embeddings is false but the checkpoint has no lm_head.weight (transformers would start an untrained head)".into(),
+            });
+        }
         Self::from_weights(config, &w, adapter)
     }
 
@@ -110,6 +256,7 @@ impl Llama {
         let (hidden, ffn, d) = (config.hidden_size, config.intermediate_size, config.head_dim());
         let (qd, kvd) = (config.num_attention_heads * d, config.kv_heads() * d);
         let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, hidden])?;
+        let inv_freq = config.inv_freq(embed.device()).map_err(|reason| ModelError::Config { path: w.path().join("config.json"), reason })?;
         let lm_head = if config.tie_word_embeddings || !w.contains("lm_head.weight") {
             embed.shallow_clone()
         } else {
@@ -118,26 +265,29 @@ impl Llama {
         let mut layers = Vec::new();
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |name: &str, out_f: i64, in_f: i64| -> Result<Linear, ModelError> {
+            // A bias the configuration declares must be there; one it does not declare is
+            // loaded when present (Qwen2's q/k/v biases have no flag).
+            let mut lin = |name: &str, out_f: i64, in_f: i64, declared: bool| -> Result<Linear, ModelError> {
                 let module = format!("{p}.{name}");
                 let weight = w.get(&format!("{module}.weight"), &[out_f, in_f])?;
                 let bias_name = format!("{module}.bias");
-                let bias = if w.contains(&bias_name) { Some(w.get(&bias_name, &[out_f])?) } else { None };
+                let bias = if declared || w.contains(&bias_name) { Some(w.get(&bias_name, &[out_f])?) } else { None };
                 Ok(adapter.linear(&module, weight, bias))
             };
+            let (ab, mb) = (config.attention_bias, config.mlp_bias);
             layers.push(Layer {
-                q: lin("self_attn.q_proj", qd, hidden)?,
-                k: lin("self_attn.k_proj", kvd, hidden)?,
-                v: lin("self_attn.v_proj", kvd, hidden)?,
-                o: lin("self_attn.o_proj", hidden, qd)?,
-                gate: lin("mlp.gate_proj", ffn, hidden)?,
-                up: lin("mlp.up_proj", ffn, hidden)?,
-                down: lin("mlp.down_proj", hidden, ffn)?,
+                q: lin("self_attn.q_proj", qd, hidden, ab)?,
+                k: lin("self_attn.k_proj", kvd, hidden, ab)?,
+                v: lin("self_attn.v_proj", kvd, hidden, ab)?,
+                o: lin("self_attn.o_proj", hidden, qd, ab)?,
+                gate: lin("mlp.gate_proj", ffn, hidden, mb)?,
+                up: lin("mlp.up_proj", ffn, hidden, mb)?,
+                down: lin("mlp.down_proj", hidden, ffn, mb)?,
                 input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[hidden])?,
                 post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
             });
         }
-        Ok(Llama { norm: w.get("model.norm.weight", &[hidden])?, embed, lm_head, layers, config })
+        Ok(Llama { norm: w.get("model.norm.weight", &[hidden])?, embed, lm_head, layers, config, inv_freq })
     }
 
     /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm) for right-padded
@@ -151,8 +301,9 @@ impl Llama {
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let device = ids.device();
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        // Rotary embeddings as Hugging Face computes them (rotate-half layout).
-        let inv_freq = (Tensor::arange_start_step(0, d, 2, (Kind::Float, device)) * (-(c.rope_theta.ln()) / d as f64)).exp();
+        // Rotary embeddings as Hugging Face computes them (rotate-half layout), the
+        // frequencies scaled at load time.
+        let inv_freq = self.inv_freq.to_kind(Kind::Float);
         let pos = Tensor::arange(len, (Kind::Float, device));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
