@@ -1,5 +1,6 @@
 //! A Llama decoder (Hugging Face `LlamaForCausalLM`: RMSNorm, rotary position embeddings,
-//! grouped-query attention, SwiGLU, optionally tied embeddings) in libtorch, loaded from
+//! grouped-query attention through libtorch's `scaled_dot_product_attention`, SwiGLU,
+//! optionally tied embeddings) in libtorch, loaded from
 //! safetensors, with LoRA on the chosen projections. Any checkpoint with these names
 //! loads: SmolLM2 converted by `scripts/setup`, or Llama-3-8B on a GPU box.
 //!
@@ -312,7 +313,7 @@ impl Llama {
         let causal = Tensor::ones([len, len], (Kind::Bool, device)).triu(1);
         let pad = mask.eq(0).view([batch, 1, 1, len]);
         let blocked = causal.view([1, 1, len, len]).logical_or(&pad);
-        let bias = Tensor::zeros([batch, 1, len, len], (Kind::Float, device)).masked_fill(&blocked, f64::from(f32::MIN));
+        let bias = Tensor::zeros([batch, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));
         let rep = heads / kv;
         for l in &self.layers {
             let h = rms_norm(&x, &l.input_norm, c.rms_norm_eps);
@@ -321,10 +322,13 @@ impl Llama {
             let v = l.v.forward(&h, train).view([batch, len, kv, d]).transpose(1, 2);
             let q = &q * &cos + rotate_half(&q) * &sin;
             let k = &k * &cos + rotate_half(&k) * &sin;
-            let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, Some(1), None), v.repeat_interleave_self_int(rep, Some(1), None)) } else { (k, v) };
-            let scores = q.matmul(&k.transpose(-1, -2)).to_kind(Kind::Float) / (d as f64).sqrt() + &bias;
-            let probs = scores.softmax(-1, Kind::Float).to_kind(v.kind());
-            let ctx = probs.matmul(&v).transpose(1, 2).contiguous().view([batch, len, heads * d]);
+            // libtorch's fused attention (flash or memory-efficient kernels where they
+            // apply): no [batch, heads, len, len] score matrix is kept for the backward
+            // pass, and the key/value heads are shared by their query groups in place.
+            let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, rep > 1)
+                .transpose(1, 2)
+                .contiguous()
+                .view([batch, len, heads * d]);
             x = x + l.o.forward(&ctx, train);
             let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps);
             let ff = l.gate.forward(&h, train).silu() * l.up.forward(&h, train);
