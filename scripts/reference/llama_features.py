@@ -2,7 +2,8 @@
 math, with the logits Hugging Face transformers computes for them, for the parity tests
 in client/tests/llama_features.rs.
 
-Run once by a developer (needs torch, transformers and safetensors; the output is
+Run once by a developer (needs torch, transformers and safetensors, e.g. the .venv-bench
+that scripts/bench-train creates; the output is
 committed, CI only reads it):
     python scripts/reference/llama_features.py client/tests/data/llama-features
 

@@ -137,6 +137,13 @@ def main() -> None:
         },
     }
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    # The chat template and special tokens, where transformers keeps them.
+    special = {k: tokens[int(field(r, f"tokenizer.ggml.{k}_token_id", d))] for k, d in (("bos", 1), ("eos", 2), ("padding", 2))}
+    tokenizer_config = {"bos_token": special["bos"], "eos_token": special["eos"], "pad_token": special["padding"], "tokenizer_class": "GPT2Tokenizer"}
+    template = field(r, "tokenizer.chat_template", None)
+    if template is not None:
+        tokenizer_config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     print(f"{src.name} -> {out}: {len(tensors)} tensors, vocab {vocab_size}, {len(added)} special tokens")
 
 

@@ -325,10 +325,11 @@ impl Llama {
             // libtorch's fused attention (flash or memory-efficient kernels where they
             // apply): no [batch, heads, len, len] score matrix is kept for the backward
             // pass, and the key/value heads are shared by their query groups in place.
-            let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, rep > 1)
-                .transpose(1, 2)
-                .contiguous()
-                .view([batch, len, heads * d]);
+            let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, rep > 1).transpose(1, 2).contiguous().view([
+                batch,
+                len,
+                heads * d,
+            ]);
             x = x + l.o.forward(&ctx, train);
             let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps);
             let ff = l.gate.forward(&h, train).silu() * l.up.forward(&h, train);

@@ -10,6 +10,7 @@ pub mod llama;
 pub mod lora;
 pub mod privacy;
 pub mod server_opt;
+pub mod sft;
 pub mod trainer;
 pub mod weights;
 

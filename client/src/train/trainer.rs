@@ -81,8 +81,6 @@ pub struct EvalStats {
 }
 
 /// Trains the adapter's trainable tensors on `data` for `cfg.steps` optimizer steps.
-// `loss = loss + …`, not `+=`: tch's `+=` works in place on a tensor of the autograd graph.
-#[allow(clippy::assign_op_pattern)]
 pub fn train(
     model: &dyn Classify,
     adapter: &Adapter,
@@ -107,31 +105,90 @@ pub fn train(
         );
     }
     let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
-    let mut opt = adapter.optimizer(cfg.lr, cfg.weight_decay)?;
-    let global = if cfg.prox_mu > 0.0 { adapter.snapshot() } else { Vec::new() };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut order = shuffled(data.len(), &mut rng);
     let mut cursor = 0usize;
+    let next = move || {
+        let mut items = Vec::with_capacity(cfg.batch_size);
+        while items.len() < cfg.batch_size.max(1) {
+            if cursor == order.len() {
+                order = shuffled(data.len(), &mut rng);
+                cursor = 0;
+            }
+            items.push(order[cursor]);
+            cursor += 1;
+        }
+        items
+    };
+    let autocast = device.is_cuda();
+    optimize(adapter, cfg, label, next, |picked| {
+        let items: Vec<&Encoded> = picked.iter().map(|&i| &data[i]).collect();
+        let batch = encoder.batch(&items, device);
+        let logits = tch::autocast(autocast, || model.logits(&batch, true));
+        (logits.to_kind(Kind::Float).cross_entropy_for_logits(&batch.labels), batch.tokens)
+    })
+}
+
+/// Supervised instruction fine-tuning of a causal LM: the next-token loss on the response
+/// tokens only ([`super::sft::causal_lm_loss`]), batches grouped by length
+/// ([`super::sft::length_grouped_batches`], reshuffled every epoch).
+pub fn train_sft(
+    llama: &super::llama::Llama,
+    adapter: &Adapter,
+    encoder: &super::sft::SftEncoder,
+    data: &[super::sft::SftEncoded],
+    cfg: &TrainConfig,
+    label: &str,
+) -> Result<TrainStats, ModelError> {
+    if data.is_empty() {
+        return Err(ModelError::Adapter("no training examples".into()));
+    }
+    if cfg.dp_sgd.is_some() {
+        return Err(ModelError::Adapter("DP-SGD is not implemented for the instruction objective yet (classification only)".into()));
+    }
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut pending: std::collections::VecDeque<Vec<usize>> = Default::default();
+    let next = move || loop {
+        if let Some(b) = pending.pop_front() {
+            return b;
+        }
+        pending.extend(super::sft::length_grouped_batches(&lengths, cfg.batch_size, &mut rng));
+    };
+    let autocast = device.is_cuda();
+    optimize(adapter, cfg, label, next, |picked| {
+        let items: Vec<&super::sft::SftEncoded> = picked.iter().map(|&i| &data[i]).collect();
+        let batch = encoder.batch(&items, device);
+        let logits = tch::autocast(autocast, || llama.logits(&batch.ids, &batch.mask, true));
+        (super::sft::causal_lm_loss(&logits, &batch.labels), batch.tokens)
+    })
+}
+
+/// The optimizer loop both objectives share: `cfg.steps` AdamW steps of `cfg.grad_accum`
+/// micro-batches, each the indices `next()` gives, with the loss `loss_of` computes (and
+/// the real tokens it covered); FedProx, warm-up and decay, progress lines.
+// `loss = loss + …`, not `+=`: tch's `+=` works in place on a tensor of the autograd graph.
+#[allow(clippy::assign_op_pattern)]
+fn optimize(
+    adapter: &Adapter,
+    cfg: &TrainConfig,
+    label: &str,
+    mut next: impl FnMut() -> Vec<usize>,
+    loss_of: impl Fn(&[usize]) -> (Tensor, i64),
+) -> Result<TrainStats, ModelError> {
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let mut opt = adapter.optimizer(cfg.lr, cfg.weight_decay)?;
+    let global = if cfg.prox_mu > 0.0 { adapter.snapshot() } else { Vec::new() };
     let started = Instant::now();
     let mut stats = TrainStats::default();
     let mut losses = Vec::with_capacity(cfg.steps);
-    let autocast = device.is_cuda();
     for step in 0..cfg.steps {
         opt.set_lr(cfg.lr_at(step));
         let mut step_loss = 0.0;
         for _ in 0..cfg.grad_accum.max(1) {
-            let mut items = Vec::with_capacity(cfg.batch_size);
-            while items.len() < cfg.batch_size.max(1) {
-                if cursor == order.len() {
-                    order = shuffled(data.len(), &mut rng);
-                    cursor = 0;
-                }
-                items.push(&data[order[cursor]]);
-                cursor += 1;
-            }
-            let batch = encoder.batch(&items, device);
-            let logits = tch::autocast(autocast, || model.logits(&batch, true));
-            let mut loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&batch.labels);
+            let picked = next();
+            let (mut loss, tokens) = loss_of(&picked);
             if cfg.prox_mu > 0.0 {
                 let prox: Tensor = adapter
                     .trainable_in_update_order()
@@ -144,8 +201,8 @@ pub fn train(
             let loss = loss / cfg.grad_accum.max(1) as f64;
             loss.backward();
             step_loss += loss.double_value(&[]);
-            stats.tokens += batch.tokens;
-            stats.examples += items.len();
+            stats.tokens += tokens;
+            stats.examples += picked.len();
         }
         opt.step();
         opt.zero_grad();
@@ -267,6 +324,36 @@ pub fn train_dp(
         stats.final_loss = f64::NAN;
     }
     Ok(stats)
+}
+
+/// Held-out loss of the instruction objective: the mean next-token cross-entropy over
+/// every response token of `data`, and its perplexity.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SftEval {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub response_tokens: i64,
+}
+
+pub fn evaluate_sft(
+    llama: &super::llama::Llama,
+    encoder: &super::sft::SftEncoder,
+    data: &[super::sft::SftEncoded],
+    batch_size: usize,
+    device: Device,
+) -> SftEval {
+    tch::no_grad(|| {
+        let (mut sum, mut count) = (0.0, 0i64);
+        for chunk in data.chunks(batch_size.max(1)) {
+            let items: Vec<&super::sft::SftEncoded> = chunk.iter().collect();
+            let batch = encoder.batch(&items, device);
+            let (s, n) = super::sft::causal_lm_loss_sum(&llama.logits(&batch.ids, &batch.mask, false), &batch.labels);
+            sum += s;
+            count += n;
+        }
+        let loss = sum / count.max(1) as f64;
+        SftEval { loss, perplexity: loss.exp(), response_tokens: count }
+    })
 }
 
 /// Mean cross-entropy and accuracy on `data`, without dropout or gradients.

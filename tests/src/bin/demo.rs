@@ -127,6 +127,15 @@ struct RoundRow {
     record_eps: Option<f64>,
 }
 
+/// An ε for the table: two decimals, or "-" where no DP round released one.
+fn eps_text(e: f64) -> String {
+    if e.is_finite() {
+        format!("{e:.2}")
+    } else {
+        "-".into()
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -402,7 +411,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     for (r, row) in rows.iter().enumerate().skip(1) {
         let record = row.record_eps.map(|e| format!(" | ε record {e:.2}")).unwrap_or_default();
         println!(
-            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7.2} | {:>7.2} | {:>8.3} | {:>8.0}{record}",
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8.3} | {:>8.0}{record}",
             r,
             format!("{}/{}", row.included, args.institutions),
             row.dropped,
@@ -410,8 +419,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             mean(&row.loss),
             100.0 * mean(&row.acc),
             pct(row.global_acc),
-            eps_of(r as u64, "epsilon_cumulative"),
-            eps_of(r as u64, "epsilon_outsider_cumulative"),
+            eps_text(eps_of(r as u64, "epsilon_cumulative")),
+            eps_text(eps_of(r as u64, "epsilon_outsider_cumulative")),
             row.bytes as f64 / 1e6,
             mean(&row.tok_s)
         );
