@@ -1,6 +1,6 @@
 //! `tessera-client`: the institution's command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -234,6 +234,36 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Continue a prompt with a Llama-family model (and a LoRA adapter, e.g. the global one
+    /// `federate --adapter-out` saved). Only the continuation goes to stdout, decoded as
+    /// transformers decodes it (special tokens left out); notes go to stderr.
+    Generate {
+        /// Model folder (config.json, *.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter folder (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0: greedy (the default); above 0: sampling at this temperature.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling: keep the most likely tokens whose probability reaches P (with --temperature).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampling (default: from the OS).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Apply the model's chat template: the prompt is the user's message.
+        #[arg(long)]
+        chat: bool,
+        /// libtorch threads on CPU (0: libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
     /// Show the state of the current (or a given) round.
     Status {
         #[command(flatten)]
@@ -347,6 +377,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("send this entry to the aggregator's operator for its configuration:\n");
             println!("{}", id.server_config_snippet());
             Ok(())
+        }
+        Command::Generate { model, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat, threads } => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            generate(&model, adapter.as_deref(), &prompt, max_new_tokens, temperature, top_p, seed, chat)
         }
         Command::Layout { model } => {
             let inst = Institution::new("layout", &model.spec(), &[], &[], TrainConfig::default())?;
@@ -614,4 +650,86 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// `tessera-client generate`.
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    model: &Path,
+    adapter: Option<&Path>,
+    prompt: &str,
+    max_new_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    seed: Option<u64>,
+    chat: bool,
+) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    use tessera_client::train::llama::{Llama, Sampling};
+    use tessera_client::train::sft::{ChatTemplate, Message};
+    use tessera_client::train::{Adapter, LoraConfig, LoraMode};
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        anyhow::bail!("--temperature must be 0 (greedy) or positive, got {temperature}");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        anyhow::bail!("--top-p must be in (0, 1], got {top_p}");
+    }
+    let device = tessera_client::train::device();
+    let lora = match adapter {
+        Some(dir) => LoraConfig::from_peft(dir)?,
+        // Without an adapter: LoRA B starts at zero, so the base model is what runs.
+        None => LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into()], mode: LoraMode::Both, seed: 0 },
+    };
+    let mut lora_adapter = Adapter::new(lora, "CAUSAL_LM", device, tch::Kind::Float)?;
+    let llama = Llama::load(model, &mut lora_adapter, device)?;
+    if let Some(dir) = adapter {
+        lora_adapter.load_peft(dir)?;
+        eprintln!("adapter {} loaded ({} tensors)", dir.display(), lora_adapter.tensors().len());
+    }
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", model.join("tokenizer.json").display()))?;
+    let template = ChatTemplate::load(model)?;
+    let (text, special) = if chat {
+        let t = template
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("--chat: {} has no chat template (tokenizer_config.json or chat_template.jinja)", model.display()))?;
+        (t.render(&[Message { role: "user".into(), content: prompt.into() }], true)?, false)
+    } else {
+        (prompt.to_string(), true)
+    };
+    let ids: Vec<i64> = tokenizer.encode(text.as_str(), special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().iter().map(|&i| i as i64).collect();
+    // Stop on the configured end-of-sequence token(s) and on the end of a chat turn.
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
+    let mut stop: Vec<i64> = match &config["eos_token_id"] {
+        serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_i64()).collect(),
+        _ => Vec::new(),
+    };
+    for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
+        if let Some(id) = tokenizer.token_to_id(t) {
+            stop.push(id as i64);
+        }
+    }
+    let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::Sample { temperature, top_p } };
+    let mut rng = match seed {
+        Some(s) => rand_chacha::ChaCha20Rng::seed_from_u64(s),
+        None => rand_chacha::ChaCha20Rng::from_rng(rand::rngs::OsRng)?,
+    };
+    let started = std::time::Instant::now();
+    let mut out = llama.generate(&ids, max_new_tokens, &sampling, &stop, &mut rng);
+    let stopped = out.last().is_some_and(|t| stop.contains(t));
+    let n = out.len();
+    if stopped {
+        out.pop();
+    }
+    let decoded = tokenizer.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    println!("{decoded}");
+    eprintln!(
+        "{} prompt tokens, {n} generated in {:.1} s ({}){}",
+        ids.len(),
+        started.elapsed().as_secs_f64(),
+        if stopped { "stopped at end of sequence" } else { "reached --max-new-tokens" },
+        if sampling == Sampling::Greedy { ", greedy" } else { "" }
+    );
+    Ok(())
 }

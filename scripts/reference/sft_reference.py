@@ -11,7 +11,9 @@ Writes
 - sft/chat.json: conversations rendered by transformers' own Jinja rendering
   (`render_jinja_template`) with SmolLM2-Instruct's chat template and with a template that
   uses Python string methods, `raise_exception` and `bos_token`, plus the token ids the
-  SmolLM2 tokenizer gives the rendered SmolLM2 texts.
+  SmolLM2 tokenizer gives the rendered SmolLM2 texts;
+- sft/generate.json: greedy continuations by transformers' generate (KV cache) of the
+  tiny plain and llama3-RoPE checkpoints.
 """
 import json
 import pathlib
@@ -69,3 +71,15 @@ for name, template in [("smollm2", smol_template), ("methods", methods_template)
             cases.append(case)
 (out / "sft/chat.json").write_text(json.dumps({"templates": {"smollm2": smol_template, "methods": methods_template}, "cases": cases}, indent=1, ensure_ascii=False))
 print(f"{len(cases)} chat cases")
+
+# 3. Greedy generation with a KV cache (transformers' generate), on two tiny checkpoints:
+#    the plain one and the one with llama3 RoPE scaling (positions after the prompt).
+generations = {}
+for name in ("base", "rope-llama3"):
+    m = LlamaForCausalLM.from_pretrained(out / "llama-features" / name, attn_implementation="eager", dtype=torch.float32).eval()
+    prompt = torch.tensor([[5, 9, 13, 7, 20, 31, 4]])
+    with torch.no_grad():
+        seq = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=0)
+    generations[name] = {"prompt": prompt[0].tolist(), "continuation": seq[0, prompt.shape[1]:].tolist()}
+(out / "sft/generate.json").write_text(json.dumps(generations, indent=1))
+print(f"generations: {generations}")

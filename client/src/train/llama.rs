@@ -291,51 +291,124 @@ impl Llama {
         Ok(Llama { norm: w.get("model.norm.weight", &[hidden])?, embed, lm_head, layers, config, inv_freq })
     }
 
-    /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm) for right-padded
-    /// token ids and a 0/1 attention mask, both `[batch, len]`.
+    /// cos and sin of the rotary embedding at `positions` (f32 `[n]`), in `kind`.
+    fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let inv_freq = self.inv_freq.to_kind(Kind::Float);
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    /// One decoder layer on `x` `[batch, n, hidden]`: attention over `past` keys and
+    /// values (`[batch, kv, past, d]`, rotated) followed by the new ones, with an additive
+    /// `bias` `[batch or 1, 1, n, past + n]`. Returns the layer's output and its full keys
+    /// and values (for a cache).
     // `x = x + f(x)`, not `x += f(x)`: tch's `+=` adds in place, which would overwrite a
     // tensor that autograd saved for the backward pass.
-    #[allow(clippy::assign_op_pattern)]
+    #[allow(clippy::assign_op_pattern, clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        l: &Layer,
+        x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        past: Option<&(Tensor, Tensor)>,
+        train: bool,
+    ) -> (Tensor, Tensor, Tensor) {
+        let c = &self.config;
+        let (batch, n) = (x.size()[0], x.size()[1]);
+        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let h = rms_norm(&x, &l.input_norm, c.rms_norm_eps);
+        let q = l.q.forward(&h, train).view([batch, n, heads, d]).transpose(1, 2);
+        let k = l.k.forward(&h, train).view([batch, n, kv, d]).transpose(1, 2);
+        let v = l.v.forward(&h, train).view([batch, n, kv, d]).transpose(1, 2);
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2), Tensor::cat(&[pv, &v], 2)),
+            None => (k, v),
+        };
+        // libtorch's fused attention (flash or memory-efficient kernels where they
+        // apply): no [batch, heads, len, len] score matrix is kept for the backward
+        // pass, and the key/value heads are shared by their query groups in place.
+        let ctx =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, bias, 0.0, false, None, heads / kv > 1).transpose(1, 2).contiguous().view([batch, n, heads * d]);
+        let mut x = x + l.o.forward(&ctx, train);
+        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps);
+        let ff = l.gate.forward(&h, train).silu() * l.up.forward(&h, train);
+        x = x + l.down.forward(&ff, train);
+        (x, k, v)
+    }
+
+    /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm) for right-padded
+    /// token ids and a 0/1 attention mask, both `[batch, len]`.
     pub fn hidden(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let c = &self.config;
         let (batch, len) = (ids.size()[0], ids.size()[1]);
-        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let device = ids.device();
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
         // Rotary embeddings as Hugging Face computes them (rotate-half layout), the
         // frequencies scaled at load time.
-        let inv_freq = self.inv_freq.to_kind(Kind::Float);
-        let pos = Tensor::arange(len, (Kind::Float, device));
-        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let (cos, sin) = (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()));
+        let (cos, sin) = self.rotary(&Tensor::arange(len, (Kind::Float, device)), x.kind());
         // Causal mask plus padding mask on the keys.
         let causal = Tensor::ones([len, len], (Kind::Bool, device)).triu(1);
         let pad = mask.eq(0).view([batch, 1, 1, len]);
         let blocked = causal.view([1, 1, len, len]).logical_or(&pad);
         let bias = Tensor::zeros([batch, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));
-        let rep = heads / kv;
         for l in &self.layers {
-            let h = rms_norm(&x, &l.input_norm, c.rms_norm_eps);
-            let q = l.q.forward(&h, train).view([batch, len, heads, d]).transpose(1, 2);
-            let k = l.k.forward(&h, train).view([batch, len, kv, d]).transpose(1, 2);
-            let v = l.v.forward(&h, train).view([batch, len, kv, d]).transpose(1, 2);
-            let q = &q * &cos + rotate_half(&q) * &sin;
-            let k = &k * &cos + rotate_half(&k) * &sin;
-            // libtorch's fused attention (flash or memory-efficient kernels where they
-            // apply): no [batch, heads, len, len] score matrix is kept for the backward
-            // pass, and the key/value heads are shared by their query groups in place.
-            let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, rep > 1).transpose(1, 2).contiguous().view([
-                batch,
-                len,
-                heads * d,
-            ]);
-            x = x + l.o.forward(&ctx, train);
-            let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps);
-            let ff = l.gate.forward(&h, train).silu() * l.up.forward(&h, train);
-            x = x + l.down.forward(&ff, train);
+            x = self.layer(l, x, &cos, &sin, Some(&bias), None, train).0;
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Feeds `ids` `[1, n]` after what `cache` holds and returns the vocabulary logits
+    /// `[vocab]` (f32) of the last position; the cache then holds the new keys and values.
+    pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let c = &self.config;
+        let n = ids.size()[1];
+        let device = ids.device();
+        let start = cache.len;
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
+        let (cos, sin) = self.rotary(&Tensor::arange_start(start, start + n, (Kind::Float, device)), x.kind());
+        // New position i sees every cached key and the new keys up to itself.
+        let bias = (n > 1).then(|| {
+            let blocked = Tensor::ones([n, start + n], (Kind::Bool, device)).triu(start + 1);
+            Tensor::zeros([1, 1, n, start + n], (x.kind(), device)).masked_fill(&blocked.view([1, 1, n, start + n]), f64::from(f32::MIN))
+        });
+        let mut next = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let (y, k, v) = self.layer(l, x, &cos, &sin, bias.as_ref(), cache.layers.get(i), false);
+            x = y;
+            next.push((k, v));
+        }
+        cache.layers = next;
+        cache.len = start + n;
+        let h = rms_norm(&x.narrow(1, n - 1, 1), &self.norm, c.rms_norm_eps);
+        h.matmul(&self.lm_head.tr()).to_kind(Kind::Float).view([-1])
+    }
+
+    /// Continues `prompt` by up to `max_new_tokens` tokens with a KV cache, choosing each
+    /// by `sampling`, and stops after any of `stop` (which is kept in the output).
+    pub fn generate(&self, prompt: &[i64], max_new_tokens: usize, sampling: &Sampling, stop: &[i64], rng: &mut dyn rand::RngCore) -> Vec<i64> {
+        tch::no_grad(|| {
+            let device = self.embed.device();
+            let mut cache = KvCache::default();
+            let mut out = Vec::with_capacity(max_new_tokens);
+            if prompt.is_empty() || max_new_tokens == 0 {
+                return out;
+            }
+            let mut logits = self.step(&Tensor::from_slice(prompt).view([1, -1]).to_device(device), &mut cache);
+            for _ in 0..max_new_tokens {
+                let token = sampling.choose(&logits, rng);
+                out.push(token);
+                if stop.contains(&token) {
+                    break;
+                }
+                logits = self.step(&Tensor::from_slice(&[token]).view([1, 1]).to_device(device), &mut cache);
+            }
+            out
+        })
     }
 
     /// Vocabulary logits `[batch, len, vocab]`.
@@ -345,6 +418,63 @@ impl Llama {
 
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
+    }
+}
+
+/// Keys and values of the positions fed so far, per layer (`[1, kv_heads, len, head_dim]`).
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// How the next token is chosen from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (ties: the lowest id, as `argmax`).
+    Greedy,
+    /// Sampled from softmax(logits / temperature), restricted to the smallest set of most
+    /// likely tokens whose probability reaches `top_p` (nucleus sampling, as
+    /// transformers' `TopPLogitsWarper`: the most likely token is always kept).
+    Sample { temperature: f64, top_p: f64 },
+}
+
+impl Sampling {
+    pub fn choose(&self, logits: &Tensor, rng: &mut dyn rand::RngCore) -> i64 {
+        match *self {
+            Sampling::Greedy => logits.argmax(-1, false).int64_value(&[]),
+            Sampling::Sample { temperature, top_p } => {
+                let probs = (logits.to_kind(Kind::Double) / temperature.max(1e-6)).softmax(-1, Kind::Double);
+                let (sorted, order) = probs.sort(-1, true);
+                let p: Vec<f64> = Vec::<f64>::try_from(&sorted).unwrap_or_default();
+                let ids: Vec<i64> = Vec::<i64>::try_from(&order).unwrap_or_default();
+                let mut keep = 0;
+                let mut mass = 0.0;
+                while keep < p.len() && (keep == 0 || mass < top_p) {
+                    mass += p[keep];
+                    keep += 1;
+                }
+                let u = rand::Rng::gen::<f64>(rng) * mass;
+                let mut acc = 0.0;
+                for i in 0..keep {
+                    acc += p[i];
+                    if u < acc {
+                        return ids[i];
+                    }
+                }
+                ids[keep.saturating_sub(1)]
+            }
+        }
     }
 }
 
