@@ -147,3 +147,51 @@ fn instruction_fine_tuning_lowers_the_response_loss() {
         before.loss, after.loss, before.perplexity, after.perplexity, stats.tokens_per_sec
     );
 }
+
+/// Two clinics fine-tune SmolLM2 on instructions ("which condition is this review about?")
+/// for one federated round, in process: each trains from the same global adapter, the
+/// mean of their deltas is applied by both, they then hold the same adapter, and the
+/// held-out response loss has dropped. Exact match is computed from greedy answers.
+#[test]
+fn one_federated_round_of_instruction_tuning() {
+    use tessera_client::train::federated::{normalize_answer, ModelSpec, SftInstitution};
+    let reviews = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
+    let record = |r: &tessera_client::train::data::Example| SftExample {
+        prompt: Prompt::Chat(vec![Message {
+            role: "user".into(),
+            content: format!("Which condition is this review about?\n{}", r.text.chars().take(100).collect::<String>()),
+        }]),
+        response: r.group.clone(),
+        group: r.group.clone(),
+    };
+    let of = |groups: &[&str], skip: usize, n: usize| -> Vec<SftExample> {
+        reviews.iter().filter(|r| groups.contains(&r.group.as_str())).skip(skip).take(n).map(record).collect()
+    };
+    let shards = [of(&["Birth Control", "Pain"], 0, 8), of(&["Depression", "Pain"], 0, 8)];
+    let test = of(&["Birth Control", "Depression", "Pain"], 30, 6);
+    let spec = ModelSpec {
+        dir: smollm2(),
+        lora: LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, target_modules: vec![], mode: LoraMode::Ffa, seed: 5 },
+        num_labels: 0,
+        max_len: 72,
+    };
+    let cfg = TrainConfig { steps: 4, batch_size: 4, lr: 5e-3, log_every: 0, ..Default::default() };
+    let mut clinics: Vec<SftInstitution> =
+        shards.iter().enumerate().map(|(i, s)| SftInstitution::new(&format!("clinic-{i}"), &spec, s, cfg.clone()).unwrap()).collect();
+    assert_eq!(clinics[0].layout(), clinics[1].layout());
+    let before = clinics[0].evaluate(&test, 6).unwrap();
+    let deltas: Vec<Vec<f32>> = clinics.iter_mut().map(|c| c.local_update(1).unwrap().delta).collect();
+    let mean: Vec<f32> = deltas[0].iter().zip(&deltas[1]).map(|(a, b)| (a + b) / 2.0).collect();
+    for c in &mut clinics {
+        c.apply_mean(&mean).unwrap();
+    }
+    assert_eq!(clinics[0].adapter.flatten_update().unwrap(), clinics[1].adapter.flatten_update().unwrap());
+    let after = clinics[0].evaluate(&test, 6).unwrap();
+    assert!(after.loss < before.loss, "held-out response loss {:.3} -> {:.3}", before.loss, after.loss);
+    assert!((0.0..=1.0).contains(&after.exact_match) && after.examples == 6);
+    assert_eq!(normalize_answer("  Birth   Control. "), "birth control");
+    eprintln!(
+        "one round: response loss {:.3} -> {:.3}, perplexity {:.1} -> {:.1}, exact match {:.2} -> {:.2}",
+        before.loss, after.loss, before.perplexity, after.perplexity, before.exact_match, after.exact_match
+    );
+}

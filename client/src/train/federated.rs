@@ -180,14 +180,10 @@ impl Institution {
     /// Trains from the current global adapter; returns the delta and leaves the adapter
     /// at the global values again (the local model never replaces the global one).
     pub fn local_update(&mut self, round: u64) -> Result<LocalUpdate, ModelError> {
-        let global = self.adapter.snapshot();
-        let before = self.adapter.flatten_update()?;
-        let cfg = TrainConfig { seed: self.train_config.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15), ..self.train_config.clone() };
+        let cfg = round_config(&self.train_config, round);
         let label = format!("{} round {round}", self.name);
-        let stats = train(&self.model, &self.adapter, &self.encoder, &self.train, &cfg, &label)?;
-        let after = self.adapter.flatten_update()?;
-        self.adapter.restore(&global);
-        let delta = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let (model, encoder, data) = (&self.model, &self.encoder, &self.train);
+        let (delta, stats) = delta_of(&self.adapter, |adapter| train(model, adapter, encoder, data, &cfg, &label))?;
         Ok(LocalUpdate { delta, examples: self.train.len(), stats })
     }
 
@@ -200,6 +196,130 @@ impl Institution {
 
     pub fn evaluate(&self, data: &[Encoded]) -> EvalStats {
         evaluate(&self.model, &self.encoder, data, 32, self.device)
+    }
+}
+
+/// The local training configuration of `round`: the seed varies with the round.
+fn round_config(base: &TrainConfig, round: u64) -> TrainConfig {
+    TrainConfig { seed: base.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15), ..base.clone() }
+}
+
+/// Runs `train` from the adapter's current (global) values and returns `local − global`,
+/// leaving the adapter at the global values again.
+fn delta_of(adapter: &Adapter, train: impl FnOnce(&Adapter) -> Result<TrainStats, ModelError>) -> Result<(Vec<f32>, TrainStats), ModelError> {
+    let global = adapter.snapshot();
+    let before = adapter.flatten_update()?;
+    let result = train(adapter);
+    let after = adapter.flatten_update();
+    adapter.restore(&global);
+    let stats = result?;
+    let delta = after?.iter().zip(&before).map(|(a, b)| a - b).collect();
+    Ok((delta, stats))
+}
+
+/// One institution's part of federated instruction fine-tuning of a Llama-family model:
+/// the same round protocol as [`Institution`], on prompt/response records, with the
+/// completion-only loss ([`super::sft`]).
+#[derive(Debug)]
+pub struct SftInstitution {
+    pub name: String,
+    pub llama: Llama,
+    pub adapter: Adapter,
+    pub encoder: super::sft::SftEncoder,
+    pub train: Vec<super::sft::SftEncoded>,
+    pub train_config: TrainConfig,
+    pub device: Device,
+    pub server_opt: ServerOptimizer,
+}
+
+/// Held-out figures of the instruction objective.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct SftEvaluation {
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Fraction of records whose greedy answer, normalized, equals the reference response.
+    pub exact_match: f64,
+    pub examples: usize,
+}
+
+/// An answer as exact match compares it: trimmed, whitespace collapsed, lower case, a
+/// final full stop dropped.
+pub fn normalize_answer(s: &str) -> String {
+    let t = s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    t.strip_suffix('.').map(str::to_string).unwrap_or(t)
+}
+
+impl SftInstitution {
+    /// Loads the decoder of `spec` (Llama family) with a fresh adapter and encodes the
+    /// training records; records with no response left within `max_len` are refused.
+    pub fn new(name: &str, spec: &ModelSpec, train_records: &[super::sft::SftExample], train_config: TrainConfig) -> Result<SftInstitution, ModelError> {
+        let device = super::device();
+        if Architecture::detect(&spec.dir)? != Architecture::Llama {
+            return Err(ModelError::Config { path: spec.dir.clone(), reason: "instruction fine-tuning needs a Llama-family (causal LM) model".into() });
+        }
+        let mut lora = spec.lora.clone();
+        if lora.target_modules.is_empty() {
+            lora.target_modules = Architecture::Llama.default_targets();
+        }
+        let mut adapter = Adapter::new(lora, "CAUSAL_LM", device, Kind::Float)?;
+        let llama = Llama::load(&spec.dir, &mut adapter, device)?;
+        let encoder = super::sft::SftEncoder::load(&spec.dir, spec.max_len)?;
+        let (train, dropped) = encoder.encode_all(train_records)?;
+        if dropped > 0 {
+            return Err(ModelError::Tokenizer(format!(
+                "{dropped} of {} training records have no response token within {} tokens; raise --max-len or shorten the prompts",
+                train_records.len(),
+                spec.max_len
+            )));
+        }
+        Ok(SftInstitution { name: name.into(), llama, adapter, encoder, train, train_config, device, server_opt: ServerOptimizer::new(Strategy::FedAvg, 1.0) })
+    }
+
+    pub fn layout(&self) -> Vec<TensorSpec> {
+        self.adapter.update_layout().into_iter().map(|(name, shape)| TensorSpec { name, shape: shape.into_iter().map(|d| d as u64).collect() }).collect()
+    }
+
+    /// See [`Institution::local_update`].
+    pub fn local_update(&mut self, round: u64) -> Result<LocalUpdate, ModelError> {
+        let cfg = round_config(&self.train_config, round);
+        let label = format!("{} round {round}", self.name);
+        let (llama, encoder, data) = (&self.llama, &self.encoder, &self.train);
+        let (delta, stats) = delta_of(&self.adapter, |adapter| super::trainer::train_sft(llama, adapter, encoder, data, &cfg, &label))?;
+        Ok(LocalUpdate { delta, examples: self.train.len(), stats })
+    }
+
+    pub fn apply_mean(&mut self, mean: &[f32]) -> Result<(), ModelError> {
+        let step = self.server_opt.step(mean);
+        self.adapter.add_flat(&step)
+    }
+
+    /// Response loss and perplexity on `records`, and exact match of the greedy answers
+    /// (at most `max_new_tokens` each, stopped at the end of the turn or sequence).
+    pub fn evaluate(&self, records: &[super::sft::SftExample], max_new_tokens: usize) -> Result<SftEvaluation, ModelError> {
+        let (encoded, _) = self.encoder.encode_all(records)?;
+        let eval = super::trainer::evaluate_sft(&self.llama, &self.encoder, &encoded, 16, self.device);
+        let tok = self.encoder.tokenizer();
+        let stop: Vec<i64> = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"]
+            .iter()
+            .filter_map(|t| tok.token_to_id(t))
+            .map(i64::from)
+            .chain(self.encoder.eos_id())
+            .collect();
+        let mut hits = 0;
+        let mut rng = rand::rngs::OsRng;
+        for r in records {
+            let (prompt, _) = self.encoder.texts(r)?;
+            let chat = matches!(r.prompt, super::sft::Prompt::Chat(_));
+            let ids: Vec<i64> =
+                tok.encode(prompt.as_str(), !chat).map_err(|e| ModelError::Tokenizer(e.to_string()))?.get_ids().iter().map(|&i| i64::from(i)).collect();
+            let mut out = self.llama.generate(&ids, max_new_tokens, &super::llama::Sampling::Greedy, &stop, &mut rng);
+            if out.last().is_some_and(|t| stop.contains(t)) {
+                out.pop();
+            }
+            let answer = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            hits += usize::from(normalize_answer(&answer) == normalize_answer(&r.response));
+        }
+        Ok(SftEvaluation { loss: eval.loss, perplexity: eval.perplexity, exact_match: hits as f64 / records.len().max(1) as f64, examples: records.len() })
     }
 }
 

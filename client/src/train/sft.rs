@@ -212,6 +212,11 @@ impl SftEncoder {
         Ok(SftEncoder { tokenizer, template, eos_id, pad_id, max_len })
     }
 
+    /// The end-of-sequence token of the model's config.json.
+    pub fn eos_id(&self) -> Option<i64> {
+        self.eos_id
+    }
+
     pub fn template(&self) -> Option<&ChatTemplate> {
         self.template.as_ref()
     }
