@@ -112,3 +112,19 @@ fn the_cli_prints_only_the_continuation() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--top-p must be in (0, 1]"));
 }
+
+/// Greedy tokens on SmolLM2-Instruct for its chat template's prompt, as transformers'
+/// generate gives them for the same checkpoint (recorded with transformers 5.24:
+/// `generate(do_sample=False, eos_token_id=[2])`).
+#[test]
+fn smollm2_greedy_tokens_equal_transformers() {
+    use tessera_client::train::sft::{ChatTemplate, Message};
+    let dir = data_root().join("smollm2");
+    let llama = load(&dir);
+    let template = ChatTemplate::load(&dir).unwrap().expect("scripts/setup writes the chat template");
+    let text = template.render(&[Message { role: "user".into(), content: "What is the capital of France?".into() }], true).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let ids: Vec<i64> = tok.encode(text.as_str(), false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
+    let got = llama.generate(&ids, 24, &Sampling::Greedy, &[2], &mut rng());
+    assert_eq!(got, vec![504, 3575, 282, 4649, 314, 7042, 30, 2]);
+}
