@@ -10,8 +10,9 @@ use tessera_client::ledger::PrivacyLedger;
 use tessera_client::participate::ParticipateError;
 use tessera_client::train::data::read_jsonl;
 use tessera_client::train::dpsgd::{RecordPrivacy, RecordPrivacyRequest};
-use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec};
+use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec, SftInstitution};
 use tessera_client::train::server_opt::{ServerOptimizer, Strategy};
+use tessera_client::train::sft::{read_sft_jsonl, SftExample};
 use tessera_client::train::trainer::TrainConfig;
 use tessera_client::train::{LoraConfig, LoraMode};
 use tessera_client::{participate, update, Api, DropPoint, Identity, Options, Participation};
@@ -146,7 +147,12 @@ enum Command {
         server: ServerArgs,
         #[command(flatten)]
         model: ModelArgs,
-        /// Local training examples (JSON lines: text, label, group).
+        /// classify: sequence classification (JSON lines: text, label, group); sft:
+        /// instruction fine-tuning of a Llama-family model (JSON lines {"prompt",
+        /// "response"} or chat {"messages"}), loss on the responses only.
+        #[arg(long, value_enum, default_value_t = Task::Classify)]
+        task: Task,
+        /// Local training examples (JSON lines, as --task says).
         #[arg(long)]
         train: PathBuf,
         /// Local held-out examples, evaluated after every round.
@@ -155,6 +161,9 @@ enum Command {
         /// Held-out examples of the whole federation (all groups), also evaluated after every round.
         #[arg(long)]
         global_test: Option<PathBuf>,
+        /// With --task sft: the longest greedy answer generated for exact match.
+        #[arg(long, default_value_t = 32)]
+        answer_tokens: usize,
         /// Rounds to take part in.
         #[arg(long, default_value_t = 3)]
         rounds: u64,
@@ -396,9 +405,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             server,
             model,
+            task,
             train,
             test,
             global_test,
+            answer_tokens,
             rounds,
             steps,
             batch_size,
@@ -426,15 +437,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tch::set_num_threads(threads);
             }
             let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
-            let train_examples = read_jsonl(&train)?;
-            let test_examples = read_jsonl(&test)?;
+            if task == Task::Sft && record_epsilon.is_some() {
+                anyhow::bail!(
+                    "--record-epsilon: DP-SGD is implemented for --task classify only; instruction fine-tuning with record-level DP is not available yet"
+                );
+            }
+            let data = LocalData::read(task, &train, &test, global_test.as_deref())?;
+            let (train_examples, test_examples) = (data.train_len(), data.test_len());
             let device = tessera_client::train::device();
             eprintln!(
                 "[{}] loading {} on {device:?}; {} training and {} held-out examples",
                 identity.name,
                 model.model.display(),
-                train_examples.len(),
-                test_examples.len()
+                train_examples,
+                test_examples
             );
             let cfg = TrainConfig {
                 steps,
@@ -452,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(budget) => {
                     let req = RecordPrivacyRequest { budget, delta: record_delta, noise_multiplier, max_grad_norm, sample_rate };
                     let ledger = PrivacyLedger::load(&ledger_path)?;
-                    let plan = RecordPrivacy::plan(&req, &ledger, train_examples.len(), batch_size, steps as u64, rounds)?;
+                    let plan = RecordPrivacy::plan(&req, &ledger, train_examples, batch_size, steps as u64, rounds)?;
                     eprintln!(
                         "[{}] record-level DP-SGD: σ = {:.3}{}, C = {}, q = {:.4} (expected batch {:.1}); ε = {:.3} of {budget} spent so far (δ = {record_delta:e})",
                         identity.name,
@@ -460,28 +476,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         if noise_multiplier.is_none() { " (calibrated)" } else { "" },
                         plan.dp.max_grad_norm,
                         plan.dp.sample_rate,
-                        plan.dp.sample_rate * train_examples.len() as f64,
+                        plan.dp.sample_rate * train_examples as f64,
                         ledger.record_spent(record_delta),
                     );
                     Some(plan)
                 }
             };
             let cfg = TrainConfig { dp_sgd: record_privacy.as_ref().map(|p| p.dp), ..cfg };
-            let mut inst = Institution::new(&identity.name, &model.spec(), &train_examples, &test_examples, cfg)?;
+            let mut inst = Local::new(&identity.name, &model.spec(), data, cfg, answer_tokens)?;
             let lr = server_lr.unwrap_or(if server_opt == Strategy::FedAvg { 1.0 } else { 0.01 });
-            inst.server_opt = ServerOptimizer::new(server_opt, lr);
+            inst.set_server_opt(ServerOptimizer::new(server_opt, lr));
             let (aggregator_policy, handshake_policy) = aggregator_policy_or_refuse(aggregator_policy.as_deref(), insecure_dev)?;
             let floors = load_floors(floors.as_deref())?;
             // Before training: a node that cannot attest finds out now, not after an epoch.
             let attester = own_attester(insecure_dev, tee_endorsements)?;
             let api = Api::attested(&server.server, pin(&server)?, Some(handshake_policy))?;
-            let global_set = match &global_test {
-                Some(p) => Some(inst.encoder.encode_all(&read_jsonl(p)?)?),
-                None => None,
-            };
-            let before = inst.evaluate(&inst.test);
-            let global_before = global_set.as_ref().map(|g| inst.evaluate(g));
-            eprintln!("[{}] initial model: held-out loss {:.4}, accuracy {:.3}", identity.name, before.loss, before.accuracy);
+            let before = inst.evaluate(false)?.unwrap_or_default();
+            let global_before = inst.evaluate(true)?;
+            eprintln!("[{}] initial model: held-out {before}", identity.name);
             let mut next_round: Option<u64> = None;
             for i in 1..=rounds {
                 let record_epsilon = match &record_privacy {
@@ -529,21 +541,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 };
                 next_round = Some(round + 1);
-                let eval = inst.evaluate(&inst.test);
-                let global_eval = global_set.as_ref().map(|g| inst.evaluate(g));
+                let eval = inst.evaluate(false)?.unwrap_or_default();
+                let global_eval = inst.evaluate(true)?;
                 let row = serde_json::json!({
-                    "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.map(|e| e.accuracy),
-                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.map(|e| e.accuracy),
+                    "task": task, "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.and_then(|e| e.accuracy),
+                    "global_exact_match": global_eval.and_then(|e| e.exact_match), "global_perplexity": global_eval.and_then(|e| e.perplexity),
+                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.and_then(|e| e.accuracy),
+                    "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
                     "institution": identity.name, "round": round, "train_loss": update.stats.final_loss,
-                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "tokens_per_sec": update.stats.tokens_per_sec,
+                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "held_out_exact_match": eval.exact_match,
+                    "held_out_perplexity": eval.perplexity, "tokens_per_sec": update.stats.tokens_per_sec,
                     "train_seconds": update.stats.seconds, "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),
-                    "initial_loss": before.loss, "initial_accuracy": before.accuracy,
+                    "initial_loss": before.loss, "initial_accuracy": before.accuracy, "initial_exact_match": before.exact_match,
                     "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
                     "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
                 });
                 eprintln!(
-                    "[{}] round {round}: train loss {:.4}, held-out loss {:.4}, accuracy {:.3}, {:.0} tok/s",
-                    identity.name, update.stats.final_loss, eval.loss, eval.accuracy, update.stats.tokens_per_sec
+                    "[{}] round {round}: train loss {:.4}, held-out {eval}, {:.0} tok/s",
+                    identity.name, update.stats.final_loss, update.stats.tokens_per_sec
                 );
                 if let Some(path) = &report {
                     use std::io::Write;
@@ -551,7 +566,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     writeln!(f, "{row}")?;
                 }
                 if let Some(out) = &adapter_out {
-                    inst.adapter.save_peft(out, &model.model.display().to_string())?;
+                    inst.adapter().save_peft(out, &model.model.display().to_string())?;
                 }
             }
             Ok(())
@@ -732,4 +747,145 @@ fn generate(
         if sampling == Sampling::Greedy { ", greedy" } else { "" }
     );
     Ok(())
+}
+
+/// What `federate` trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Task {
+    Classify,
+    Sft,
+}
+
+/// An institution's data for `federate`, as its task reads it.
+enum LocalData {
+    Classify {
+        train: Vec<tessera_client::train::data::Example>,
+        test: Vec<tessera_client::train::data::Example>,
+        global: Option<Vec<tessera_client::train::data::Example>>,
+    },
+    Sft {
+        train: Vec<SftExample>,
+        test: Vec<SftExample>,
+        global: Option<Vec<SftExample>>,
+    },
+}
+
+impl LocalData {
+    fn read(task: Task, train: &Path, test: &Path, global: Option<&Path>) -> anyhow::Result<LocalData> {
+        Ok(match task {
+            Task::Classify => LocalData::Classify { train: read_jsonl(train)?, test: read_jsonl(test)?, global: global.map(read_jsonl).transpose()? },
+            Task::Sft => LocalData::Sft { train: read_sft_jsonl(train)?, test: read_sft_jsonl(test)?, global: global.map(read_sft_jsonl).transpose()? },
+        })
+    }
+
+    fn train_len(&self) -> usize {
+        match self {
+            LocalData::Classify { train, .. } => train.len(),
+            LocalData::Sft { train, .. } => train.len(),
+        }
+    }
+
+    fn test_len(&self) -> usize {
+        match self {
+            LocalData::Classify { test, .. } => test.len(),
+            LocalData::Sft { test, .. } => test.len(),
+        }
+    }
+}
+
+/// Held-out figures of either task.
+#[derive(Clone, Copy, Debug, Default)]
+struct Eval {
+    loss: f64,
+    accuracy: Option<f64>,
+    exact_match: Option<f64>,
+    perplexity: Option<f64>,
+}
+
+impl std::fmt::Display for Eval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loss {:.4}", self.loss)?;
+        if let Some(p) = self.perplexity {
+            write!(f, ", perplexity {p:.2}")?;
+        }
+        if let Some(a) = self.accuracy {
+            write!(f, ", accuracy {a:.3}")?;
+        }
+        if let Some(e) = self.exact_match {
+            write!(f, ", exact match {e:.3}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The institution of either task.
+enum Local {
+    Classify { inst: Box<Institution>, global: Option<Vec<tessera_client::train::data::Encoded>> },
+    Sft { inst: Box<SftInstitution>, test: Vec<SftExample>, global: Option<Vec<SftExample>>, answer_tokens: usize },
+}
+
+impl Local {
+    fn new(name: &str, spec: &ModelSpec, data: LocalData, cfg: TrainConfig, answer_tokens: usize) -> anyhow::Result<Local> {
+        Ok(match data {
+            LocalData::Classify { train, test, global } => {
+                let inst = Institution::new(name, spec, &train, &test, cfg)?;
+                let global = global.map(|g| inst.encoder.encode_all(&g)).transpose()?;
+                Local::Classify { inst: Box::new(inst), global }
+            }
+            LocalData::Sft { train, test, global } => Local::Sft { inst: Box::new(SftInstitution::new(name, spec, &train, cfg)?), test, global, answer_tokens },
+        })
+    }
+
+    fn set_server_opt(&mut self, opt: ServerOptimizer) {
+        match self {
+            Local::Classify { inst, .. } => inst.server_opt = opt,
+            Local::Sft { inst, .. } => inst.server_opt = opt,
+        }
+    }
+
+    fn adapter(&self) -> &tessera_client::train::Adapter {
+        match self {
+            Local::Classify { inst, .. } => &inst.adapter,
+            Local::Sft { inst, .. } => &inst.adapter,
+        }
+    }
+
+    fn local_update(&mut self, round: u64) -> anyhow::Result<tessera_client::train::federated::LocalUpdate> {
+        Ok(match self {
+            Local::Classify { inst, .. } => inst.local_update(round)?,
+            Local::Sft { inst, .. } => inst.local_update(round)?,
+        })
+    }
+
+    fn apply_mean(&mut self, mean: &[f32]) -> anyhow::Result<()> {
+        match self {
+            Local::Classify { inst, .. } => inst.apply_mean(mean)?,
+            Local::Sft { inst, .. } => inst.apply_mean(mean)?,
+        }
+        Ok(())
+    }
+
+    /// On the institution's own held-out data, or (`global`) the federation-wide set if given.
+    fn evaluate(&self, global: bool) -> anyhow::Result<Option<Eval>> {
+        Ok(match self {
+            Local::Classify { inst, global: g } => {
+                let set = if global { g.as_ref() } else { Some(&inst.test) };
+                set.map(|s| {
+                    let e = inst.evaluate(s);
+                    Eval { loss: e.loss, accuracy: Some(e.accuracy), ..Eval::default() }
+                })
+            }
+            Local::Sft { inst, test, global: g, answer_tokens } => {
+                let set = if global { g.as_ref() } else { Some(test) };
+                match set {
+                    Some(s) => {
+                        let e = inst.evaluate(s, *answer_tokens)?;
+                        Some(Eval { loss: e.loss, perplexity: Some(e.perplexity), exact_match: Some(e.exact_match), accuracy: None })
+                    }
+                    None => None,
+                }
+            }
+        })
+    }
 }

@@ -128,3 +128,37 @@ fn smollm2_greedy_tokens_equal_transformers() {
     let got = llama.generate(&ids, 24, &Sampling::Greedy, &[2], &mut rng());
     assert_eq!(got, vec![504, 3575, 282, 4649, 314, 7042, 30, 2]);
 }
+
+/// `federate --task sft` reads instruction records and refuses, before any network, what
+/// it cannot do: record-level DP-SGD on the instruction objective, and a bad record.
+#[test]
+fn federate_sft_refuses_what_it_cannot_do() {
+    let bin = env!("CARGO_BIN_EXE_tessera-client");
+    let dir = tempfile::tempdir().unwrap();
+    let id = dir.path().join("id");
+    assert!(std::process::Command::new(bin).args(["init", "--name", "clinic", "--dir"]).arg(&id).output().unwrap().status.success());
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(&good, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n").unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let run = |train: &std::path::Path, extra: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(["federate", "--task", "sft", "--insecure-dev", "--server", "https://127.0.0.1:9", "--fingerprint", &"00".repeat(32), "--model"])
+            .arg(data_root().join("smollm2"))
+            .arg("--dir")
+            .arg(&id)
+            .arg("--train")
+            .arg(train)
+            .arg("--test")
+            .arg(&good)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&good, &["--record-epsilon", "8"]);
+    assert!(e.contains("DP-SGD is implemented for --task classify only"), "{e}");
+    let e = run(&bad, &[]);
+    assert!(e.contains("line 2") && e.contains("the user's"), "{e}");
+}
