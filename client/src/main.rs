@@ -437,11 +437,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tch::set_num_threads(threads);
             }
             let identity = Identity::load(&dir).with_context(|| format!("no identity in {} (run `tessera-client init` first)", dir.display()))?;
-            if task == Task::Sft && record_epsilon.is_some() {
-                anyhow::bail!(
-                    "--record-epsilon: DP-SGD is implemented for --task classify only; instruction fine-tuning with record-level DP is not available yet"
-                );
-            }
             let data = LocalData::read(task, &train, &test, global_test.as_deref())?;
             let (train_examples, test_examples) = (data.train_len(), data.test_len());
             let device = tessera_client::train::device();

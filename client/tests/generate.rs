@@ -129,8 +129,9 @@ fn smollm2_greedy_tokens_equal_transformers() {
     assert_eq!(got, vec![504, 3575, 282, 4649, 314, 7042, 30, 2]);
 }
 
-/// `federate --task sft` reads instruction records and refuses, before any network, what
-/// it cannot do: record-level DP-SGD on the instruction objective, and a bad record.
+/// `federate --task sft` reads instruction records and refuses, before any network or
+/// training, a record-level DP plan that cannot hold (δ not below 1/records) and a bad
+/// record.
 #[test]
 fn federate_sft_refuses_what_it_cannot_do() {
     let bin = env!("CARGO_BIN_EXE_tessera-client");
@@ -138,7 +139,7 @@ fn federate_sft_refuses_what_it_cannot_do() {
     let id = dir.path().join("id");
     assert!(std::process::Command::new(bin).args(["init", "--name", "clinic", "--dir"]).arg(&id).output().unwrap().status.success());
     let good = dir.path().join("good.jsonl");
-    std::fs::write(&good, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n").unwrap();
+    std::fs::write(&good, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n".repeat(3)).unwrap();
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"2+2?\", \"response\": \"4\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
     let run = |train: &std::path::Path, extra: &[&str]| {
@@ -157,8 +158,8 @@ fn federate_sft_refuses_what_it_cannot_do() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let e = run(&good, &["--record-epsilon", "8"]);
-    assert!(e.contains("DP-SGD is implemented for --task classify only"), "{e}");
+    let e = run(&good, &["--record-epsilon", "8", "--record-delta", "0.5"]);
+    assert!(e.contains("below 1/records"), "{e}");
     let e = run(&bad, &[]);
     assert!(e.contains("line 2") && e.contains("the user's"), "{e}");
 }

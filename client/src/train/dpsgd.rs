@@ -97,17 +97,70 @@ fn clip_factors(norms: &Tensor, c: f64) -> Tensor {
 /// Per-example gradients of the summed loss over `batch`, each clipped to L2 norm `c`
 /// (the norm taken over all trainable tensors together, in f64), and their sum.
 pub fn clipped_sum(model: &dyn Classify, adapter: &Adapter, batch: &Batch, c: f64, method: PerExampleMethod, train: bool) -> ClippedSum {
+    let rows = batch.ids.size()[0];
+    clipped_sum_of(adapter, rows, c, method, &|row| match row {
+        None => summed_loss(model, batch, train),
+        Some(r) => {
+            let one = Batch { ids: batch.ids.narrow(0, r, 1), mask: batch.mask.narrow(0, r, 1), labels: batch.labels.narrow(0, r, 1), tokens: 0 };
+            summed_loss(model, &one, train)
+        }
+    })
+}
+
+/// Each record's loss on the instruction objective: the mean next-token cross-entropy
+/// over its own response tokens, summed over the records of `batch` (so that a record's
+/// gradient does not depend on the others in its batch).
+pub fn summed_sft_loss(llama: &super::llama::Llama, batch: &super::sft::SftBatch, train: bool) -> Tensor {
+    let logits = llama.logits(&batch.ids, &batch.mask, train).to_kind(Kind::Float);
+    let (rows, len, vocab) = (logits.size()[0], logits.size()[1], logits.size()[2]);
+    let pred = logits.narrow(1, 0, len - 1).reshape([-1, vocab]);
+    let target = batch.labels.narrow(1, 1, len - 1).reshape([-1]);
+    let per_token = pred.cross_entropy_loss::<Tensor>(&target, None, Reduction::None, super::sft::IGNORE, 0.0).view([rows, len - 1]);
+    let counted = target.ne(super::sft::IGNORE).view([rows, len - 1]).to_kind(Kind::Float);
+    let per_record =
+        per_token.sum_dim_intlist([1i64].as_slice(), false, Kind::Float) / counted.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).clamp_min(1.0);
+    per_record.sum(Kind::Float)
+}
+
+/// [`clipped_sum`] for the instruction objective ([`summed_sft_loss`]).
+pub fn clipped_sum_sft(
+    llama: &super::llama::Llama,
+    adapter: &Adapter,
+    batch: &super::sft::SftBatch,
+    c: f64,
+    method: PerExampleMethod,
+    train: bool,
+) -> ClippedSum {
+    let rows = batch.ids.size()[0];
+    clipped_sum_of(adapter, rows, c, method, &|row| match row {
+        None => summed_sft_loss(llama, batch, train),
+        Some(r) => {
+            let one = super::sft::SftBatch {
+                ids: batch.ids.narrow(0, r, 1),
+                mask: batch.mask.narrow(0, r, 1),
+                labels: batch.labels.narrow(0, r, 1),
+                tokens: 0,
+                response_tokens: 0,
+            };
+            summed_sft_loss(llama, &one, train)
+        }
+    })
+}
+
+/// The clipped sum for any objective: `loss_of(None)` is the summed loss of the `rows`
+/// records of the batch, `loss_of(Some(r))` the loss of record `r` alone.
+fn clipped_sum_of(adapter: &Adapter, rows: i64, c: f64, method: PerExampleMethod, loss_of: &dyn Fn(Option<i64>) -> Tensor) -> ClippedSum {
     match method {
         PerExampleMethod::Expanded => {
-            let rows = batch.ids.size()[0];
             let per = adapter.per_example(rows);
-            let loss = summed_loss(model, batch, train);
+            let loss = loss_of(None);
             loss.backward();
             let grads: Vec<Tensor> = per.copies.iter().map(|t| t.grad().flatten(1, -1)).collect();
+            let device = grads.first().map(|g| g.device()).unwrap_or(tch::Device::Cpu);
             let sq = grads
                 .iter()
                 .map(|g| g.to_kind(Kind::Double).square().sum_dim_intlist([1i64].as_slice(), false, Kind::Double))
-                .fold(Tensor::zeros([rows], (Kind::Double, batch.ids.device())), |a, b| a + b);
+                .fold(Tensor::zeros([rows], (Kind::Double, device)), |a, b| a + b);
             let norms = sq.sqrt();
             let factors = clip_factors(&norms, c).to_kind(Kind::Float);
             let sum = grads
@@ -121,15 +174,14 @@ pub fn clipped_sum(model: &dyn Classify, adapter: &Adapter, batch: &Batch, c: f6
             let params = adapter.trainable_in_update_order();
             let mut sum: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
             let (mut norms, mut total) = (Vec::new(), 0.0);
-            for row in 0..batch.ids.size()[0] {
-                let one = Batch { ids: batch.ids.narrow(0, row, 1), mask: batch.mask.narrow(0, row, 1), labels: batch.labels.narrow(0, row, 1), tokens: 0 };
+            for row in 0..rows {
                 for p in &params {
                     let mut g = p.grad();
                     if g.defined() {
                         let _ = g.zero_();
                     }
                 }
-                let loss = summed_loss(model, &one, train);
+                let loss = loss_of(Some(row));
                 loss.backward();
                 total += loss.double_value(&[]);
                 let grads: Vec<Tensor> = params.iter().map(|p| p.grad().detach().copy()).collect();

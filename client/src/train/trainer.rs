@@ -143,8 +143,9 @@ pub fn train_sft(
     if data.is_empty() {
         return Err(ModelError::Adapter("no training examples".into()));
     }
-    if cfg.dp_sgd.is_some() {
-        return Err(ModelError::Adapter("DP-SGD is not implemented for the instruction objective yet (classification only)".into()));
+    if let Some(dp) = &cfg.dp_sgd {
+        let mut rng = ChaCha20Rng::from_rng(OsRng).map_err(|e| ModelError::Adapter(format!("the OS random generator failed: {e}")))?;
+        return train_sft_dp(llama, adapter, encoder, data, cfg, dp, &mut rng, label);
     }
     let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
     let lengths: Vec<usize> = data.iter().map(|e| e.ids.len()).collect();
@@ -246,6 +247,49 @@ pub fn train_dp(
     rng: &mut dyn RngCore,
     label: &str,
 ) -> Result<TrainStats, ModelError> {
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let autocast = device.is_cuda();
+    dp_optimize(adapter, data.len(), cfg, dp, rng, label, |chunk| {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = encoder.batch(&items, device);
+        (tch::autocast(autocast, || clipped_sum(model, adapter, &batch, dp.max_grad_norm, PerExampleMethod::Expanded, true)), batch.tokens)
+    })
+}
+
+/// DP-SGD on the instruction objective: as [`train_dp`], each record's loss the mean
+/// over its own response tokens ([`super::dpsgd::summed_sft_loss`]).
+#[allow(clippy::too_many_arguments)]
+pub fn train_sft_dp(
+    llama: &super::llama::Llama,
+    adapter: &Adapter,
+    encoder: &super::sft::SftEncoder,
+    data: &[super::sft::SftEncoded],
+    cfg: &TrainConfig,
+    dp: &DpSgdConfig,
+    rng: &mut dyn RngCore,
+    label: &str,
+) -> Result<TrainStats, ModelError> {
+    let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
+    let autocast = device.is_cuda();
+    dp_optimize(adapter, data.len(), cfg, dp, rng, label, |chunk| {
+        let items: Vec<&super::sft::SftEncoded> = chunk.iter().map(|&i| &data[i]).collect();
+        let batch = encoder.batch(&items, device);
+        (tch::autocast(autocast, || super::dpsgd::clipped_sum_sft(llama, adapter, &batch, dp.max_grad_norm, PerExampleMethod::Expanded, true)), batch.tokens)
+    })
+}
+
+/// The DP-SGD loop both objectives share: per step a Poisson sample of the `records`,
+/// in micro-batches of `cfg.batch_size` whose clipped sums `clipped_of` computes (with
+/// the real tokens covered), noised once per step.
+fn dp_optimize(
+    adapter: &Adapter,
+    records: usize,
+    cfg: &TrainConfig,
+    dp: &DpSgdConfig,
+    rng: &mut dyn RngCore,
+    label: &str,
+    clipped_of: impl Fn(&[usize]) -> (super::dpsgd::ClippedSum, i64),
+) -> Result<TrainStats, ModelError> {
     dp.validate()?;
     if cfg.grad_accum > 1 {
         return Err(ModelError::Adapter(
@@ -260,25 +304,22 @@ pub fn train_dp(
     let mut stats = TrainStats::default();
     let mut losses = Vec::with_capacity(cfg.steps);
     let (mut sampled, mut clipped) = (0usize, 0usize);
-    let autocast = device.is_cuda();
     for step in 0..cfg.steps {
         opt.set_lr(cfg.lr_at(step));
-        let picked = poisson_sample(data.len(), dp.sample_rate, rng);
+        let picked = poisson_sample(records, dp.sample_rate, rng);
         let mut sum: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
         let mut loss = 0.0;
         for chunk in picked.chunks(cfg.batch_size.max(1)) {
-            let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
-            let batch = encoder.batch(&items, device);
-            let part = tch::autocast(autocast, || clipped_sum(model, adapter, &batch, dp.max_grad_norm, PerExampleMethod::Expanded, true));
+            let (part, tokens) = clipped_of(chunk);
             for (s, p) in sum.iter_mut().zip(&part.sum) {
                 *s = &*s + p;
             }
             clipped += part.norms.iter().filter(|&&n| n > dp.max_grad_norm).count();
             loss += part.loss;
-            stats.tokens += batch.tokens;
+            stats.tokens += tokens;
         }
         // An empty batch is a step of noise alone: skipping it would change the mechanism.
-        let mut grads = noised_mean(&sum, dp, data.len(), rng);
+        let mut grads = noised_mean(&sum, dp, records, rng);
         if cfg.prox_mu > 0.0 {
             for ((g, w), w0) in grads.iter_mut().zip(&params).zip(&global) {
                 *g = &*g + (w.detach() - w0) * cfg.prox_mu;
