@@ -676,7 +676,7 @@ fn generate(
 ) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use tessera_client::train::llama::{Llama, Sampling};
-    use tessera_client::train::sft::{ChatTemplate, Message};
+    use tessera_client::train::sft::{Message, Prompt, SftEncoder};
     use tessera_client::train::{Adapter, LoraConfig, LoraMode};
     if !(temperature.is_finite() && temperature >= 0.0) {
         anyhow::bail!("--temperature must be 0 (greedy) or positive, got {temperature}");
@@ -696,47 +696,28 @@ fn generate(
         lora_adapter.load_peft(dir)?;
         eprintln!("adapter {} loaded ({} tensors)", dir.display(), lora_adapter.tensors().len());
     }
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", model.join("tokenizer.json").display()))?;
-    let template = ChatTemplate::load(model)?;
-    let (text, special) = if chat {
-        let t = template
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("--chat: {} has no chat template (tokenizer_config.json or chat_template.jinja)", model.display()))?;
-        (t.render(&[Message { role: "user".into(), content: prompt.into() }], true)?, false)
-    } else {
-        (prompt.to_string(), true)
-    };
-    let ids: Vec<i64> = tokenizer.encode(text.as_str(), special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().iter().map(|&i| i as i64).collect();
-    // Stop on the configured end-of-sequence token(s) and on the end of a chat turn.
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
-    let mut stop: Vec<i64> = match &config["eos_token_id"] {
-        serde_json::Value::Number(n) => n.as_i64().into_iter().collect(),
-        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_i64()).collect(),
-        _ => Vec::new(),
-    };
-    for t in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"] {
-        if let Some(id) = tokenizer.token_to_id(t) {
-            stop.push(id as i64);
+    // The prompt is never truncated here: max_len bounds training records only.
+    let encoder = SftEncoder::load(model, usize::MAX)?;
+    let prompt = if chat {
+        if encoder.template().is_none() {
+            anyhow::bail!("--chat: {} has no chat template (tokenizer_config.json or chat_template.jinja)", model.display());
         }
-    }
+        Prompt::Chat(vec![Message { role: "user".into(), content: prompt.into() }])
+    } else {
+        Prompt::Text(prompt.into())
+    };
     let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::Sample { temperature, top_p } };
     let mut rng = match seed {
         Some(s) => rand_chacha::ChaCha20Rng::seed_from_u64(s),
         None => rand_chacha::ChaCha20Rng::from_rng(rand::rngs::OsRng)?,
     };
     let started = std::time::Instant::now();
-    let mut out = llama.generate(&ids, max_new_tokens, &sampling, &stop, &mut rng);
-    let stopped = out.last().is_some_and(|t| stop.contains(t));
-    let n = out.len();
-    if stopped {
-        out.pop();
-    }
-    let decoded = tokenizer.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let out = encoder.continue_prompt(&llama, &prompt, max_new_tokens, &sampling, &mut rng)?;
+    let (decoded, stopped, n) = (&out.text, out.stopped, out.generated);
     println!("{decoded}");
     eprintln!(
         "{} prompt tokens, {n} generated in {:.1} s ({}){}",
-        ids.len(),
+        out.prompt_tokens,
         started.elapsed().as_secs_f64(),
         if stopped { "stopped at end of sequence" } else { "reached --max-new-tokens" },
         if sampling == Sampling::Greedy { ", greedy" } else { "" }

@@ -45,7 +45,7 @@ fn chat_templates_render_as_transformers_renders_them() {
     let chat: Chat = serde_json::from_slice(&std::fs::read(data().join("sft/chat.json")).unwrap()).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_file(smollm2().join("tokenizer.json")).unwrap();
     for c in &chat.cases {
-        let t = ChatTemplate::new(chat.templates[&c.template].clone(), "<s>", "</s>");
+        let t = ChatTemplate::new(chat.templates[&c.template].clone(), "<s>", "</s>").unwrap();
         let got = t.render(&c.messages, c.add_generation_prompt).unwrap();
         assert_eq!(got, c.rendered, "{} template, {} messages, generation prompt {}", c.template, c.messages.len(), c.add_generation_prompt);
         if let Some(ids) = &c.ids {
@@ -53,7 +53,7 @@ fn chat_templates_render_as_transformers_renders_them() {
         }
     }
     // The template's own refusal reaches the caller.
-    let t = ChatTemplate::new(chat.templates["methods"].clone(), "<s>", "</s>");
+    let t = ChatTemplate::new(chat.templates["methods"].clone(), "<s>", "</s>").unwrap();
     let err = t.render(&[Message { role: "tool".into(), content: "x".into() }], false).unwrap_err().to_string();
     assert!(err.contains("unknown role tool"), "{err}");
 }

@@ -298,26 +298,11 @@ impl SftInstitution {
     pub fn evaluate(&self, records: &[super::sft::SftExample], max_new_tokens: usize) -> Result<SftEvaluation, ModelError> {
         let (encoded, _) = self.encoder.encode_all(records)?;
         let eval = super::trainer::evaluate_sft(&self.llama, &self.encoder, &encoded, 16, self.device);
-        let tok = self.encoder.tokenizer();
-        let stop: Vec<i64> = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>"]
-            .iter()
-            .filter_map(|t| tok.token_to_id(t))
-            .map(i64::from)
-            .chain(self.encoder.eos_id())
-            .collect();
         let mut hits = 0;
         let mut rng = rand::rngs::OsRng;
         for r in records {
-            let (prompt, _) = self.encoder.texts(r)?;
-            let chat = matches!(r.prompt, super::sft::Prompt::Chat(_));
-            let ids: Vec<i64> =
-                tok.encode(prompt.as_str(), !chat).map_err(|e| ModelError::Tokenizer(e.to_string()))?.get_ids().iter().map(|&i| i64::from(i)).collect();
-            let mut out = self.llama.generate(&ids, max_new_tokens, &super::llama::Sampling::Greedy, &stop, &mut rng);
-            if out.last().is_some_and(|t| stop.contains(t)) {
-                out.pop();
-            }
-            let answer = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            hits += usize::from(normalize_answer(&answer) == normalize_answer(&r.response));
+            let answer = self.encoder.continue_prompt(&self.llama, &r.prompt, max_new_tokens, &super::llama::Sampling::Greedy, &mut rng)?;
+            hits += usize::from(normalize_answer(&answer.text) == normalize_answer(&r.response));
         }
         Ok(SftEvaluation { loss: eval.loss, perplexity: eval.perplexity, exact_match: hits as f64 / records.len().max(1) as f64, examples: records.len() })
     }

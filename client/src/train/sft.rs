@@ -94,12 +94,19 @@ pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, ModelError> {
         .collect()
 }
 
-/// A model's chat template with the special tokens it refers to.
+/// A model's chat template, compiled once, with the special tokens it refers to.
 #[derive(Clone, Debug)]
 pub struct ChatTemplate {
-    source: String,
+    env: minijinja::Environment<'static>,
     bos_token: String,
     eos_token: String,
+}
+
+/// The name the template is compiled under in its environment.
+const TEMPLATE: &str = "chat";
+
+fn template_error(e: minijinja::Error) -> ModelError {
+    ModelError::Tokenizer(format!("chat template: {e}"))
 }
 
 #[derive(Deserialize)]
@@ -125,8 +132,17 @@ fn token_text(v: Option<&serde_json::Value>) -> String {
 }
 
 impl ChatTemplate {
-    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> ChatTemplate {
-        ChatTemplate { source: source.into(), bos_token: bos_token.into(), eos_token: eos_token.into() }
+    /// Compiles `source` with the settings transformers uses; a template that does not
+    /// compile is refused here, not at the first record.
+    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<ChatTemplate, ModelError> {
+        let mut env = minijinja::Environment::new();
+        env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(template_error)?);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(TEMPLATE, source.into()).map_err(template_error)?;
+        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// The template of the model in `dir`: `chat_template.jinja` if present, else
@@ -148,29 +164,35 @@ impl ChatTemplate {
                 Some(Err(e)) => return Err(ModelError::Config { path: config_path, reason: format!("chat_template: {e}") }),
             }
         };
-        Ok(source.map(|s| ChatTemplate::new(s, token_text(config.get("bos_token")), token_text(config.get("eos_token")))))
+        source.map(|s| ChatTemplate::new(s, token_text(config.get("bos_token")), token_text(config.get("eos_token")))).transpose()
     }
 
     /// The conversation as text, with the assistant's turn opened after it when
     /// `add_generation_prompt` (what the model is asked to continue).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, ModelError> {
-        let bad = |e: minijinja::Error| ModelError::Tokenizer(format!("chat template: {e}"));
-        let mut env = minijinja::Environment::new();
-        env.set_syntax(minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(bad)?);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        let template = env.template_from_str(&self.source).map_err(bad)?;
-        template
+        self.env
+            .get_template(TEMPLATE)
+            .map_err(template_error)?
             .render(minijinja::context! {
                 messages => minijinja::value::Serde(messages),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(bad)
+            .map_err(template_error)
     }
+}
+
+/// What [`SftEncoder::continue_prompt`] generated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Continuation {
+    /// The new tokens decoded, without special tokens and without the stop token.
+    pub text: String,
+    pub prompt_tokens: usize,
+    /// New tokens, the stop token included.
+    pub generated: usize,
+    /// Ended by a stop token rather than by the token limit.
+    pub stopped: bool,
 }
 
 /// Token ids of a prompt and response, with the labels of the loss.
@@ -192,7 +214,8 @@ impl SftEncoded {
 pub struct SftEncoder {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
-    eos_id: Option<i64>,
+    /// config.json's `eos_token_id` (a number or a list); the first closes plain responses.
+    eos_ids: Vec<i64>,
     pad_id: i64,
     max_len: usize,
 }
@@ -206,15 +229,61 @@ impl SftEncoder {
         tokenizer.with_truncation(None).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let template = ChatTemplate::load(dir)?;
         let config: serde_json::Value = super::weights::read_json(&dir.join("config.json")).unwrap_or(serde_json::Value::Null);
-        let id_of = |key: &str| config.get(key).and_then(|v| v.as_i64().or_else(|| v.as_array().and_then(|a| a.first()).and_then(|x| x.as_i64())));
-        let eos_id = id_of("eos_token_id");
-        let pad_id = id_of("pad_token_id").or(eos_id).unwrap_or(0);
-        Ok(SftEncoder { tokenizer, template, eos_id, pad_id, max_len })
+        let ids_of = |key: &str| -> Vec<i64> {
+            match config.get(key) {
+                Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_i64()).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let eos_ids = ids_of("eos_token_id");
+        let pad_id = ids_of("pad_token_id").first().or(eos_ids.first()).copied().unwrap_or(0);
+        Ok(SftEncoder { tokenizer, template, eos_ids, pad_id, max_len })
     }
 
-    /// The end-of-sequence token of the model's config.json.
-    pub fn eos_id(&self) -> Option<i64> {
-        self.eos_id
+    /// Where generation stops: the configured end-of-sequence tokens and the end of a chat
+    /// turn (`<|im_end|>`, `<|eot_id|>`, `<|end_of_text|>`) where the vocabulary has them.
+    pub fn stop_tokens(&self) -> Vec<i64> {
+        let turn_ends = ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>"].into_iter().filter_map(|t| self.tokenizer.token_to_id(t)).map(i64::from);
+        let mut stop: Vec<i64> = self.eos_ids.iter().copied().chain(turn_ends).collect();
+        stop.sort_unstable();
+        stop.dedup();
+        stop
+    }
+
+    /// The prompt's token ids as the model is given them: plain text with the tokenizer's
+    /// special tokens, a rendered conversation without (its template writes them).
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<i64>, ModelError> {
+        match prompt {
+            Prompt::Text(p) => self.ids(p, true),
+            Prompt::Chat(messages) => self.ids(&self.chat_template()?.render(messages, true)?, false),
+        }
+    }
+
+    /// Greedy or sampled continuation of `prompt` by `llama` (at most `max_new_tokens`,
+    /// stopped at [`SftEncoder::stop_tokens`]), decoded as transformers decodes it.
+    pub fn continue_prompt(
+        &self,
+        llama: &super::llama::Llama,
+        prompt: &Prompt,
+        max_new_tokens: usize,
+        sampling: &super::llama::Sampling,
+        rng: &mut dyn rand::RngCore,
+    ) -> Result<Continuation, ModelError> {
+        let ids = self.prompt_ids(prompt)?;
+        let stop = self.stop_tokens();
+        let mut tokens = llama.generate(&ids, max_new_tokens, sampling, &stop, rng);
+        let generated = tokens.len();
+        let stopped = tokens.last().is_some_and(|t| stop.contains(t));
+        if stopped {
+            tokens.pop();
+        }
+        let text = self.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(Continuation { text, prompt_tokens: ids.len(), generated, stopped })
+    }
+
+    fn chat_template(&self) -> Result<&ChatTemplate, ModelError> {
+        self.template.as_ref().ok_or_else(|| ModelError::Tokenizer("chat records need a chat template, and this model has none".into()))
     }
 
     pub fn template(&self) -> Option<&ChatTemplate> {
@@ -231,8 +300,7 @@ impl SftEncoder {
         match &ex.prompt {
             Prompt::Text(p) => Ok((p.clone(), ex.response.clone())),
             Prompt::Chat(messages) => {
-                let template =
-                    self.template.as_ref().ok_or_else(|| ModelError::Tokenizer("chat records need a chat template, and this model has none".into()))?;
+                let template = self.chat_template()?;
                 let prompt = template.render(messages, true)?;
                 let mut all = messages.clone();
                 all.push(Message { role: "assistant".into(), content: ex.response.clone() });
@@ -254,11 +322,12 @@ impl SftEncoder {
     pub fn encode(&self, ex: &SftExample) -> Result<Option<SftEncoded>, ModelError> {
         let (prompt, response) = self.texts(ex)?;
         let chat = matches!(ex.prompt, Prompt::Chat(_));
+        // The same tokens as `prompt_ids`, from the prompt text `texts` rendered already.
         let mut ids = self.ids(&prompt, !chat)?;
         let n_prompt = ids.len();
         let mut resp = self.ids(&response, false)?;
         if !chat {
-            if let Some(eos) = self.eos_id {
+            if let Some(&eos) = self.eos_ids.first() {
                 if resp.last() != Some(&eos) {
                     resp.push(eos);
                 }
