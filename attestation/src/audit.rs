@@ -127,6 +127,25 @@ pub struct RecordPrivacyRecord {
     pub source: RecordPrivacySource,
 }
 
+impl RecordPrivacyRecord {
+    /// One line for people: the figure, this round's mechanism and what stands behind it.
+    pub fn describe(&self) -> String {
+        let c = &self.claim;
+        format!(
+            "ε = {:.3} of {} per record (δ = {:e}; DP-SGD σ = {:.3}, q = {:.4}, C = {}, {} steps this round); {}: {}",
+            c.epsilon,
+            c.budget,
+            c.delta,
+            c.noise_multiplier,
+            c.sample_rate,
+            c.max_grad_norm,
+            c.steps,
+            self.source,
+            self.source.explained()
+        )
+    }
+}
+
 /// One entry of the log. Its leaf is `SHA-256(0x00 ‖ the entry's JSON bytes)`, over the
 /// exact bytes the log stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

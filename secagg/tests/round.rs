@@ -362,10 +362,11 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
     assert_eq!(sum.sum, vec![4, 8, 12, 16, 4]);
 }
 
-#[test]
-fn tampered_masked_input_is_rejected_and_sum_unaffected() {
+/// Three clients of a round with t = k = 2 over 4 values, advertised and with their keys
+/// shared: the aggregator waits for masked inputs.
+fn three_clients_with_shares(seed: u64) -> (Aggregator, Vec<Client>, RoundConfig) {
     let cfg = config(3, 2, 2, 2, 4, 32);
-    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
     let mut clients: Vec<Client> =
         (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
@@ -378,6 +379,30 @@ fn tampered_masked_input_is_rejected_and_sum_unaffected() {
         agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
     }
     agg.advance(Timestamp(2));
+    (agg, clients, cfg)
+}
+
+/// Closes the masked-input phase and runs consistency and unmasking with every client;
+/// returns the released sum.
+fn finish_round(agg: &mut Aggregator, clients: &mut [Client]) -> Vec<u32> {
+    agg.advance(Timestamp(3));
+    let set = agg.survivor_set().unwrap();
+    for c in clients.iter_mut() {
+        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(4));
+    let req = agg.unmask_request().unwrap();
+    for c in clients.iter_mut() {
+        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(5));
+    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!("{:?}", agg.outcome()) };
+    sum.sum.clone()
+}
+
+#[test]
+fn tampered_masked_input_is_rejected_and_sum_unaffected() {
+    let (mut agg, mut clients, _) = three_clients_with_shares(11);
     let mut masked: Vec<MaskedInput> =
         clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
     let mut tampered = masked[0].clone();
@@ -389,19 +414,7 @@ fn tampered_masked_input_is_rejected_and_sum_unaffected() {
     for m in masked.drain(..) {
         agg.handle_masked_input(&m).unwrap();
     }
-    agg.advance(Timestamp(3));
-    let set = agg.survivor_set().unwrap();
-    for c in &mut clients {
-        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(4));
-    let req = agg.unmask_request().unwrap();
-    for c in &mut clients {
-        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(5));
-    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!() };
-    assert_eq!(sum.sum, vec![15; 5]);
+    assert_eq!(finish_round(&mut agg, &mut clients), vec![15; 5]);
 }
 
 /// The record-level privacy claim travels under the sender's signature: changed,
@@ -409,24 +422,11 @@ fn tampered_masked_input_is_rejected_and_sum_unaffected() {
 /// claim its sender did sign but that no honest ledger could produce is refused too.
 #[test]
 fn record_privacy_claims_are_signed_and_checked() {
-    let cfg = config(3, 2, 2, 2, 4, 32);
-    let mut rng = ChaCha20Rng::seed_from_u64(13);
-    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
-    let mut clients: Vec<Client> =
-        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+    let (mut agg, mut clients, cfg) = three_clients_with_shares(13);
     let claim = RecordPrivacyClaim { epsilon: 4.0, delta: 1e-5, budget: 8.0, noise_multiplier: 1.0, sample_rate: 0.02, max_grad_norm: 1.0, steps: 50 };
     clients[0].set_record_privacy(claim).unwrap();
     // The client refuses to sign an incoherent claim, as the aggregator would refuse it.
     assert!(clients[1].set_record_privacy(RecordPrivacyClaim { epsilon: 9.0, ..claim }).is_err());
-    for c in &clients {
-        agg.handle_advertise(c.advertise(vec![])).unwrap();
-    }
-    agg.advance(Timestamp(1));
-    let dir = agg.key_directory().unwrap();
-    for c in &mut clients {
-        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(2));
     let masked: Vec<MaskedInput> =
         clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
     assert_eq!(masked[0].record_privacy, Some(claim));
@@ -451,19 +451,7 @@ fn record_privacy_claims_are_signed_and_checked() {
     for m in &masked {
         agg.handle_masked_input(m).unwrap();
     }
-    agg.advance(Timestamp(3));
-    let set = agg.survivor_set().unwrap();
-    for c in &mut clients {
-        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(4));
-    let req = agg.unmask_request().unwrap();
-    for c in &mut clients {
-        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(5));
-    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!() };
-    assert_eq!(sum.sum, vec![15; 5]);
+    assert_eq!(finish_round(&mut agg, &mut clients), vec![15; 5]);
 }
 
 #[test]

@@ -118,8 +118,7 @@ impl Service {
                 None => unknown_round(round),
             });
         }
-        let entries: Vec<LogEntry> = stored.iter().map(|e| LogEntry::parse(&e.data)).collect::<Result<_, _>>().map_err(ApiError::internal)?;
-        let report = derive_report(&entries).map_err(ApiError::internal)?;
+        let report = report_of(&stored)?;
         let (proofs, consistency) = self
             .with_enclave(|enclave| -> Result<_, ApiError> {
                 let log = enclave.log();
@@ -213,6 +212,12 @@ impl Service {
         })
         .await
     }
+}
+
+/// The report of a round's stored log entries (the round's whole record, in order).
+pub(crate) fn report_of(stored: &[tessera_enclave::log::StoredLogEntry]) -> Result<tessera_attestation::audit::RoundReport, ApiError> {
+    let entries: Vec<LogEntry> = stored.iter().map(|e| LogEntry::parse(&e.data)).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    derive_report(&entries).map_err(ApiError::internal)
 }
 
 fn unknown_round(round: u64) -> ApiError {

@@ -752,7 +752,8 @@ impl Service {
         let mut outsider: Vec<(f64, u64)> = Vec::new();
         let mut per_round = Vec::new();
         let mut delta = schedule_dp.map(|d| d.delta);
-        for row in self.store.rounds().await? {
+        let rows = self.store.rounds().await?;
+        for row in &rows {
             let Some(dp) = row.config.dp else { continue };
             if row.outcome.as_deref() != Some("released") {
                 continue;
@@ -771,7 +772,7 @@ impl Service {
                 epsilon_outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, d),
             });
         }
-        let institutions = self.institution_privacy().await?;
+        let institutions = self.institution_privacy(&rows).await?;
         let rounds_released = groups.iter().map(|g| g.1).sum();
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
         let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
@@ -803,16 +804,14 @@ impl Service {
 
     /// Each rostered institution's institution-level ε and record-level claims, from the
     /// reports derived from the log (rounds that predate the log have none).
-    async fn institution_privacy(&self) -> Result<Vec<InstitutionPrivacy>, ApiError> {
+    async fn institution_privacy(&self, rows: &[crate::store::RoundRow]) -> Result<Vec<InstitutionPrivacy>, ApiError> {
         let mut by_key: BTreeMap<String, (Option<f64>, Vec<RoundClaim>)> = BTreeMap::new();
-        for row in self.store.rounds().await? {
+        for row in rows {
             let stored = self.store.log_of_round(row.round).await?;
             if stored.is_empty() {
                 continue;
             }
-            let entries: Vec<tessera_attestation::audit::LogEntry> =
-                stored.iter().map(|e| tessera_attestation::audit::LogEntry::parse(&e.data)).collect::<Result<_, _>>().map_err(ApiError::internal)?;
-            let report = tessera_attestation::audit::derive_report(&entries).map_err(ApiError::internal)?;
+            let report = crate::compliance::report_of(&stored)?;
             for p in &report.participants {
                 let slot = by_key.entry(p.identity.to_ascii_lowercase()).or_default();
                 if p.epsilon_cumulative.is_some() {

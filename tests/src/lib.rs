@@ -67,6 +67,16 @@ pub fn attest_bin() -> PathBuf {
     bin
 }
 
+/// Runs `tessera-attest audit` on `bundle` (written to `dir`) under the dev policy, with
+/// `extra` arguments (`--json`); the CLI's output, whatever its exit status.
+pub fn audit_with_cli(dir: &std::path::Path, bundle: &tessera_attestation::audit::RoundBundle, extra: &[&str]) -> std::process::Output {
+    std::fs::create_dir_all(dir).expect("audit directory");
+    let (file, policy) = (dir.join(format!("round-{}.json", bundle.round)), dir.join("dev.toml"));
+    std::fs::write(&file, serde_json::to_vec(bundle).expect("bundle serializes")).expect("write bundle");
+    std::fs::write(&policy, b"allow_insecure_dev = true\n").expect("write policy");
+    std::process::Command::new(attest_bin()).arg("audit").arg(&file).arg("--policy").arg(&policy).args(extra).output().expect("run tessera-attest")
+}
+
 /// What an honest client trusts for the server's open round, read the way
 /// `participate` reads it: the enclave's identity key from its (dev) evidence and the
 /// configuration's signature from the round status.

@@ -55,11 +55,7 @@ async fn a_round_past_the_budget_is_refused() {
     for needle in ["zero-out adjacency", "against any one participant", "against outsiders", &format!("{one:.3}"), &format!("{outsider:.3}")] {
         assert!(page.contains(needle), "the report page lacks {needle:?}");
     }
-    let dir = root.path().join("audit");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("round-1.json"), serde_json::to_vec(&bundle).unwrap()).unwrap();
-    std::fs::write(dir.join("dev.toml"), b"allow_insecure_dev = true\n").unwrap();
-    let out = std::process::Command::new(attest_bin()).arg("audit").arg(dir.join("round-1.json")).arg("--policy").arg(dir.join("dev.toml")).output().unwrap();
+    let out = audit_with_cli(&root.path().join("audit"), &bundle, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let line = stdout.lines().find(|l| l.starts_with("privacy: ")).expect("the audit prints the privacy line");

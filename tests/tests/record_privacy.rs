@@ -82,23 +82,13 @@ async fn record_level_epsilon_is_signed_logged_reported_and_audited() {
 
     // The auditor's CLI prints one line per claim, with its source.
     let dir = root.path().join("audit");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("round-1.json"), serde_json::to_vec(&bundle).unwrap()).unwrap();
-    std::fs::write(dir.join("dev.toml"), b"allow_insecure_dev = true\n").unwrap();
-    let out = std::process::Command::new(attest_bin()).arg("audit").arg(dir.join("round-1.json")).arg("--policy").arg(dir.join("dev.toml")).output().unwrap();
+    let out = audit_with_cli(&dir, &bundle, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("record privacy: ")).collect();
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].contains("institution-0: ε = 3.000 of 8 per record") && lines[0].contains("claimed: the institution's own claim"), "{}", lines[0]);
-    let json_out = std::process::Command::new(attest_bin())
-        .arg("audit")
-        .arg(dir.join("round-1.json"))
-        .arg("--policy")
-        .arg(dir.join("dev.toml"))
-        .arg("--json")
-        .output()
-        .unwrap();
+    let json_out = audit_with_cli(&dir, &bundle, &["--json"]);
     let v: serde_json::Value = serde_json::from_slice(&json_out.stdout).unwrap();
     assert_eq!(v["record_privacy"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["record_privacy"][1]["epsilon"], 2.5);

@@ -218,18 +218,7 @@ fn audit(bundle: &PathBuf, previous_head: Option<PathBuf>, mean: Option<PathBuf>
         for p in &parsed.report.participants {
             if let Some(rp) = p.record_privacy {
                 let who = parsed.names.get(&p.identity).cloned().unwrap_or_else(|| format!("client {}", p.client));
-                println!(
-                    "record privacy: {who}: ε = {:.3} of {} per record (δ = {:e}; DP-SGD σ = {:.3}, q = {:.4}, C = {}, {} steps this round); {}: {}",
-                    rp.claim.epsilon,
-                    rp.claim.budget,
-                    rp.claim.delta,
-                    rp.claim.noise_multiplier,
-                    rp.claim.sample_rate,
-                    rp.claim.max_grad_norm,
-                    rp.claim.steps,
-                    rp.source,
-                    rp.source.explained()
-                );
+                println!("record privacy: {who}: {}", rp.describe());
             }
         }
         for c in &outcome.checks {

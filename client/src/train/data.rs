@@ -23,11 +23,16 @@ pub struct Example {
 
 /// Reads a JSON-lines file of examples; a bad line is an error naming its number.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>, ModelError> {
+    read_json_lines(path, |l| serde_json::from_str(l).map_err(|e| e.to_string()))
+}
+
+/// Every non-blank line of `path` through `parse`; a bad line is an error naming its number.
+pub fn read_json_lines<T>(path: &Path, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read { path: path.into(), reason: e.to_string() })?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| ModelError::Config { path: path.into(), reason: format!("line {}: {e}", i + 1) }))
+        .map(|(i, l)| parse(l).map_err(|e| ModelError::Config { path: path.into(), reason: format!("line {}: {e}", i + 1) }))
         .collect()
 }
 

@@ -86,12 +86,7 @@ impl SftExample {
 
 /// Reads JSON lines of SFT records; a bad line is an error naming its number.
 pub fn read_sft_jsonl(path: &Path) -> Result<Vec<SftExample>, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Read { path: path.into(), reason: e.to_string() })?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| SftExample::parse(l).map_err(|e| ModelError::Config { path: path.into(), reason: format!("line {}: {e}", i + 1) }))
-        .collect()
+    super::data::read_json_lines(path, SftExample::parse)
 }
 
 /// A model's chat template, compiled once, with the special tokens it refers to.

@@ -444,16 +444,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("  audit {} {}: {}", if c.passed { "ok  " } else { "FAIL" }, c.name, c.detail);
     }
     for (name, r) in &audit.records {
-        println!(
-            "  record-level ε of {name} in the signed log: {:.3} of {} (δ = {:e}; this round σ = {:.3}, q = {:.4}, {} steps): {}",
-            r.claim.epsilon,
-            r.claim.budget,
-            r.claim.delta,
-            r.claim.noise_multiplier,
-            r.claim.sample_rate,
-            r.claim.steps,
-            r.source.explained()
-        );
+        println!("  record-level privacy of {name} in the signed log: {}", r.describe());
     }
     let attest_bin = std::env::current_exe()?.with_file_name("tessera-attest");
     println!(
