@@ -159,7 +159,11 @@ impl Store {
 
     /// Writes one enclave step atomically; see [`Commit`].
     pub async fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: the write lock is taken before the first read, so a write committed
+        // meanwhile by another connection (evidence is stored outside the round lock)
+        // waits for busy_timeout instead of failing the upgrade with SQLITE_BUSY_SNAPSHOT,
+        // which made a refused admission's log entry fail to store and the round rebuild.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some((cfg, opened_at)) = c.open {
             let json = serde_json::to_string(cfg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             sqlx::query("INSERT INTO rounds (round, config, opened_at, status) VALUES (?, ?, ?, 'open')")
