@@ -3,6 +3,7 @@
 //! `tessera-client` binary is thin glue over these modules; local LoRA training plugs
 //! into [`participate::participate`] as the update provider.
 
+pub mod feedback;
 pub mod http;
 pub mod identity;
 pub mod ledger;

@@ -490,6 +490,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let global_before = inst.evaluate(true)?;
             eprintln!("[{}] initial model: held-out {before}", identity.name);
             let mut next_round: Option<u64> = None;
+            // What shared random-k rounds have not sent yet (kept here, added to the next update).
+            let mut feedback = tessera_client::feedback::ErrorFeedback::default();
             for i in 1..=rounds {
                 let record_epsilon = match &record_privacy {
                     Some(plan) => {
@@ -518,8 +520,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let delta = update.delta;
                 let examples = update.examples;
+                let feedback = &mut feedback;
+                let name = &identity.name;
                 let result = rt.block_on(participate(&api, &identity, &opts, move |cfg| {
                     let mut delta = delta;
+                    if let Some(sent) = feedback.apply(&mut delta, cfg)? {
+                        eprintln!(
+                            "[{name}] compression: sending {} of {} coordinates ({}); {:.4} (L2) kept back for later rounds",
+                            sent.kept,
+                            sent.of,
+                            cfg.compression.map(|c| c.describe(cfg.vector_len)).unwrap_or_default(),
+                            sent.residual_norm
+                        );
+                    }
                     let dp = prepare_for_round(&mut delta, cfg).is_some();
                     Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
                 }))?;
@@ -615,6 +628,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
                         .map_err(|e| ParticipateError::Update(e.to_string()))?;
+                    // One update, one round: what random-k does not send is not kept by submit
+                    // (federate keeps it and sends it in later rounds).
+                    if let Some(sent) = tessera_client::feedback::ErrorFeedback::default().apply(&mut flat, cfg)? {
+                        eprintln!(
+                            "compression: this round sends {} of {} coordinates; the other coordinates of this update (L2 {:.4}) are not sent (tessera-client federate keeps them for later rounds)",
+                            sent.kept, sent.of, sent.residual_norm
+                        );
+                    }
                     // A round with DP: clip to its L2 bound and add this institution's noise share.
                     if let Some(norm) = prepare_for_round(&mut flat, cfg) {
                         if let Some(dp) = cfg.dp {

@@ -385,7 +385,7 @@ where
     if update.len() != cfg.vector_len as usize {
         return Err(ParticipateError::Update(format!("the update has {} values, round {round} aggregates {}", update.len(), cfg.vector_len)));
     }
-    let quantized = Quantizer::new(&cfg).quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
+    let quantized = Quantizer::new(&cfg)?.quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
     drop(update);
 
     let attester = match (&opts.attester, opts.insecure_dev) {

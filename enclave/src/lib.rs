@@ -174,6 +174,12 @@ pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, bo
             if v.len() != cfg.masked_len() {
                 return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: v.len() }));
             }
+            if v.bits != cfg.modulus_bits {
+                return Err(EnclaveError::Protocol(tessera_secagg::Error::Malformed(format!(
+                    "masked input elements are {} bits wide, the round's modulus is 2^{}",
+                    v.bits, cfg.modulus_bits
+                ))));
+            }
             let input = v.digested();
             signed(v.round, v.client, &input.transcript(digest), &v.signature)?;
             Preverified::MaskedInput(input)
@@ -442,7 +448,7 @@ impl Enclave {
             }
         }
         self.check_budget(&cfg)?;
-        let quantizer = Quantizer::new(&cfg);
+        let quantizer = Quantizer::new(&cfg)?;
         let mut aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
         aggregator.set_threads(self.threads);
         let cfg = aggregator.config();

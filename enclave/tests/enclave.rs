@@ -63,7 +63,7 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
     e.open_round(cfg.clone(), now).unwrap();
     let mut clients: Vec<Client> = (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&e), &mut rng).unwrap()).collect();
     let updates: Updates = (0..n).map(|i| ((0..6).map(|j| (i as f32 - j as f32) / 10.0).collect(), 10 + i as u32 * 5)).collect();
-    let q = Quantizer::new(&cfg);
+    let q = Quantizer::new(&cfg).unwrap();
     let feed = |e: &mut Enclave, log: &mut Vec<StoredEvent>, kind, body: Vec<u8>, now| {
         e.handle_message(kind, &body, now).unwrap();
         log.push(StoredEvent::Message { kind, received_at: now, body });

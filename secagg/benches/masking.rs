@@ -473,7 +473,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     // Phase 2: mask, ship and drop each input in turn; the child folds it on arrival.
     let r = aggp.call(b'R', &[]);
     st.hwm_reset_ok = r["reset"].as_bool().unwrap_or(false);
-    let quantizer = Quantizer::new(&cfg);
+    let quantizer = Quantizer::new(&cfg).expect("the bench configuration validates");
     let digest = cfg.digest();
     let mut expected = vec![0u32; words];
     let mut qrng = ChaCha20Rng::seed_from_u64(99);
@@ -519,9 +519,9 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         drop(input);
         if st.digest_s.len() < spec.reps {
             // Break the fold down (in this process, so the child's memory stays clean).
-            let dd = MaskedInput::data_digest(&masked.data);
+            let dd = MaskedInput::data_digest(&masked.data, masked.bits);
             st.digest_s.push(time_median(3, || {
-                std::hint::black_box(MaskedInput::data_digest(&masked.data));
+                std::hint::black_box(MaskedInput::data_digest(&masked.data, masked.bits));
             }));
             // The plain SHA-256 of the body on one core, the digest of protocol version 1.
             std::hint::black_box((digest_streaming_sha2(&masked.data), digest_streaming_ring(&masked.data), dd));

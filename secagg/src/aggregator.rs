@@ -232,7 +232,14 @@ impl Aggregator {
 
     /// Phase 2: verifies and folds the masked input into the running sum.
     pub fn handle_masked_input(&mut self, msg: &MaskedInput) -> Result<(), Error> {
-        self.fold_masked(msg.round, msg.client, &msg.signature, msg.record_privacy.as_ref(), &MaskedInput::data_digest(&msg.data), msg.data.iter().copied())
+        self.check_width(msg.bits)?;
+        // Decoded bodies are within the width by construction; a vector built in memory may not be.
+        let modulus = self.cfg.modulus_mask();
+        if msg.data.iter().any(|x| x & !modulus != 0) {
+            return Err(Error::malformed("masked input exceeds the modulus"));
+        }
+        let digest = MaskedInput::data_digest(&msg.data, msg.bits);
+        self.fold_masked(msg.round, msg.client, &msg.signature, msg.record_privacy.as_ref(), &digest, msg.data.iter().copied())
     }
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
@@ -248,8 +255,22 @@ impl Aggregator {
     /// computed (by an early signature check): the body is not hashed again.
     pub fn handle_masked_input_digested(&mut self, input: &DigestedMaskedInput<'_>) -> Result<(ClientId, [u8; 32]), Error> {
         let view = input.view();
-        self.fold_masked(view.round, view.client, &view.signature, view.record_privacy.as_ref(), input.digest(), view.words())?;
+        self.check_width(view.bits)?;
+        let claim = view.record_privacy.as_ref();
+        match view.words() {
+            Some(words) => self.fold_masked(view.round, view.client, &view.signature, claim, input.digest(), words)?,
+            None => self.fold_masked(view.round, view.client, &view.signature, claim, input.digest(), view.values())?,
+        }
         Ok((view.client, *input.digest()))
+    }
+
+    /// Elements travel at the round's width: packed below 32 bits, words at 32. Any
+    /// other width is refused, so each masked vector has one encoding.
+    fn check_width(&self, bits: u8) -> Result<(), Error> {
+        if bits != self.cfg.modulus_bits {
+            return Err(Error::malformed(format!("masked input elements are {bits} bits wide, the round's modulus is 2^{}", self.cfg.modulus_bits)));
+        }
+        Ok(())
     }
 
     fn fold_masked(
@@ -259,7 +280,8 @@ impl Aggregator {
         signature: &[u8; 64],
         claim: Option<&crate::wire::RecordPrivacyClaim>,
         digest: &[u8; 32],
-        words: impl ExactSizeIterator<Item = u32> + Clone,
+        // Elements of the round's width ([`Aggregator::check_width`]), so below its modulus.
+        words: impl ExactSizeIterator<Item = u32>,
     ) -> Result<(), Error> {
         let len = words.len();
         let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), signature)?;
@@ -268,10 +290,6 @@ impl Aggregator {
         }
         if len != self.sum.len() {
             return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: len }.into());
-        }
-        let modulus = self.cfg.modulus_mask();
-        if modulus != u32::MAX && words.clone().any(|x| x & !modulus != 0) {
-            return Err(Error::malformed("masked input exceeds the modulus"));
         }
         self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest, claim), signature)?;
         // Signed, so the sender's own: checked for coherence before it reaches the log.

@@ -439,13 +439,14 @@ impl Client {
         if modulus != u32::MAX {
             data.iter_mut().for_each(|x| *x &= modulus);
         }
-        let data_digest = MaskedInput::data_digest(&data);
+        let bits = self.cfg.modulus_bits.min(32);
+        let data_digest = MaskedInput::data_digest(&data, bits);
         let claim = self.record_privacy;
         let signature = self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest, claim.as_ref()).as_bytes());
         self.held = held;
         self.u2 = u2.into_iter().collect();
         self.state = State::AwaitingSurvivors;
-        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, signature, record_privacy: claim })
+        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, bits, signature, record_privacy: claim })
     }
 
     /// Phase 3: signs U3. An honest client signs exactly one survivor set per round.

@@ -82,6 +82,11 @@ pub struct RoundConfig {
     /// to `l2_clip` and add their noise share; the aggregator accounts the ε spent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<crate::dp::DpParams>,
+    /// A linear encoding applied before quantization (shared random-k, Hadamard
+    /// rotation); see [`crate::compress`]. The masked vectors then have
+    /// [`RoundConfig::encoded_len`] elements plus the weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::compress::Compression>,
 }
 
 /// Default statistical parameters for choosing `k` (see [`default_neighbours`]).
@@ -106,9 +111,20 @@ impl RoundConfig {
         self.roster.len()
     }
 
-    /// Length of the vectors that are masked and summed: the parameters plus the weight.
+    /// Elements of an encoded update: `vector_len`, or what [`RoundConfig::compression`] leaves.
+    pub fn encoded_len(&self) -> usize {
+        crate::compress::encoded_len(self.vector_len, self.compression.as_ref())
+    }
+
+    /// Length of the vectors that are masked and summed: the encoded update plus the weight.
     pub fn masked_len(&self) -> usize {
-        self.vector_len as usize + 1
+        self.encoded_len() + 1
+    }
+
+    /// Bytes the masked vector occupies on the wire: [`RoundConfig::masked_len`] elements
+    /// of `modulus_bits` bits each ([`crate::pack`]).
+    pub fn masked_bytes(&self) -> usize {
+        crate::pack::packed_len(self.masked_len(), self.modulus_bits)
     }
 
     pub fn modulus_mask(&self) -> u32 {
@@ -151,6 +167,7 @@ impl RoundConfig {
             graph_seed: hex::encode(graph_seed),
             dp: None,
             advertise_timeout_ms: 0,
+            compression: None,
         }
     }
 
@@ -203,6 +220,12 @@ impl RoundConfig {
                         t.name
                     ));
                 }
+            }
+        }
+        if let Some(c) = &self.compression {
+            c.validate(self.vector_len)?;
+            if self.encoded_len() >= u32::MAX as usize {
+                return bad(format!("the encoded update of {} elements does not fit a round", self.encoded_len()));
             }
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
@@ -300,6 +323,15 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
         put("dp.epsilon_budget", &dp.epsilon_budget.to_bits().to_le_bytes());
         if dp.colluders != 0 {
             put("dp.colluders", &dp.colluders.to_le_bytes());
+        }
+    }
+    if let Some(c) = &cfg.compression {
+        put("compression", b"v1");
+        if let Some(k) = c.keep {
+            put("compression.keep", &k.to_le_bytes());
+        }
+        if let Some(b) = c.rotation_block {
+            put("compression.rotation_block", &b.to_le_bytes());
         }
     }
     out
@@ -423,6 +455,12 @@ mod tests {
         let mut more_noise = with_dp.clone();
         more_noise.dp = Some(crate::dp::DpParams { noise_multiplier: 1.5, ..dp });
         assert_ne!(with_dp.digest(), more_noise.digest());
+        let mut compressed = base.clone();
+        compressed.compression = Some(crate::compress::Compression { keep: Some(5), rotation_block: None });
+        assert_ne!(base.digest(), compressed.digest());
+        let mut rotated = compressed.clone();
+        rotated.compression = Some(crate::compress::Compression { keep: Some(5), rotation_block: Some(4) });
+        assert_ne!(compressed.digest(), rotated.digest());
         let mut more_colluders = with_dp.clone();
         more_colluders.dp = Some(crate::dp::DpParams { colluders: 2, ..dp });
         assert_ne!(with_dp.digest(), more_colluders.digest());

@@ -12,7 +12,9 @@
 //! - [`config`]: the public round parameters and their validation;
 //! - [`floors`]: what an institution requires of any round, whatever the server proposes;
 //! - [`graph`]: the k-regular neighbour graph of SecAgg+;
+//! - [`compress`]: linear encodings before quantization (shared random-k, Hadamard rotation);
 //! - [`quantize`]: clipping, stochastic rounding into `Z_{2^b}`, and dequantization of sums;
+//! - [`pack`]: `b`-bit packing of masked vectors on the wire;
 //! - [`crypto`]: X25519 agreement, HKDF-SHA256 derivations, AES-GCM share encryption,
 //!   Ed25519 signatures over message transcripts;
 //! - [`shamir`]: t-of-k secret sharing over GF(2^8), constant time;
@@ -24,12 +26,14 @@
 
 pub mod aggregator;
 pub mod client;
+pub mod compress;
 pub mod config;
 pub mod crypto;
 pub mod dp;
 pub mod error;
 pub mod floors;
 pub mod graph;
+pub mod pack;
 pub mod prg;
 pub mod quantize;
 pub mod rdp;

@@ -6,9 +6,13 @@
 //! The weight itself travels as one extra integer element, so the aggregator learns
 //! `Σ w_i x_i` and `Σ w_i` and nothing per client. Dequantizing the sum of `s` inputs
 //! removes the `s` offsets and divides by the total weight (FedAvg).
+//!
+//! A round with [`RoundConfig::compression`] quantizes the encoded update
+//! ([`crate::compress::Encoding`]) and decodes the mean after dequantizing it.
 
 use rand::Rng;
 
+use crate::compress::Encoding;
 use crate::config::RoundConfig;
 use crate::error::Error;
 
@@ -18,6 +22,7 @@ pub struct Quantizer {
     levels: u64,
     max_weight: u32,
     mask: u32,
+    encoding: Option<std::sync::Arc<Encoding>>,
 }
 
 /// The released aggregate: the weighted mean of the included clients' updates.
@@ -29,10 +34,18 @@ pub struct WeightedMean {
 }
 
 impl Quantizer {
-    pub fn new(cfg: &RoundConfig) -> Self {
+    /// The round's quantizer, with its encoding when the round compresses (which fails
+    /// only for a configuration that does not validate).
+    pub fn new(cfg: &RoundConfig) -> Result<Self, Error> {
         let mask = cfg.modulus_mask();
         let n = cfg.participants() as u64;
-        Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask }
+        let encoding = Encoding::for_config(cfg)?.map(std::sync::Arc::new);
+        Ok(Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask, encoding })
+    }
+
+    /// The round's encoding, when it compresses.
+    pub fn encoding(&self) -> Option<&Encoding> {
+        self.encoding.as_deref()
     }
 
     /// Width of one quantization step in the units of the (weight-scaled) update.
@@ -42,17 +55,36 @@ impl Quantizer {
 
     /// Worst-case absolute error of one coordinate of the released mean, given the
     /// number of included clients and their total weight: each client rounds by at most
-    /// one step, scaled back by `w_max / Σw`.
+    /// one step, scaled back by `w_max / Σw`. With a rotation, an inverse block of `B`
+    /// coordinates can add up `B` such errors over `√B` ([`Encoding::error_amplification`]);
+    /// with random-k, the bound is on the coordinates sent.
     pub fn mean_error_bound(&self, included: usize, total_weight: u64) -> f64 {
-        self.step() * included as f64 * self.max_weight as f64 / total_weight.max(1) as f64
+        let amplification = self.encoding.as_ref().map_or(1.0, |e| e.error_amplification());
+        self.step() * included as f64 * self.max_weight as f64 / total_weight.max(1) as f64 * amplification
     }
 
-    /// Clips, weights and stochastically rounds `update`; appends the weight. NaN
-    /// coordinates are refused rather than silently zeroed.
+    /// Encodes (when the round compresses), clips, weights and stochastically rounds
+    /// `update`; appends the weight. NaN coordinates are refused rather than silently
+    /// zeroed.
     pub fn quantize<R: Rng + ?Sized>(&self, update: &[f32], weight: u32, rng: &mut R) -> Result<Vec<u32>, Error> {
         if weight == 0 || weight > self.max_weight {
             return Err(Error::Config(format!("weight must be in 1..={}, got {weight}", self.max_weight)));
         }
+        if let Some(i) = update.iter().position(|x| x.is_nan()) {
+            return Err(Error::malformed(format!("update coordinate {i} is NaN")));
+        }
+        let encoded;
+        let update = match &self.encoding {
+            Some(e) => {
+                // A rotation would mix an infinity into NaNs across its block.
+                if let Some(i) = update.iter().position(|x| x.is_infinite()) {
+                    return Err(Error::malformed(format!("update coordinate {i} is infinite, which a compressed round cannot encode")));
+                }
+                encoded = e.encode(update)?;
+                &encoded[..]
+            }
+            None => update,
+        };
         let scale = weight as f64 / self.max_weight as f64;
         let to_levels = self.levels as f64 / (2.0 * self.clip);
         let mut out = Vec::with_capacity(update.len() + 1);
@@ -81,7 +113,11 @@ impl Quantizer {
         let from_levels = 2.0 * self.clip / self.levels as f64;
         let offset = included as f64 * self.clip;
         let rescale = self.max_weight as f64 / total_weight as f64;
-        let mean = values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect();
+        let mean: Vec<f32> = values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect();
+        let mean = match &self.encoding {
+            Some(e) => e.decode(&mean)?,
+            None => mean,
+        };
         Ok(WeightedMean { mean, total_weight, included })
     }
 }
@@ -106,7 +142,7 @@ mod tests {
             c.max_weight = (c.modulus_mask() / 7).min(100);
             c.validate().unwrap();
             let w = c.max_weight;
-            let q = Quantizer::new(&c);
+            let q = Quantizer::new(&c).unwrap();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
             let inputs: Vec<Vec<u32>> = (0..7).map(|_| q.quantize(&[9.0, -9.0, 0.5, -0.5], w, &mut rng).unwrap()).collect();
             let mut sum = vec![0u32; 5];
@@ -127,7 +163,7 @@ mod tests {
     #[test]
     fn stochastic_rounding_is_unbiased() {
         let c = cfg(2, 8);
-        let q = Quantizer::new(&c);
+        let q = Quantizer::new(&c).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         let x = 0.1234f32;
         let trials = 20_000;
@@ -144,7 +180,7 @@ mod tests {
     #[test]
     fn weighted_mean_is_fedavg() {
         let c = cfg(3, 32);
-        let q = Quantizer::new(&c);
+        let q = Quantizer::new(&c).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let a = q.quantize(&[0.4, 0.0, 0.0, 0.0], 10, &mut rng).unwrap();
         let b = q.quantize(&[-0.2, 0.0, 0.0, 0.0], 30, &mut rng).unwrap();
@@ -156,7 +192,7 @@ mod tests {
 
     #[test]
     fn refuses_nan_and_bad_weight() {
-        let q = Quantizer::new(&cfg(3, 32));
+        let q = Quantizer::new(&cfg(3, 32)).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         assert!(q.quantize(&[f32::NAN], 1, &mut rng).is_err());
         assert!(q.quantize(&[0.0], 0, &mut rng).is_err());

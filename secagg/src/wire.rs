@@ -265,7 +265,12 @@ impl RecordPrivacyClaim {
 pub struct MaskedInput {
     pub round: u64,
     pub client: ClientId,
+    /// The masked elements, each below `2^bits`.
     pub data: Vec<u32>,
+    /// Width of each element on the wire: the round's `modulus_bits`. At 32 the body is
+    /// little-endian words (versions 2 and 3); below, it is bit-packed ([`crate::pack`],
+    /// versions 4 and 5).
+    pub bits: u8,
     pub signature: [u8; 64],
     pub record_privacy: Option<RecordPrivacyClaim>,
 }
@@ -276,6 +281,7 @@ impl std::fmt::Debug for MaskedInput {
             .field("round", &self.round)
             .field("client", &self.client)
             .field("len", &self.data.len())
+            .field("bits", &self.bits)
             .field("record_privacy", &self.record_privacy)
             .finish()
     }
@@ -289,6 +295,11 @@ const MASKED_VERSION: u8 = 2;
 /// 3: version 2 with a [`RecordPrivacyClaim`] after the signature, which the signature
 /// covers.
 const MASKED_VERSION_CLAIM: u8 = 3;
+/// 4: the body is bit-packed at the round's `modulus_bits` (below 32), which one byte after
+/// the header states; the data digest is the tree hash of the packed body.
+const MASKED_VERSION_PACKED: u8 = 4;
+/// 5: version 4 with a [`RecordPrivacyClaim`] (between the header and the width byte).
+const MASKED_VERSION_PACKED_CLAIM: u8 = 5;
 
 /// Bytes of the masked body per leaf of the data digest (1 MiB, 262,144 words).
 pub const DIGEST_CHUNK_BYTES: usize = 1 << 20;
@@ -349,16 +360,22 @@ pub const MASKED_HEADER_LEN: usize = 4 + 1 + 8 + 4 + 4 + 64;
 pub const MASKED_HEADER_LEN_CLAIM: usize = MASKED_HEADER_LEN + RECORD_PRIVACY_LEN;
 
 impl MaskedInput {
-    /// The data digest ([`data_digest_of_bytes`]) of the words as little-endian bytes
-    /// (the encoded body), on every core, hashed in blocks rather than copied whole.
-    pub fn data_digest(data: &[u32]) -> [u8; 32] {
-        data_digest_of_words(data, crate::prg::default_threads())
+    /// The data digest ([`data_digest_of_bytes`]) of the encoded body: the words as
+    /// little-endian bytes at 32 bits (hashed in blocks rather than copied whole), the
+    /// packed bytes below; on every core.
+    pub fn data_digest(data: &[u32], bits: u8) -> [u8; 32] {
+        if bits >= 32 {
+            data_digest_of_words(data, crate::prg::default_threads())
+        } else {
+            data_digest_of_bytes(&crate::pack::pack(data, bits), crate::prg::default_threads())
+        }
     }
 
     /// What the sender signs: the round, the sender, the data digest and, when it makes
     /// one, its record-level privacy claim (so the claim cannot be stripped, added or
     /// changed without the signature failing). Without a claim the transcript is the
-    /// one of version 2.
+    /// one of version 2. The width needs no place of its own: the configuration, whose
+    /// digest every transcript binds, fixes it, and the aggregator refuses any other.
     pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32], claim: Option<&RecordPrivacyClaim>) -> Transcript {
         let mut t = Transcript::new("masked-input", digest, round);
         t.id(client).bytes(data_digest);
@@ -369,19 +386,25 @@ impl MaskedInput {
     }
 
     pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
-        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data), self.record_privacy.as_ref())
+        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data, self.bits), self.record_privacy.as_ref())
     }
 
-    /// The largest encoding of an input of `elements` words (with a claim); servers
-    /// derive their body limit from it.
-    pub fn encoded_len(elements: usize) -> usize {
-        MASKED_HEADER_LEN_CLAIM + 4 * elements
+    /// The largest encoding of an input of `elements` elements of `bits` bits (with a
+    /// claim); servers derive their body limit from it.
+    pub fn encoded_len(elements: usize, bits: u8) -> usize {
+        MASKED_HEADER_LEN_CLAIM + 1 + crate::pack::packed_len(elements, bits)
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::encoded_len(self.data.len()));
+        let packed = self.bits < 32;
+        let mut out = Vec::with_capacity(Self::encoded_len(self.data.len(), self.bits));
         out.extend_from_slice(MASKED_MAGIC);
-        out.push(if self.record_privacy.is_some() { MASKED_VERSION_CLAIM } else { MASKED_VERSION });
+        out.push(match (packed, self.record_privacy.is_some()) {
+            (false, false) => MASKED_VERSION,
+            (false, true) => MASKED_VERSION_CLAIM,
+            (true, false) => MASKED_VERSION_PACKED,
+            (true, true) => MASKED_VERSION_PACKED_CLAIM,
+        });
         out.extend_from_slice(&self.round.to_le_bytes());
         out.extend_from_slice(&self.client.0.to_le_bytes());
         out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
@@ -389,17 +412,18 @@ impl MaskedInput {
         if let Some(c) = &self.record_privacy {
             out.extend_from_slice(&c.to_bytes());
         }
-        for w in &self.data {
-            out.extend_from_slice(&w.to_le_bytes());
+        if packed {
+            out.push(self.bits);
         }
+        crate::pack::pack_into(&self.data, self.bits.min(32), &mut out);
         out
     }
 
     /// Parses the binary layout; every length is checked before it is used.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let view = MaskedInputView::parse(bytes)?;
-        let data = view.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-        Ok(MaskedInput { round: view.round, client: view.client, data, signature: view.signature, record_privacy: view.record_privacy })
+        let data = view.values().collect();
+        Ok(MaskedInput { round: view.round, client: view.client, data, bits: view.bits, signature: view.signature, record_privacy: view.record_privacy })
     }
 }
 
@@ -411,10 +435,48 @@ pub struct MaskedInputView<'a> {
     pub round: u64,
     pub client: ClientId,
     pub signature: [u8; 64],
-    /// The record-level privacy the sender claims (version 3), covered by its signature.
+    /// The record-level privacy the sender claims (versions 3 and 5), covered by its signature.
     pub record_privacy: Option<RecordPrivacyClaim>,
-    /// `len` little-endian u32 words.
+    /// Width of each element: 32 (versions 2 and 3) or the packed width (versions 4 and 5).
+    pub bits: u8,
+    /// Number of elements.
+    pub count: usize,
+    /// `count` little-endian u32 words, or `count` packed elements of `bits` bits.
     pub body: &'a [u8],
+}
+
+/// Little-endian words of a 32-bit body.
+pub type Words<'a> = std::iter::Map<std::slice::ChunksExact<'a, u8>, fn(&[u8]) -> u32>;
+
+/// The elements of a [`MaskedInputView`], whatever their width.
+#[derive(Clone, Debug)]
+pub enum Values<'a> {
+    Words(Words<'a>),
+    Packed(crate::pack::Unpacked<'a>),
+}
+
+impl Iterator for Values<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        match self {
+            Values::Words(w) => w.next(),
+            Values::Packed(p) => p.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Values::Words(w) => w.size_hint(),
+            Values::Packed(p) => p.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for Values<'_> {}
+
+fn word_le(w: &[u8]) -> u32 {
+    u32::from_le_bytes([w[0], w[1], w[2], w[3]])
 }
 
 impl<'a> MaskedInputView<'a> {
@@ -425,40 +487,61 @@ impl<'a> MaskedInputView<'a> {
         if &bytes[..4] != MASKED_MAGIC {
             return Err(Error::malformed("masked input does not start with TSMI"));
         }
-        let header_len = match bytes[4] {
-            MASKED_VERSION => MASKED_HEADER_LEN,
-            MASKED_VERSION_CLAIM => MASKED_HEADER_LEN_CLAIM,
+        let (header_len, packed) = match bytes[4] {
+            MASKED_VERSION => (MASKED_HEADER_LEN, false),
+            MASKED_VERSION_CLAIM => (MASKED_HEADER_LEN_CLAIM, false),
+            MASKED_VERSION_PACKED => (MASKED_HEADER_LEN + 1, true),
+            MASKED_VERSION_PACKED_CLAIM => (MASKED_HEADER_LEN_CLAIM + 1, true),
             v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
         };
         if bytes.len() < header_len {
             return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
         }
         let (header, body) = bytes.split_at(header_len);
-        let record_privacy = header.get(MASKED_HEADER_LEN..).and_then(|c| <&[u8; RECORD_PRIVACY_LEN]>::try_from(c).ok()).map(RecordPrivacyClaim::from_bytes);
+        let claim_end = if packed { header_len - 1 } else { header_len };
+        let record_privacy =
+            header.get(MASKED_HEADER_LEN..claim_end).and_then(|c| <&[u8; RECORD_PRIVACY_LEN]>::try_from(c).ok()).map(RecordPrivacyClaim::from_bytes);
         let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
         let count = u32_at(17) as usize;
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&header[21..85]);
-        if body.len() != count.saturating_mul(4) {
+        let bits = if packed { header[header_len - 1] } else { 32 };
+        if packed {
+            if !(1..32).contains(&bits) {
+                return Err(Error::malformed(format!("a packed masked input has elements of 1 to 31 bits, not {bits}")));
+            }
+            crate::pack::check_packed(body, count, bits)?;
+        } else if body.len() != count.saturating_mul(4) {
             return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
         }
-        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, body })
+        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, bits, count, body })
     }
 
     pub fn len(&self) -> usize {
-        self.body.len() / 4
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.body.is_empty()
+        self.count == 0
     }
 
-    pub fn words(&self) -> impl ExactSizeIterator<Item = u32> + Clone + 'a {
-        self.body.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    /// The elements of a 32-bit body (`None` for a packed one): the aggregator folds
+    /// these without the unpacking step.
+    pub fn words(&self) -> Option<Words<'a>> {
+        (self.bits == 32).then(|| self.body.chunks_exact(4).map(word_le as fn(&[u8]) -> u32))
     }
 
-    /// Equal to [`MaskedInput::data_digest`] of the decoded words.
+    /// The elements, whatever their width.
+    pub fn values(&self) -> Values<'a> {
+        if self.bits == 32 {
+            Values::Words(self.body.chunks_exact(4).map(word_le as fn(&[u8]) -> u32))
+        } else {
+            Values::Packed(crate::pack::Unpacked::new(self.body, self.count, self.bits))
+        }
+    }
+
+    /// Equal to [`MaskedInput::data_digest`] of the decoded elements.
     pub fn data_digest(&self) -> [u8; 32] {
         data_digest_of_bytes(self.body, crate::prg::default_threads())
     }
@@ -496,7 +579,7 @@ impl<'a> DigestedMaskedInput<'a> {
     /// Size of the received encoding (header and body).
     pub fn encoded_len(&self) -> usize {
         let header = if self.view.record_privacy.is_some() { MASKED_HEADER_LEN_CLAIM } else { MASKED_HEADER_LEN };
-        header + self.view.body.len()
+        header + usize::from(self.view.bits < 32) + self.view.body.len()
     }
 }
 
@@ -633,7 +716,7 @@ mod tests {
     use super::*;
 
     fn sample() -> MaskedInput {
-        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], signature: [5; 64], record_privacy: None }
+        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], bits: 32, signature: [5; 64], record_privacy: None }
     }
 
     fn claim() -> RecordPrivacyClaim {
@@ -645,7 +728,7 @@ mod tests {
         let with = MaskedInput { record_privacy: Some(claim()), ..sample() };
         let bytes = with.encode();
         assert_eq!(bytes[4], MASKED_VERSION_CLAIM);
-        assert_eq!(bytes.len(), MaskedInput::encoded_len(3));
+        assert_eq!(bytes.len() + 1, MaskedInput::encoded_len(3, 32));
         assert_eq!(MaskedInput::decode(&bytes).unwrap(), with);
         assert_eq!(MaskedInputView::parse(&bytes).unwrap().digested().encoded_len(), bytes.len());
         // Without a claim: version 2, byte for byte, and the version-2 transcript.
@@ -722,9 +805,58 @@ mod tests {
         let big = MaskedInput { data: (0..10_000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect(), ..sample() };
         let bytes = big.encode();
         let view = MaskedInputView::parse(&bytes).unwrap();
-        assert_eq!(view.data_digest(), MaskedInput::data_digest(&big.data));
-        assert_eq!(view.words().collect::<Vec<_>>(), big.data);
+        assert_eq!(view.data_digest(), MaskedInput::data_digest(&big.data, 32));
+        assert_eq!(view.words().unwrap().collect::<Vec<_>>(), big.data);
+        assert_eq!(view.values().collect::<Vec<_>>(), big.data);
         assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 12);
+    }
+
+    /// Below 32 bits the body is packed (versions 4 and 5): a quarter of the bytes at 8
+    /// bits, the same elements back, the digest over the packed bytes.
+    #[test]
+    fn packed_masked_inputs_round_trip() {
+        for bits in [8u8, 12, 16, 20, 31] {
+            let mask = (1u32 << bits) - 1;
+            for claim in [None, Some(claim())] {
+                let m = MaskedInput { data: (0..1001u32).map(|i| i.wrapping_mul(2_654_435_761) & mask).collect(), bits, record_privacy: claim, ..sample() };
+                let bytes = m.encode();
+                let header = if claim.is_some() { MASKED_HEADER_LEN_CLAIM } else { MASKED_HEADER_LEN };
+                assert_eq!(bytes.len(), header + 1 + crate::pack::packed_len(1001, bits), "bits {bits}");
+                assert!(bytes.len() <= MaskedInput::encoded_len(1001, bits));
+                assert_eq!(bytes[4], if claim.is_some() { MASKED_VERSION_PACKED_CLAIM } else { MASKED_VERSION_PACKED });
+                assert_eq!(MaskedInput::decode(&bytes).unwrap(), m);
+                let view = MaskedInputView::parse(&bytes).unwrap();
+                assert!(view.words().is_none());
+                assert_eq!(view.data_digest(), MaskedInput::data_digest(&m.data, bits));
+                assert_eq!(view.digested().encoded_len(), bytes.len());
+                for cut in 0..bytes.len() {
+                    assert!(MaskedInput::decode(&bytes[..cut]).is_err(), "bits {bits}: cut at {cut}");
+                }
+            }
+        }
+        let m = MaskedInput { data: vec![255; 4000], bits: 8, ..sample() };
+        assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 1 + 4000);
+    }
+
+    #[test]
+    fn packed_bodies_are_canonical() {
+        let m = MaskedInput { data: vec![1, 2, 3], bits: 12, ..sample() };
+        let bytes = m.encode();
+        // 36 bits in 5 bytes: the last 4 bits pad and must be zero.
+        let mut padded = bytes.clone();
+        *padded.last_mut().unwrap() |= 0x80;
+        assert!(MaskedInput::decode(&padded).unwrap_err().to_string().contains("padding bits"));
+        // The width byte: 0 and 32 or more are not packed widths.
+        let w = MASKED_HEADER_LEN;
+        for bad in [0u8, 32, 33, 255] {
+            let mut b = bytes.clone();
+            b[w] = bad;
+            assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("1 to 31 bits"), "{bad}");
+        }
+        // Another width makes the body length wrong.
+        let mut b = bytes.clone();
+        b[w] = 16;
+        assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("take 6 bytes"));
     }
 
     #[test]
@@ -753,6 +885,10 @@ mod tests {
             framed.extend_from_slice(&bytes);
             let _ = MaskedInput::decode(&framed);
             framed[4] = MASKED_VERSION_CLAIM;
+            let _ = MaskedInput::decode(&framed);
+            framed[4] = MASKED_VERSION_PACKED;
+            let _ = MaskedInput::decode(&framed);
+            framed[4] = MASKED_VERSION_PACKED_CLAIM;
             let _ = MaskedInput::decode(&framed);
             let _ = serde_json::from_slice::<AdvertiseKeys>(&bytes);
             let _ = serde_json::from_slice::<ShareKeys>(&bytes);

@@ -172,6 +172,39 @@ pub struct RoundParams {
     /// Distributed DP for every round opened with these parameters (needs max_weight = 1).
     /// The server refuses to open a round that would take the federation's ε past the budget.
     pub dp: Option<tessera_secagg::dp::DpParams>,
+    /// Arithmetic modulo 2^modulus_bits (8 to 32, default 32); below 32 each element of a
+    /// masked update travels as modulus_bits bits (packed), so this sets the bytes per
+    /// parameter on the wire. Each institution's levels are 2^modulus_bits / n.
+    pub modulus_bits: u8,
+    /// Compression that survives masking (shared random-k, Hadamard rotation); none by default.
+    pub compression: Option<CompressionParams>,
+}
+
+/// `[rounds.params.compression]`: the encoding every institution applies before masking.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionParams {
+    /// Shared random-k: the fraction of coordinates sent each round (0 < f ≤ 1), the same
+    /// public random subset for every institution; the rest stays in each institution's
+    /// error-feedback residual.
+    #[serde(default)]
+    pub keep_fraction: Option<f64>,
+    /// Randomized Hadamard rotation before quantization, in blocks of this many
+    /// coordinates (a power of two, e.g. 4096); lets fewer modulus_bits lose little.
+    #[serde(default)]
+    pub rotation_block: Option<u32>,
+}
+
+impl CompressionParams {
+    /// The round's [`tessera_secagg::compress::Compression`] for an update of `vector_len` values.
+    pub fn for_vector(&self, vector_len: u32) -> Result<tessera_secagg::compress::Compression, String> {
+        let keep = match self.keep_fraction {
+            None => None,
+            Some(f) if f.is_finite() && f > 0.0 && f <= 1.0 => Some(((f * f64::from(vector_len)).ceil() as u32).clamp(1, vector_len.max(1))),
+            Some(f) => return Err(format!("compression.keep_fraction must be in (0, 1], got {f}")),
+        };
+        Ok(tessera_secagg::compress::Compression { keep, rotation_block: self.rotation_block })
+    }
 }
 
 impl Default for RoundParams {
@@ -187,6 +220,8 @@ impl Default for RoundParams {
             neighbours: 0,
             participants: Vec::new(),
             dp: None,
+            modulus_bits: 32,
+            compression: None,
         }
     }
 }

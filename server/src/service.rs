@@ -643,6 +643,8 @@ impl Service {
         cfg.phase_timeout_ms = p.phase_timeout_ms;
         cfg.advertise_timeout_ms = p.advertise_timeout_ms;
         cfg.dp = p.dp;
+        cfg.modulus_bits = p.modulus_bits;
+        cfg.compression = p.compression.map(|c| c.for_vector(vector_len)).transpose().map_err(bad)?;
         if p.neighbours != 0 {
             cfg.neighbours = p.neighbours;
             cfg.share_threshold = p.neighbours / 2 + 1;
@@ -663,7 +665,7 @@ impl Service {
     }
 
     pub fn masked_input_limit(cfg: &RoundConfig) -> usize {
-        MaskedInput::encoded_len(cfg.masked_len())
+        MaskedInput::encoded_len(cfg.masked_len(), cfg.modulus_bits)
     }
 
     pub async fn current_config(&self) -> Option<Arc<RoundConfig>> {

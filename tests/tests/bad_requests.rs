@@ -65,7 +65,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     assert_eq!(status_code(&post("/v1/rounds", "application/json", b"{}".to_vec()).await), (401, "unauthenticated"));
 
     // Oversized bodies are refused before they are buffered.
-    let limit = MaskedInput::encoded_len(cfg.masked_len());
+    let limit = MaskedInput::encoded_len(cfg.masked_len(), cfg.modulus_bits);
     assert_eq!(status_code(&post("/v1/rounds/1/masked-input", "application/octet-stream", vec![0u8; limit + 1]).await), (413, "body_too_large"));
     // A body far over the limit is answered 413 from its Content-Length before it is read;
     // a client still writing it may see the connection close instead of the status.
@@ -128,7 +128,15 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
             &post(
                 "/v1/rounds/1/masked-input",
                 "application/octet-stream",
-                MaskedInput { round: 1, client: ClientId(2), data: vec![0; cfg.masked_len()], signature: [0; 64], record_privacy: None }.encode()
+                MaskedInput {
+                    round: 1,
+                    client: ClientId(2),
+                    data: vec![0; cfg.masked_len()],
+                    bits: cfg.modulus_bits,
+                    signature: [0; 64],
+                    record_privacy: None
+                }
+                .encode()
             )
             .await
         ),

@@ -78,6 +78,17 @@ struct Args {
     /// Model folder (default: SmolLM2-135M as converted by scripts/setup; `.tessera-data/minilm` is the fast encoder).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Bits per element of the masked update (8 to 32): the sum is computed modulo
+    /// 2^bits and each element travels packed in that many bits.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(8..=32))]
+    modulus_bits: u8,
+    /// Shared random-k: the fraction of coordinates sent each round (the rest is kept as
+    /// each clinic's error-feedback residual).
+    #[arg(long)]
+    keep_fraction: Option<f64>,
+    /// Randomized Hadamard rotation before quantization, in blocks of this many coordinates (a power of two).
+    #[arg(long)]
+    rotation_block: Option<u32>,
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -290,11 +301,35 @@ fn run(args: Args) -> anyhow::Result<()> {
             ),
         )
     };
+    let mut compression_toml = String::new();
+    if args.keep_fraction.is_some() || args.rotation_block.is_some() {
+        compression_toml.push_str("[rounds.params.compression]\n");
+        if let Some(f) = args.keep_fraction {
+            compression_toml.push_str(&format!("keep_fraction = {f}\n"));
+        }
+        if let Some(b) = args.rotation_block {
+            compression_toml.push_str(&format!("rotation_block = {b}\n"));
+        }
+        compression_toml.push('\n');
+    }
+    let wire = format!(
+        "{} bits per element{}",
+        args.modulus_bits,
+        match (args.keep_fraction, args.rotation_block) {
+            (None, None) => String::new(),
+            (k, r) => format!(
+                ", {}{}",
+                k.map(|f| format!("random-k keeping {:.1}% of coordinates", f * 100.0)).unwrap_or_default(),
+                r.map(|b| format!("{}Hadamard rotation in blocks of {b}", if k.is_some() { ", " } else { "" })).unwrap_or_default()
+            ),
+        }
+    );
+    println!("wire: {wire}");
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n{privacy_toml}[node_policy]\nallow_insecure_dev = true\n\n\
-         [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\n\n\
-         {dp_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
-        admin_token, args.rounds, min_survivors,
+         [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\nmodulus_bits = {}\n\n\
+         {dp_toml}{compression_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
+        admin_token, args.rounds, min_survivors, args.modulus_bits,
     );
     let config_path = work.join("server.toml");
     std::fs::write(&config_path, config)?;
@@ -505,6 +540,13 @@ fn compare_without_dp(args: &Args, with_dp: &Summary) -> anyhow::Result<()> {
     cmd.args(["--batch-size", &args.batch_size.to_string(), "--max-len", &args.max_len.to_string(), "--lr", &args.lr.to_string()]);
     cmd.args(["--held-out", &args.held_out.to_string(), "--clip", &args.clip.to_string(), "--dropout", &args.dropout.to_string()]);
     cmd.args(["--lora-mode", if args.lora_mode == LoraMode::Ffa { "ffa" } else { "both" }]);
+    cmd.args(["--modulus-bits", &args.modulus_bits.to_string()]);
+    if let Some(f) = args.keep_fraction {
+        cmd.args(["--keep-fraction", &f.to_string()]);
+    }
+    if let Some(b) = args.rotation_block {
+        cmd.args(["--rotation-block", &b.to_string()]);
+    }
     if let Some(m) = &args.model {
         cmd.arg("--model").arg(m);
     }
