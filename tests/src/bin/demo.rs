@@ -89,6 +89,11 @@ struct Args {
     /// Randomized Hadamard rotation before quantization, in blocks of this many coordinates (a power of two).
     #[arg(long)]
     rotation_block: Option<u32>,
+    /// Per-coordinate quantization range [-c, c] (default: --clip without DP; C + 6σ with
+    /// DP, the least the round accepts). A rotated update has small, even coordinates,
+    /// so a narrow range spends the bits of --modulus-bits where the values are.
+    #[arg(long)]
+    coord_clip: Option<f64>,
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -281,7 +286,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let layout_toml: String = layout.iter().map(|t| format!("[[rounds.params.layout]]\nname = \"{}\"\nshape = {:?}\n", t.name, t.shape)).collect();
     // Per-coordinate range for quantization: the clipped update plus 6σ of the noise share,
     // the least the round's validation accepts.
-    let coord_clip = if args.no_dp { args.clip as f32 } else { (dp.min_range_clip(min_survivors) * 1.0001) as f32 };
+    let least = if args.no_dp { 0.0 } else { dp.min_range_clip(min_survivors) * 1.0001 };
+    let coord_clip = match args.coord_clip {
+        Some(c) if c < least => bail!("--coord-clip {c} is below C + 6σ = {least:.6}, the least a DP round accepts (the range clip would cut the noise)"),
+        Some(c) => c as f32,
+        None if args.no_dp => args.clip as f32,
+        None => least as f32,
+    };
     let admin_token = hex::encode(rand::random::<[u8; 16]>());
     // A compliance auditor's credential: the server keeps only its SHA-256.
     let auditor_token = hex::encode(rand::random::<[u8; 16]>());
@@ -324,7 +335,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     );
-    println!("wire: {wire}");
+    let compression = (args.keep_fraction.is_some() || args.rotation_block.is_some())
+        .then(|| tessera_server::config::CompressionParams { keep_fraction: args.keep_fraction, rotation_block: args.rotation_block }.for_vector(m as u32))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(c) = &compression {
+        c.validate(m as u32)?;
+    }
+    let masked_body = tessera_secagg::pack::packed_len(tessera_secagg::compress::encoded_len(m as u32, compression.as_ref()) + 1, args.modulus_bits);
+    let bytes_per_parameter = masked_body as f64 / m as f64;
+    println!("wire: {wire}; a masked update is {masked_body} bytes, {bytes_per_parameter:.3} bytes per parameter");
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n{privacy_toml}[node_policy]\nallow_insecure_dev = true\n\n\
          [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\nmodulus_bits = {}\n\n\
@@ -506,6 +526,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         seconds: started.elapsed().as_secs_f64(),
         epsilon_institution: (!args.no_dp).then(|| eps_of(args.rounds, "epsilon_cumulative")),
         epsilon_record: last.record_eps,
+        bytes_per_parameter,
+        mb_sent_last_round: last.bytes as f64 / 1e6,
     };
     std::fs::write(work.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
     if args.compare_without_dp {
@@ -523,6 +545,12 @@ struct Summary {
     seconds: f64,
     epsilon_institution: Option<f64>,
     epsilon_record: Option<f64>,
+    /// Bytes of one masked update's body per parameter of the adapter.
+    #[serde(default)]
+    bytes_per_parameter: f64,
+    /// Everything the institutions sent in the last round (all five phases), in MB.
+    #[serde(default)]
+    mb_sent_last_round: f64,
 }
 
 /// Runs the same federation again without any DP (this binary, --no-dp, in
@@ -541,6 +569,9 @@ fn compare_without_dp(args: &Args, with_dp: &Summary) -> anyhow::Result<()> {
     cmd.args(["--held-out", &args.held_out.to_string(), "--clip", &args.clip.to_string(), "--dropout", &args.dropout.to_string()]);
     cmd.args(["--lora-mode", if args.lora_mode == LoraMode::Ffa { "ffa" } else { "both" }]);
     cmd.args(["--modulus-bits", &args.modulus_bits.to_string()]);
+    if let Some(c) = args.coord_clip {
+        cmd.args(["--coord-clip", &c.to_string()]);
+    }
     if let Some(f) = args.keep_fraction {
         cmd.args(["--keep-fraction", &f.to_string()]);
     }
