@@ -200,6 +200,12 @@ pub enum LogEvent {
         bytes: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         record_privacy: Option<RecordPrivacySummary>,
+        /// In a cohort of a buffered federation: the global version the update was
+        /// trained from, and its staleness (the cohort's version minus that).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base_version: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staleness: Option<u64>,
     },
     /// A protocol phase closed: who answered and who went missing in it (dropouts).
     PhaseClosed { from: String, to: String, responded: Vec<u32>, missing: Vec<u32> },
@@ -935,8 +941,8 @@ mod tests {
             });
         }
         push(LogEvent::PhaseClosed { from: "advertise_keys".into(), to: "share_keys".into(), responded: vec![0, 1, 2], missing: vec![] });
-        push(LogEvent::MaskedInput { client: 0, sha256: "55".repeat(32), bytes: 100, record_privacy: None });
-        push(LogEvent::MaskedInput { client: 2, sha256: "66".repeat(32), bytes: 100, record_privacy: None });
+        push(LogEvent::MaskedInput { client: 0, sha256: "55".repeat(32), bytes: 100, record_privacy: None, base_version: None, staleness: None });
+        push(LogEvent::MaskedInput { client: 2, sha256: "66".repeat(32), bytes: 100, record_privacy: None, base_version: None, staleness: None });
         push(LogEvent::PhaseClosed { from: "masked_input".into(), to: "consistency_check".into(), responded: vec![0, 2], missing: vec![1] });
         push(LogEvent::Released {
             included: vec![0, 2],
@@ -1011,7 +1017,7 @@ mod tests {
         assert!(matches!(derive_report(&other), Err(ReportError::Incomplete(_))));
         // A client outside the roster.
         let mut bad = e.clone();
-        bad[5].event = LogEvent::MaskedInput { client: 9, sha256: String::new(), bytes: 0, record_privacy: None };
+        bad[5].event = LogEvent::MaskedInput { client: 9, sha256: String::new(), bytes: 0, record_privacy: None, base_version: None, staleness: None };
         assert!(matches!(derive_report(&bad), Err(ReportError::Malformed(_))));
         // Entries after the end.
         let mut after = e.clone();

@@ -517,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ledger: Some(ledger_path.clone()),
                     mask_threads: server.mask_threads,
                     record_privacy: record_claim,
+                    base_version: None,
                 };
                 let delta = update.delta;
                 let examples = update.examples;
@@ -624,6 +625,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ledger: Some(dir.join(LEDGER_FILE)),
                     mask_threads: server.mask_threads,
                     record_privacy: None,
+                    base_version: None,
                 };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)

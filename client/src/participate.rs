@@ -61,6 +61,10 @@ pub struct Options {
     /// The record-level DP (DP-SGD) the update was trained under, signed with the masked
     /// input so that the log and the compliance report carry it.
     pub record_privacy: Option<tessera_secagg::wire::RecordPrivacyClaim>,
+    /// In a buffered federation: the global version the update was trained from (the
+    /// number of releases this institution had applied). A cohort round requires it; the
+    /// update is then weighed by the cohort's staleness weight before it is masked.
+    pub base_version: Option<u64>,
 }
 
 /// An evidence source shared across rounds.
@@ -95,6 +99,7 @@ impl Default for Options {
             ledger: None,
             mask_threads: None,
             record_privacy: None,
+            base_version: None,
         }
     }
 }
@@ -364,6 +369,18 @@ where
     if let Some(claim) = opts.record_privacy {
         client.set_record_privacy(claim)?;
     }
+    let staleness = match (cfg.cohort, opts.base_version) {
+        (Some(cohort), Some(base)) => {
+            let tau = client.set_base_version(base)?;
+            Some((tau, cohort.staleness_weight(tau)))
+        }
+        (Some(_), None) => {
+            return Err(ParticipateError::Update(format!(
+                "round {round} is a cohort of a buffered federation: the update must name the global version it was trained from"
+            )))
+        }
+        (None, _) => None,
+    };
     // By this institution's own count, before anything is computed for the round.
     let aggregator_hex = hex::encode(enclave_key);
     if let Some(path) = &opts.ledger {
@@ -381,9 +398,20 @@ where
         }
     }
 
-    let (update, weight) = provide(&cfg)?;
+    let (mut update, mut weight) = provide(&cfg)?;
     if update.len() != cfg.vector_len as usize {
         return Err(ParticipateError::Update(format!("the update has {} values, round {round} aggregates {}", update.len(), cfg.vector_len)));
+    }
+    if let Some((tau, s)) = staleness {
+        // FedBuff's down-weighting of stale updates. A weighted round carries it in the
+        // weight, so the release is the staleness-weighted mean; an unweighted (DP) round
+        // scales the update itself, which can only lower its norm.
+        if cfg.max_weight > 1 {
+            weight = ((f64::from(weight.min(cfg.max_weight)) * s).round() as u32).max(1);
+        } else {
+            update.iter_mut().for_each(|x| *x = (f64::from(*x) * s) as f32);
+        }
+        d.say(&format!("buffered cohort at version {}: this update is {tau} version(s) stale, weighed by {s:.4}", cfg.cohort.map_or(0, |c| c.version)));
     }
     let quantized = Quantizer::new(&cfg)?.quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
     drop(update);

@@ -587,7 +587,11 @@ impl Enclave {
             max_grad_norm: c.max_grad_norm,
             steps: c.steps,
         });
-        let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64, record_privacy };
+        let base_version = input.view().base_version;
+        // The aggregator accepted it, so the staleness is within the cohort's bound.
+        let staleness = state.aggregator.config().cohort.zip(base_version).map(|(c, b)| c.version.saturating_sub(b));
+        let event =
+            LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64, record_privacy, base_version, staleness };
         self.log.append(round, received_at.0, event);
         Ok(())
     }

@@ -531,7 +531,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
             st.digest_stream_ring_s.push(time_median(3, || {
                 std::hint::black_box(digest_streaming_ring(&masked.data));
             }));
-            let transcript = MaskedInput::transcript_for(&digest, masked.round, masked.client, &dd, masked.record_privacy.as_ref());
+            let transcript = MaskedInput::transcript_for(&digest, masked.round, masked.client, &dd, masked.record_privacy.as_ref(), masked.base_version);
             let key = signer(i).public_key();
             let t = Instant::now();
             assert!(crypto::verify_signature(&key, transcript.as_bytes(), &masked.signature));

@@ -75,6 +75,15 @@ pub struct PhaseChange {
     pub responded: Vec<ClientId>,
 }
 
+/// The signed fields of a masked input besides its body.
+struct InputHeader<'a> {
+    round: u64,
+    client: ClientId,
+    signature: &'a [u8; 64],
+    claim: Option<&'a crate::wire::RecordPrivacyClaim>,
+    base_version: Option<u64>,
+}
+
 pub struct Aggregator {
     cfg: RoundConfig,
     signer: std::sync::Arc<dyn MessageSigner>,
@@ -239,7 +248,9 @@ impl Aggregator {
             return Err(Error::malformed("masked input exceeds the modulus"));
         }
         let digest = MaskedInput::data_digest(&msg.data, msg.bits);
-        self.fold_masked(msg.round, msg.client, &msg.signature, msg.record_privacy.as_ref(), &digest, msg.data.iter().copied())
+        let header =
+            InputHeader { round: msg.round, client: msg.client, signature: &msg.signature, claim: msg.record_privacy.as_ref(), base_version: msg.base_version };
+        self.fold_masked(&header, &digest, msg.data.iter().copied())
     }
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
@@ -256,10 +267,16 @@ impl Aggregator {
     pub fn handle_masked_input_digested(&mut self, input: &DigestedMaskedInput<'_>) -> Result<(ClientId, [u8; 32]), Error> {
         let view = input.view();
         self.check_width(view.bits)?;
-        let claim = view.record_privacy.as_ref();
+        let header = InputHeader {
+            round: view.round,
+            client: view.client,
+            signature: &view.signature,
+            claim: view.record_privacy.as_ref(),
+            base_version: view.base_version,
+        };
         match view.words() {
-            Some(words) => self.fold_masked(view.round, view.client, &view.signature, claim, input.digest(), words)?,
-            None => self.fold_masked(view.round, view.client, &view.signature, claim, input.digest(), view.values())?,
+            Some(words) => self.fold_masked(&header, input.digest(), words)?,
+            None => self.fold_masked(&header, input.digest(), view.values())?,
         }
         Ok((view.client, *input.digest()))
     }
@@ -275,31 +292,39 @@ impl Aggregator {
 
     fn fold_masked(
         &mut self,
-        round: u64,
-        client: ClientId,
-        signature: &[u8; 64],
-        claim: Option<&crate::wire::RecordPrivacyClaim>,
+        h: &InputHeader<'_>,
         digest: &[u8; 32],
         // Elements of the round's width ([`Aggregator::check_width`]), so below its modulus.
         words: impl ExactSizeIterator<Item = u32>,
     ) -> Result<(), Error> {
+        let (round, client) = (h.round, h.client);
         let len = words.len();
-        let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), signature)?;
+        let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), h.signature)?;
         if !self.u2.contains_key(&client) {
             return Err(ProtocolError::NotInSurvivorSet(client).into());
         }
         if len != self.sum.len() {
             return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: len }.into());
         }
-        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest, claim), signature)?;
+        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest, h.claim, h.base_version), h.signature)?;
         // Signed, so the sender's own: checked for coherence before it reaches the log.
-        if let Some(c) = claim {
+        if let Some(c) = h.claim {
             c.validate()?;
+        }
+        match (&self.cfg.cohort, h.base_version) {
+            (Some(cohort), Some(base)) => {
+                cohort.staleness(base)?;
+            }
+            (Some(_), None) => return Err(ProtocolError::BaseVersion("a masked input to a cohort of a buffered federation must name its base version").into()),
+            (None, Some(_)) => {
+                return Err(ProtocolError::BaseVersion("a base version is for cohorts of a buffered federation; this round is synchronous").into())
+            }
+            (None, None) => {}
         }
         for (s, x) in self.sum.iter_mut().zip(words) {
             *s = s.wrapping_add(x);
         }
-        self.u3.insert(client, *signature);
+        self.u3.insert(client, *h.signature);
         Ok(())
     }
 
@@ -378,7 +403,11 @@ impl Aggregator {
         let responded = self.responded();
         let all_in = responded.len() == self.expected().len();
         let early_unmask = self.phase == Phase::Unmasking && responded.len() >= self.cfg.min_survivors as usize && self.unmask_ready();
-        if !(all_in || early_unmask || now >= self.deadline) {
+        // A buffered cohort goes on with the first K institutions ready, and closes its
+        // input phase at the first K masked updates: nobody waits for the slowest.
+        let cohort_full =
+            matches!(self.phase, Phase::AdvertiseKeys | Phase::MaskedInput) && self.cfg.cohort.as_ref().is_some_and(|c| responded.len() >= c.size as usize);
+        if !(all_in || early_unmask || cohort_full || now >= self.deadline) {
             return None;
         }
         let from = self.phase;

@@ -121,6 +121,8 @@ pub struct Client {
     threads: usize,
     /// The record-level privacy claim signed with the masked input, if any.
     record_privacy: Option<crate::wire::RecordPrivacyClaim>,
+    /// In a buffered cohort: the global version the input was trained from.
+    base_version: Option<u64>,
     /// The positive control of the malicious-aggregator harness: U2 taken as the server
     /// says, as the code before the review did. Test builds only.
     #[cfg(feature = "danger-test-weakened-client")]
@@ -172,6 +174,7 @@ impl Client {
             revealed: BTreeMap::new(),
             threads: crate::prg::default_threads(),
             record_privacy: None,
+            base_version: None,
             #[cfg(feature = "danger-test-weakened-client")]
             danger_trust_u2: false,
         })
@@ -190,6 +193,17 @@ impl Client {
         claim.validate()?;
         self.record_privacy = Some(claim);
         Ok(())
+    }
+
+    /// In a cohort of a buffered federation: states the global version the input of
+    /// phase 2 was trained from (signed with it) and returns its staleness τ, which the
+    /// caller weighs by [`crate::config::Cohort::staleness_weight`]. Refused with the
+    /// numbers when the aggregator would refuse it: too stale, or later than the cohort.
+    pub fn set_base_version(&mut self, base: u64) -> Result<u64, Error> {
+        let cohort = self.cfg.cohort.ok_or(ProtocolError::BaseVersion("a base version is for cohorts of a buffered federation; this round is synchronous"))?;
+        let tau = cohort.staleness(base)?;
+        self.base_version = Some(base);
+        Ok(tau)
     }
 
     pub fn id(&self) -> ClientId {
@@ -367,6 +381,9 @@ impl Client {
         if input.iter().any(|&x| x & !self.cfg.modulus_mask() != 0) {
             return Err(Error::malformed("quantized input exceeds the modulus"));
         }
+        if self.cfg.cohort.is_some() && self.base_version.is_none() {
+            return Err(ProtocolError::BaseVersion("a cohort of a buffered federation needs the input's base version (Client::set_base_version)").into());
+        }
         let result = self.share_bundle_inner(bundle, input);
         self.abort_on_error(result)
     }
@@ -442,11 +459,13 @@ impl Client {
         let bits = self.cfg.modulus_bits.min(32);
         let data_digest = MaskedInput::data_digest(&data, bits);
         let claim = self.record_privacy;
-        let signature = self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest, claim.as_ref()).as_bytes());
+        let base_version = self.base_version;
+        let signature =
+            self.signer.sign(MaskedInput::transcript_for(&self.digest, self.cfg.round, self.id, &data_digest, claim.as_ref(), base_version).as_bytes());
         self.held = held;
         self.u2 = u2.into_iter().collect();
         self.state = State::AwaitingSurvivors;
-        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, bits, signature, record_privacy: claim })
+        Ok(MaskedInput { round: self.cfg.round, client: self.id, data, bits, signature, record_privacy: claim, base_version })
     }
 
     /// Phase 3: signs U3. An honest client signs exactly one survivor set per round.

@@ -87,6 +87,49 @@ pub struct RoundConfig {
     /// [`RoundConfig::encoded_len`] elements plus the weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<crate::compress::Compression>,
+    /// Set when the round is one cohort of a buffered asynchronous federation: its phases
+    /// close as soon as `size` institutions answered, and each masked input names the
+    /// global version it was trained from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<Cohort>,
+}
+
+/// One cohort of a buffered asynchronous federation (FedBuff; Nguyen et al., AISTATS
+/// 2022): a SecAgg+ round among the institutions ready when it opens, which closes when
+/// `size` masked updates arrived (or at its deadline). Each update names the global
+/// version it was trained from; its staleness τ = `version` − base, and its sender weighs
+/// it by (1 + τ)^−a ([`Cohort::staleness_weight`]) before masking.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cohort {
+    /// The global model version when the cohort opened (the number of releases before it);
+    /// its release makes version + 1.
+    pub version: u64,
+    /// K: the key-advertisement and masked-input phases close once this many have answered.
+    pub size: u32,
+    /// Updates more than this many versions stale are refused.
+    pub max_staleness: u32,
+    /// a in the staleness weight (1 + τ)^−a (0: stale updates count fully).
+    pub staleness_exponent: f64,
+}
+
+impl Cohort {
+    /// τ of an update trained from `base`, or the refusal naming the numbers.
+    pub fn staleness(&self, base: u64) -> Result<u64, crate::ProtocolError> {
+        if base > self.version {
+            return Err(crate::ProtocolError::FutureVersion { base, version: self.version });
+        }
+        let tau = self.version - base;
+        if tau > u64::from(self.max_staleness) {
+            return Err(crate::ProtocolError::TooStale { base, version: self.version, staleness: tau, max: self.max_staleness });
+        }
+        Ok(tau)
+    }
+
+    /// The weight (1 + τ)^−a of an update τ versions stale.
+    pub fn staleness_weight(&self, tau: u64) -> f64 {
+        (1.0 + tau as f64).powf(-self.staleness_exponent)
+    }
 }
 
 /// Default statistical parameters for choosing `k` (see [`default_neighbours`]).
@@ -168,6 +211,7 @@ impl RoundConfig {
             dp: None,
             advertise_timeout_ms: 0,
             compression: None,
+            cohort: None,
         }
     }
 
@@ -226,6 +270,24 @@ impl RoundConfig {
             c.validate(self.vector_len)?;
             if self.encoded_len() >= u32::MAX as usize {
                 return bad(format!("the encoded update of {} elements does not fit a round", self.encoded_len()));
+            }
+        }
+        if let Some(c) = &self.cohort {
+            // The cohort goes on with its first K institutions, so each of them must find
+            // share_threshold neighbours among the others: the complete graph, K > threshold.
+            if self.neighbours as usize != self.participants() - 1 {
+                return bad(format!("a cohort uses the complete graph (neighbours = n - 1 = {}), got {}", self.participants() - 1, self.neighbours));
+            }
+            let least = self.min_survivors.max(self.share_threshold + 1);
+            if c.size < least || c.size as usize > self.participants() {
+                return bad(format!(
+                    "cohort.size must be in {least}..={} (at least min_survivors and share_threshold + 1, at most n), got {}",
+                    self.participants(),
+                    c.size
+                ));
+            }
+            if !(c.staleness_exponent.is_finite() && c.staleness_exponent >= 0.0) {
+                return bad(format!("cohort.staleness_exponent must be a finite number ≥ 0, got {}", c.staleness_exponent));
             }
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
@@ -324,6 +386,12 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
         if dp.colluders != 0 {
             put("dp.colluders", &dp.colluders.to_le_bytes());
         }
+    }
+    if let Some(c) = &cfg.cohort {
+        put("cohort.version", &c.version.to_le_bytes());
+        put("cohort.size", &c.size.to_le_bytes());
+        put("cohort.max_staleness", &c.max_staleness.to_le_bytes());
+        put("cohort.staleness_exponent", &c.staleness_exponent.to_bits().to_le_bytes());
     }
     if let Some(c) = &cfg.compression {
         put("compression", b"v1");
@@ -461,6 +529,17 @@ mod tests {
         let mut rotated = compressed.clone();
         rotated.compression = Some(crate::compress::Compression { keep: Some(5), rotation_block: Some(4) });
         assert_ne!(compressed.digest(), rotated.digest());
+        let cohort = Cohort { version: 3, size: 3, max_staleness: 2, staleness_exponent: 0.5 };
+        let mut buffered = base.clone();
+        buffered.cohort = Some(cohort);
+        assert_ne!(base.digest(), buffered.digest());
+        for other in
+            [Cohort { version: 4, ..cohort }, Cohort { size: 4, ..cohort }, Cohort { max_staleness: 3, ..cohort }, Cohort { staleness_exponent: 0.6, ..cohort }]
+        {
+            let mut b = base.clone();
+            b.cohort = Some(other);
+            assert_ne!(b.digest(), buffered.digest());
+        }
         let mut more_colluders = with_dp.clone();
         more_colluders.dp = Some(crate::dp::DpParams { colluders: 2, ..dp });
         assert_ne!(with_dp.digest(), more_colluders.digest());

@@ -63,6 +63,12 @@ pub enum ProtocolError {
     TooFewNeighbours { set: &'static str, threshold: usize, got: usize },
     #[error("this client aborted the round after refusing a server message: {0}")]
     ClientAborted(String),
+    #[error("the update was trained from version {base}, {staleness} versions before this cohort's version {version}; the cohort accepts at most {max} versions of staleness")]
+    TooStale { base: u64, version: u64, staleness: u64, max: u32 },
+    #[error("the update names base version {base}, later than this cohort's version {version}")]
+    FutureVersion { base: u64, version: u64 },
+    #[error("{0}")]
+    BaseVersion(&'static str),
 }
 
 impl Error {

@@ -273,6 +273,9 @@ pub struct MaskedInput {
     pub bits: u8,
     pub signature: [u8; 64],
     pub record_privacy: Option<RecordPrivacyClaim>,
+    /// In a buffered cohort: the global model version the update was trained from,
+    /// covered by the signature (the aggregator derives its staleness from it).
+    pub base_version: Option<u64>,
 }
 
 impl std::fmt::Debug for MaskedInput {
@@ -283,6 +286,7 @@ impl std::fmt::Debug for MaskedInput {
             .field("len", &self.data.len())
             .field("bits", &self.bits)
             .field("record_privacy", &self.record_privacy)
+            .field("base_version", &self.base_version)
             .finish()
     }
 }
@@ -295,11 +299,16 @@ const MASKED_VERSION: u8 = 2;
 /// 3: version 2 with a [`RecordPrivacyClaim`] after the signature, which the signature
 /// covers.
 const MASKED_VERSION_CLAIM: u8 = 3;
-/// 4: the body is bit-packed at the round's `modulus_bits` (below 32), which one byte after
-/// the header states; the data digest is the tree hash of the packed body.
-const MASKED_VERSION_PACKED: u8 = 4;
-/// 5: version 4 with a [`RecordPrivacyClaim`] (between the header and the width byte).
-const MASKED_VERSION_PACKED_CLAIM: u8 = 5;
+/// 4: the version-2 header, then a flags byte ([`FLAG_CLAIM`], [`FLAG_BASE_VERSION`]) and
+/// the element width in bits (1 to 32), then the claim and the base version when their
+/// flags are set, then the body: bit-packed ([`crate::pack`]) below 32 bits, words at 32.
+/// The data digest is the tree hash of the body as sent. Used when the width is below 32
+/// or the input names a base version; otherwise versions 2 and 3 stay byte for byte.
+const MASKED_VERSION_EXTENDED: u8 = 4;
+/// Version 4 flag: a [`RecordPrivacyClaim`] follows the width.
+const FLAG_CLAIM: u8 = 1;
+/// Version 4 flag: the base version (u64 LE) follows the claim, if any.
+const FLAG_BASE_VERSION: u8 = 2;
 
 /// Bytes of the masked body per leaf of the data digest (1 MiB, 262,144 words).
 pub const DIGEST_CHUNK_BYTES: usize = 1 << 20;
@@ -376,44 +385,58 @@ impl MaskedInput {
     /// changed without the signature failing). Without a claim the transcript is the
     /// one of version 2. The width needs no place of its own: the configuration, whose
     /// digest every transcript binds, fixes it, and the aggregator refuses any other.
-    pub fn transcript_for(digest: &[u8; 32], round: u64, client: ClientId, data_digest: &[u8; 32], claim: Option<&RecordPrivacyClaim>) -> Transcript {
+    pub fn transcript_for(
+        digest: &[u8; 32],
+        round: u64,
+        client: ClientId,
+        data_digest: &[u8; 32],
+        claim: Option<&RecordPrivacyClaim>,
+        base_version: Option<u64>,
+    ) -> Transcript {
         let mut t = Transcript::new("masked-input", digest, round);
         t.id(client).bytes(data_digest);
         if let Some(c) = claim {
             t.bytes(b"record-privacy/v1").bytes(&c.to_bytes());
         }
+        if let Some(v) = base_version {
+            t.bytes(b"base-version/v1").u64(v);
+        }
         t
     }
 
     pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
-        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data, self.bits), self.record_privacy.as_ref())
+        Self::transcript_for(digest, self.round, self.client, &Self::data_digest(&self.data, self.bits), self.record_privacy.as_ref(), self.base_version)
     }
 
     /// The largest encoding of an input of `elements` elements of `bits` bits (with a
-    /// claim); servers derive their body limit from it.
+    /// claim and a base version); servers derive their body limit from it.
     pub fn encoded_len(elements: usize, bits: u8) -> usize {
-        MASKED_HEADER_LEN_CLAIM + 1 + crate::pack::packed_len(elements, bits)
+        MASKED_HEADER_LEN_CLAIM + 2 + 8 + crate::pack::packed_len(elements, bits)
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let packed = self.bits < 32;
+        let extended = self.bits < 32 || self.base_version.is_some();
         let mut out = Vec::with_capacity(Self::encoded_len(self.data.len(), self.bits));
         out.extend_from_slice(MASKED_MAGIC);
-        out.push(match (packed, self.record_privacy.is_some()) {
+        out.push(match (extended, self.record_privacy.is_some()) {
             (false, false) => MASKED_VERSION,
             (false, true) => MASKED_VERSION_CLAIM,
-            (true, false) => MASKED_VERSION_PACKED,
-            (true, true) => MASKED_VERSION_PACKED_CLAIM,
+            (true, _) => MASKED_VERSION_EXTENDED,
         });
         out.extend_from_slice(&self.round.to_le_bytes());
         out.extend_from_slice(&self.client.0.to_le_bytes());
         out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.signature);
+        if extended {
+            let flags = if self.record_privacy.is_some() { FLAG_CLAIM } else { 0 } | if self.base_version.is_some() { FLAG_BASE_VERSION } else { 0 };
+            out.push(flags);
+            out.push(self.bits);
+        }
         if let Some(c) = &self.record_privacy {
             out.extend_from_slice(&c.to_bytes());
         }
-        if packed {
-            out.push(self.bits);
+        if let (true, Some(v)) = (extended, self.base_version) {
+            out.extend_from_slice(&v.to_le_bytes());
         }
         crate::pack::pack_into(&self.data, self.bits.min(32), &mut out);
         out
@@ -423,7 +446,15 @@ impl MaskedInput {
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         let view = MaskedInputView::parse(bytes)?;
         let data = view.values().collect();
-        Ok(MaskedInput { round: view.round, client: view.client, data, bits: view.bits, signature: view.signature, record_privacy: view.record_privacy })
+        Ok(MaskedInput {
+            round: view.round,
+            client: view.client,
+            data,
+            bits: view.bits,
+            signature: view.signature,
+            record_privacy: view.record_privacy,
+            base_version: view.base_version,
+        })
     }
 }
 
@@ -437,12 +468,16 @@ pub struct MaskedInputView<'a> {
     pub signature: [u8; 64],
     /// The record-level privacy the sender claims (versions 3 and 5), covered by its signature.
     pub record_privacy: Option<RecordPrivacyClaim>,
-    /// Width of each element: 32 (versions 2 and 3) or the packed width (versions 4 and 5).
+    /// The base version the sender trained from (version 4), covered by its signature.
+    pub base_version: Option<u64>,
+    /// Width of each element: 32 (versions 2 and 3) or the width version 4 states.
     pub bits: u8,
     /// Number of elements.
     pub count: usize,
     /// `count` little-endian u32 words, or `count` packed elements of `bits` bits.
     pub body: &'a [u8],
+    /// Bytes before the body.
+    header_len: usize,
 }
 
 /// Little-endian words of a 32-bit body.
@@ -487,35 +522,57 @@ impl<'a> MaskedInputView<'a> {
         if &bytes[..4] != MASKED_MAGIC {
             return Err(Error::malformed("masked input does not start with TSMI"));
         }
-        let (header_len, packed) = match bytes[4] {
-            MASKED_VERSION => (MASKED_HEADER_LEN, false),
-            MASKED_VERSION_CLAIM => (MASKED_HEADER_LEN_CLAIM, false),
-            MASKED_VERSION_PACKED => (MASKED_HEADER_LEN + 1, true),
-            MASKED_VERSION_PACKED_CLAIM => (MASKED_HEADER_LEN_CLAIM + 1, true),
-            v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
-        };
-        if bytes.len() < header_len {
-            return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
-        }
-        let (header, body) = bytes.split_at(header_len);
-        let claim_end = if packed { header_len - 1 } else { header_len };
-        let record_privacy =
-            header.get(MASKED_HEADER_LEN..claim_end).and_then(|c| <&[u8; RECORD_PRIVACY_LEN]>::try_from(c).ok()).map(RecordPrivacyClaim::from_bytes);
-        let u64_at = |o: usize| u64::from_le_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
-        let u32_at = |o: usize| u32::from_le_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
+        let short = || Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len()));
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
         let count = u32_at(17) as usize;
         let mut signature = [0u8; 64];
-        signature.copy_from_slice(&header[21..85]);
-        let bits = if packed { header[header_len - 1] } else { 32 };
-        if packed {
-            if !(1..32).contains(&bits) {
-                return Err(Error::malformed(format!("a packed masked input has elements of 1 to 31 bits, not {bits}")));
+        signature.copy_from_slice(&bytes[21..85]);
+        let claim_at = |at: usize| -> Result<RecordPrivacyClaim, Error> {
+            let c = bytes.get(at..at + RECORD_PRIVACY_LEN).ok_or_else(short)?;
+            Ok(RecordPrivacyClaim::from_bytes(c.try_into().map_err(|_| short())?))
+        };
+        let (record_privacy, base_version, bits, body_at) = match bytes[4] {
+            MASKED_VERSION => (None, None, 32, MASKED_HEADER_LEN),
+            MASKED_VERSION_CLAIM => (Some(claim_at(MASKED_HEADER_LEN)?), None, 32, MASKED_HEADER_LEN_CLAIM),
+            MASKED_VERSION_EXTENDED => {
+                let (&flags, &bits) = (bytes.get(MASKED_HEADER_LEN).ok_or_else(short)?, bytes.get(MASKED_HEADER_LEN + 1).ok_or_else(short)?);
+                if flags & !(FLAG_CLAIM | FLAG_BASE_VERSION) != 0 {
+                    return Err(Error::malformed(format!("masked input flags {flags:#04x} name unknown fields")));
+                }
+                if !(1..=32).contains(&bits) {
+                    return Err(Error::malformed(format!("masked input elements are 1 to 32 bits wide, not {bits}")));
+                }
+                if bits == 32 && flags & FLAG_BASE_VERSION == 0 {
+                    return Err(Error::malformed("a masked input of 32-bit words without a base version is encoded in version 2 or 3"));
+                }
+                let mut at = MASKED_HEADER_LEN + 2;
+                let claim = if flags & FLAG_CLAIM != 0 {
+                    at += RECORD_PRIVACY_LEN;
+                    Some(claim_at(at - RECORD_PRIVACY_LEN)?)
+                } else {
+                    None
+                };
+                let base = if flags & FLAG_BASE_VERSION != 0 {
+                    if bytes.len() < at + 8 {
+                        return Err(short());
+                    }
+                    at += 8;
+                    Some(u64_at(at - 8))
+                } else {
+                    None
+                };
+                (claim, base, bits, at)
             }
+            v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
+        };
+        let body = bytes.get(body_at..).ok_or_else(short)?;
+        if bits < 32 {
             crate::pack::check_packed(body, count, bits)?;
         } else if body.len() != count.saturating_mul(4) {
             return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
         }
-        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, bits, count, body })
+        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body, header_len: body_at })
     }
 
     pub fn len(&self) -> usize {
@@ -573,13 +630,12 @@ impl<'a> DigestedMaskedInput<'a> {
 
     /// The transcript the sender's signature must cover under a configuration `digest`.
     pub fn transcript(&self, config_digest: &[u8; 32]) -> Transcript {
-        MaskedInput::transcript_for(config_digest, self.view.round, self.view.client, &self.digest, self.view.record_privacy.as_ref())
+        MaskedInput::transcript_for(config_digest, self.view.round, self.view.client, &self.digest, self.view.record_privacy.as_ref(), self.view.base_version)
     }
 
     /// Size of the received encoding (header and body).
     pub fn encoded_len(&self) -> usize {
-        let header = if self.view.record_privacy.is_some() { MASKED_HEADER_LEN_CLAIM } else { MASKED_HEADER_LEN };
-        header + usize::from(self.view.bits < 32) + self.view.body.len()
+        self.view.header_len + self.view.body.len()
     }
 }
 
@@ -716,7 +772,7 @@ mod tests {
     use super::*;
 
     fn sample() -> MaskedInput {
-        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], bits: 32, signature: [5; 64], record_privacy: None }
+        MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], bits: 32, signature: [5; 64], record_privacy: None, base_version: None }
     }
 
     fn claim() -> RecordPrivacyClaim {
@@ -728,7 +784,7 @@ mod tests {
         let with = MaskedInput { record_privacy: Some(claim()), ..sample() };
         let bytes = with.encode();
         assert_eq!(bytes[4], MASKED_VERSION_CLAIM);
-        assert_eq!(bytes.len() + 1, MaskedInput::encoded_len(3, 32));
+        assert_eq!(bytes.len() + 2 + 8, MaskedInput::encoded_len(3, 32), "the limit leaves room for the width, flags and a base version");
         assert_eq!(MaskedInput::decode(&bytes).unwrap(), with);
         assert_eq!(MaskedInputView::parse(&bytes).unwrap().digested().encoded_len(), bytes.len());
         // Without a claim: version 2, byte for byte, and the version-2 transcript.
@@ -736,7 +792,7 @@ mod tests {
         assert_eq!(without[4], MASKED_VERSION);
         assert_eq!(without.len(), MASKED_HEADER_LEN + 12);
         let d = [9u8; 32];
-        let t = |c: Option<&RecordPrivacyClaim>| MaskedInput::transcript_for(&d, 7, ClientId(3), &[1; 32], c).as_bytes().to_vec();
+        let t = |c: Option<&RecordPrivacyClaim>| MaskedInput::transcript_for(&d, 7, ClientId(3), &[1; 32], c, None).as_bytes().to_vec();
         assert_ne!(t(None), t(Some(&claim())));
         assert_ne!(t(Some(&claim())), t(Some(&RecordPrivacyClaim { epsilon: 2.9, ..claim() })));
         for cut in 0..bytes.len() {
@@ -811,22 +867,34 @@ mod tests {
         assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 12);
     }
 
-    /// Below 32 bits the body is packed (versions 4 and 5): a quarter of the bytes at 8
-    /// bits, the same elements back, the digest over the packed bytes.
+    /// Below 32 bits, or with a base version, the input is encoded in version 4: packed
+    /// below 32 bits (a quarter of the bytes at 8 bits), the same elements back, the
+    /// digest over the bytes as sent, every optional field in every combination.
     #[test]
-    fn packed_masked_inputs_round_trip() {
-        for bits in [8u8, 12, 16, 20, 31] {
-            let mask = (1u32 << bits) - 1;
-            for claim in [None, Some(claim())] {
-                let m = MaskedInput { data: (0..1001u32).map(|i| i.wrapping_mul(2_654_435_761) & mask).collect(), bits, record_privacy: claim, ..sample() };
+    fn extended_masked_inputs_round_trip() {
+        for bits in [8u8, 12, 16, 20, 31, 32] {
+            let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+            for (claim, base_version) in [(None, None), (Some(claim()), None), (None, Some(7)), (Some(claim()), Some(u64::MAX))] {
+                let m = MaskedInput {
+                    data: (0..1001u32).map(|i| i.wrapping_mul(2_654_435_761) & mask).collect(),
+                    bits,
+                    record_privacy: claim,
+                    base_version,
+                    ..sample()
+                };
                 let bytes = m.encode();
-                let header = if claim.is_some() { MASKED_HEADER_LEN_CLAIM } else { MASKED_HEADER_LEN };
-                assert_eq!(bytes.len(), header + 1 + crate::pack::packed_len(1001, bits), "bits {bits}");
+                if bits == 32 && base_version.is_none() {
+                    assert_eq!(bytes[4], if claim.is_some() { MASKED_VERSION_CLAIM } else { MASKED_VERSION }, "32-bit words stay in versions 2 and 3");
+                    continue;
+                }
+                let header = MASKED_HEADER_LEN + 2 + if claim.is_some() { RECORD_PRIVACY_LEN } else { 0 } + if base_version.is_some() { 8 } else { 0 };
+                assert_eq!(bytes.len(), header + crate::pack::packed_len(1001, bits), "bits {bits}");
                 assert!(bytes.len() <= MaskedInput::encoded_len(1001, bits));
-                assert_eq!(bytes[4], if claim.is_some() { MASKED_VERSION_PACKED_CLAIM } else { MASKED_VERSION_PACKED });
+                assert_eq!(bytes[4], MASKED_VERSION_EXTENDED);
                 assert_eq!(MaskedInput::decode(&bytes).unwrap(), m);
                 let view = MaskedInputView::parse(&bytes).unwrap();
-                assert!(view.words().is_none());
+                assert_eq!(view.words().is_none(), bits < 32);
+                assert_eq!((view.base_version, view.record_privacy), (base_version, claim));
                 assert_eq!(view.data_digest(), MaskedInput::data_digest(&m.data, bits));
                 assert_eq!(view.digested().encoded_len(), bytes.len());
                 for cut in 0..bytes.len() {
@@ -835,7 +903,12 @@ mod tests {
             }
         }
         let m = MaskedInput { data: vec![255; 4000], bits: 8, ..sample() };
-        assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 1 + 4000);
+        assert_eq!(m.encode().len(), MASKED_HEADER_LEN + 2 + 4000);
+        // The base version is signed: another one changes the transcript.
+        let d = [9u8; 32];
+        let t = |v: Option<u64>| MaskedInput::transcript_for(&d, 7, ClientId(3), &[1; 32], None, v).as_bytes().to_vec();
+        assert_ne!(t(None), t(Some(0)));
+        assert_ne!(t(Some(0)), t(Some(1)));
     }
 
     #[test]
@@ -846,17 +919,27 @@ mod tests {
         let mut padded = bytes.clone();
         *padded.last_mut().unwrap() |= 0x80;
         assert!(MaskedInput::decode(&padded).unwrap_err().to_string().contains("padding bits"));
-        // The width byte: 0 and 32 or more are not packed widths.
-        let w = MASKED_HEADER_LEN;
-        for bad in [0u8, 32, 33, 255] {
+        // The width byte: 0 and more than 32 are not widths; 32 without a base version is version 2's.
+        let (f, w) = (MASKED_HEADER_LEN, MASKED_HEADER_LEN + 1);
+        for bad in [0u8, 33, 255] {
             let mut b = bytes.clone();
             b[w] = bad;
-            assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("1 to 31 bits"), "{bad}");
+            assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("1 to 32 bits"), "{bad}");
         }
+        let mut b = bytes.clone();
+        b[w] = 32;
+        assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("version 2 or 3"));
         // Another width makes the body length wrong.
         let mut b = bytes.clone();
         b[w] = 16;
         assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("take 6 bytes"));
+        // Unknown flags are refused; a flag without its field is a short input.
+        let mut b = bytes.clone();
+        b[f] = 4;
+        assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("unknown fields"));
+        let mut b = bytes.clone();
+        b[f] = FLAG_BASE_VERSION;
+        assert!(MaskedInput::decode(&b).is_err());
     }
 
     #[test]
@@ -886,9 +969,7 @@ mod tests {
             let _ = MaskedInput::decode(&framed);
             framed[4] = MASKED_VERSION_CLAIM;
             let _ = MaskedInput::decode(&framed);
-            framed[4] = MASKED_VERSION_PACKED;
-            let _ = MaskedInput::decode(&framed);
-            framed[4] = MASKED_VERSION_PACKED_CLAIM;
+            framed[4] = MASKED_VERSION_EXTENDED;
             let _ = MaskedInput::decode(&framed);
             let _ = serde_json::from_slice::<AdvertiseKeys>(&bytes);
             let _ = serde_json::from_slice::<ShareKeys>(&bytes);

@@ -578,3 +578,117 @@ fn lying_neighbour_aborts_instead_of_corrupting_the_sum() {
         other => panic!("expected an abort, got {other:?}"),
     }
 }
+
+/// A cohort of a buffered federation (K = 4 of 5, at version 4, staleness at most 2):
+/// key advertisement closes at the fourth institution, so a fifth that comes later is
+/// refused and waits for the next cohort; each masked input names its base version under
+/// its signature; a too-stale or unnamed base is refused with the numbers; and the
+/// release is the exact staleness-weighted sum, each sender having weighed its update by
+/// (1 + τ)^-a.
+#[test]
+fn a_buffered_cohort_closes_at_k_and_releases_the_staleness_weighted_sum() {
+    use tessera_secagg::config::Cohort;
+    use tessera_secagg::quantize::Quantizer;
+    let mut cfg = config(5, 3, 4, 3, 6, 32);
+    cfg.max_weight = 1000;
+    cfg.cohort = Some(Cohort { version: 4, size: 4, max_staleness: 2, staleness_exponent: 0.5 });
+    cfg.validate().unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..5).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+    for c in &clients[..3] {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+        assert!(agg.advance(Timestamp(1)).is_none(), "fewer than K: the phase stays open");
+    }
+    agg.handle_advertise(clients[3].advertise(vec![])).unwrap();
+    let closed = agg.advance(Timestamp(1)).expect("K advertised: the cohort goes on without waiting for the deadline");
+    assert_eq!(closed.to, Phase::ShareKeys);
+    let late = agg.handle_advertise(clients[4].advertise(vec![])).unwrap_err();
+    assert!(matches!(late, Error::Protocol(ProtocolError::WrongPhase { .. })), "{late}");
+    let dir = agg.key_directory().unwrap();
+    for c in &mut clients[..4] {
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(2)).unwrap();
+
+    // The institutions trained from versions 4, 3, 2 and 4 (τ = 0, 1, 2, 0).
+    let bases = [4u64, 3, 2, 4];
+    let q = Quantizer::new(&cfg).unwrap();
+    let updates: Vec<Vec<f32>> = (0..4).map(|i| (0..6).map(|j| 0.1 * (i as f32 + 1.0) - 0.05 * j as f32).collect()).collect();
+    let mut weights = Vec::new();
+    let mut inputs = Vec::new();
+    let mut masked = Vec::new();
+    for i in 0..4 {
+        let tau = clients[i].set_base_version(bases[i]).unwrap();
+        assert_eq!(tau, 4 - bases[i]);
+        let w = (1000.0 * cfg.cohort.unwrap().staleness_weight(tau)).round() as u32;
+        weights.push(w);
+        let input = q.quantize(&updates[i], w, &mut rng).unwrap();
+        let bundle = agg.share_bundle(ClientId(i as u32)).unwrap();
+        masked.push(clients[i].handle_share_bundle(&bundle, &input).unwrap());
+        inputs.push(input);
+    }
+    assert_eq!(weights, vec![1000, 707, 577, 1000]);
+    // The client refuses to name a base the aggregator would refuse, with the numbers.
+    let err = clients[4].set_base_version(1).unwrap_err().to_string();
+    assert!(err.contains("trained from version 1, 3 versions before this cohort's version 4") && err.contains("at most 2"), "{err}");
+    assert!(clients[4].set_base_version(5).unwrap_err().to_string().contains("later than this cohort's version 4"));
+    // A sender that signs a too-stale base itself is refused by the aggregator, and one that names none too.
+    let resign = |m: &MaskedInput, base: Option<u64>| {
+        let mut m = MaskedInput { base_version: base, ..m.clone() };
+        m.signature = MessageSigner::sign(&*signer(2), m.transcript(&cfg.digest()).as_bytes());
+        m
+    };
+    let stale = agg.handle_masked_input_encoded(&resign(&masked[2], Some(1)).encode()).unwrap_err();
+    assert_eq!(stale, Error::Protocol(ProtocolError::TooStale { base: 1, version: 4, staleness: 3, max: 2 }));
+    assert!(matches!(agg.handle_masked_input_encoded(&resign(&masked[2], None).encode()).unwrap_err(), Error::Protocol(ProtocolError::BaseVersion(_))));
+    // Another base under the original signature does not verify.
+    let swapped = MaskedInput { base_version: Some(4), ..masked[2].clone() };
+    assert_eq!(agg.handle_masked_input_encoded(&swapped.encode()).unwrap_err(), Error::Protocol(ProtocolError::BadSignature(ClientId(2))));
+    for m in &masked {
+        agg.handle_masked_input_encoded(&m.encode()).unwrap();
+    }
+    agg.advance(Timestamp(3)).unwrap();
+    let set = agg.survivor_set().unwrap();
+    for c in &mut clients[..4] {
+        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(4)).unwrap();
+    let req = agg.unmask_request().unwrap();
+    for c in &mut clients[..4] {
+        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(5)).unwrap();
+    let Some(Outcome::Sum(sum)) = agg.outcome().cloned() else { panic!("{:?}", agg.outcome()) };
+    let all: Vec<ClientId> = (0..4).map(ClientId).collect();
+    assert_eq!(sum.sum, exact_sum(&cfg, &inputs, &all));
+    let mean = q.dequantize_sum(&sum.sum, 4).unwrap();
+    assert_eq!(mean.total_weight, 1000 + 707 + 577 + 1000);
+    let bound = q.mean_error_bound(4, mean.total_weight) as f32;
+    for (j, got) in mean.mean.iter().enumerate() {
+        let want = weights.iter().zip(&updates).map(|(&w, u)| w as f32 * u[j]).sum::<f32>() / mean.total_weight as f32;
+        assert!((got - want).abs() <= bound + 1e-6, "coordinate {j}: {got} vs {want}");
+    }
+}
+
+/// A synchronous round refuses a base version, and a cohort's size and graph are checked.
+#[test]
+fn base_versions_belong_to_cohorts() {
+    let cfg = config(3, 2, 2, 2, 4, 32);
+    let mut rng = ChaCha20Rng::seed_from_u64(22);
+    let agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut c = Client::new(cfg.clone(), ClientId(0), signer(0), &trust(&agg, any_threshold()), &mut rng).unwrap();
+    assert!(c.set_base_version(0).unwrap_err().to_string().contains("this round is synchronous"));
+    let mut buffered = cfg.clone();
+    let cohort = tessera_secagg::config::Cohort { version: 0, size: 1, max_staleness: 0, staleness_exponent: 1.0 };
+    buffered.cohort = Some(cohort);
+    let err = buffered.validate().unwrap_err().to_string();
+    assert!(err.contains("cohort.size must be in 3..=3") && err.contains("got 1"), "{err}");
+    buffered.cohort = Some(tessera_secagg::config::Cohort { size: 3, ..cohort });
+    buffered.validate().unwrap();
+    let sparse = config(12, 8, 4, 3, 4, 32);
+    let mut sparse_cohort = sparse.clone();
+    sparse_cohort.cohort = Some(tessera_secagg::config::Cohort { size: 8, ..cohort });
+    assert!(sparse_cohort.validate().unwrap_err().to_string().contains("complete graph"));
+}

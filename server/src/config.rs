@@ -178,6 +178,34 @@ pub struct RoundParams {
     pub modulus_bits: u8,
     /// Compression that survives masking (shared random-k, Hadamard rotation); none by default.
     pub compression: Option<CompressionParams>,
+    /// Buffered asynchronous rounds: each round is a cohort that goes on with the first
+    /// `size` institutions ready and weighs stale updates down; none (synchronous) by default.
+    pub cohort: Option<CohortParams>,
+}
+
+/// `[rounds.params.cohort]`: buffered asynchronous rounds (FedBuff). Each round is a
+/// cohort among the first `size` institutions that advertise; an update names the global
+/// version it was trained from and is weighed by (1 + τ)^-staleness_exponent.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortParams {
+    /// K: the cohort goes on once this many institutions advertised, and closes its input
+    /// phase at K masked updates.
+    pub size: u32,
+    /// Updates trained more than this many releases ago are refused.
+    #[serde(default = "default_max_staleness")]
+    pub max_staleness: u32,
+    /// a in the staleness weight (1 + τ)^-a; FedBuff's polynomial weighting uses 0.5.
+    #[serde(default = "default_staleness_exponent")]
+    pub staleness_exponent: f64,
+}
+
+fn default_max_staleness() -> u32 {
+    4
+}
+
+fn default_staleness_exponent() -> f64 {
+    0.5
 }
 
 /// `[rounds.params.compression]`: the encoding every institution applies before masking.
@@ -222,6 +250,7 @@ impl Default for RoundParams {
             dp: None,
             modulus_bits: 32,
             compression: None,
+            cohort: None,
         }
     }
 }

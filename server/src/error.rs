@@ -118,6 +118,8 @@ fn core_error(e: CoreError, msg: String) -> ApiError {
             ProtocolError::WrongLength { .. } => (S::BAD_REQUEST, "wrong_length"),
             ProtocolError::BadShares { .. } => (S::BAD_REQUEST, "bad_shares"),
             ProtocolError::Aborted(_) => (S::GONE, "round_aborted"),
+            ProtocolError::TooStale { .. } => (S::CONFLICT, "too_stale"),
+            ProtocolError::FutureVersion { .. } | ProtocolError::BaseVersion(_) => (S::BAD_REQUEST, "base_version"),
             _ => (S::BAD_REQUEST, "protocol"),
         },
     };

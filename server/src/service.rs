@@ -604,7 +604,12 @@ impl Service {
             }
         }
         let round = self.store.latest_round().await?.map(|r| r.round + 1).unwrap_or(1);
-        let cfg = self.round_config(round, params)?;
+        // In a buffered federation the global version is the number of releases so far.
+        let version = match params.cohort {
+            Some(_) => self.store.rounds().await?.iter().filter(|r| r.outcome.as_deref() == Some("released")).count() as u64,
+            None => 0,
+        };
+        let cfg = self.round_config(round, params, version)?;
         // The privacy budget is the enclave's to enforce: it refuses a round that would
         // spend past it, or whose DP differs from the federation's sealed budget.
         let opened_at = now();
@@ -622,7 +627,7 @@ impl Service {
         Ok(cfg)
     }
 
-    fn round_config(&self, round: u64, p: &RoundParams) -> Result<RoundConfig, ApiError> {
+    fn round_config(&self, round: u64, p: &RoundParams, version: u64) -> Result<RoundConfig, ApiError> {
         let bad = |m: String| ApiError::bad_request("invalid_round_params", m);
         let institutions: Vec<_> = if p.participants.is_empty() {
             self.cfg.institutions.iter().collect()
@@ -651,6 +656,13 @@ impl Service {
         }
         if p.min_survivors != 0 {
             cfg.min_survivors = p.min_survivors;
+        }
+        if let Some(c) = p.cohort {
+            // A cohort goes on with its first K institutions: the complete graph among them.
+            cfg.neighbours = cfg.participants() as u32 - 1;
+            cfg.share_threshold = cfg.neighbours / 2 + 1;
+            cfg.cohort =
+                Some(tessera_secagg::config::Cohort { version, size: c.size, max_staleness: c.max_staleness, staleness_exponent: c.staleness_exponent });
         }
         cfg.validate().map_err(|e| bad(e.to_string()))?;
         Ok(cfg)

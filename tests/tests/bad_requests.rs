@@ -134,7 +134,8 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
                     data: vec![0; cfg.masked_len()],
                     bits: cfg.modulus_bits,
                     signature: [0; 64],
-                    record_privacy: None
+                    record_privacy: None,
+                    base_version: None
                 }
                 .encode()
             )

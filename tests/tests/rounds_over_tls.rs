@@ -282,3 +282,102 @@ async fn compressed_rounds_release_the_mean_of_what_was_sent() {
     }
     server.stop().await;
 }
+
+/// Buffered asynchronous rounds over TLS: cohorts of K = 3 among 4 institutions. One
+/// institution is slow: it trained from version 0 and joins the second cohort (version 1),
+/// where its update is weighed by (1 + 1)^-0.5; a cohort goes on with its first three
+/// institutions; an update more stale than the cohort accepts is refused with the numbers
+/// before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buffered_cohorts_weigh_a_slow_institution_down() {
+    use tessera_server::config::CohortParams;
+    const N: usize = 4;
+    const M: usize = 500;
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), N);
+    let params = RoundParams {
+        vector_len: M as u32,
+        clip: 1.0,
+        max_weight: 1000,
+        phase_timeout_ms: 4_000,
+        cohort: Some(CohortParams { size: 3, max_staleness: 1, staleness_exponent: 0.5 }),
+        ..RoundParams::default()
+    };
+    let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 3);
+    let server = tessera_server::spawn(cfg).await.unwrap();
+    let url = format!("https://{}", server.addr);
+    let dirs: Vec<std::path::PathBuf> = ids.iter().map(|(d, _)| d.clone()).collect();
+    let run = |round: u64, who: Vec<(usize, u64)>| {
+        let url = url.clone();
+        let dirs = dirs.clone();
+        let fingerprint = server.fingerprint;
+        async move {
+            let mut tasks = Vec::new();
+            for (i, base) in who {
+                let identity = tessera_client::Identity::load(&dirs[i]).unwrap();
+                let api = Api::new(&url, fingerprint).unwrap();
+                let opts = Options {
+                    insecure_dev: true,
+                    wait: Duration::from_secs(120),
+                    round: Some(round),
+                    quiet: true,
+                    base_version: Some(base),
+                    ..Options::default()
+                };
+                let update = (synthetic_update(i, base, M), 100 * (i as u32 + 1));
+                tasks.push(tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok(update)).await }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    // Cohort 1 (version 0): the three fast institutions; the slow one is still training.
+    let results = run(1, vec![(0, 0), (1, 0), (2, 0)]).await;
+    let reports: Vec<_> = results
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Participation::Completed(r) => r,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(reports[0].config.cohort.unwrap().version, 0);
+    let updates: Vec<(Vec<f32>, u32)> = (0..N).map(|i| (synthetic_update(i, 0, M), 100 * (i as u32 + 1))).collect();
+    let release = &reports[0].release;
+    let want = fedavg(&updates, &[0, 1, 2]);
+    let max_err = release.mean.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+    assert!(max_err <= release.error_bound + 1e-6, "cohort 1: {max_err}");
+
+    // Cohort 2 (version 1): two fast institutions trained from version 1, the slow one from 0.
+    let results = run(2, vec![(0, 1), (1, 1), (3, 0)]).await;
+    let reports: Vec<_> = results
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            Participation::Completed(r) => r,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let cohort = reports[0].config.cohort.unwrap();
+    assert_eq!((cohort.version, cohort.size), (1, 3));
+    let slow_weight = (400.0 * cohort.staleness_weight(1)).round() as u32;
+    assert_eq!(slow_weight, 283);
+    let weighted = vec![(synthetic_update(0, 1, M), 100), (synthetic_update(1, 1, M), 200), (vec![0.0; M], 0), (synthetic_update(3, 0, M), slow_weight)];
+    let release = &reports[0].release;
+    assert_eq!(release.total_weight, 100 + 200 + 283);
+    let want = fedavg(&weighted, &[0, 1, 3]);
+    let max_err = release.mean.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
+    assert!(max_err <= release.error_bound + 1e-6, "cohort 2: the staleness-weighted mean, error {max_err}");
+
+    // Cohort 3 (version 2): the slow institution's update from version 0 is 2 versions
+    // stale, past the bound of 1: refused before anything is sent, with the numbers.
+    let results = run(3, vec![(3, 0), (0, 2), (1, 2), (2, 2)]).await;
+    let mut results = results.into_iter();
+    let err = results.next().unwrap().unwrap_err().to_string();
+    assert!(err.contains("trained from version 0, 2 versions before this cohort's version 2") && err.contains("at most 1"), "{err}");
+    for r in results {
+        assert!(matches!(r.unwrap(), Participation::Completed(_)));
+    }
+    server.stop().await;
+}
