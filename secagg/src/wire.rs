@@ -268,8 +268,8 @@ pub struct MaskedInput {
     /// The masked elements, each below `2^bits`.
     pub data: Vec<u32>,
     /// Width of each element on the wire: the round's `modulus_bits`. At 32 the body is
-    /// little-endian words (versions 2 and 3); below, it is bit-packed ([`crate::pack`],
-    /// versions 4 and 5).
+    /// little-endian words (versions 2 and 3, or 4 with a base version); below, it is
+    /// bit-packed ([`crate::pack`], version 4).
     pub bits: u8,
     pub signature: [u8; 64],
     pub record_privacy: Option<RecordPrivacyClaim>,
