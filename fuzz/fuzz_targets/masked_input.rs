@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     let view = MaskedInputView::parse(data);
     assert_eq!(owned.is_ok(), view.is_ok());
     if let (Ok(m), Ok(v)) = (owned, view) {
-        assert_eq!(MaskedInput::data_digest(&m.data), v.data_digest());
+        assert_eq!(MaskedInput::data_digest(&m.data, m.bits), v.data_digest());
         assert_eq!(m.encode(), data);
     }
 });
