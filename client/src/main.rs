@@ -236,6 +236,10 @@ enum Command {
         /// libtorch CPU threads (0: libtorch's default, one per core).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// Fault injection for demos and benchmarks: after each local training, wait
+        /// (F − 1) times as long as it took, as an institution F times slower would.
+        #[arg(long, default_value_t = 1.0)]
+        slowdown: f64,
     },
     /// Print the round layout (tensor names and shapes) of an adapter, for the server's
     /// `[[rounds.params.layout]]`: every institution must use the same model and LoRA flags.
@@ -432,7 +436,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tee_endorsements,
             drop_in_round,
             threads,
+            slowdown,
         } => {
+            anyhow::ensure!(slowdown.is_finite() && slowdown >= 1.0, "--slowdown must be at least 1, got {slowdown}");
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
@@ -492,7 +498,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut next_round: Option<u64> = None;
             // What shared random-k rounds have not sent yet (kept here, added to the next update).
             let mut feedback = tessera_client::feedback::ErrorFeedback::default();
-            for i in 1..=rounds {
+            // In a buffered federation: the releases this institution has applied (its global
+            // version) and the last round it accounted for, so that cohorts it was not part
+            // of are fetched and applied in order.
+            let started = std::time::Instant::now();
+            let mut version = 0u64;
+            let mut applied_round = 0u64;
+            let mut buffered = false;
+            let mut i = 1;
+            while i <= rounds {
                 let record_epsilon = match &record_privacy {
                     Some(plan) => {
                         let purpose = format!("local training for round {}", next_round.unwrap_or(i));
@@ -504,6 +518,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let record_claim = record_privacy.as_ref().zip(record_epsilon).map(|(plan, epsilon)| plan.claim(epsilon));
                 let update = inst.local_update(next_round.unwrap_or(i))?;
+                if slowdown > 1.0 {
+                    let wait = Duration::from_secs_f64(update.stats.seconds * (slowdown - 1.0));
+                    eprintln!("[{}] --slowdown {slowdown}: waiting {:.1} s more, as a slower institution would train", identity.name, wait.as_secs_f64());
+                    std::thread::sleep(wait);
+                }
                 let drop_after = (drop_in_round == Some(i)).then_some(DropPoint::AfterShareKeys);
                 let opts = Options {
                     insecure_dev,
@@ -517,26 +536,84 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ledger: Some(ledger_path.clone()),
                     mask_threads: server.mask_threads,
                     record_privacy: record_claim,
-                    base_version: None,
+                    // Used only by a cohort round: the version this update was trained from.
+                    base_version: Some(version),
                 };
-                let delta = update.delta;
                 let examples = update.examples;
-                let feedback = &mut feedback;
                 let name = &identity.name;
-                let result = rt.block_on(participate(&api, &identity, &opts, move |cfg| {
-                    let mut delta = delta;
-                    if let Some(sent) = feedback.apply(&mut delta, cfg)? {
-                        eprintln!(
-                            "[{name}] compression: sending {} of {} coordinates ({}); {:.4} (L2) kept back for later rounds",
-                            sent.kept,
-                            sent.of,
-                            cfg.compression.map(|c| c.describe(cfg.vector_len)).unwrap_or_default(),
-                            sent.residual_norm
+                // A buffered cohort that closed before this institution joined is followed
+                // by the next one: the same update tries again there (its staleness grows).
+                let result = loop {
+                    let delta = update.delta.clone();
+                    let kept = feedback.clone();
+                    let fb = &mut feedback;
+                    let attempt = rt.block_on(participate(&api, &identity, &opts, move |cfg| {
+                        let mut delta = delta;
+                        if let Some(sent) = fb.apply(&mut delta, cfg)? {
+                            eprintln!(
+                                "[{name}] compression: sending {} of {} coordinates ({}); {:.4} (L2) kept back for later rounds",
+                                sent.kept,
+                                sent.of,
+                                cfg.compression.map(|c| c.describe(cfg.vector_len)).unwrap_or_default(),
+                                sent.residual_norm
+                            );
+                        }
+                        let dp = prepare_for_round(&mut delta, cfg).is_some();
+                        Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
+                    }));
+                    match attempt {
+                        Err(ParticipateError::TooLate { round, what }) if buffered => {
+                            feedback = kept;
+                            eprintln!("[{name}] cohort {round} went on without this institution's {what}; joining the next one");
+                        }
+                        Err(ParticipateError::Protocol(tessera_secagg::Error::Protocol(stale @ tessera_secagg::ProtocolError::TooStale { .. }))) => {
+                            feedback = kept;
+                            break Err(stale);
+                        }
+                        other => break Ok(other?),
+                    }
+                };
+                let result = match result {
+                    Ok(r) => r,
+                    Err(stale) => {
+                        // Too far behind: apply what was released meanwhile and train again from there.
+                        eprintln!("[{name}] {stale}; catching up and training again");
+                        let key = rt.block_on(tessera_client::participate::check_aggregator(&api, insecure_dev, opts.aggregator_policy.as_ref()))?;
+                        let current: serde_json::Value = rt.block_on(api.get_json("/v1/rounds/current"))?;
+                        let current = current["round"].as_u64().context("the current round has no number")?;
+                        for m in rt.block_on(tessera_client::participate::missed_releases(&api, &key, applied_round, current + 1))? {
+                            inst.apply_mean(&m.release.mean)?;
+                            version += 1;
+                            applied_round = m.release.round;
+                        }
+                        continue;
+                    }
+                };
+                let (round, cohort) = match &result {
+                    Participation::Completed(r) => (r.round, r.config.cohort),
+                    Participation::Dropped { round, .. } => (*round, None),
+                };
+                buffered |= cohort.is_some();
+                let staleness = cohort.zip(opts.base_version).map(|(c, base)| c.version.saturating_sub(base));
+                if buffered {
+                    // The cohorts this institution was not part of, in order, before this one's release.
+                    let key = rt.block_on(tessera_client::participate::check_aggregator(&api, insecure_dev, opts.aggregator_policy.as_ref()))?;
+                    let missed = rt.block_on(tessera_client::participate::missed_releases(&api, &key, applied_round, round))?;
+                    if !missed.is_empty() {
+                        eprintln!("[{name}] applying {} release(s) of cohorts this institution was not part of", missed.len());
+                    }
+                    for m in missed {
+                        inst.apply_mean(&m.release.mean)?;
+                        version += 1;
+                    }
+                    if let Some(c) = cohort {
+                        anyhow::ensure!(
+                            version == c.version,
+                            "cohort {round} started from global version {}, but this institution has applied {version} releases: its global model would differ",
+                            c.version
                         );
                     }
-                    let dp = prepare_for_round(&mut delta, cfg).is_some();
-                    Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
-                }))?;
+                }
                 let (round, bytes, included) = match result {
                     Participation::Completed(r) => {
                         inst.apply_mean(&r.release.mean)?;
@@ -549,7 +626,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         (round, 0, 0)
                     }
                 };
-                next_round = Some(round + 1);
+                version += 1;
+                applied_round = round;
+                // A buffered federation: join whichever cohort opens next.
+                next_round = if buffered { None } else { Some(round + 1) };
                 let eval = inst.evaluate(false)?.unwrap_or_default();
                 let global_eval = inst.evaluate(true)?;
                 let row = serde_json::json!({
@@ -564,6 +644,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "initial_loss": before.loss, "initial_accuracy": before.accuracy, "initial_exact_match": before.exact_match,
                     "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
                     "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
+                    "global_version": buffered.then_some(version), "staleness": staleness,
+                    "seconds_since_start": started.elapsed().as_secs_f64(),
                 });
                 eprintln!(
                     "[{}] round {round}: train loss {:.4}, held-out {eval}, {:.0} tok/s",
@@ -577,6 +659,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(out) = &adapter_out {
                     inst.adapter().save_peft(out, &model.model.display().to_string())?;
                 }
+                i += 1;
             }
             Ok(())
         }

@@ -270,6 +270,62 @@ impl Driver<'_> {
     }
 }
 
+/// A release this institution did not apply when it was made: its round's configuration
+/// and the release, both checked (see [`missed_releases`]).
+#[derive(Debug)]
+pub struct MissedRelease {
+    pub config: RoundConfig,
+    pub release: Release,
+}
+
+#[derive(Deserialize)]
+struct RoundOutcomeView {
+    round: u64,
+    config: RoundConfig,
+    #[serde(default)]
+    outcome: Option<String>,
+}
+
+/// The releases of the rounds after `after` and before `before`, in order, that this
+/// institution has not applied (in a buffered federation, the cohorts it was not part
+/// of): each release's signature verified against `enclave_key` (the attested identity),
+/// its configuration digest against its round's configuration, and, in a buffered
+/// federation, the versions counted without a gap. Aborted rounds released nothing and
+/// are skipped. Applying them in order, then the release of `before`, gives the global
+/// model every other institution holds.
+pub async fn missed_releases(api: &Api, enclave_key: &[u8; 32], after: u64, before: u64) -> Result<Vec<MissedRelease>, ParticipateError> {
+    let mut out: Vec<MissedRelease> = Vec::new();
+    for n in after.saturating_add(1)..before {
+        let s: RoundOutcomeView = api.get_json(format!("/v1/rounds/{n}")).await?;
+        if s.round != n {
+            return Err(ParticipateError::Update(format!("asked for round {n}, the aggregator answered with round {}", s.round)));
+        }
+        if s.outcome.as_deref() != Some("released") {
+            continue;
+        }
+        let mut release: Release = api.get_json(format!("/v1/rounds/{n}/result")).await?;
+        let bytes = api.get_bytes(format!("/v1/rounds/{n}/result/mean")).await?;
+        release.mean = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if release.round != n || !release.verify(enclave_key) {
+            return Err(tessera_secagg::Error::from(tessera_secagg::ProtocolError::BadAggregatorSignature { message: "missed release" }).into());
+        }
+        if release.config_digest != s.config.digest() {
+            return Err(ParticipateError::Update(format!("the release of round {n} is for another configuration than the round's")));
+        }
+        if let (Some(prev), Some(c)) = (out.last().and_then(|m| m.config.cohort), s.config.cohort) {
+            if c.version != prev.version + 1 {
+                return Err(ParticipateError::Update(format!(
+                    "round {n} says it started from version {}, but the release before it made version {}",
+                    c.version,
+                    prev.version + 1
+                )));
+            }
+        }
+        out.push(MissedRelease { config: s.config, release });
+    }
+    Ok(out)
+}
+
 /// Verifies the aggregator's evidence against the pinned TLS certificate and returns
 /// its identity key (which signs releases).
 pub async fn check_aggregator(api: &Api, insecure_dev: bool, policy: Option<&NodePolicy>) -> Result<[u8; 32], ParticipateError> {
@@ -325,8 +381,18 @@ where
             e => Err(e),
         })?;
         let wanted = opts.round.unwrap_or(s.round);
-        if s.round == wanted && s.phase == Phase::AdvertiseKeys {
+        // In a buffered federation any cohort from the wanted one on will do: one that
+        // went on without us is followed by the next as soon as it ends.
+        let joining_next_cohort = s.config.cohort.is_some() && s.round >= wanted;
+        if (s.round == wanted || joining_next_cohort) && s.phase == Phase::AdvertiseKeys {
             break s;
+        }
+        if joining_next_cohort {
+            if let Some(e) = d.timed_out("the next cohort to open") {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         if s.round > wanted || (opts.round.is_none() && s.round != 0 && !s.phase.is_terminal()) {
             return Err(ParticipateError::RoundInProgress(s.round));

@@ -67,6 +67,15 @@ pub fn attest_bin() -> PathBuf {
     bin
 }
 
+/// The institution CLI `tessera-client`, built by `cargo test --workspace` next to the
+/// running test's directory.
+pub fn client_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target directory").join("tessera-client");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}
+
 /// Runs `tessera-attest audit` on `bundle` (written to `dir`) under the dev policy, with
 /// `extra` arguments (`--json`); the CLI's output, whatever its exit status.
 pub fn audit_with_cli(dir: &std::path::Path, bundle: &tessera_attestation::audit::RoundBundle, extra: &[&str]) -> std::process::Output {

@@ -112,3 +112,116 @@ async fn three_institutions_lower_held_out_loss() {
     eprintln!("held-out loss {:.4} -> {:.4}, accuracy {:.3} -> {:.3}, ε = {eps:.1}", initial.loss, fin.loss, initial.accuracy, fin.accuracy);
     server.stop().await;
 }
+
+/// A buffered federation with the real CLI: cohorts of K = 3 among 4 institutions. Three
+/// take part in cohorts 1 and 2 (versions 0 and 1); the fourth, `tessera-client federate`
+/// on MiniLM, trained from version 0 and joins cohort 3 (version 2) two versions stale.
+/// It is weighed down, accepted, and then applies the releases of the two cohorts it was
+/// not part of before cohort 3's: its saved global adapter's LoRA B factors (zero at the
+/// start under FFA) are exactly the sum of the three releases, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_institution_catches_up_on_the_cohorts_it_missed() {
+    use tessera_server::config::CohortParams;
+    let data = data_root();
+    let model = data.join("minilm");
+    assert!(model.join("model.safetensors").exists(), "{} missing: run scripts/setup first", model.display());
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 4);
+    let model_flags = ["--model".to_string(), model.display().to_string(), "--max-len".into(), "48".into()];
+    let out = std::process::Command::new(client_bin()).arg("layout").args(&model_flags).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let layout: Vec<tessera_secagg::config::TensorSpec> = serde_json::from_slice(&out.stdout).unwrap();
+    let m: usize = layout.iter().map(|t| t.numel() as usize).sum();
+    let params = RoundParams {
+        layout: layout.clone(),
+        clip: 0.05,
+        max_weight: 1000,
+        phase_timeout_ms: 60_000,
+        cohort: Some(CohortParams { size: 3, max_staleness: 2, staleness_exponent: 0.5 }),
+        ..RoundParams::default()
+    };
+    let server = tessera_server::spawn(server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 3)).await.unwrap();
+    let url = format!("https://{}", server.addr);
+    let lib_cohort = |round: u64, who: Vec<usize>, base: u64| {
+        let (url, fingerprint) = (url.clone(), server.fingerprint);
+        let dirs: Vec<std::path::PathBuf> = who.iter().map(|&i| ids[i].0.clone()).collect();
+        async move {
+            let mut tasks = Vec::new();
+            for (k, dir) in dirs.into_iter().enumerate() {
+                let identity = tessera_client::Identity::load(&dir).unwrap();
+                let api = Api::new(&url, fingerprint).unwrap();
+                let opts = Options {
+                    insecure_dev: true,
+                    round: Some(round),
+                    quiet: true,
+                    wait: Duration::from_secs(120),
+                    base_version: Some(base),
+                    ..Options::default()
+                };
+                let update: Vec<f32> = synthetic_update(k, round, m).iter().map(|x| x * 0.01).collect();
+                tasks.push(tokio::spawn(async move { participate(&api, &identity, &opts, move |_| Ok((update, 100))).await }));
+            }
+            let mut means = Vec::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(Participation::Completed(r)) => means.push(r.release.mean),
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+            means
+        }
+    };
+    let mut releases = vec![lib_cohort(1, vec![0, 1, 2], 0).await.remove(0), lib_cohort(2, vec![0, 1, 2], 1).await.remove(0)];
+
+    // The slow institution trained from version 0 and joins now, with two of the others.
+    let dir = &ids[3].0;
+    let shard: String = std::fs::read_to_string(data.join("drugreview/train.jsonl")).unwrap().lines().take(16).map(|l| format!("{l}\n")).collect();
+    let held_out: String = std::fs::read_to_string(data.join("drugreview/test.jsonl")).unwrap().lines().take(8).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("train.jsonl"), shard).unwrap();
+    std::fs::write(dir.join("test.jsonl"), held_out).unwrap();
+    let fingerprint = hex::encode(server.fingerprint);
+    let mut slow = tokio::process::Command::new(client_bin());
+    slow.args(["federate", "--insecure-dev", "--server", &url, "--fingerprint", &fingerprint])
+        .args(&model_flags)
+        .args(["--rounds", "1", "--steps", "2", "--batch-size", "4", "--threads", "1", "--wait", "120"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--train")
+        .arg(dir.join("train.jsonl"))
+        .arg("--test")
+        .arg(dir.join("test.jsonl"))
+        .arg("--report")
+        .arg(dir.join("report.jsonl"))
+        .arg("--adapter-out")
+        .arg(dir.join("global-adapter"));
+    let slow = slow.output();
+    let (slow, third) = tokio::join!(slow, lib_cohort(3, vec![0, 1], 2));
+    let slow = slow.unwrap();
+    let log = String::from_utf8_lossy(&slow.stderr);
+    assert!(slow.status.success(), "{log}");
+    releases.push(third[0].clone());
+    assert!(log.contains("2 version(s) stale, weighed by 0.5774"), "{log}");
+    assert!(log.contains("applying 2 release(s) of cohorts this institution was not part of"), "{log}");
+    let report: serde_json::Value = serde_json::from_str(std::fs::read_to_string(dir.join("report.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!((report["round"].as_u64(), report["staleness"].as_u64(), report["global_version"].as_u64()), (Some(3), Some(2), Some(3)));
+
+    // FFA: B starts at zero and FedAvg adds each release, in order.
+    let saved = tessera_client::update::read_tensors(&dir.join("global-adapter/adapter_model.safetensors")).unwrap();
+    let mut want = vec![0f32; m];
+    for r in &releases {
+        want.iter_mut().zip(r).for_each(|(w, x)| *w += x);
+    }
+    let mut at = 0;
+    let mut compared = 0;
+    for t in &layout {
+        let n = t.numel() as usize;
+        if t.name.contains("lora_B") {
+            let (_, values) = &saved[&t.module_name()];
+            assert_eq!(&values[..], &want[at..at + n], "{}", t.name);
+            compared += n;
+        }
+        at += n;
+    }
+    assert!(compared > 0 && releases.iter().all(|r| r.iter().any(|&x| x != 0.0)));
+    server.stop().await;
+}
