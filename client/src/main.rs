@@ -358,6 +358,20 @@ fn default_policy(insecure_dev: bool) -> tessera_attestation::policy::NodePolicy
 
 /// The released mean of `round`, for an institution that left it (it still needs the
 /// global model), checked against the attested enclave's signature.
+/// Whether the aggregator's current round is a cohort of a buffered federation.
+fn runs_cohorts(rt: &tokio::runtime::Runtime, api: &Api) -> bool {
+    rt.block_on(api.get_json::<serde_json::Value>("/v1/rounds/current")).is_ok_and(|s| !s["config"]["cohort"].is_null())
+}
+
+/// How one try to take part in a buffered federation's cohort ended.
+enum Attempt {
+    Done(Participation),
+    /// The aggregator's schedule is over: no cohort is left for this update.
+    Ended(u64),
+    /// The update is too stale to send: catch up and train again.
+    TooStale(tessera_secagg::ProtocolError),
+}
+
 fn fetch_release(rt: &tokio::runtime::Runtime, api: &Api, round: u64, opts: &Options) -> anyhow::Result<Vec<f32>> {
     rt.block_on(async {
         let enclave_key = tessera_client::participate::check_aggregator(api, opts.insecure_dev, opts.aggregator_policy.as_ref()).await?;
@@ -562,20 +576,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
                     }));
                     match attempt {
-                        Err(ParticipateError::TooLate { round, what }) if buffered => {
+                        Err(ParticipateError::TooLate { round, what }) if buffered || runs_cohorts(&rt, &api) => {
+                            buffered = true;
                             feedback = kept;
                             eprintln!("[{name}] cohort {round} went on without this institution's {what}; joining the next one");
                         }
+                        Err(ParticipateError::FederationEnded(last)) => break Attempt::Ended(last),
                         Err(ParticipateError::Protocol(tessera_secagg::Error::Protocol(stale @ tessera_secagg::ProtocolError::TooStale { .. }))) => {
                             feedback = kept;
-                            break Err(stale);
+                            break Attempt::TooStale(stale);
                         }
-                        other => break Ok(other?),
+                        other => break Attempt::Done(other?),
                     }
                 };
                 let result = match result {
-                    Ok(r) => r,
-                    Err(stale) => {
+                    Attempt::Done(r) => r,
+                    Attempt::Ended(last) => {
+                        eprintln!("[{name}] the federation's last cohort was round {last}; this update is not needed, stopping after {} update(s)", i - 1);
+                        break;
+                    }
+                    Attempt::TooStale(stale) => {
                         // Too far behind: apply what was released meanwhile and train again from there.
                         eprintln!("[{name}] {stale}; catching up and training again");
                         let key = rt.block_on(tessera_client::participate::check_aggregator(&api, insecure_dev, opts.aggregator_policy.as_ref()))?;

@@ -112,6 +112,8 @@ pub enum ParticipateError {
     NotParticipant(String, u64),
     #[error("round {0} has already passed key advertisement; wait for the next round")]
     RoundInProgress(u64),
+    #[error("the aggregator's schedule ended with round {0}: no cohort is left to join")]
+    FederationEnded(u64),
     #[error("protocol: {0}")]
     Protocol(#[from] tessera_secagg::Error),
     #[error("update: {0}")]
@@ -168,6 +170,9 @@ struct StatusView {
     config: RoundConfig,
     #[serde(default)]
     config_signature: Option<String>,
+    /// The server's schedule opens no round after this one.
+    #[serde(default)]
+    last_scheduled: bool,
 }
 
 #[derive(Deserialize)]
@@ -376,7 +381,7 @@ where
     let status: StatusView = loop {
         let s: StatusView = d.poll(0, "an open round", || api.get_json("/v1/rounds/current")).await.or_else(|e| match e {
             ParticipateError::Http(HttpError::Status { ref code, .. }) if code == "no_round" => {
-                Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config(), config_signature: None })
+                Ok(StatusView { round: 0, phase: Phase::Finished, config: placeholder_config(), config_signature: None, last_scheduled: false })
             }
             e => Err(e),
         })?;
@@ -388,6 +393,9 @@ where
             break s;
         }
         if joining_next_cohort {
+            if s.phase.is_terminal() && s.last_scheduled {
+                return Err(ParticipateError::FederationEnded(s.round));
+            }
             if let Some(e) = d.timed_out("the next cohort to open") {
                 return Err(e);
             }

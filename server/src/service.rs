@@ -230,6 +230,9 @@ pub struct RoundStatus {
     pub waiting_for: Vec<ClientId>,
     pub outcome: Option<String>,
     pub admission: Vec<AdmissionRecord>,
+    /// The server's schedule opens no round after this one (`[rounds] count` reached).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub last_scheduled: bool,
 }
 
 /// The federation's privacy accounting (GET /v1/privacy).
@@ -983,6 +986,12 @@ impl Service {
         Err(ApiError::not_yet(what))
     }
 
+    /// Whether the automatic schedule ends with `round`.
+    fn last_scheduled(&self, round: u64) -> bool {
+        let s = &self.cfg.rounds;
+        s.auto_open && s.count > 0 && round >= s.count
+    }
+
     pub async fn status(&self, round: u64) -> Result<RoundStatus, ApiError> {
         let inner = self.inner.lock().await;
         if let Ok(cur) = self.current(&inner, round) {
@@ -1001,6 +1010,7 @@ impl Service {
                 waiting_for: agg.waiting_for(),
                 outcome,
                 admission,
+                last_scheduled: self.last_scheduled(round),
             });
         }
         drop(inner);
@@ -1015,6 +1025,7 @@ impl Service {
             waiting_for: Vec::new(),
             outcome: row.outcome,
             admission: Vec::new(),
+            last_scheduled: self.last_scheduled(round),
         })
     }
 

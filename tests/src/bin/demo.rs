@@ -94,6 +94,18 @@ struct Args {
     /// so a narrow range spends the bits of --modulus-bits where the values are.
     #[arg(long)]
     coord_clip: Option<f64>,
+    /// Buffered asynchronous rounds: each round is a cohort that goes on with the first K
+    /// clinics ready (K must be more than half the clinics). The federation makes as many
+    /// updates as the synchronous run (institutions × rounds), in that many / K cohorts;
+    /// each clinic trains until the last cohort, applying those it was not part of.
+    #[arg(long)]
+    buffered: Option<u32>,
+    /// One clinic (0-based) trains --slowdown times slower, to compare synchronous and
+    /// buffered rounds.
+    #[arg(long)]
+    slow_institution: Option<usize>,
+    #[arg(long, default_value_t = 4.0)]
+    slowdown: f64,
 }
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -141,6 +153,10 @@ struct RoundRow {
     dropped: usize,
     /// The largest record-level ε of any institution after this round (DP-SGD runs).
     record_eps: Option<f64>,
+    /// Seconds from the clinics' start to their report of this round (the latest).
+    seconds: f64,
+    /// Buffered mode: the staleness of each update in the cohort.
+    staleness: Vec<u64>,
 }
 
 /// An ε for the table: two decimals, or "-" where no DP round released one.
@@ -162,7 +178,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.institutions < 2 {
         bail!("a federation needs at least 2 institutions, got --institutions {}", args.institutions);
     }
-    if args.dropout >= 0 && args.rounds >= 2 {
+    if args.dropout >= 0 && args.rounds >= 2 && args.buffered.is_none() {
         // Each institution's masks are recovered from t of its k neighbours: one dropout
         // must leave t of them.
         use tessera_secagg::config::{default_neighbours, DEFAULT_CORRUPTION_RATE, DEFAULT_DROPOUT_RATE};
@@ -190,8 +206,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::remove_dir_all(work).with_context(|| format!("cannot clear {}", work.display()))?;
     }
     std::fs::create_dir_all(work)?;
+    // What the federation releases: its rounds, or the cohorts that carry as many updates.
+    let releases = match args.buffered {
+        Some(k) => {
+            let least = (args.institutions as u32 - 1) / 2 + 2;
+            if k < least || k as usize > args.institutions {
+                bail!(
+                    "--buffered {k}: a cohort goes on with its first K clinics, which must hold each one's share threshold, so K must be in {least}..={}",
+                    args.institutions
+                );
+            }
+            (args.institutions as u64 * args.rounds).div_ceil(u64::from(k))
+        }
+        None => args.rounds,
+    };
+    if let Some(s) = args.slow_institution {
+        if s >= args.institutions || !(args.slowdown.is_finite() && args.slowdown >= 1.0) {
+            bail!("--slow-institution {s} --slowdown {}: the clinic must exist and the slowdown be at least 1", args.slowdown);
+        }
+    }
     let dp_delta = 1e-5;
-    let z = noise_multiplier_for(args.epsilon, args.rounds, dp_delta).context("--epsilon")?;
+    let z = noise_multiplier_for(args.epsilon, releases, dp_delta).context("--epsilon")?;
     let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon, colluders: 1 };
     println!(
         "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
@@ -208,7 +243,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         if args.lora_mode == LoraMode::Ffa { "FFA-LoRA" } else { "LoRA (A and B both averaged)" },
         if model.ends_with("smollm2") { " (sized for a 2-core CPU: raise --steps and --max-len on a GPU)" } else { "" }
     );
-    let min_survivors = (args.institutions - usize::from(args.dropout >= 0)).max(2) as u32;
+    let dropout = args.dropout >= 0 && args.buffered.is_none();
+    let min_survivors = match args.buffered {
+        Some(k) => k.min(args.institutions as u32 - 1).max(2),
+        None => (args.institutions - usize::from(dropout)).max(2) as u32,
+    };
+    if let Some(k) = args.buffered {
+        println!(
+            "Rounds: BUFFERED cohorts of K = {k}: {releases} cohorts carry the {} updates a synchronous run of {} rounds would; stale updates weigh (1 + τ)^-0.5{}.",
+            args.institutions as u64 * args.rounds,
+            args.rounds,
+            if args.dropout >= 0 { " (no dropout is injected in buffered mode)" } else { "" }
+        );
+    }
+    if let Some(s) = args.slow_institution {
+        println!("Clinic {s} trains {}× slower (--slowdown).", args.slowdown);
+    }
     let z_out = dp.outsider_noise_multiplier(min_survivors);
     if args.no_dp {
         println!(
@@ -221,8 +271,8 @@ fn run(args: Args) -> anyhow::Result<()> {
          against any one participant, who knows its own noise share; against outsiders z = {z_out:.3}, ε = {:.2}. Adjacency: {}.",
             args.clip,
             args.epsilon,
-            args.rounds,
-            tessera_secagg::dp::epsilon(z_out, args.rounds, dp_delta),
+            releases,
+            tessera_secagg::dp::epsilon(z_out, releases, dp_delta),
             tessera_secagg::dp::ADJACENCY_EXPLAINED
         );
     }
@@ -345,11 +395,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     let masked_body = tessera_secagg::pack::packed_len(tessera_secagg::compress::encoded_len(m as u32, compression.as_ref()) + 1, args.modulus_bits);
     let bytes_per_parameter = masked_body as f64 / m as f64;
     println!("wire: {wire}; a masked update is {masked_body} bytes, {bytes_per_parameter:.3} bytes per parameter");
+    let cohort_toml = match args.buffered {
+        Some(k) => format!("[rounds.params.cohort]\nsize = {k}\nmax_staleness = 4\nstaleness_exponent = 0.5\n\n"),
+        None => String::new(),
+    };
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n{privacy_toml}[node_policy]\nallow_insecure_dev = true\n\n\
          [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\nmodulus_bits = {}\n\n\
-         {dp_toml}{compression_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
-        admin_token, args.rounds, min_survivors, args.modulus_bits,
+         {dp_toml}{compression_toml}{cohort_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
+        admin_token, releases, min_survivors, args.modulus_bits,
     );
     let config_path = work.join("server.toml");
     std::fs::write(&config_path, config)?;
@@ -371,7 +425,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut cmd = Command::new(&client_bin);
         cmd.args(["federate", "--insecure-dev", "--server", &url, "--fingerprint", &fingerprint])
             .args(&model_flags)
-            .args(["--rounds", &args.rounds.to_string(), "--steps", &args.steps.to_string(), "--batch-size", &args.batch_size.to_string()])
+            // Buffered: as many local updates as it takes, until the last cohort.
+            .args(["--rounds", &if args.buffered.is_some() { args.institutions as u64 * args.rounds } else { args.rounds }.to_string()])
+            .args(["--steps", &args.steps.to_string(), "--batch-size", &args.batch_size.to_string()])
             .args(["--lr", &args.lr.to_string()])
             .args(["--threads", &threads.to_string()])
             .arg("--dir")
@@ -392,8 +448,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         if i == 0 {
             cmd.arg("--global-test").arg(work.join("global-test.jsonl"));
         }
-        if args.dropout >= 0 && i as i64 == args.dropout && args.rounds >= 2 {
+        if dropout && i as i64 == args.dropout && args.rounds >= 2 {
             cmd.args(["--drop-in-round", "2"]);
+        }
+        if args.slow_institution == Some(i) {
+            cmd.args(["--slowdown", &args.slowdown.to_string()]);
         }
         children.push((i, cmd.spawn()?));
     }
@@ -410,9 +469,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // 5. The per-round table, from the institutions' reports and the aggregator's accountant.
-    let mut rows = vec![RoundRow::default(); args.rounds as usize + 1];
+    let mut rows = vec![RoundRow::default(); releases as usize + 1];
     for i in 0..args.institutions {
-        let text = std::fs::read_to_string(inst_dir(i).join("report.jsonl"))?;
+        let path = inst_dir(i).join("report.jsonl");
+        if args.buffered.is_some() && !path.exists() {
+            println!("clinic-{i} took part in no cohort: the others made every update before its first was ready");
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
         for (k, line) in text.lines().enumerate() {
             let r: serde_json::Value = serde_json::from_str(line)?;
             if k == 0 {
@@ -422,7 +486,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                     rows[0].global_acc = Some(g);
                 }
             }
-            let row = &mut rows[k + 1];
+            // The round (cohort) the report is about; in buffered mode a clinic reports
+            // only the cohorts it was part of.
+            let Some(row) = r["round"].as_u64().and_then(|n| rows.get_mut(n as usize)).filter(|_| r["round"].as_u64() != Some(0)) else { continue };
+            row.seconds = row.seconds.max(r["seconds_since_start"].as_f64().unwrap_or(0.0));
+            if let Some(s) = r["staleness"].as_u64() {
+                row.staleness.push(s);
+            }
             if let Some(g) = r["global_accuracy"].as_f64() {
                 row.global_acc = Some(g);
             }
@@ -439,18 +509,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let privacy = privacy_report(&url, &fingerprint, &admin_token)?;
-    let audit = export_for_audit(&url, &fingerprint, &auditor_token, args.rounds, work)?;
+    let audit = export_for_audit(&url, &fingerprint, &auditor_token, releases, work)?;
     let eps_of = |round: u64, field: &str| -> f64 {
         privacy["per_round"].as_array().and_then(|a| a.iter().find(|r| r["round"] == round)).and_then(|r| r[field].as_f64()).unwrap_or(f64::NAN)
     };
     drop(server);
     println!(
-        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>10} | {:>7} | {:>7} | {:>8} | {:>8}",
-        "round", "included", "dropouts", "train loss", "held-out loss", "accuracy", "global acc", "ε insid", "ε outsd", "MB sent", "tok/s"
+        "\n{:>5} | {:>8} | {:>8} | {:>10} | {:>13} | {:>8} | {:>10} | {:>7} | {:>7} | {:>8} | {:>8} | {:>6}",
+        if args.buffered.is_some() { "cohort" } else { "round" },
+        "included",
+        "dropouts",
+        "train loss",
+        "held-out loss",
+        "accuracy",
+        "global acc",
+        "ε insid",
+        "ε outsd",
+        "MB sent",
+        "tok/s",
+        "time s"
     );
     let pct = |g: Option<f64>| g.map(|g| format!("{:.1}%", 100.0 * g)).unwrap_or_else(|| "-".into());
     println!(
-        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8} | {:>8}",
+        "{:>5} | {:>8} | {:>8} | {:>10} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8} | {:>8} | {:>6}",
         0,
         "-",
         "-",
@@ -461,12 +542,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         "0",
         "0",
         "-",
+        "-",
         "-"
     );
     for (r, row) in rows.iter().enumerate().skip(1) {
-        let record = row.record_eps.map(|e| format!(" | ε record {e:.2}")).unwrap_or_default();
+        let mut record = row.record_eps.map(|e| format!(" | ε record {e:.2}")).unwrap_or_default();
+        if args.buffered.is_some() {
+            record.push_str(&format!(" | staleness {}", row.staleness.iter().map(u64::to_string).collect::<Vec<_>>().join(",")));
+        }
         println!(
-            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8.3} | {:>8.0}{record}",
+            "{:>5} | {:>8} | {:>8} | {:>10.4} | {:>13.4} | {:>7.1}% | {:>10} | {:>7} | {:>7} | {:>8.3} | {:>8.0} | {:>6.0}{record}",
             r,
             format!("{}/{}", row.included, args.institutions),
             row.dropped,
@@ -477,7 +562,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             eps_text(eps_of(r as u64, "epsilon_cumulative")),
             eps_text(eps_of(r as u64, "epsilon_outsider_cumulative")),
             row.bytes as f64 / 1e6,
-            mean(&row.tok_s)
+            mean(&row.tok_s),
+            row.seconds
         );
     }
     let plot = work.join("curves.png");
@@ -524,10 +610,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         accuracy: mean(&last.acc),
         global_accuracy: last.global_acc,
         seconds: started.elapsed().as_secs_f64(),
-        epsilon_institution: (!args.no_dp).then(|| eps_of(args.rounds, "epsilon_cumulative")),
+        epsilon_institution: (!args.no_dp).then(|| eps_of(releases, "epsilon_cumulative")),
         epsilon_record: last.record_eps,
         bytes_per_parameter,
         mb_sent_last_round: last.bytes as f64 / 1e6,
+        curve: rows.iter().skip(1).map(|r| (r.seconds, mean(&r.loss))).collect(),
     };
     std::fs::write(work.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
     if args.compare_without_dp {
@@ -551,6 +638,10 @@ struct Summary {
     /// Everything the institutions sent in the last round (all five phases), in MB.
     #[serde(default)]
     mb_sent_last_round: f64,
+    /// Per round (cohort): seconds since the clinics started, and the held-out loss of
+    /// the clinics that reported it.
+    #[serde(default)]
+    curve: Vec<(f64, f64)>,
 }
 
 /// Runs the same federation again without any DP (this binary, --no-dp, in
@@ -571,6 +662,12 @@ fn compare_without_dp(args: &Args, with_dp: &Summary) -> anyhow::Result<()> {
     cmd.args(["--modulus-bits", &args.modulus_bits.to_string()]);
     if let Some(c) = args.coord_clip {
         cmd.args(["--coord-clip", &c.to_string()]);
+    }
+    if let Some(k) = args.buffered {
+        cmd.args(["--buffered", &k.to_string()]);
+    }
+    if let Some(s) = args.slow_institution {
+        cmd.args(["--slow-institution", &s.to_string(), "--slowdown", &args.slowdown.to_string()]);
     }
     if let Some(f) = args.keep_fraction {
         cmd.args(["--keep-fraction", &f.to_string()]);
