@@ -379,5 +379,10 @@ async fn buffered_cohorts_weigh_a_slow_institution_down() {
     for r in results {
         assert!(matches!(r.unwrap(), Participation::Completed(_)));
     }
+    // The schedule ends with cohort 3: an institution waiting for another is told so.
+    let identity = tessera_client::Identity::load(&dirs[3]).unwrap();
+    let opts = Options { insecure_dev: true, wait: Duration::from_secs(30), quiet: true, base_version: Some(3), ..Options::default() };
+    let ended = participate(&Api::new(&url, server.fingerprint).unwrap(), &identity, &opts, |_| Ok((vec![0.0; M], 1))).await;
+    assert!(matches!(ended, Err(tessera_client::ParticipateError::FederationEnded(3))), "{ended:?}");
     server.stop().await;
 }
