@@ -634,16 +634,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         );
                     }
                 }
-                let (round, bytes, included) = match result {
+                let (round, bytes, included, clamped) = match result {
                     Participation::Completed(r) => {
                         inst.apply_mean(&r.release.mean)?;
-                        (r.round, r.bytes_sent, r.release.included.len())
+                        let (c, of) = r.range_clamped;
+                        (r.round, r.bytes_sent, r.release.included.len(), Some(c as f64 / of.max(1) as f64))
                     }
                     Participation::Dropped { round, .. } => {
                         // The others' aggregate is still ours to apply: fetch the signed release.
                         let release = fetch_release(&rt, &api, round, &opts)?;
                         inst.apply_mean(&release)?;
-                        (round, 0, 0)
+                        (round, 0, 0, None)
                     }
                 };
                 version += 1;
@@ -664,7 +665,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "initial_loss": before.loss, "initial_accuracy": before.accuracy, "initial_exact_match": before.exact_match,
                     "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
                     "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
-                    "global_version": buffered.then_some(version), "staleness": staleness,
+                    "global_version": buffered.then_some(version), "staleness": staleness, "range_clamped_fraction": clamped,
                     "seconds_since_start": started.elapsed().as_secs_f64(),
                 });
                 eprintln!(

@@ -155,6 +155,9 @@ pub struct RoundReport {
     pub release: Release,
     pub bytes_sent: u64,
     pub elapsed: Duration,
+    /// Encoded coordinates of this institution's update that the round's range clip
+    /// clamped, and how many there were.
+    pub range_clamped: (usize, usize),
 }
 
 #[derive(Debug)]
@@ -487,7 +490,16 @@ where
         }
         d.say(&format!("buffered cohort at version {}: this update is {tau} version(s) stale, weighed by {s:.4}", cfg.cohort.map_or(0, |c| c.version)));
     }
-    let quantized = Quantizer::new(&cfg)?.quantize(&update, weight.min(cfg.max_weight), &mut OsRng)?;
+    let (quantized, clamped) = Quantizer::new(&cfg)?.quantize_counting(&update, weight.min(cfg.max_weight), &mut OsRng)?;
+    let range_clamped = (clamped, cfg.encoded_len());
+    if clamped > 0 {
+        d.say(&format!(
+            "range clip: {clamped} of {} coordinates ({:.3}%) were outside ±{} and were clamped (biased toward zero)",
+            cfg.encoded_len(),
+            100.0 * clamped as f64 / cfg.encoded_len().max(1) as f64,
+            cfg.clip
+        ));
+    }
     drop(update);
 
     let attester = match (&opts.attester, opts.insecure_dev) {
@@ -573,7 +585,7 @@ where
         d.bytes_sent as f64 / 1e6,
         d.start.elapsed().as_secs_f64()
     ));
-    Ok(Participation::Completed(Box::new(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed() })))
+    Ok(Participation::Completed(Box::new(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed(), range_clamped })))
 }
 
 /// SHA-384 of this executable, computed once per process (the dev stand-in for a launch

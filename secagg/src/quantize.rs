@@ -67,6 +67,14 @@ impl Quantizer {
     /// `update`; appends the weight. NaN coordinates are refused rather than silently
     /// zeroed.
     pub fn quantize<R: Rng + ?Sized>(&self, update: &[f32], weight: u32, rng: &mut R) -> Result<Vec<u32>, Error> {
+        self.quantize_counting(update, weight, rng).map(|(q, _)| q)
+    }
+
+    /// [`Quantizer::quantize`], also returning how many (encoded) coordinates the range
+    /// clip `[-clip, clip]` clamped: the measured rate of the clipping that keeps the sum
+    /// of n inputs from wrapping the modulus. Each clamped coordinate is biased toward
+    /// zero, so a sender reports it.
+    pub fn quantize_counting<R: Rng + ?Sized>(&self, update: &[f32], weight: u32, rng: &mut R) -> Result<(Vec<u32>, usize), Error> {
         if weight == 0 || weight > self.max_weight {
             return Err(Error::Config(format!("weight must be in 1..={}, got {weight}", self.max_weight)));
         }
@@ -88,10 +96,12 @@ impl Quantizer {
         let scale = weight as f64 / self.max_weight as f64;
         let to_levels = self.levels as f64 / (2.0 * self.clip);
         let mut out = Vec::with_capacity(update.len() + 1);
+        let mut clamped = 0;
         for (i, &x) in update.iter().enumerate() {
             if x.is_nan() {
                 return Err(Error::malformed(format!("update coordinate {i} is NaN")));
             }
+            clamped += usize::from(f64::from(x).abs() > self.clip);
             let clipped = (x as f64).clamp(-self.clip, self.clip) * scale;
             let pos = (clipped + self.clip) * to_levels; // in [0, L]
             let floor = pos.floor();
@@ -100,7 +110,7 @@ impl Quantizer {
             out.push(q as u32);
         }
         out.push(weight);
-        Ok(out)
+        Ok((out, clamped))
     }
 
     /// Turns the modular sum of `included` quantized inputs into the weighted mean.
@@ -188,6 +198,14 @@ mod tests {
         let m = q.dequantize_sum(&sum, 2).unwrap();
         let want = (0.4 * 10.0 - 0.2 * 30.0) / 40.0;
         assert!((m.mean[0] - want).abs() < 1e-6, "{} vs {want}", m.mean[0]);
+    }
+
+    #[test]
+    fn clamped_coordinates_are_counted() {
+        let q = Quantizer::new(&cfg(3, 32)).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let (v, clamped) = q.quantize_counting(&[0.6, -0.5, 0.49, -7.0], 1, &mut rng).unwrap();
+        assert_eq!((v.len(), clamped), (5, 2));
     }
 
     #[test]
