@@ -585,7 +585,15 @@ where
         d.bytes_sent as f64 / 1e6,
         d.start.elapsed().as_secs_f64()
     ));
-    Ok(Participation::Completed(Box::new(RoundReport { round, client: me, config: cfg, release, bytes_sent: d.bytes_sent, elapsed: d.start.elapsed(), range_clamped })))
+    Ok(Participation::Completed(Box::new(RoundReport {
+        round,
+        client: me,
+        config: cfg,
+        release,
+        bytes_sent: d.bytes_sent,
+        elapsed: d.start.elapsed(),
+        range_clamped,
+    })))
 }
 
 /// SHA-384 of this executable, computed once per process (the dev stand-in for a launch
