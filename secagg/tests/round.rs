@@ -268,20 +268,7 @@ fn a_compressed_packed_round_releases_the_exact_sum() {
 /// A masked input whose width is not the round's is refused, packed or not.
 #[test]
 fn a_masked_input_of_the_wrong_width_is_refused() {
-    let cfg = config(3, 2, 2, 2, 10, 16);
-    let mut rng = ChaCha20Rng::seed_from_u64(4);
-    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
-    let mut clients: Vec<Client> =
-        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
-    for c in &clients {
-        agg.handle_advertise(c.advertise(vec![])).unwrap();
-    }
-    agg.advance(Timestamp(1)).unwrap();
-    let dir = agg.key_directory().unwrap();
-    for c in &mut clients {
-        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(2)).unwrap();
+    let (mut agg, mut clients, _) = up_to_masked_input(config(3, 2, 2, 2, 10, 16), 4);
     let bundle = agg.share_bundle(ClientId(0)).unwrap();
     let masked = clients[0].handle_share_bundle(&bundle, &[1; 11]).unwrap();
     assert_eq!(masked.bits, 16);
@@ -337,13 +324,12 @@ struct Harness {
     rng: ChaCha20Rng,
 }
 
-/// Drives a round with every client honest up to the survivor set.
-fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet) {
-    let cfg = config(n, 3, (n - 1) as u32, 3, 4, 32);
-    let mut rng = ChaCha20Rng::seed_from_u64(9);
+/// Drives a round with every client of `cfg` honest up to the masked-input phase.
+fn up_to_masked_input(cfg: RoundConfig, seed: u64) -> (Aggregator, Vec<Client>, ChaCha20Rng) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
     let mut clients: Vec<Client> =
-        (0..n).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+        (0..cfg.participants()).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
     for c in &clients {
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }
@@ -353,6 +339,13 @@ fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet)
         agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
     }
     agg.advance(Timestamp(2)).unwrap();
+    (agg, clients, rng)
+}
+
+/// Drives a round with every client honest up to the survivor set.
+fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet) {
+    let cfg = config(n, 3, (n - 1) as u32, 3, 4, 32);
+    let (mut agg, mut clients, rng) = up_to_masked_input(cfg.clone(), 9);
     for (i, c) in clients.iter_mut().enumerate() {
         let bundle = agg.share_bundle(ClientId(i as u32)).unwrap();
         let masked = c.handle_share_bundle(&bundle, &[1, 2, 3, 4, 1]).unwrap();
