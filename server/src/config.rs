@@ -147,7 +147,19 @@ pub struct RoundSchedule {
     pub auto_open: bool,
     /// How many rounds to run; 0 means no limit.
     pub count: u64,
+    /// `synchronous` (default): every round waits for its roster. `buffered`: each round
+    /// is a cohort of `[rounds.params.cohort]`, which must then be given.
+    pub mode: RoundMode,
     pub params: RoundParams,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoundMode {
+    #[default]
+    Synchronous,
+    /// Buffered asynchronous cohorts (FedBuff under secure aggregation).
+    Buffered,
 }
 
 /// What an admin chooses when opening a round; the rest is derived (round number,
@@ -305,6 +317,17 @@ impl ServerConfig {
             }
         }
         self.node_policy.validate().map_err(|e| ConfigError::Invalid(format!("node_policy: {e}")))?;
+        match (self.rounds.mode, &self.rounds.params.cohort) {
+            (RoundMode::Buffered, None) => {
+                return Err(ConfigError::Invalid(
+                    "rounds.mode = \"buffered\" needs [rounds.params.cohort] with its size K (the institutions a cohort goes on with)".into(),
+                ))
+            }
+            (RoundMode::Synchronous, Some(_)) => {
+                return Err(ConfigError::Invalid("[rounds.params.cohort] is for buffered rounds: set rounds.mode = \"buffered\", or remove it".into()))
+            }
+            _ => {}
+        }
         if self.certificate_refresh_secs == 0 {
             return Err(ConfigError::Invalid("certificate_refresh_secs must be at least 1".into()));
         }
@@ -312,5 +335,42 @@ impl ServerConfig {
             return Err(ConfigError::Invalid("node_policy.allow_insecure_dev requires dev_insecure = true".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(rounds: &str) -> Result<ServerConfig, String> {
+        let text = format!("listen = \"127.0.0.1:0\"\ndata_dir = \"d\"\nadmin_token = \"0123456789abcdef0123\"\ndev_insecure = true\n{rounds}");
+        let cfg: ServerConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn the_round_mode_and_the_cohort_go_together() {
+        let err = parse("[rounds]\nmode = \"buffered\"\n[rounds.params]\nvector_len = 4\n").unwrap_err();
+        assert!(err.contains("needs [rounds.params.cohort]"), "{err}");
+        let err = parse("[rounds.params]\nvector_len = 4\n[rounds.params.cohort]\nsize = 3\n").unwrap_err();
+        assert!(err.contains("set rounds.mode = \"buffered\""), "{err}");
+        let cfg = parse("[rounds]\nmode = \"buffered\"\n[rounds.params]\nvector_len = 4\n[rounds.params.cohort]\nsize = 3\n").unwrap();
+        assert_eq!(cfg.rounds.mode, RoundMode::Buffered);
+        let c = cfg.rounds.params.cohort.unwrap();
+        assert_eq!((c.size, c.max_staleness, c.staleness_exponent), (3, 4, 0.5), "defaults: staleness at most 4, FedBuff's exponent 0.5");
+        assert!(parse("[rounds]\nmode = \"eventually\"\n").unwrap_err().contains("unknown variant"));
+        assert_eq!(parse("").unwrap().rounds.mode, RoundMode::Synchronous);
+    }
+
+    #[test]
+    fn compression_fractions_are_checked() {
+        let c = CompressionParams { keep_fraction: Some(0.1), rotation_block: Some(64) }.for_vector(1000).unwrap();
+        assert_eq!((c.keep, c.rotation_block), (Some(100), Some(64)));
+        assert_eq!(CompressionParams { keep_fraction: Some(1e-9), rotation_block: None }.for_vector(1000).unwrap().keep, Some(1));
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            let err = CompressionParams { keep_fraction: Some(bad), rotation_block: None }.for_vector(1000).unwrap_err();
+            assert!(err.contains("keep_fraction must be in (0, 1]"), "{err}");
+        }
     }
 }

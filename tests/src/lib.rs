@@ -31,7 +31,12 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         dev_insecure: true,
         tee: None,
         node_policy: tessera_attestation::policy::NodePolicy::insecure_dev(),
-        rounds: RoundSchedule { auto_open: rounds > 0, count: rounds, params },
+        rounds: RoundSchedule {
+            auto_open: rounds > 0,
+            count: rounds,
+            mode: if params.cohort.is_some() { tessera_server::config::RoundMode::Buffered } else { Default::default() },
+            params,
+        },
         institutions: ids.iter().map(|(_, id)| Institution { name: id.name.clone(), public_key: id.public_key_hex() }).collect(),
         access: Vec::new(),
         certificate_refresh_secs: tessera_server::config::DEFAULT_CERTIFICATE_REFRESH_SECS,

@@ -401,9 +401,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = format!(
         "listen = \"127.0.0.1:{port}\"\ndata_dir = \"server-data\"\nadmin_token = \"{}\"\ndev_insecure = true\n\n{privacy_toml}[node_policy]\nallow_insecure_dev = true\n\n\
-         [rounds]\nauto_open = true\ncount = {}\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\nmodulus_bits = {}\n\n\
+         [rounds]\nauto_open = true\ncount = {}\nmode = \"{}\"\n\n[rounds.params]\nclip = {coord_clip}\nmax_weight = 1\nphase_timeout_ms = 20000\nadvertise_timeout_ms = 900000\nmin_survivors = {}\nmodulus_bits = {}\n\n\
          {dp_toml}{compression_toml}{cohort_toml}{layout_toml}\n{institutions_toml}\n{access_toml}",
-        admin_token, releases, min_survivors, args.modulus_bits,
+        admin_token,
+        releases,
+        if args.buffered.is_some() { "buffered" } else { "synchronous" },
+        min_survivors,
+        args.modulus_bits,
     );
     let config_path = work.join("server.toml");
     std::fs::write(&config_path, config)?;
