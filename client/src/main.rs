@@ -576,10 +576,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         Ok((delta, if dp { 1 } else { examples.min(u32::MAX as usize) as u32 }))
                     }));
                     match attempt {
-                        Err(ParticipateError::TooLate { round, what }) if buffered || runs_cohorts(&rt, &api) => {
+                        // Only before the masked input left: after it, the update may be in
+                        // that cohort's sum, and sending it again would count it twice.
+                        Err(ParticipateError::TooLate { round, what })
+                            if (what == "key advertisement" || what == "key shares") && (buffered || runs_cohorts(&rt, &api)) =>
+                        {
                             buffered = true;
                             feedback = kept;
                             eprintln!("[{name}] cohort {round} went on without this institution's {what}; joining the next one");
+                        }
+                        // An aborted cohort released nothing: the update goes to the next one.
+                        Err(ParticipateError::Aborted { round, reason }) if buffered => {
+                            feedback = kept;
+                            eprintln!("[{name}] cohort {round} was aborted ({reason}); joining the next one");
                         }
                         Err(ParticipateError::FederationEnded(last)) => break Attempt::Ended(last),
                         Err(ParticipateError::Protocol(tessera_secagg::Error::Protocol(stale @ tessera_secagg::ProtocolError::TooStale { .. }))) => {
@@ -589,6 +598,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         other => break Attempt::Done(other?),
                     }
                 };
+                let me = identity.public_key_hex();
                 let result = match result {
                     Attempt::Done(r) => r,
                     Attempt::Ended(last) => {
@@ -600,12 +610,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         eprintln!("[{name}] {stale}; catching up and training again");
                         let key = rt.block_on(tessera_client::participate::check_aggregator(&api, insecure_dev, opts.aggregator_policy.as_ref()))?;
                         let current: serde_json::Value = rt.block_on(api.get_json("/v1/rounds/current"))?;
-                        let current = current["round"].as_u64().context("the current round has no number")?;
-                        for m in rt.block_on(tessera_client::participate::missed_releases(&api, &key, applied_round, current + 1))? {
-                            inst.apply_mean(&m.release.mean)?;
-                            version += 1;
-                            applied_round = m.release.round;
-                        }
+                        let before = current["round"].as_u64().and_then(|r| r.checked_add(1)).context("the current round has no valid number")?;
+                        let mut last = applied_round;
+                        let applied = rt.block_on(tessera_client::participate::missed_releases(&api, &key, &me, (applied_round, before), version, |m| {
+                            last = m.release.round;
+                            inst.apply_mean(&m.release.mean).map_err(|e| ParticipateError::Update(e.to_string()))
+                        }))?;
+                        anyhow::ensure!(
+                            applied > 0,
+                            "{stale}, and no release was missed: this institution trains slower than the cohorts' staleness bound allows"
+                        );
+                        version += applied;
+                        applied_round = last;
                         continue;
                     }
                 };
@@ -618,14 +634,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if buffered {
                     // The cohorts this institution was not part of, in order, before this one's release.
                     let key = rt.block_on(tessera_client::participate::check_aggregator(&api, insecure_dev, opts.aggregator_policy.as_ref()))?;
-                    let missed = rt.block_on(tessera_client::participate::missed_releases(&api, &key, applied_round, round))?;
-                    if !missed.is_empty() {
-                        eprintln!("[{name}] applying {} release(s) of cohorts this institution was not part of", missed.len());
+                    let applied = rt.block_on(tessera_client::participate::missed_releases(&api, &key, &me, (applied_round, round), version, |m| {
+                        inst.apply_mean(&m.release.mean).map_err(|e| ParticipateError::Update(e.to_string()))
+                    }))?;
+                    if applied > 0 {
+                        eprintln!("[{name}] applied {applied} release(s) of cohorts this institution was not part of");
                     }
-                    for m in missed {
-                        inst.apply_mean(&m.release.mean)?;
-                        version += 1;
-                    }
+                    version += applied;
                     if let Some(c) = cohort {
                         anyhow::ensure!(
                             version == c.version,

@@ -294,15 +294,24 @@ struct RoundOutcomeView {
     outcome: Option<String>,
 }
 
-/// The releases of the rounds after `after` and before `before`, in order, that this
-/// institution has not applied (in a buffered federation, the cohorts it was not part
-/// of): each release's signature verified against `enclave_key` (the attested identity),
-/// its configuration digest against its round's configuration, and, in a buffered
-/// federation, the versions counted without a gap. Aborted rounds released nothing and
-/// are skipped. Applying them in order, then the release of `before`, gives the global
-/// model every other institution holds.
-pub async fn missed_releases(api: &Api, enclave_key: &[u8; 32], after: u64, before: u64) -> Result<Vec<MissedRelease>, ParticipateError> {
-    let mut out: Vec<MissedRelease> = Vec::new();
+/// Applies, in order, the releases of the rounds after `after` and before `before` that
+/// this institution (Ed25519 key `me`, hex) has not applied: in a buffered federation, the
+/// cohorts it was not part of. Each release's signature is verified against
+/// `enclave_key` (the attested identity) and its configuration digest against its
+/// round's configuration; a release that includes `me` is refused (this institution's
+/// update would count twice); in a buffered federation each cohort must start from the
+/// version the one before made, beginning with `from_version`, the version this
+/// institution holds. Aborted rounds released nothing and are skipped. Each release is
+/// handed to `apply` as soon as it is checked; returns how many were.
+pub async fn missed_releases(
+    api: &Api,
+    enclave_key: &[u8; 32],
+    me: &str,
+    (after, before): (u64, u64),
+    from_version: u64,
+    mut apply: impl FnMut(MissedRelease) -> Result<(), ParticipateError>,
+) -> Result<u64, ParticipateError> {
+    let mut applied = 0u64;
     for n in after.saturating_add(1)..before {
         let s: RoundOutcomeView = api.get_json(format!("/v1/rounds/{n}")).await?;
         if s.round != n {
@@ -320,18 +329,26 @@ pub async fn missed_releases(api: &Api, enclave_key: &[u8; 32], after: u64, befo
         if release.config_digest != s.config.digest() {
             return Err(ParticipateError::Update(format!("the release of round {n} is for another configuration than the round's")));
         }
-        if let (Some(prev), Some(c)) = (out.last().and_then(|m| m.config.cohort), s.config.cohort) {
-            if c.version != prev.version + 1 {
+        if let Some(i) = s.config.roster.iter().position(|k| k.eq_ignore_ascii_case(me)) {
+            if release.included.contains(&ClientId(i as u32)) {
                 return Err(ParticipateError::Update(format!(
-                    "round {n} says it started from version {}, but the release before it made version {}",
-                    c.version,
-                    prev.version + 1
+                    "round {n}'s release includes this institution's update, which this institution never applied: its update would count twice"
                 )));
             }
         }
-        out.push(MissedRelease { config: s.config, release });
+        if let Some(c) = s.config.cohort {
+            let expected = from_version + applied;
+            if c.version != expected {
+                return Err(ParticipateError::Update(format!(
+                    "round {n} says it started from global version {}, but the releases before it make version {expected}",
+                    c.version
+                )));
+            }
+        }
+        apply(MissedRelease { config: s.config, release })?;
+        applied += 1;
     }
-    Ok(out)
+    Ok(applied)
 }
 
 /// Verifies the aggregator's evidence against the pinned TLS certificate and returns
@@ -481,12 +498,15 @@ where
     }
     if let Some((tau, s)) = staleness {
         // FedBuff's down-weighting of stale updates. A weighted round carries it in the
-        // weight, so the release is the staleness-weighted mean; an unweighted (DP) round
-        // scales the update itself, which can only lower its norm.
+        // weight, so the release is the staleness-weighted mean; an unweighted round
+        // without DP scales the update itself. (With DP the update is already noised.)
         if cfg.max_weight > 1 {
             weight = ((f64::from(weight.min(cfg.max_weight)) * s).round() as u32).max(1);
-        } else {
+        } else if cfg.dp.is_none() {
             update.iter_mut().for_each(|x| *x = (f64::from(*x) * s) as f32);
+        } else if s != 1.0 {
+            // Validation refuses this (a DP cohort has exponent 0): the noise would shrink.
+            return Err(ParticipateError::Update("a DP cohort cannot weigh stale updates".into()));
         }
         d.say(&format!("buffered cohort at version {}: this update is {tau} version(s) stale, weighed by {s:.4}", cfg.cohort.map_or(0, |c| c.version)));
     }

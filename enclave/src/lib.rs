@@ -448,6 +448,16 @@ impl Enclave {
             }
         }
         self.check_budget(&cfg)?;
+        // The host proposes the cohort's version; the log says how many releases there were.
+        if let Some(c) = cfg.cohort {
+            let releases = self.log.releases();
+            if c.version != releases {
+                return Err(EnclaveError::Protocol(tessera_secagg::Error::Config(format!(
+                    "cohort {} says the global version is {}, but the log holds {releases} releases",
+                    cfg.round, c.version
+                ))));
+            }
+        }
         let quantizer = Quantizer::new(&cfg)?;
         let mut aggregator = Aggregator::new(cfg, self.identity.clone(), now)?;
         aggregator.set_threads(self.threads);

@@ -55,6 +55,8 @@ struct Ledger {
     rosters: BTreeMap<u64, (Vec<String>, u32)>,
     /// The round opened last, while it has no end entry.
     open_round: Option<u64>,
+    /// Releases so far: the global model's version in a buffered federation.
+    releases: u64,
 }
 
 /// The ε figures of one release.
@@ -97,6 +99,9 @@ impl Ledger {
             }
             e if e.is_terminal() && self.open_round == Some(entry.round) => {
                 self.open_round = None;
+                if matches!(e, LogEvent::Released { .. }) {
+                    self.releases += 1;
+                }
                 if let LogEvent::Released { included, dp: Some(dp), .. } = e {
                     self.observe_release(entry.round, included, dp);
                 }
@@ -342,6 +347,11 @@ impl TransparencyLog {
         let mut fed = self.ledger.federation.clone();
         add(&mut fed, z);
         tessera_secagg::dp::epsilon_of(&fed, delta)
+    }
+
+    /// Rounds this log has released: the global model's version in a buffered federation.
+    pub fn releases(&self) -> u64 {
+        self.ledger.releases
     }
 
     pub(crate) fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> ReleaseFigures {

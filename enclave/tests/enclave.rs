@@ -273,3 +273,27 @@ fn preverify_passes_honest_messages_and_refuses_forgeries_without_state() {
     // Garbage is malformed.
     assert!(matches!(preverify(&cfg, &digest, MessageKind::Unmask, b"{not json"), Err(EnclaveError::Protocol(Error::Malformed(_)))));
 }
+
+/// The host proposes a cohort's global version; the enclave opens the cohort only at the
+/// number of releases its own log holds, so a stale update cannot be passed off as fresh
+/// (a lower version) nor fresh ones refused as stale (a higher one).
+#[test]
+fn a_cohort_opens_only_at_the_version_the_log_counts() {
+    let (mut e, _, _) = run(6, &[]);
+    assert!(e.release().is_some(), "one release in the log");
+    let mut cfg = config(6);
+    cfg.round = 2;
+    cfg.neighbours = 5;
+    cfg.share_threshold = 3;
+    cfg.min_survivors = 4;
+    for (version, ok) in [(0, false), (2, false), (1, true)] {
+        cfg.cohort = Some(tessera_secagg::config::Cohort { version, size: 4, max_staleness: 2, staleness_exponent: 0.5 });
+        match e.open_round(cfg.clone(), Timestamp(1_700_000_100_000)) {
+            Ok(()) => assert!(ok, "version {version} was accepted"),
+            Err(err) => {
+                assert!(!ok, "version {version}: {err}");
+                assert!(err.to_string().contains(&format!("global version is {version}, but the log holds 1 releases")), "{err}");
+            }
+        }
+    }
+}

@@ -286,8 +286,16 @@ impl RoundConfig {
                     c.size
                 ));
             }
-            if !(c.staleness_exponent.is_finite() && c.staleness_exponent >= 0.0) {
+            if !(c.staleness_exponent.is_finite() && c.staleness_exponent >= 0.0) || c.staleness_exponent.is_sign_negative() {
                 return bad(format!("cohort.staleness_exponent must be a finite number ≥ 0, got {}", c.staleness_exponent));
+            }
+            // Under DP an unweighted update would carry the weight by being scaled, noise
+            // share included, which would leave less noise than the accountant counts.
+            if self.dp.is_some() && c.staleness_exponent != 0.0 {
+                return bad(format!(
+                    "a cohort with DP must have staleness_exponent = 0 (got {}): scaling a noised update down would shrink its noise share below what the ε accounts for",
+                    c.staleness_exponent
+                ));
             }
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
@@ -540,6 +548,20 @@ mod tests {
             b.cohort = Some(other);
             assert_ne!(b.digest(), buffered.digest());
         }
+        let mut dp_cohort = with_dp.clone();
+        let cohort = Cohort { size: 4, ..cohort };
+        dp_cohort.cohort = Some(cohort);
+        dp_cohort.min_survivors = 3;
+        dp_cohort.neighbours = 4;
+        dp_cohort.share_threshold = 3;
+        dp_cohort.max_weight = 1;
+        dp_cohort.clip = 100.0;
+        let err = dp_cohort.validate().unwrap_err().to_string();
+        assert!(err.contains("a cohort with DP must have staleness_exponent = 0"), "{err}");
+        dp_cohort.cohort = Some(Cohort { staleness_exponent: 0.0, ..cohort });
+        dp_cohort.validate().unwrap();
+        dp_cohort.cohort = Some(Cohort { staleness_exponent: -0.0, ..cohort });
+        assert!(dp_cohort.validate().unwrap_err().to_string().contains("finite number ≥ 0"));
         let mut more_colluders = with_dp.clone();
         more_colluders.dp = Some(crate::dp::DpParams { colluders: 2, ..dp });
         assert_ne!(with_dp.digest(), more_colluders.digest());

@@ -540,8 +540,10 @@ impl<'a> MaskedInputView<'a> {
                 if flags & !(FLAG_CLAIM | FLAG_BASE_VERSION) != 0 {
                     return Err(Error::malformed(format!("masked input flags {flags:#04x} name unknown fields")));
                 }
-                if !(1..=32).contains(&bits) {
-                    return Err(Error::malformed(format!("masked input elements are 1 to 32 bits wide, not {bits}")));
+                // Rounds compute modulo 2^8 to 2^32; below 8 bits one packed body would
+                // also read as another element count, which the signature does not bind.
+                if !(8..=32).contains(&bits) {
+                    return Err(Error::malformed(format!("masked input elements are 8 to 32 bits wide, not {bits}")));
                 }
                 if bits == 32 && flags & FLAG_BASE_VERSION == 0 {
                     return Err(Error::malformed("a masked input of 32-bit words without a base version is encoded in version 2 or 3"));
@@ -919,12 +921,12 @@ mod tests {
         let mut padded = bytes.clone();
         *padded.last_mut().unwrap() |= 0x80;
         assert!(MaskedInput::decode(&padded).unwrap_err().to_string().contains("padding bits"));
-        // The width byte: 0 and more than 32 are not widths; 32 without a base version is version 2's.
+        // The width byte: below 8 and above 32 are not widths; 32 without a base version is version 2's.
         let (f, w) = (MASKED_HEADER_LEN, MASKED_HEADER_LEN + 1);
-        for bad in [0u8, 33, 255] {
+        for bad in [0u8, 4, 7, 33, 255] {
             let mut b = bytes.clone();
             b[w] = bad;
-            assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("1 to 32 bits"), "{bad}");
+            assert!(MaskedInput::decode(&b).unwrap_err().to_string().contains("8 to 32 bits"), "{bad}");
         }
         let mut b = bytes.clone();
         b[w] = 32;

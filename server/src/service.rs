@@ -662,7 +662,7 @@ impl Service {
         }
         if let Some(c) = p.cohort {
             // A cohort goes on with its first K institutions: the complete graph among them.
-            cfg.neighbours = cfg.participants() as u32 - 1;
+            cfg.neighbours = (cfg.participants() as u32).saturating_sub(1);
             cfg.share_threshold = cfg.neighbours / 2 + 1;
             cfg.cohort =
                 Some(tessera_secagg::config::Cohort { version, size: c.size, max_staleness: c.max_staleness, staleness_exponent: c.staleness_exponent });

@@ -201,7 +201,7 @@ async fn a_slow_institution_catches_up_on_the_cohorts_it_missed() {
     assert!(slow.status.success(), "{log}");
     releases.push(third[0].clone());
     assert!(log.contains("2 version(s) stale, weighed by 0.5774"), "{log}");
-    assert!(log.contains("applying 2 release(s) of cohorts this institution was not part of"), "{log}");
+    assert!(log.contains("applied 2 release(s) of cohorts this institution was not part of"), "{log}");
     let report: serde_json::Value = serde_json::from_str(std::fs::read_to_string(dir.join("report.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!((report["round"].as_u64(), report["staleness"].as_u64(), report["global_version"].as_u64()), (Some(3), Some(2), Some(3)));
 

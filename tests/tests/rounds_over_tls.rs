@@ -370,6 +370,26 @@ async fn buffered_cohorts_weigh_a_slow_institution_down() {
     let max_err = release.mean.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
     assert!(max_err <= release.error_bound + 1e-6, "cohort 2: the staleness-weighted mean, error {max_err}");
 
+    // Catching up: institution 2 was not in cohort 2 and, holding version 1, applies
+    // exactly its release; a wrong starting version, or a release that already holds the
+    // institution's own update (it would count twice), is refused.
+    use tessera_client::participate::{check_aggregator, missed_releases};
+    let api = Api::new(&url, server.fingerprint).unwrap();
+    let key = check_aggregator(&api, true, None).await.unwrap();
+    let me = |i: usize| tessera_client::Identity::load(&dirs[i]).unwrap().public_key_hex();
+    let mut seen = Vec::new();
+    let n = missed_releases(&api, &key, &me(2), (1, 3), 1, |m| {
+        seen.push((m.release.round, m.config.cohort.unwrap().version));
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!((n, seen), (1, vec![(2, 1)]));
+    let err = missed_releases(&api, &key, &me(2), (1, 3), 0, |_| Ok(())).await.unwrap_err().to_string();
+    assert!(err.contains("started from global version 1, but the releases before it make version 0"), "{err}");
+    let err = missed_releases(&api, &key, &me(0), (0, 3), 0, |_| Ok(())).await.unwrap_err().to_string();
+    assert!(err.contains("would count twice"), "{err}");
+
     // Cohort 3 (version 2): the slow institution's update from version 0 is 2 versions
     // stale, past the bound of 1: refused before anything is sent, with the numbers.
     let results = run(3, vec![(3, 0), (0, 2), (1, 2), (2, 2)]).await;
