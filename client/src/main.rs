@@ -112,6 +112,10 @@ enum Command {
         /// Wait for this round number instead of joining the current one.
         #[arg(long)]
         round: Option<u64>,
+        /// In a buffered federation: the global version (releases applied) the update was
+        /// trained from; a cohort round requires it and weighs the update by its staleness.
+        #[arg(long)]
+        base_version: Option<u64>,
         /// Write the released aggregate (the weighted mean update) to this safetensors file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -716,6 +720,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             global,
             weight,
             round,
+            base_version,
             out,
             insecure_dev,
             wait,
@@ -744,7 +749,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ledger: Some(dir.join(LEDGER_FILE)),
                     mask_threads: server.mask_threads,
                     record_privacy: None,
-                    base_version: None,
+                    base_version,
                 };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)
