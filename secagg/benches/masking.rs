@@ -317,6 +317,8 @@ struct Spec {
     k: Option<u32>,
     dropout: f64,
     reps: usize,
+    /// Element width: the round's `modulus_bits`; below 32 the masked inputs are packed.
+    bits: u8,
 }
 
 #[derive(Debug, Default)]
@@ -364,6 +366,9 @@ fn config_for(spec: &Spec) -> RoundConfig {
         cfg.share_threshold = if k == dk { dts } else { k / 2 + 1 };
         cfg.min_survivors = cfg.min_survivors.max(cfg.share_threshold).min(spec.n as u32);
     }
+    cfg.modulus_bits = spec.bits;
+    // n inputs of the largest weight must not wrap the modulus.
+    cfg.max_weight = cfg.max_weight.min(cfg.modulus_mask() / spec.n as u32);
     cfg.validate().expect("benchmark configuration is valid");
     cfg
 }
@@ -487,7 +492,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         let bundle = bundles.iter().find(|b| b.to == ClientId(i as u32)).expect("bundle for every client in U2");
         let update = update_for(i, m);
         let t = Instant::now();
-        let input = quantizer.quantize(&update, 100, &mut qrng).expect("quantize");
+        let input = quantizer.quantize(&update, 100.min(cfg.max_weight), &mut qrng).expect("quantize");
         st.quantize_s.push(t.elapsed().as_secs_f64());
         drop(update);
         let t = Instant::now();
@@ -583,7 +588,7 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     let included: Vec<ClientId> = serde_json::from_value(v["included"].clone()).expect("the round finished with a sum");
     let mut h = Sha256::new();
     for w in &expected {
-        h.update(w.to_le_bytes());
+        h.update((w & cfg.modulus_mask()).to_le_bytes());
     }
     st.sum_ok = included == set.survivors && v["sum_sha256"].as_str() == Some(&hex::encode(h.finalize()));
     assert!(st.sum_ok, "the released sum is not the sum of the included inputs");
@@ -743,7 +748,7 @@ fn compare_json(s: &RoundStats) -> Value {
 }
 
 fn parse_compare(arg: &str) -> Spec {
-    let mut spec = Spec { m: 1_000_000, n: 100, k: None, dropout: 0.1, reps: 3 };
+    let mut spec = Spec { m: 1_000_000, n: 100, k: None, dropout: 0.1, reps: 3, bits: 32 };
     for kv in arg.split(',').filter(|s| !s.is_empty()) {
         let (key, val) = kv.split_once('=').unwrap_or_else(|| panic!("expected key=value, got {kv}"));
         match key.trim() {
@@ -752,6 +757,7 @@ fn parse_compare(arg: &str) -> Spec {
             "k" => spec.k = Some(val.parse().unwrap_or_else(|_| panic!("bad value in {kv}"))),
             "dropout" => spec.dropout = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
             "reps" => spec.reps = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
+            "bits" => spec.bits = val.parse().unwrap_or_else(|_| panic!("bad value in {kv}")),
             other => panic!("unknown compare key {other}"),
         }
     }
@@ -771,6 +777,7 @@ fn main() {
     let mut n = 100usize;
     let mut reps = 3usize;
     let mut compare: Option<Spec> = None;
+    let mut bits = 32u8;
     let mut kernels_only = false;
     let mut max_threads = prg::default_threads();
     let mut it = args.iter();
@@ -787,10 +794,11 @@ fn main() {
             }
             "--n" => n = it.next().expect("--n N").parse().expect("n"),
             "--reps" => reps = it.next().expect("--reps R").parse().expect("reps"),
+            "--bits" => bits = it.next().expect("--bits B").parse().expect("bits"),
             "--compare" => compare = Some(parse_compare(it.next().map(String::as_str).unwrap_or(""))),
             s if s.starts_with("--compare=") => compare = Some(parse_compare(&s["--compare=".len()..])),
             other => {
-                eprintln!("unknown argument {other}; usage: masking [--quick] [--threads-scan] [--threads N] [--m LIST] [--n N] [--reps R] [--compare m=..,n=..,k=..]");
+                eprintln!("unknown argument {other}; usage: masking [--quick] [--threads-scan] [--threads N] [--m LIST] [--n N] [--reps R] [--bits B] [--compare m=..,n=..,k=..,bits=..]");
                 std::process::exit(2);
             }
         }
@@ -820,7 +828,8 @@ fn main() {
         return;
     }
     eprintln!("default_neighbours({n}, {DEFAULT_DROPOUT_RATE}, {DEFAULT_CORRUPTION_RATE}) = (k={k}, t_s={ts})");
-    let all: Vec<RoundStats> = ms.iter().map(|&m| run_round(&Spec { m, n, k: None, dropout: 0.1, reps }, true)).collect();
+    println!("element width: {bits} bits{}", if bits < 32 { " (masked inputs bit-packed on the wire, unpacked by the fold)" } else { "" });
+    let all: Vec<RoundStats> = ms.iter().map(|&m| run_round(&Spec { m, n, k: None, dropout: 0.1, reps, bits }, true)).collect();
     print_tables(&all);
 }
 

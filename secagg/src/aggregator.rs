@@ -274,9 +274,13 @@ impl Aggregator {
             claim: view.record_privacy.as_ref(),
             base_version: view.base_version,
         };
-        match view.words() {
-            Some(words) => self.fold_masked(&header, input.digest(), words)?,
-            None => self.fold_masked(&header, input.digest(), view.values())?,
+        // Byte-aligned widths read the body directly; others go through the bit reader.
+        let digest = input.digest();
+        match (view.words(), view.bits) {
+            (Some(words), _) => self.fold_masked(&header, digest, words)?,
+            (None, 16) => self.fold_masked(&header, digest, view.body.chunks_exact(2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))))?,
+            (None, 8) => self.fold_masked(&header, digest, view.body.iter().map(|&b| u32::from(b)))?,
+            (None, _) => self.fold_masked(&header, digest, view.values())?,
         }
         Ok((view.client, *input.digest()))
     }
