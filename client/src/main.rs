@@ -381,15 +381,11 @@ fn fetch_release(rt: &tokio::runtime::Runtime, api: &Api, round: u64, opts: &Opt
         let enclave_key = tessera_client::participate::check_aggregator(api, opts.insecure_dev, opts.aggregator_policy.as_ref()).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(opts.wait.as_secs());
         loop {
-            match api.get_json::<tessera_secagg::wire::Release>(format!("/v1/rounds/{round}/result")).await {
-                Ok(mut release) => {
-                    let bytes = api.get_bytes(format!("/v1/rounds/{round}/result/mean")).await?;
-                    release.mean = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                    anyhow::ensure!(release.round == round && release.verify(&enclave_key), "round {round}: the release's signature does not verify");
-                    return Ok(release.mean);
-                }
-                Err(e) if std::time::Instant::now() > deadline => return Err(e.into()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            match tessera_client::participate::fetch_release(api, &enclave_key, round).await {
+                Ok(release) => return Ok(release.mean),
+                // Not released yet (or the server unreachable): wait; a release that does not verify is final.
+                Err(ParticipateError::Http(_)) if std::time::Instant::now() <= deadline => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(e) => return Err(e.into()),
             }
         }
     })

@@ -320,12 +320,7 @@ pub async fn missed_releases(
         if s.outcome.as_deref() != Some("released") {
             continue;
         }
-        let mut release: Release = api.get_json(format!("/v1/rounds/{n}/result")).await?;
-        let bytes = api.get_bytes(format!("/v1/rounds/{n}/result/mean")).await?;
-        release.mean = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        if release.round != n || !release.verify(enclave_key) {
-            return Err(tessera_secagg::Error::from(tessera_secagg::ProtocolError::BadAggregatorSignature { message: "missed release" }).into());
-        }
+        let release = fetch_release(api, enclave_key, n).await?;
         if release.config_digest != s.config.digest() {
             return Err(ParticipateError::Update(format!("the release of round {n} is for another configuration than the round's")));
         }
@@ -349,6 +344,17 @@ pub async fn missed_releases(
         applied += 1;
     }
     Ok(applied)
+}
+
+/// The signed release of a finished `round` with its mean, as the aggregator serves them,
+/// checked against the attested identity `enclave_key` (signature, mean hash, round).
+pub async fn fetch_release(api: &Api, enclave_key: &[u8; 32], round: u64) -> Result<Release, ParticipateError> {
+    let mut release: Release = api.get_json(format!("/v1/rounds/{round}/result")).await?;
+    release.mean = Release::mean_from_bytes(&api.get_bytes(format!("/v1/rounds/{round}/result/mean")).await?);
+    if release.round != round || !release.verify(enclave_key) {
+        return Err(ParticipateError::BadRelease);
+    }
+    Ok(release)
 }
 
 /// Verifies the aggregator's evidence against the pinned TLS certificate and returns
@@ -590,7 +596,7 @@ where
 
     let mut release: Release = d.poll(round, "the released aggregate", || api.get_json(path("result") + &d.wait_query())).await?;
     let mean = d.poll(round, "the released aggregate", || api.get_bytes(path("result/mean") + &d.wait_query())).await?;
-    release.mean = mean.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    release.mean = Release::mean_from_bytes(&mean);
     if release.round != round || release.config_digest != cfg.digest() || !release.verify(&enclave_key) {
         return Err(ParticipateError::BadRelease);
     }

@@ -763,6 +763,11 @@ impl Release {
         mean.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    /// The mean from its served bytes: the inverse of [`Release::mean_bytes`].
+    pub fn mean_from_bytes(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
     /// Checks the signature against the enclave's identity key and the mean against its hash.
     pub fn verify(&self, identity: &[u8; 32]) -> bool {
         sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256 && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
