@@ -516,7 +516,7 @@ where
         }
         d.say(&format!("buffered cohort at version {}: this update is {tau} version(s) stale, weighed by {s:.4}", cfg.cohort.map_or(0, |c| c.version)));
     }
-    let (quantized, clamped) = Quantizer::new(&cfg)?.quantize_counting(&update, weight.min(cfg.max_weight), &mut OsRng)?;
+    let (quantized, clamped) = Quantizer::new(&cfg)?.quantize_counting(&update, weight.min(cfg.max_weight), &mut tessera_secagg::crypto::seeded_csprng())?;
     let range_clamped = (clamped, cfg.encoded_len());
     if clamped > 0 {
         d.say(&format!(
@@ -553,11 +553,11 @@ where
         return Ok(Participation::Dropped { round, after: DropPoint::AfterAdvertise });
     }
 
-    let dir: KeyDirectory = d.poll(round, "the key directory", || api.get_json(path("key-directory") + &d.wait_query())).await?;
+    let dir: KeyDirectory = d.poll(round, "the key directory", || api.get_json(path(&format!("key-directory/{}", me.0)) + &d.wait_query())).await?;
     let shares = client.handle_key_directory(&dir, &mut OsRng)?;
     let size = serde_json::to_vec(&shares).map(|v| v.len()).unwrap_or(0);
     d.send(round, "key shares", size, || api.post_json(path("share-keys"), &shares)).await?;
-    d.say(&format!("phase 2/5: {} admitted; shares sent to {} neighbours", dir.advertised.len(), shares.shares.len()));
+    d.say(&format!("phase 2/5: {} admitted; shares sent to {} neighbours", dir.admitted.len(), shares.shares.len()));
     if opts.drop_after == Some(DropPoint::AfterShareKeys) {
         d.say("leaving the round after sharing keys (--drop-after)");
         return Ok(Participation::Dropped { round, after: DropPoint::AfterShareKeys });

@@ -78,8 +78,8 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
         feed(&mut e, &mut log, MessageKind::Advertise, serde_json::to_vec(&c.advertise(ev)).unwrap(), now);
     }
     step(&mut e, &mut log, &mut now);
-    let dir = e.aggregator().unwrap().key_directory().unwrap();
     for c in &mut clients {
+        let dir = e.aggregator().unwrap().key_directory(c.id()).unwrap();
         let m = c.handle_key_directory(&dir, &mut rng).unwrap();
         feed(&mut e, &mut log, MessageKind::ShareKeys, serde_json::to_vec(&m).unwrap(), now);
     }

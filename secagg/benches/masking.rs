@@ -138,7 +138,10 @@ fn read_frame(r: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
 
 fn phase_payload(agg: &Aggregator, to: Phase) -> Value {
     match to {
-        Phase::ShareKeys => json!({ "key_directory": agg.key_directory() }),
+        Phase::ShareKeys => {
+            let views: Vec<KeyDirectory> = (0..agg.config().participants() as u32).filter_map(|i| agg.key_directory(ClientId(i))).collect();
+            json!({ "key_directories": views })
+        }
         Phase::MaskedInput => {
             let bundles: Vec<ShareBundle> = (0..agg.config().participants() as u32).filter_map(|i| agg.share_bundle(ClientId(i))).collect();
             json!({ "share_bundles": bundles })
@@ -466,9 +469,9 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         aggp.send_json(b'A', &c.advertise(vec![]));
     }
     let v = aggp.advance();
-    let dir: KeyDirectory = serde_json::from_value(v["key_directory"].clone()).expect("key directory");
-    for c in &mut clients {
-        let msg = c.handle_key_directory(&dir, &mut rng).expect("share keys");
+    let views: Vec<KeyDirectory> = serde_json::from_value(v["key_directories"].clone()).expect("key directories");
+    for (c, dir) in clients.iter_mut().zip(&views) {
+        let msg = c.handle_key_directory(dir, &mut rng).expect("share keys");
         aggp.send_json(b'S', &msg);
     }
     let v = aggp.advance();

@@ -102,6 +102,10 @@ pub struct Aggregator {
     outcome: Option<Outcome>,
     /// Threads the unmasking uses (default: the machine's cores).
     threads: usize,
+    /// U3 and the unmask request, signed once: every client is sent the same message,
+    /// and U3 and U4 never change after their phases close.
+    survivor_set: std::sync::OnceLock<SurvivorSet>,
+    unmask_request: std::sync::OnceLock<UnmaskRequest>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -132,6 +136,8 @@ impl Aggregator {
             u5: BTreeMap::new(),
             outcome: None,
             threads: crate::prg::default_threads(),
+            survivor_set: std::sync::OnceLock::new(),
+            unmask_request: std::sync::OnceLock::new(),
         })
     }
 
@@ -528,13 +534,24 @@ impl Aggregator {
         self.phase != Phase::Aborted && self.phase > phase
     }
 
-    /// U1, once phase 0 has closed.
-    pub fn key_directory(&self) -> Option<KeyDirectory> {
-        (self.closed(Phase::AdvertiseKeys) && !self.u1.is_empty()).then(|| {
-            let mut dir = KeyDirectory { round: self.cfg.round, advertised: self.u1.values().cloned().collect(), aggregator_signature: [0; 64] };
-            dir.aggregator_signature = self.signer.sign(dir.transcript(&self.digest).as_bytes());
-            dir
-        })
+    /// `to`'s view of U1, once phase 0 has closed: every admitted id, and the
+    /// advertisements of `to` and its neighbours in U1 (O(k) keys, whatever n).
+    pub fn key_directory(&self, to: ClientId) -> Option<KeyDirectory> {
+        if !self.closed(Phase::AdvertiseKeys) || !self.u1.contains_key(&to) {
+            return None;
+        }
+        let mut members: Vec<ClientId> = self.graph.neighbours(to).iter().copied().filter(|v| self.u1.contains_key(v)).collect();
+        members.push(to);
+        members.sort_unstable();
+        let mut dir = KeyDirectory {
+            round: self.cfg.round,
+            to,
+            admitted: self.u1.keys().copied().collect(),
+            advertised: members.iter().map(|c| self.u1[c].clone()).collect(),
+            aggregator_signature: [0; 64],
+        };
+        dir.aggregator_signature = self.signer.sign(dir.transcript(&self.digest).as_bytes());
+        Some(dir)
     }
 
     /// The shares addressed to `to`, once phase 1 has closed.
@@ -542,9 +559,12 @@ impl Aggregator {
         if !self.closed(Phase::ShareKeys) || !self.u2.contains_key(&to) {
             return None;
         }
+        // Only neighbours deal shares to `to`: O(k) lookups, not a scan of U2.
         let shares = self
-            .u2
-            .values()
+            .graph
+            .neighbours(to)
+            .iter()
+            .filter_map(|v| self.u2.get(v))
             .filter_map(|m| m.shares.iter().find(|s| s.to == to).map(|s| ForwardedShare { from: m.client, ciphertext: s.ciphertext.clone() }))
             .collect();
         let mut bundle = ShareBundle { round: self.cfg.round, to, shared: self.u2.keys().copied().collect(), shares, aggregator_signature: [0; 64] };
@@ -554,16 +574,23 @@ impl Aggregator {
 
     /// U3, once phase 2 has closed.
     pub fn survivor_set(&self) -> Option<SurvivorSet> {
-        (self.closed(Phase::MaskedInput) && !self.u3.is_empty()).then(|| {
+        if !self.closed(Phase::MaskedInput) || self.u3.is_empty() {
+            return None;
+        }
+        let set = self.survivor_set.get_or_init(|| {
             let survivors: Vec<ClientId> = self.u3.keys().copied().collect();
             let aggregator_signature = self.signer.sign(SurvivorSet::aggregator_transcript(&self.digest, self.cfg.round, &survivors).as_bytes());
             SurvivorSet { round: self.cfg.round, survivors, aggregator_signature }
-        })
+        });
+        Some(set.clone())
     }
 
     /// U3 with the consistency signatures, once phase 3 has closed.
     pub fn unmask_request(&self) -> Option<UnmaskRequest> {
-        (self.closed(Phase::ConsistencyCheck) && !self.u4.is_empty()).then(|| {
+        if !self.closed(Phase::ConsistencyCheck) || self.u4.is_empty() {
+            return None;
+        }
+        let req = self.unmask_request.get_or_init(|| {
             let mut req = UnmaskRequest {
                 round: self.cfg.round,
                 survivors: self.u3.keys().copied().collect(),
@@ -572,7 +599,8 @@ impl Aggregator {
             };
             req.aggregator_signature = self.signer.sign(req.transcript(&self.digest).as_bytes());
             req
-        })
+        });
+        Some(req.clone())
     }
 
     /// Admitted clients (U1), for reporting.

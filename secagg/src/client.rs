@@ -312,13 +312,30 @@ impl Client {
     fn key_directory_inner<R: RngCore + CryptoRng>(&mut self, dir: &KeyDirectory, rng: &mut R) -> Result<ShareKeys, Error> {
         self.check_aggregator_signature("key directory", dir.transcript(&self.digest).as_bytes(), &dir.aggregator_signature)?;
         self.check_round(dir.round)?;
-        let mut seen = BTreeSet::new();
+        if dir.to != self.id {
+            return Err(Error::malformed(format!("key directory is addressed to {}, not {}", dir.to, self.id)));
+        }
+        if !dir.admitted.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Error::malformed("U1 must be sorted and without repeats"));
+        }
+        for &c in &dir.admitted {
+            self.cfg.roster_key(c)?;
+        }
+        let seen: BTreeSet<ClientId> = dir.admitted.iter().copied().collect();
+        let mut carried = BTreeSet::new();
         let mut saw_self = false;
         for adv in &dir.advertised {
             self.check_round(adv.round)?;
             let key = self.cfg.roster_key(adv.client)?;
-            if !seen.insert(adv.client) {
+            if !carried.insert(adv.client) {
                 return Err(ProtocolError::Duplicate(adv.client).into());
+            }
+            if !seen.contains(&adv.client) {
+                return Err(ProtocolError::NotInVerifiedSet { set: "the key directory's advertisements", superset: "U1", client: adv.client }.into());
+            }
+            let neighbour = self.graph.are_neighbours(self.id, adv.client);
+            if adv.client != self.id && !neighbour {
+                return Err(Error::malformed(format!("key directory carries the keys of {}, which is not a neighbour", adv.client)));
             }
             if !crypto::verify_signature(&key, adv.transcript(&self.digest).as_bytes(), &adv.signature) {
                 return Err(ProtocolError::BadSignature(adv.client).into());
@@ -328,9 +345,14 @@ impl Client {
                     return Err(Error::Crypto("the key directory carries other keys for this client"));
                 }
                 saw_self = true;
-            } else if self.graph.are_neighbours(self.id, adv.client) {
+            } else {
                 self.peers.insert(adv.client, (adv.enc_pk, adv.mask_pk));
             }
+        }
+        // Every neighbour U1 names must come with its keys: a neighbour listed without
+        // them could be put in U2 and its (absent) pairwise mask left out.
+        if let Some(&v) = self.graph.neighbours(self.id).iter().find(|v| seen.contains(v) && !carried.contains(v)) {
+            return Err(Error::malformed(format!("key directory lists neighbour {v} in U1 without its keys")));
         }
         self.u1 = seen.clone();
         if !saw_self {
@@ -538,6 +560,10 @@ impl Client {
             let key = self.cfg.roster_key(s.client)?;
             if crypto::verify_signature(&key, transcript.as_bytes(), &s.signature) {
                 valid.insert(s.client);
+            }
+            // Any `t` valid signatures suffice: the rest need no verification.
+            if valid.len() >= self.cfg.min_survivors as usize {
+                break;
             }
         }
         let t = self.cfg.min_survivors as usize;

@@ -72,11 +72,25 @@ impl AdvertiseKeys {
     }
 }
 
-/// Server to clients after phase 0: every admitted client's advertisement (U1).
+/// Server to one client after phase 0: its view of U1. It lists every admitted client's
+/// id (U1, sorted) but carries only the advertisements the client needs: its own and
+/// those of its neighbours in U1, so a client downloads and verifies O(k) keys, not O(n)
+/// (SecAgg+; Bell et al. 2020). The aggregator signs the whole view, `to` included.
+///
+/// Why the ids of non-neighbours need no advertisement: a client's masks and shares
+/// involve only its neighbours, whose advertisements it verifies; the rest of U1 only
+/// bounds U2 (U2 ⊆ U1). The guarantee that a release sums at least `t` genuine clients
+/// comes from the consistency phase, where each client verifies `t` roster signatures
+/// over U3 before it reveals a share.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDirectory {
     pub round: u64,
+    /// The client this view is for.
+    pub to: ClientId,
+    /// U1: the id of every client whose advertisement the aggregator accepted, sorted.
+    pub admitted: Vec<ClientId>,
+    /// The advertisements of `to` and of each of its neighbours in U1, in id order.
     pub advertised: Vec<AdvertiseKeys>,
     #[serde(with = "hexarr")]
     pub aggregator_signature: [u8; 64],
@@ -84,8 +98,8 @@ pub struct KeyDirectory {
 
 impl KeyDirectory {
     pub fn transcript(&self, digest: &[u8; 32]) -> Transcript {
-        let mut t = Transcript::new("key-directory", digest, self.round);
-        t.u64(self.advertised.len() as u64);
+        let mut t = Transcript::new("key-directory-view", digest, self.round);
+        t.id(self.to).ids(&self.admitted).u64(self.advertised.len() as u64);
         for a in &self.advertised {
             t.bytes(a.transcript(digest).as_bytes()).bytes(&a.signature);
         }

@@ -73,17 +73,27 @@ impl Lab {
         self.graph.neighbours(ClientId(i)).iter().map(|c| c.0).collect()
     }
 
-    fn directory(&self, members: &[u32]) -> KeyDirectory {
-        let advertised = members.iter().map(|&i| self.clients[i as usize].advertise(vec![])).collect();
-        let mut dir = KeyDirectory { round: self.cfg.round, advertised, aggregator_signature: [0; 64] };
+    /// `to`'s view of U1 = `members`, as the aggregator serves it: every member's id, the
+    /// advertisements of `to` and its neighbours among them.
+    fn directory(&self, to: u32, members: &[u32]) -> KeyDirectory {
+        let mut members = members.to_vec();
+        members.sort_unstable();
+        let advertised = members
+            .iter()
+            .filter(|&&i| i == to || self.graph.are_neighbours(ClientId(to), ClientId(i)))
+            .map(|&i| self.clients[i as usize].advertise(vec![]))
+            .collect();
+        self.sign_directory(KeyDirectory { round: self.cfg.round, to: ClientId(to), admitted: ids(&members), advertised, aggregator_signature: [0; 64] })
+    }
+
+    fn sign_directory(&self, mut dir: KeyDirectory) -> KeyDirectory {
         dir.aggregator_signature = sign_as_aggregator(dir.transcript(&self.digest).as_bytes());
         dir
     }
 
     /// Every client gets the full U1 and deals its shares.
     fn honest_share_keys(&mut self) -> BTreeMap<u32, ShareKeys> {
-        let dir = self.directory(&(0..self.n()).collect::<Vec<_>>());
-        (0..self.n()).map(|i| (i, self.clients[i as usize].handle_key_directory(&dir, &mut self.rng).unwrap())).collect()
+        self.honest_share_keys_except(u32::MAX)
     }
 
     /// A bundle for `to` claiming U2 = `shared`, forwarding the shares `from` dealt to it.
@@ -191,10 +201,14 @@ fn protocol(e: Error) -> ProtocolError {
 fn u2_padded_with_clients_outside_u1_is_refused() {
     let mut l = lab(config(5, 3, 4, 3, 8, 32), 1);
     // The victim's U1 lacks client 4; the other clients see everyone.
-    let partial = l.directory(&[0, 1, 2, 3]);
+    let partial = l.directory(0, &[0, 1, 2, 3]);
     let dealt0 = l.clients[0].handle_key_directory(&partial, &mut l.rng).unwrap();
-    let full = l.directory(&[0, 1, 2, 3, 4]);
-    let mut dealt: BTreeMap<u32, ShareKeys> = (1..5).map(|i| (i, l.clients[i as usize].handle_key_directory(&full, &mut l.rng).unwrap())).collect();
+    let mut dealt: BTreeMap<u32, ShareKeys> = (1..5)
+        .map(|i| {
+            let full = l.directory(i, &[0, 1, 2, 3, 4]);
+            (i, l.clients[i as usize].handle_key_directory(&full, &mut l.rng).unwrap())
+        })
+        .collect();
     dealt.insert(0, dealt0);
     // U2 = {victim, 4, 7}: at least t members, none of them a neighbour it has keys for.
     let forged = l.bundle(0, &[0, 4, 7], &[], &dealt);
@@ -235,6 +249,66 @@ fn withheld_or_smuggled_shares_are_refused() {
     assert_eq!(protocol(l.mask(0, &smuggled).unwrap_err()), ProtocolError::BadShares { from: ClientId(4), why: "sender is not in U2" });
 }
 
+/// A client's view of U1 must carry its neighbours' keys, every one U1 names, and no
+/// other: a view for another client, one that withholds a neighbour, one that smuggles a
+/// stranger's keys or the keys of a client outside U1, and an unsorted U1 are refused
+/// (each with the aggregator's valid signature; each case on a fresh client, since a
+/// refusal takes the client out of the round).
+#[test]
+fn key_directory_views_that_lie_are_refused() {
+    let sparse = || lab(config(9, 5, 4, 3, 8, 32), 11);
+    let l = sparse();
+    let all: Vec<u32> = (0..9).collect();
+    let neighbours = l.neighbours(0);
+    assert_eq!(neighbours.len(), 4, "k = 4 of 9: a sparse graph");
+    let stranger = (1..9).find(|c| !neighbours.contains(c)).unwrap();
+    let malformed = |e: Error| match e {
+        Error::Malformed(why) => why,
+        other => panic!("expected a malformed view, got {other}"),
+    };
+
+    let mut l = sparse();
+    let other = l.directory(1, &all);
+    assert!(malformed(l.clients[0].handle_key_directory(&other, &mut l.rng).unwrap_err()).contains("addressed to #1, not #0"));
+
+    let mut l = sparse();
+    let mut withheld = l.directory(0, &all);
+    withheld.advertised.retain(|a| a.client != ClientId(neighbours[0]));
+    let withheld = l.sign_directory(withheld);
+    let why = malformed(l.clients[0].handle_key_directory(&withheld, &mut l.rng).unwrap_err());
+    assert!(why.contains(&format!("lists neighbour #{} in U1 without its keys", neighbours[0])), "{why}");
+
+    let mut l = sparse();
+    let mut smuggled = l.directory(0, &all);
+    smuggled.advertised.push(l.clients[stranger as usize].advertise(vec![]));
+    let smuggled = l.sign_directory(smuggled);
+    let why = malformed(l.clients[0].handle_key_directory(&smuggled, &mut l.rng).unwrap_err());
+    assert!(why.contains(&format!("keys of #{stranger}, which is not a neighbour")), "{why}");
+
+    let mut l = sparse();
+    let without: Vec<u32> = all.iter().copied().filter(|&c| c != neighbours[1]).collect();
+    let mut outside = l.directory(0, &without);
+    outside.advertised.push(l.clients[neighbours[1] as usize].advertise(vec![]));
+    let outside = l.sign_directory(outside);
+    assert_eq!(
+        protocol(l.clients[0].handle_key_directory(&outside, &mut l.rng).unwrap_err()),
+        ProtocolError::NotInVerifiedSet { set: "the key directory's advertisements", superset: "U1", client: ClientId(neighbours[1]) }
+    );
+
+    let mut l = sparse();
+    let mut unsorted = l.directory(0, &all);
+    unsorted.admitted.swap(0, 1);
+    let unsorted = l.sign_directory(unsorted);
+    assert!(malformed(l.clients[0].handle_key_directory(&unsorted, &mut l.rng).unwrap_err()).contains("sorted"));
+
+    // The honest view: the client deals shares to exactly its neighbours.
+    let mut l = sparse();
+    let honest = l.directory(0, &all);
+    assert_eq!(honest.advertised.len(), 5, "itself and its 4 neighbours, of 9 admitted");
+    let dealt = l.clients[0].handle_key_directory(&honest, &mut l.rng).unwrap();
+    assert_eq!(dealt.shares.iter().map(|s| s.to.0).collect::<Vec<_>>(), neighbours);
+}
+
 /// A host that copied everything the server keeps on disk (the TLS key included) cannot
 /// sign as the enclave: every message it makes up is refused, and so is any message whose
 /// content was changed after the enclave signed it.
@@ -254,11 +328,11 @@ fn messages_not_signed_by_the_attested_aggregator_are_refused() {
     assert_eq!(bad(Client::new(cfg.clone(), ClientId(0), signer(0), &trust, &mut ChaCha20Rng::seed_from_u64(0)).unwrap_err()), "round configuration");
 
     let mut l = lab(cfg, 4);
-    let mut dir = l.directory(&[0, 1, 2, 3, 4]);
+    let mut dir = l.directory(0, &[0, 1, 2, 3, 4]);
     dir.aggregator_signature = forge(dir.transcript(&l.digest).as_bytes());
     assert_eq!(bad(l.clients[0].handle_key_directory(&dir, &mut l.rng).unwrap_err()), "key directory");
     // Content changed after signing: one advertisement dropped.
-    let mut trimmed = l.directory(&[0, 1, 2, 3, 4]);
+    let mut trimmed = l.directory(1, &[0, 1, 2, 3, 4]);
     trimmed.advertised.pop();
     assert_eq!(bad(l.clients[1].handle_key_directory(&trimmed, &mut l.rng).unwrap_err()), "key directory");
 
@@ -293,7 +367,7 @@ fn cross_round_and_replayed_messages_are_refused() {
     let mut next_cfg = config(5, 3, 4, 3, 8, 32);
     next_cfg.round += 1;
     let mut next = lab(next_cfg, 6);
-    let foreign = next.directory(&[0, 1, 2, 3, 4]);
+    let foreign = next.directory(0, &[0, 1, 2, 3, 4]);
     assert_eq!(
         protocol(this.clients[0].handle_key_directory(&foreign, &mut this.rng).unwrap_err()),
         ProtocolError::BadAggregatorSignature { message: "key directory" }
@@ -304,7 +378,7 @@ fn cross_round_and_replayed_messages_are_refused() {
     let foreign_bundle = next.honest_bundle(1, &next_dealt);
     assert_eq!(protocol(this.mask(1, &foreign_bundle).unwrap_err()), ProtocolError::BadAggregatorSignature { message: "share bundle" });
     // The key directory replayed in the next phase: refused as out of order.
-    let dir = this.directory(&[0, 1, 2, 3, 4]);
+    let dir = this.directory(2, &[0, 1, 2, 3, 4]);
     assert!(matches!(protocol(this.clients[2].handle_key_directory(&dir, &mut this.rng).unwrap_err()), ProtocolError::ClientOutOfOrder { .. }));
     let _ = dealt;
 }
@@ -312,8 +386,14 @@ fn cross_round_and_replayed_messages_are_refused() {
 impl Lab {
     /// [`Lab::honest_share_keys`] for every client but `skip` (already aborted or absent).
     fn honest_share_keys_except(&mut self, skip: u32) -> BTreeMap<u32, ShareKeys> {
-        let dir = self.directory(&(0..self.n()).collect::<Vec<_>>());
-        (0..self.n()).filter(|&i| i != skip).map(|i| (i, self.clients[i as usize].handle_key_directory(&dir, &mut self.rng).unwrap())).collect()
+        let all: Vec<u32> = (0..self.n()).collect();
+        (0..self.n())
+            .filter(|&i| i != skip)
+            .map(|i| {
+                let dir = self.directory(i, &all);
+                (i, self.clients[i as usize].handle_key_directory(&dir, &mut self.rng).unwrap())
+            })
+            .collect()
     }
 }
 
@@ -464,7 +544,7 @@ fn adversarial_round(n: usize, k: u32, ts: u32, t: u32, seed: u64, weakened: boo
     let mut dealt = BTreeMap::new();
     for i in 0..n32 {
         let members: Vec<u32> = (0..n32).filter(|&j| j == i || !adv.gen_bool(0.05 * noise)).collect();
-        let dir = l.directory(&members);
+        let dir = l.directory(i, &members);
         if let Ok(msg) = l.clients[i as usize].handle_key_directory(&dir, &mut l.rng) {
             dealt.insert(i, msg);
         }

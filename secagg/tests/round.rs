@@ -64,10 +64,13 @@ fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) 
         }
     }
     agg.advance(far());
-    if let Some(dir) = agg.key_directory() {
+    // Each client's own view of U1: its neighbours' keys only.
+    let views: Vec<Option<KeyDirectory>> = (0..n).map(|i| agg.key_directory(ClientId(i as u32))).collect();
+    if views.iter().any(Option::is_some) {
         for i in 0..n {
             if alive(&mut clients, i, Drop::BeforeShare) {
-                match clients[i].as_mut().unwrap().handle_key_directory(&dir, &mut rng) {
+                let dir = views[i].as_ref().unwrap();
+                match clients[i].as_mut().unwrap().handle_key_directory(dir, &mut rng) {
                     Ok(msg) => agg.handle_share_keys(msg).unwrap(),
                     // Too few neighbours advertised: the client cannot protect its secrets
                     // and leaves the round, as the protocol requires.
@@ -334,8 +337,8 @@ fn up_to_masked_input(cfg: RoundConfig, seed: u64) -> (Aggregator, Vec<Client>, 
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }
     agg.advance(Timestamp(1)).unwrap();
-    let dir = agg.key_directory().unwrap();
     for c in &mut clients {
+        let dir = agg.key_directory(c.id()).unwrap();
         agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
     }
     agg.advance(Timestamp(2)).unwrap();
@@ -447,8 +450,8 @@ fn three_clients_with_shares(seed: u64) -> (Aggregator, Vec<Client>, RoundConfig
         agg.handle_advertise(c.advertise(vec![])).unwrap();
     }
     agg.advance(Timestamp(1));
-    let dir = agg.key_directory().unwrap();
     for c in &mut clients {
+        let dir = agg.key_directory(c.id()).unwrap();
         agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
     }
     agg.advance(Timestamp(2));
@@ -599,8 +602,9 @@ fn a_buffered_cohort_closes_at_k_and_releases_the_staleness_weighted_sum() {
     assert_eq!(closed.to, Phase::ShareKeys);
     let late = agg.handle_advertise(clients[4].advertise(vec![])).unwrap_err();
     assert!(matches!(late, Error::Protocol(ProtocolError::WrongPhase { .. })), "{late}");
-    let dir = agg.key_directory().unwrap();
+    assert!(agg.key_directory(ClientId(4)).is_none(), "no view for a client outside U1");
     for c in &mut clients[..4] {
+        let dir = agg.key_directory(c.id()).unwrap();
         agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
     }
     agg.advance(Timestamp(2)).unwrap();
@@ -684,4 +688,42 @@ fn base_versions_belong_to_cohorts() {
     let mut sparse_cohort = sparse.clone();
     sparse_cohort.cohort = Some(tessera_secagg::config::Cohort { size: 8, ..cohort });
     assert!(sparse_cohort.validate().unwrap_err().to_string().contains("complete graph"));
+}
+
+/// SecAgg+ views: each client is served its own and its neighbours' advertisements (and
+/// U1's ids), and exactly the shares its neighbours dealt it: O(k) keys and shares per
+/// client whatever n, with one client that never advertised.
+#[test]
+fn each_client_receives_exactly_its_neighbours_keys_and_shares() {
+    let mut rng = ChaCha20Rng::seed_from_u64(17);
+    let cfg = config(40, 21, 8, 5, 16, 32);
+    let graph = CommunicationGraph::for_config(&cfg).unwrap();
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..40).map(|i| Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+    let absent = ClientId(7);
+    for c in clients.iter().filter(|c| c.id() != absent) {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    agg.advance(Timestamp(1 << 40)).unwrap();
+    assert!(agg.key_directory(absent).is_none());
+    let u1: Vec<ClientId> = (0..40).map(ClientId).filter(|&c| c != absent).collect();
+    for c in clients.iter_mut().filter(|c| c.id() != absent) {
+        let me = c.id();
+        let dir = agg.key_directory(me).unwrap();
+        assert_eq!(dir.to, me);
+        assert_eq!(dir.admitted, u1);
+        let mut expected: Vec<ClientId> = graph.neighbours(me).iter().copied().filter(|&v| v != absent).collect();
+        expected.push(me);
+        expected.sort_unstable();
+        assert_eq!(dir.advertised.iter().map(|a| a.client).collect::<Vec<_>>(), expected, "view of {me}");
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(1 << 41)).unwrap();
+    for c in clients.iter().filter(|c| c.id() != absent) {
+        let bundle = agg.share_bundle(c.id()).unwrap();
+        let from: Vec<ClientId> = bundle.shares.iter().map(|s| s.from).collect();
+        let expected: Vec<ClientId> = graph.neighbours(c.id()).iter().copied().filter(|&v| v != absent).collect();
+        assert_eq!(from, expected, "shares forwarded to {}", c.id());
+    }
 }

@@ -55,7 +55,7 @@ pub fn app(service: Arc<Service>) -> Router {
         .route("/v1/rounds/current", get(current))
         .route("/v1/rounds/{round}", get(status))
         .route("/v1/rounds/{round}/advertise", post(advertise))
-        .route("/v1/rounds/{round}/key-directory", get(key_directory))
+        .route("/v1/rounds/{round}/key-directory/{client}", get(key_directory))
         .route("/v1/rounds/{round}/share-keys", post(share_keys))
         .route("/v1/rounds/{round}/share-bundle/{client}", get(share_bundle))
         .route("/v1/rounds/{round}/masked-input", post(masked_input))
@@ -72,7 +72,7 @@ pub fn app(service: Arc<Service>) -> Router {
 }
 
 /// Every 401/403 goes to the denial log (auditors read it at `/v1/denials`) and to the
-/// server's log.
+/// server's log; other refusals go to the log at debug level.
 async fn record_denials(State(s): State<Arc<Service>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -84,6 +84,9 @@ async fn record_denials(State(s): State<Arc<Service>>, req: axum::extract::Reque
         let principal = note.and_then(|n| n.principal);
         tracing::warn!(%method, %path, status = status.as_u16(), principal = principal.as_deref().unwrap_or("-"), %reason, "request denied");
         s.record_denial(Denial { at_ms: crate::service::now().0, method, path, status: status.as_u16(), principal, reason });
+    } else if status.is_client_error() || status.is_server_error() {
+        let note = resp.extensions().get::<ErrorNote>();
+        tracing::debug!(%method, %path, status = status.as_u16(), code = note.map_or("-", |n| n.code), message = note.map_or("", |n| n.message.as_str()), "request refused");
     }
     resp
 }
@@ -414,8 +417,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Wait {
     }
 }
 
-async fn key_directory(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait(wait): Wait) -> Result<Response, ApiError> {
-    let dir = s.long_poll(wait, || s.read(round, "the key directory", |e| e.aggregator().ok()?.key_directory())).await?;
+async fn key_directory(State(s): State<Arc<Service>>, Path((round, client)): Path<(u64, u32)>, Wait(wait): Wait) -> Result<Response, ApiError> {
+    let dir = s.long_poll(wait, || s.read(round, "the key directory", |e| e.aggregator().ok()?.key_directory(ClientId(client)))).await?;
     Ok(json(&dir))
 }
 

@@ -295,9 +295,13 @@ impl ServerConfig {
             return Err(ConfigError::Invalid("admin_token must be at least 16 characters".into()));
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut keys = std::collections::BTreeMap::new();
         for inst in &self.institutions {
             if !names.insert(&inst.name) {
                 return Err(ConfigError::Invalid(format!("institution {} is listed twice", inst.name)));
+            }
+            if let Some(other) = keys.insert(inst.public_key.to_ascii_lowercase(), &inst.name) {
+                return Err(ConfigError::Invalid(format!("institutions {other} and {} have the same public_key; each needs its own identity", inst.name)));
             }
             let ok = hex::decode(&inst.public_key).map(|k| k.len() == 32).unwrap_or(false);
             if !ok {
@@ -372,5 +376,14 @@ mod tests {
             let err = CompressionParams { keep_fraction: Some(bad), rotation_block: None }.for_vector(1000).unwrap_err();
             assert!(err.contains("keep_fraction must be in (0, 1]"), "{err}");
         }
+    }
+
+    #[test]
+    fn two_institutions_with_one_key_are_refused() {
+        let key = "ab".repeat(32);
+        let roster =
+            format!("[[institutions]]\nname = \"a\"\npublic_key = \"{key}\"\n[[institutions]]\nname = \"b\"\npublic_key = \"{}\"\n", key.to_uppercase());
+        let err = parse(&roster).unwrap_err();
+        assert!(err.contains("institutions a and b have the same public_key"), "{err}");
     }
 }

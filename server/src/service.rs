@@ -105,6 +105,9 @@ pub struct Service {
     /// Bumped whenever the round's state changes in a way a waiting reader may care
     /// about (a round opened, a phase closed, a round ended): long-polls park on it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Institution names by lower-case roster key: a lookup per key, not a scan of the
+    /// roster (a status read names every participant; at n = 1,000 the scans cost 10 ms).
+    names_by_key: std::collections::HashMap<String, String>,
 }
 
 /// The longest a client may park a request waiting for a phase (`?wait=SECONDS`).
@@ -461,6 +464,7 @@ impl Service {
         let authenticator = crate::auth::Authenticator::new(&cfg);
         let evidence_maker = enclave.evidence_maker();
         let denials = spawn_denial_writer(store.clone());
+        let names_by_key = cfg.institutions.iter().map(|i| (i.public_key.to_ascii_lowercase(), i.name.clone())).collect();
         let service = Arc::new(Service {
             inner: Mutex::new(Inner { enclave, current }),
             store,
@@ -478,6 +482,7 @@ impl Service {
             anonymous_denials: std::sync::Mutex::new((0, 0, 0)),
             last_schedule_error: Mutex::new(None),
             changes: tokio::sync::watch::channel(0).0,
+            names_by_key,
         });
         // A round that finished just before a crash may not have its result stored yet.
         service.tick().await.map_err(|e| StartError::Setup(e.message))?;
@@ -496,7 +501,7 @@ impl Service {
 
     /// Institution names by roster key (display labels; not part of the log).
     pub fn institution_name(&self, key: &str) -> Option<&str> {
-        self.cfg.institutions.iter().find(|i| i.public_key.eq_ignore_ascii_case(key)).map(|i| i.name.as_str())
+        self.names_by_key.get(&key.to_ascii_lowercase()).map(String::as_str)
     }
 
     pub fn authenticator(&self) -> &crate::auth::Authenticator {
@@ -592,10 +597,7 @@ impl Service {
     }
 
     fn names(&self, cfg: &RoundConfig) -> Vec<String> {
-        cfg.roster
-            .iter()
-            .map(|k| self.cfg.institutions.iter().find(|i| i.public_key.eq_ignore_ascii_case(k)).map(|i| i.name.clone()).unwrap_or_else(|| "(unknown)".into()))
-            .collect()
+        cfg.roster.iter().map(|k| self.institution_name(k).unwrap_or("(unknown)").to_string()).collect()
     }
 
     /// Opens the next round with `params`.

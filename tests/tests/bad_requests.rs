@@ -58,7 +58,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     assert_eq!(status_code(&post("/v1/rounds/1/advertise", "application/json", b"{not json".to_vec()).await), (400, "malformed"));
     assert_eq!(status_code(&post("/v1/rounds/1/advertise", "application/json", b"{\"round\":1}".to_vec()).await), (400, "malformed"));
     assert_eq!(status_code(&post("/v1/rounds/7/advertise", "application/json", b"{}".to_vec()).await), (409, "wrong_round"));
-    assert_eq!(status_code(&api.get_bytes("/v1/rounds/1/key-directory").await.unwrap_err()), (425, "not_ready"));
+    assert_eq!(status_code(&api.get_bytes("/v1/rounds/1/key-directory/0").await.unwrap_err()), (425, "not_ready"));
     assert_eq!(status_code(&api.get_bytes("/v1/nowhere").await.unwrap_err()), (404, "not_found"));
     assert_eq!(status_code(&api.get_bytes("/v1/rounds/99").await.unwrap_err()), (404, "unknown_round"));
     assert_eq!(status_code(&api.get_bytes("/v1/rounds/notanumber").await.unwrap_err()).0, 400);

@@ -27,14 +27,14 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
 
     // Nothing is ready yet: without a wait the answer is immediate, with one it is
     // `not_ready` only once the wait has passed.
-    let err = observer.get_bytes("/v1/rounds/1/key-directory").await.unwrap_err();
+    let err = observer.get_bytes("/v1/rounds/1/key-directory/0").await.unwrap_err();
     assert_eq!(err.code(), Some("not_ready"), "{err}");
     let t = Instant::now();
-    let err = observer.get_bytes("/v1/rounds/1/key-directory?wait=1").await.unwrap_err();
+    let err = observer.get_bytes("/v1/rounds/1/key-directory/0?wait=1").await.unwrap_err();
     assert_eq!(err.code(), Some("not_ready"), "{err}");
     assert!(t.elapsed() >= Duration::from_millis(900), "answered after {:?}, before its wait", t.elapsed());
     for bad in ["?wait=abc", "?wait=31", "?wait=-1", "?poll=1"] {
-        match observer.get_bytes(format!("/v1/rounds/1/key-directory{bad}")).await.unwrap_err() {
+        match observer.get_bytes(format!("/v1/rounds/1/key-directory/0{bad}")).await.unwrap_err() {
             HttpError::Status { status, code, .. } => assert_eq!((status.as_u16(), code.as_str()), (400, "bad_query"), "{bad}"),
             other => panic!("{bad}: {other}"),
         }
@@ -46,7 +46,7 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
         let observer = observer.clone();
         tokio::spawn(async move {
             let t = Instant::now();
-            let dir: serde_json::Value = observer.get_json("/v1/rounds/1/key-directory?wait=30").await.unwrap();
+            let dir: serde_json::Value = observer.get_json("/v1/rounds/1/key-directory/0?wait=30").await.unwrap();
             (dir, t.elapsed())
         })
     };
@@ -74,6 +74,10 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
         assert!(handshakes <= 2, "{handshakes} TLS handshakes for {requests} requests");
     }
     let (dir, waited) = parked.await.unwrap();
+    // Institution 0's view: every admitted id; the keys of itself and its neighbours.
+    assert_eq!(dir["to"], 0, "{dir}");
+    assert_eq!(dir["admitted"].as_array().map(Vec::len), Some(N), "{dir}");
+    // With 3 institutions the graph is complete: everyone is a neighbour.
     assert_eq!(dir["advertised"].as_array().map(Vec::len), Some(N), "{dir}");
     assert!(waited < Duration::from_secs(25), "the parked read waited {waited:?}");
     server.stop().await;

@@ -2,7 +2,6 @@
 //! its share of the Gaussian noise (see `tessera_secagg::dp`). The noise comes from the
 //! operating system's CSPRNG: a predictable noise share could be subtracted again.
 
-use rand::rngs::OsRng;
 use rand::{CryptoRng, RngCore};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -40,7 +39,7 @@ pub fn add_gaussian_noise<R: RngCore + CryptoRng>(v: &mut [f32], std: f64, rng: 
 /// Clips and noises `v` in place for a round with these DP parameters; returns the norm before clipping.
 pub fn privatize(v: &mut [f32], dp: &tessera_secagg::dp::DpParams, min_survivors: u32) -> f64 {
     let norm = clip_l2(v, dp.l2_clip);
-    add_gaussian_noise(v, dp.client_noise_std(min_survivors), &mut OsRng);
+    add_gaussian_noise(v, dp.client_noise_std(min_survivors), &mut tessera_secagg::crypto::seeded_csprng());
     norm
 }
 
@@ -91,7 +90,7 @@ mod tests {
             let mut honest = vec![0f64; n];
             for share_index in 0..t {
                 let mut share = vec![0f32; n];
-                add_gaussian_noise(&mut share, dp.client_noise_std(t), &mut OsRng);
+                add_gaussian_noise(&mut share, dp.client_noise_std(t), &mut tessera_secagg::crypto::seeded_csprng());
                 let var = share.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64;
                 let expected = dp.client_noise_std(t).powi(2);
                 assert!((var / expected - 1.0).abs() < 0.015, "share variance {var} vs {expected}");

@@ -42,6 +42,9 @@ struct Args {
     /// The aggregator binary (default: `tessera-server` beside this one).
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
+    /// The server's log filter (`RUST_LOG`); its log goes to this process's stderr.
+    #[arg(long, default_value = "error")]
+    server_log: String,
     /// Threads each institution masks with (all of them share this machine's cores).
     #[arg(long, default_value_t = 1)]
     mask_threads: usize,
@@ -97,7 +100,7 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     let mut child = Command::new(&server_bin)
         .args(["run", "--config"])
         .arg(&config_path)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", &args.server_log)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
