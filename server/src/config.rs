@@ -11,8 +11,14 @@ use tessera_attestation::policy::NodePolicy;
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// Where the database, the TLS certificate and sealed blobs live.
+    /// Where the TLS certificate, sealed blobs and (by default) the database live.
     pub data_dir: PathBuf,
+    /// Where the rounds, events and log are kept: unset for SQLite in `data_dir`
+    /// (`tessera.db`), or a PostgreSQL URL (`postgres://USER:PASSWORD@HOST:5432/DB`; the
+    /// database must exist, the tables are created). Either way a client hears 2xx only
+    /// after its message and the log entries it caused are committed together.
+    #[serde(default)]
+    pub store: Option<String>,
     /// Bearer token for the admin endpoints (opening rounds).
     pub admin_token: String,
     /// INSECURE developer mode: simulated attestation and a sealing key in a file.
@@ -293,6 +299,11 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.admin_token.len() < 16 {
             return Err(ConfigError::Invalid("admin_token must be at least 16 characters".into()));
+        }
+        if let Some(url) = &self.store {
+            if crate::store::Backend::of(url).is_none() {
+                return Err(ConfigError::Invalid(format!("store must be a postgres://… URL or sqlite://PATH, got {}", crate::store::redact(url))));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         let mut keys = std::collections::BTreeMap::new();

@@ -371,7 +371,11 @@ impl Service {
     /// Starts with the given backend (tests pass a fake configfs-tsm kernel here).
     pub async fn start_with(cfg: ServerConfig, tls_fingerprint: [u8; 32], backend: TeeBackend) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
-        let store = Store::open(&cfg.data_dir.join("tessera.db")).await?;
+        let store = match &cfg.store {
+            Some(url) => Store::connect(url).await?,
+            None => Store::open(&cfg.data_dir.join("tessera.db")).await?,
+        };
+        tracing::info!(store = %cfg.store.as_deref().map_or_else(|| "SQLite in the data directory".to_string(), crate::store::redact), "state store opened");
         let TeeBackend { attester, sealing } = backend;
         let format = attester.format();
         if format.is_insecure() != cfg.dev_insecure || (sealing.is_insecure() && !cfg.dev_insecure) {

@@ -1,19 +1,33 @@
-//! Persistence: SQLite through sqlx (the same code speaks PostgreSQL). Every accepted
-//! client message and every sealed phase record of a round is appended, in the order
-//! the enclave saw them, before the client gets its 2xx; a restart replays them.
+//! Persistence: SQLite (the default, a file in the data directory) or PostgreSQL
+//! (`store = "postgres://…"`), through sqlx's `Any` driver, so both run the same
+//! statements. Every accepted client message and every sealed phase record of a round is
+//! appended, in the order the enclave saw them, before the client gets its 2xx; a
+//! restart replays them. A step is one transaction on either backend, and steps are
+//! serialized: SQLite takes its write lock up front (`BEGIN IMMEDIATE`), PostgreSQL a
+//! transaction-scoped advisory lock.
 
 use std::path::Path;
-use std::str::FromStr;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Executor, Row};
 use tessera_enclave::{MessageKind, StoredEvent, StoredLogEntry};
 use tessera_secagg::{RoundConfig, Timestamp};
 
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
+
+/// Which database server holds the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The advisory lock key PostgreSQL steps serialize on ("tessera" in ASCII).
+const PG_STEP_LOCK: i64 = 0x0074_6573_7365_7261;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -21,6 +35,35 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("store {0} is neither sqlite://PATH nor postgres://…")]
+    Url(String),
+}
+
+impl Backend {
+    /// The backend a store URL names, if any.
+    pub fn of(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// `url` with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let hidden = if userinfo.contains(':') { ":…" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -33,6 +76,7 @@ pub struct RoundRow {
     pub release: Option<String>,
 }
 
+/// The tables in SQLite.
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -72,6 +116,51 @@ CREATE TABLE IF NOT EXISTS denials (
     method TEXT NOT NULL,
     path TEXT NOT NULL,
     status INTEGER NOT NULL,
+    principal TEXT,
+    reason TEXT NOT NULL
+);
+"#;
+
+/// The same tables in PostgreSQL's types (BIGINT, BYTEA, BIGSERIAL).
+const PG_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round BIGINT PRIMARY KEY,
+    config TEXT NOT NULL,
+    opened_at BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    outcome TEXT,
+    release TEXT,
+    mean BYTEA
+);
+CREATE TABLE IF NOT EXISTS events (
+    round BIGINT NOT NULL,
+    idx BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    seq BIGINT,
+    body BYTEA NOT NULL,
+    PRIMARY KEY (round, idx)
+);
+CREATE TABLE IF NOT EXISTS log (
+    idx BIGINT PRIMARY KEY,
+    round BIGINT NOT NULL,
+    timestamp_ms BIGINT NOT NULL,
+    data BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_by_round ON log (round, idx);
+CREATE TABLE IF NOT EXISTS evidence (
+    sha256 TEXT PRIMARY KEY,
+    evidence BYTEA NOT NULL,
+    tls_fingerprint TEXT NOT NULL,
+    first_seen_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS denials (
+    id BIGSERIAL PRIMARY KEY,
+    at_ms BIGINT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status BIGINT NOT NULL,
     principal TEXT,
     reason TEXT NOT NULL
 );
@@ -133,23 +222,74 @@ fn kind_from(s: &str) -> Option<MessageKind> {
 }
 
 impl Store {
+    /// Opens (creating if needed) the SQLite database at `path`.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before the client hears 2xx.
-            .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        Ok(Store { pool })
+        Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Opens the store at `url`: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`
+    /// (the database must exist; the tables are created if missing).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of(url).ok_or_else(|| StoreError::Url(redact(url)))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL, and FULL: a commit is on disk before the client hears 2xx.
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        let schema = match backend {
+            Backend::Sqlite => SCHEMA,
+            Backend::Postgres => PG_SCHEMA,
+        };
+        if backend == Backend::Postgres {
+            // Two servers starting on one empty database would race to create the tables.
+            let mut tx = pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_STEP_LOCK).execute(&mut *tx).await?;
+            tx.execute(schema).await?;
+            tx.commit().await?;
+        } else {
+            pool.execute(schema).await?;
+        }
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Starts a step's transaction, holding the store's write lock until it ends.
+    async fn begin_step(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            // IMMEDIATE: the write lock is taken before the first read, so a write
+            // committed meanwhile by another connection (evidence is stored outside the
+            // round lock) waits for busy_timeout instead of failing the upgrade with
+            // SQLITE_BUSY_SNAPSHOT, which made a refused admission's log entry fail to
+            // store and the round rebuild.
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            // READ COMMITTED plus one advisory lock: steps run one at a time, so the
+            // next event index and log index each step reads cannot change under it.
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_STEP_LOCK).execute(&mut *tx).await?;
+                tx
+            }
+        })
     }
 
     pub async fn get_kv(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query("SELECT value FROM kv WHERE key = ?").bind(key).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
+        Ok(sqlx::query("SELECT value FROM kv WHERE key = $1").bind(key).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
     }
 
     pub async fn put_kv(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+        sqlx::query("INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
             .bind(key)
             .bind(value)
             .execute(&self.pool)
@@ -159,14 +299,10 @@ impl Store {
 
     /// Writes one enclave step atomically; see [`Commit`].
     pub async fn commit(&self, c: Commit<'_>) -> Result<(), StoreError> {
-        // IMMEDIATE: the write lock is taken before the first read, so a write committed
-        // meanwhile by another connection (evidence is stored outside the round lock)
-        // waits for busy_timeout instead of failing the upgrade with SQLITE_BUSY_SNAPSHOT,
-        // which made a refused admission's log entry fail to store and the round rebuild.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_step().await?;
         if let Some((cfg, opened_at)) = c.open {
             let json = serde_json::to_string(cfg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            sqlx::query("INSERT INTO rounds (round, config, opened_at, status) VALUES (?, ?, ?, 'open')")
+            sqlx::query("INSERT INTO rounds (round, config, opened_at, status) VALUES ($1, $2, $3, 'open')")
                 .bind(cfg.round as i64)
                 .bind(json)
                 .bind(opened_at.0 as i64)
@@ -176,7 +312,7 @@ impl Store {
         let event = |kind: &str, received_at: u64, seq: Option<i64>, body: &[u8]| {
             sqlx::query(
                 "INSERT INTO events (round, idx, kind, received_at, seq, body) \
-                 VALUES (?1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = ?1), ?2, ?3, ?4, ?5)",
+                 VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, $4, $5)",
             )
             .bind(c.round as i64)
             .bind(kind.to_string())
@@ -200,7 +336,7 @@ impl Store {
             }
         }
         for e in c.log {
-            sqlx::query("INSERT INTO log (idx, round, timestamp_ms, data) VALUES (?, ?, ?, ?)")
+            sqlx::query("INSERT INTO log (idx, round, timestamp_ms, data) VALUES ($1, $2, $3, $4)")
                 .bind(e.index as i64)
                 .bind(e.round as i64)
                 .bind(e.timestamp_ms as i64)
@@ -209,7 +345,7 @@ impl Store {
                 .await?;
         }
         if let Some(f) = c.finish {
-            sqlx::query("UPDATE rounds SET status = ?, outcome = ?, release = ?, mean = ? WHERE round = ?")
+            sqlx::query("UPDATE rounds SET status = $1, outcome = $2, release = $3, mean = $4 WHERE round = $5")
                 .bind(f.status)
                 .bind(f.outcome)
                 .bind(f.release)
@@ -222,7 +358,7 @@ impl Store {
         Ok(())
     }
 
-    fn log_row(r: sqlx::sqlite::SqliteRow) -> StoredLogEntry {
+    fn log_row(r: AnyRow) -> StoredLogEntry {
         StoredLogEntry {
             index: r.get::<i64, _>("idx") as u64,
             round: r.get::<i64, _>("round") as u64,
@@ -233,7 +369,7 @@ impl Store {
 
     /// Log entries with `start <= index < end`, in order.
     pub async fn log_range(&self, start: u64, end: u64) -> Result<Vec<StoredLogEntry>, StoreError> {
-        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE idx >= ? AND idx < ? ORDER BY idx")
+        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE idx >= $1 AND idx < $2 ORDER BY idx")
             .bind(start.min(i64::MAX as u64) as i64)
             .bind(end.min(i64::MAX as u64) as i64)
             .fetch_all(&self.pool)
@@ -243,14 +379,14 @@ impl Store {
 
     /// A round's log entries, in order.
     pub async fn log_of_round(&self, round: u64) -> Result<Vec<StoredLogEntry>, StoreError> {
-        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE round = ? ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT idx, round, timestamp_ms, data FROM log WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(Self::log_row).collect())
     }
 
     /// Keeps evidence the aggregator presented, so a report can carry the evidence its
     /// round was opened under even after restarts produced newer evidence.
     pub async fn put_evidence(&self, sha256: &str, evidence: &[u8], tls_fingerprint: &str, at_ms: u64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO evidence (sha256, evidence, tls_fingerprint, first_seen_ms) VALUES (?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING")
+        sqlx::query("INSERT INTO evidence (sha256, evidence, tls_fingerprint, first_seen_ms) VALUES ($1, $2, $3, $4) ON CONFLICT(sha256) DO NOTHING")
             .bind(sha256)
             .bind(evidence)
             .bind(tls_fingerprint)
@@ -262,7 +398,7 @@ impl Store {
 
     /// Evidence by its SHA-256 (hex): the bytes and the TLS fingerprint it was bound to.
     pub async fn evidence(&self, sha256: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        Ok(sqlx::query("SELECT evidence, tls_fingerprint FROM evidence WHERE sha256 = ?")
+        Ok(sqlx::query("SELECT evidence, tls_fingerprint FROM evidence WHERE sha256 = $1")
             .bind(sha256)
             .fetch_optional(&self.pool)
             .await?
@@ -270,7 +406,7 @@ impl Store {
     }
 
     pub async fn record_denial(&self, d: &Denial) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO denials (at_ms, method, path, status, principal, reason) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO denials (at_ms, method, path, status, principal, reason) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(d.at_ms as i64)
             .bind(&d.method)
             .bind(&d.path)
@@ -286,7 +422,7 @@ impl Store {
     /// `keep` of unauthenticated ones, so neither kind pushes the other out.
     pub async fn prune_denials(&self, keep: u64) -> Result<(), StoreError> {
         for kind in ["principal IS NULL", "principal IS NOT NULL"] {
-            sqlx::query(&format!("DELETE FROM denials WHERE {kind} AND id NOT IN (SELECT id FROM denials WHERE {kind} ORDER BY id DESC LIMIT ?)"))
+            sqlx::query(&format!("DELETE FROM denials WHERE {kind} AND id NOT IN (SELECT id FROM denials WHERE {kind} ORDER BY id DESC LIMIT $1)"))
                 .bind(keep as i64)
                 .execute(&self.pool)
                 .await?;
@@ -296,7 +432,7 @@ impl Store {
 
     /// The most recent denials, newest first.
     pub async fn denials(&self, limit: u32) -> Result<Vec<Denial>, StoreError> {
-        let rows = sqlx::query("SELECT at_ms, method, path, status, principal, reason FROM denials ORDER BY id DESC LIMIT ?")
+        let rows = sqlx::query("SELECT at_ms, method, path, status, principal, reason FROM denials ORDER BY id DESC LIMIT $1")
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
@@ -313,7 +449,7 @@ impl Store {
             .collect())
     }
 
-    fn row(r: sqlx::sqlite::SqliteRow) -> Result<RoundRow, StoreError> {
+    fn row(r: AnyRow) -> Result<RoundRow, StoreError> {
         let config: String = r.get("config");
         Ok(RoundRow {
             round: r.get::<i64, _>("round") as u64,
@@ -326,7 +462,7 @@ impl Store {
     }
 
     pub async fn round(&self, round: u64) -> Result<Option<RoundRow>, StoreError> {
-        sqlx::query("SELECT round, config, opened_at, status, outcome, release FROM rounds WHERE round = ?")
+        sqlx::query("SELECT round, config, opened_at, status, outcome, release FROM rounds WHERE round = $1")
             .bind(round as i64)
             .fetch_optional(&self.pool)
             .await?
@@ -352,11 +488,12 @@ impl Store {
     }
 
     pub async fn mean(&self, round: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query("SELECT mean FROM rounds WHERE round = ? AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
+        Ok(sqlx::query("SELECT mean FROM rounds WHERE round = $1 AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
     }
 
     pub async fn events(&self, round: u64) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query("SELECT kind, received_at, seq, body FROM events WHERE round = ? ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT kind, received_at, seq, body FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
         rows.into_iter()
             .map(|r| {
                 let kind: String = r.get("kind");
@@ -374,6 +511,41 @@ impl Store {
     }
 }
 
+/// For tests: a fresh, empty database on the PostgreSQL server that
+/// `TESSERA_TEST_POSTGRES` names (an admin URL ending in `/DATABASE`, as
+/// `scripts/postgres start` prints), as a store URL. `Ok(None)` when the variable is
+/// unset, with a line on stderr saying so; an error under `CI=true`, where
+/// `scripts/test` always starts that server.
+pub async fn test_postgres_database(label: &str) -> Result<Option<String>, String> {
+    let admin = match std::env::var("TESSERA_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => url,
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            return Err("CI=true but TESSERA_TEST_POSTGRES is unset: scripts/test starts PostgreSQL and sets it".into())
+        }
+        _ => {
+            eprintln!("NOT RUN against PostgreSQL ({label}): TESSERA_TEST_POSTGRES is unset; scripts/test sets it");
+            return Ok(None);
+        }
+    };
+    create_database(&admin, label).await.map(Some)
+}
+
+/// Creates a fresh database `tessera_LABEL_PID_N` on the PostgreSQL server `admin` names
+/// (a URL ending in `/DATABASE`) and returns its URL: for tests and the load harness.
+pub async fn create_database(admin: &str, label: &str) -> Result<String, String> {
+    use sqlx::Connection;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+        return Err(format!("database label {label:?} must be lower-case letters, digits and _"));
+    }
+    let (base, _) = admin.rsplit_once('/').ok_or_else(|| format!("{} names no database", redact(admin)))?;
+    let name = format!("tessera_{label}_{}_{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let mut conn = sqlx::PgConnection::connect(admin).await.map_err(|e| format!("{}: {e}", redact(admin)))?;
+    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
+    conn.close().await.map_err(|e| e.to_string())?;
+    Ok(format!("{base}/{name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,10 +556,7 @@ mod tests {
 
     /// A step that fails half-way (here: its second log entry collides) leaves nothing of
     /// itself behind: not the message, not the first entry. The log stays a prefix.
-    #[tokio::test]
-    async fn a_commit_that_fails_half_way_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    async fn a_commit_that_fails_half_way_leaves_nothing(store: Store) {
         let cfg = RoundConfig::with_defaults(1, vec!["00".repeat(32), "11".repeat(32), "22".repeat(32)], 4, [0; 32]);
         let first = [entry(0)];
         store.commit(Commit { round: 1, open: Some((&cfg, Timestamp(1))), log: &first, ..Default::default() }).await.unwrap();
@@ -408,5 +577,83 @@ mod tests {
         store.commit(Commit { round: 1, message: Some(message), log: &[entry(1)], ..Default::default() }).await.unwrap();
         assert_eq!(store.log_range(0, u64::MAX).await.unwrap().len(), 2);
         assert_eq!(store.events(1).await.unwrap().len(), 1);
+    }
+
+    /// Everything the store keeps reads back as written: rounds with their config,
+    /// status and release, events in order, the log, the mean, evidence, key-value pairs
+    /// and denials (pruned per kind).
+    async fn everything_reads_back(store: Store) {
+        let cfg = RoundConfig::with_defaults(7, vec!["00".repeat(32), "11".repeat(32), "22".repeat(32)], 4, [0; 32]);
+        store.commit(Commit { round: 7, open: Some((&cfg, Timestamp(5))), log: &[entry(0)], ..Default::default() }).await.unwrap();
+        store.commit(Commit { round: 7, message: Some((MessageKind::Advertise, Timestamp(6), &b"adv"[..])), ..Default::default() }).await.unwrap();
+        store.commit(Commit { round: 7, sealed: Some((3, &b"sealed"[..])), log: &[entry(1)], ..Default::default() }).await.unwrap();
+        let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(vec![1, 2, 3]) };
+        store.commit(Commit { round: 7, finish: Some(finish), ..Default::default() }).await.unwrap();
+        let row = store.round(7).await.unwrap().unwrap();
+        assert_eq!(
+            (row.round, row.opened_at, row.status.as_str(), row.outcome.as_deref(), row.release.as_deref()),
+            (7, Timestamp(5), "finished", Some("released"), Some("{}"))
+        );
+        assert_eq!(row.config, cfg);
+        assert_eq!(store.latest_round().await.unwrap().unwrap().round, 7);
+        assert_eq!(store.rounds().await.unwrap().len(), 1);
+        assert!(store.round(8).await.unwrap().is_none());
+        assert_eq!(store.mean(7).await.unwrap(), Some(vec![1, 2, 3]));
+        let events = store.events(7).await.unwrap();
+        assert!(matches!(&events[0], StoredEvent::Message { kind: MessageKind::Advertise, received_at: Timestamp(6), body } if body == b"adv"));
+        assert!(matches!(&events[1], StoredEvent::Sealed { seq: 3, sealed } if sealed == b"sealed"));
+        assert_eq!(store.log_of_round(1).await.unwrap(), vec![entry(0), entry(1)]);
+        assert_eq!(store.log_range(1, 2).await.unwrap(), vec![entry(1)]);
+        store.put_kv("k", b"v1").await.unwrap();
+        store.put_kv("k", b"v2").await.unwrap();
+        assert_eq!(store.get_kv("k").await.unwrap(), Some(b"v2".to_vec()));
+        assert_eq!(store.get_kv("missing").await.unwrap(), None);
+        store.put_evidence("ab", b"evidence", "fp", 9).await.unwrap();
+        store.put_evidence("ab", b"other", "fp2", 10).await.unwrap();
+        assert_eq!(store.evidence("ab").await.unwrap(), Some((b"evidence".to_vec(), "fp".to_string())), "the first evidence stays");
+        for i in 0..5u64 {
+            let principal = (i % 2 == 0).then(|| format!("p{i}"));
+            store.record_denial(&Denial { at_ms: i, method: "GET".into(), path: "/x".into(), status: 403, principal, reason: "no".into() }).await.unwrap();
+        }
+        store.prune_denials(1).await.unwrap();
+        let kept: Vec<u64> = store.denials(10).await.unwrap().iter().map(|d| d.at_ms).collect();
+        assert_eq!(kept, vec![4, 3], "the newest of each kind");
+    }
+
+    #[tokio::test]
+    async fn sqlite_commits_are_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        a_commit_that_fails_half_way_leaves_nothing(Store::open(&dir.path().join("t.db")).await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_reads_back_what_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        everything_reads_back(Store::open(&dir.path().join("t.db")).await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_commits_are_atomic() {
+        if let Some(url) = test_postgres_database("store_atomic").await.unwrap() {
+            let store = Store::connect(&url).await.unwrap();
+            assert_eq!(store.backend(), Backend::Postgres);
+            a_commit_that_fails_half_way_leaves_nothing(store).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres_reads_back_what_it_stored() {
+        if let Some(url) = test_postgres_database("store_reads").await.unwrap() {
+            everything_reads_back(Store::connect(&url).await.unwrap()).await;
+        }
+    }
+
+    #[test]
+    fn store_urls_are_checked_and_passwords_redacted() {
+        assert_eq!(Backend::of("sqlite:///tmp/x.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of("postgresql://u@h/db"), Some(Backend::Postgres));
+        assert_eq!(Backend::of("mysql://u@h/db"), None);
+        assert_eq!(redact("postgres://tessera:s3cret@db.example:5432/rounds"), "postgres://tessera:…@db.example:5432/rounds");
+        assert_eq!(redact("postgres://tessera@db/rounds"), "postgres://tessera@db/rounds");
     }
 }

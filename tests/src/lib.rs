@@ -43,6 +43,7 @@ pub fn server_config(data_dir: &Path, listen: std::net::SocketAddr, ids: &[(Path
         privacy: None,
         limits: Default::default(),
         threads: None,
+        store: None,
     }
 }
 

@@ -1,5 +1,7 @@
 //! SIGKILL the aggregator process in the middle of a round, twice, and restart it: the
-//! round resumes from the store with every accepted submission and completes correctly.
+//! round resumes from the store with every accepted submission and completes correctly,
+//! and its report audits offline. Once with SQLite, once with a real PostgreSQL server
+//! (`TESSERA_TEST_POSTGRES`, started by `scripts/test`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -40,11 +42,24 @@ async fn phase(api: &Api) -> Option<(String, usize)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_round_then_restart_completes_the_round() {
+    sigkill_mid_round(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_round_then_restart_completes_the_round_on_postgres() {
+    if let Some(url) = tessera_server::store::test_postgres_database("crash").await.unwrap() {
+        sigkill_mid_round(Some(url)).await;
+    }
+}
+
+async fn sigkill_mid_round(store: Option<String>) {
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), N);
     let port = free_port();
     let params = RoundParams { vector_len: M as u32, max_weight: 100, phase_timeout_ms: 60_000, ..RoundParams::default() };
-    let cfg = server_config(&root.path().join("server"), format!("127.0.0.1:{port}").parse().unwrap(), &ids, params, 1);
+    let mut cfg = server_config(&root.path().join("server"), format!("127.0.0.1:{port}").parse().unwrap(), &ids, params, 1);
+    let on_postgres = store.is_some();
+    cfg.store = store;
     let config_path = root.path().join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg).unwrap()).unwrap();
 
@@ -123,4 +138,6 @@ async fn sigkill_mid_round_then_restart_completes_the_round() {
     assert_eq!(kinds.last().map(String::as_str), Some("released"));
     server.kill().unwrap();
     server.wait().unwrap();
+    // With PostgreSQL the round state is in the database server, not the data directory.
+    assert_eq!(root.path().join("server/tessera.db").exists(), !on_postgres);
 }

@@ -42,6 +42,10 @@ struct Args {
     /// The aggregator binary (default: `tessera-server` beside this one).
     #[arg(long)]
     server_bin: Option<std::path::PathBuf>,
+    /// Keep the server's state in a fresh database on this PostgreSQL server (an admin
+    /// URL such as `scripts/postgres start` prints) instead of SQLite.
+    #[arg(long)]
+    postgres: Option<String>,
     /// The server's log filter (`RUST_LOG`); its log goes to this process's stderr.
     #[arg(long, default_value = "error")]
     server_log: String,
@@ -87,7 +91,10 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
         advertise_timeout_ms: 300_000,
         ..RoundParams::default()
     };
-    let cfg = server_config(&root.path().join("server"), format!("127.0.0.1:{port}").parse()?, &ids, params, 1);
+    let mut cfg = server_config(&root.path().join("server"), format!("127.0.0.1:{port}").parse()?, &ids, params, 1);
+    if let Some(admin) = &args.postgres {
+        cfg.store = Some(tessera_server::store::create_database(admin, "load").await.map_err(anyhow::Error::msg)?);
+    }
     let config_path = root.path().join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg).context("server.toml")?)?;
     let server_bin = match &args.server_bin {
@@ -164,7 +171,8 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
     let cpu = cpu_after - cpu_before;
     println!(
-        "\nn = {n}, m = {}, {drops} dropped after sharing keys: round {wall:.2} s (of which the masked-input phase waits {:.1} s for the dropped); {completed} completed, {dropped} dropped as planned, {} errors",
+        "\nstore: {}; n = {n}, m = {}, {drops} dropped after sharing keys: round {wall:.2} s (of which the masked-input phase waits {:.1} s for the dropped); {completed} completed, {dropped} dropped as planned, {} errors",
+        if args.postgres.is_some() { "PostgreSQL" } else { "SQLite" },
         args.m,
         if drops > 0 { args.phase_timeout_ms as f64 / 1e3 } else { 0.0 },
         errors.len()
