@@ -75,12 +75,28 @@ struct Current {
     digest: [u8; 32],
     opened_at: Timestamp,
     finished_at: Option<Timestamp>,
+    /// Refused admissions read back from the log after the round was rebuilt: a replay
+    /// feeds only the stored (accepted) messages, so the enclave's verdicts lack them.
+    refused: Vec<AdmissionRecord>,
 }
 
 impl Current {
     fn new(cfg: RoundConfig, opened_at: Timestamp, finished_at: Option<Timestamp>) -> Self {
-        Current { digest: cfg.digest(), cfg: Arc::new(cfg), opened_at, finished_at }
+        Current { digest: cfg.digest(), cfg: Arc::new(cfg), opened_at, finished_at, refused: Vec::new() }
     }
+}
+
+/// The refused admissions among a round's stored log entries, as the round status
+/// shows them (the latest refusal of each client).
+fn refused_admissions(stored: &[tessera_enclave::StoredLogEntry]) -> Vec<AdmissionRecord> {
+    use tessera_attestation::audit::{LogEntry, LogEvent};
+    let mut refused = BTreeMap::new();
+    for e in stored {
+        if let Ok(LogEntry { event: LogEvent::Admission { client, accepted: false, failures, .. }, .. }) = LogEntry::parse(&e.data) {
+            refused.insert(client, AdmissionRecord { client: ClientId(client), accepted: false, reasons: failures.join("; ") });
+        }
+    }
+    refused.into_values().collect()
 }
 
 pub struct Service {
@@ -447,7 +463,9 @@ impl Service {
                             store.commit(Commit { round: row.round, log: &log, ..Default::default() }).await?;
                         }
                         tracing::info!(round = row.round, events = events.len(), phase = ?enclave.phase(), "resumed round from the store");
-                        current = Some(Current::new(row.config, row.opened_at, None));
+                        let mut resumed = Current::new(row.config, row.opened_at, None);
+                        resumed.refused = refused_admissions(&store.log_of_round(row.round).await?);
+                        current = Some(resumed);
                     }
                     Err(e) => {
                         tracing::error!(round = row.round, error = %e, "cannot resume round; marking it aborted");
@@ -758,6 +776,10 @@ impl Service {
         if !log.is_empty() {
             self.store.commit(Commit { round, log: &log, ..Default::default() }).await?;
         }
+        let refused = refused_admissions(&self.store.log_of_round(round).await?);
+        if let Some(cur) = inner.current.as_mut() {
+            cur.refused = refused;
+        }
         Ok(())
     }
 
@@ -1006,7 +1028,12 @@ impl Service {
                 Outcome::Sum(_) => "released".to_string(),
                 Outcome::Aborted { reason, .. } => format!("aborted: {reason}"),
             });
-            let admission = inner.enclave.verdicts()?.iter().map(|(c, v)| AdmissionRecord { client: *c, accepted: v.accepted, reasons: v.reasons() }).collect();
+            let mut admission: BTreeMap<ClientId, AdmissionRecord> =
+                inner.enclave.verdicts()?.iter().map(|(c, v)| (*c, AdmissionRecord { client: *c, accepted: v.accepted, reasons: v.reasons() })).collect();
+            for r in &cur.refused {
+                admission.entry(r.client).or_insert_with(|| r.clone());
+            }
+            let admission = admission.into_values().collect();
             return Ok(RoundStatus {
                 round,
                 phase: agg.phase(),

@@ -104,3 +104,45 @@ pub async fn dev_trust(api: &tessera_client::Api, status: &serde_json::Value) ->
         .expect("the open round's status carries the configuration's signature");
     tessera_secagg::client::Trust { aggregator_key, config_signature, floors: Default::default() }
 }
+
+/// A `tessera-server` process (`run --config`), killed when dropped.
+#[derive(Debug)]
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    /// The SHA-256 of the server's TLS public key, from its READY line.
+    pub fingerprint: [u8; 32],
+}
+
+impl ServerProcess {
+    /// Starts `bin` on `config` with `RUST_LOG = log` (its log goes to this process's
+    /// stderr) and waits for its READY line.
+    pub fn start(bin: &Path, config: &Path, log: &str) -> anyhow::Result<ServerProcess> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin).args(["run", "--config"]).arg(config).env("RUST_LOG", log).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("the server has no stdout"))?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let fingerprint = line
+            .split("fingerprint=")
+            .nth(1)
+            .map(str::trim)
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| anyhow::anyhow!("the server did not start: {line:?}"))?;
+        Ok(ServerProcess { child, fingerprint })
+    }
+
+    /// SIGKILL: no shutdown code runs, as in a power cut.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -79,3 +79,50 @@ async fn unattested_clients_are_refused_and_the_round_cannot_reach_t() {
     assert!(matches!(&err, HttpError::Status { status, .. } if status.as_u16() == 410), "{err}");
     server.stop().await;
 }
+
+/// A restart rebuilds the round by replaying its stored (accepted) messages; a refused
+/// advertisement is not among them, but its verdict stays in the round status, read
+/// back from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_admission_stays_in_the_round_status_after_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 3);
+    let params = RoundParams { vector_len: 8, phase_timeout_ms: 60_000, advertise_timeout_ms: 120_000, ..RoundParams::default() };
+    let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 1);
+    let server = tessera_server::spawn(cfg.clone()).await.unwrap();
+    let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
+    let status: serde_json::Value = loop {
+        if let Ok(s) = api.get_json::<serde_json::Value>("/v1/rounds/current").await {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let round_cfg: RoundConfig = serde_json::from_value(status["config"].clone()).unwrap();
+    let trust = dev_trust(&api, &status).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let client = |i: usize| {
+        let id = tessera_client::Identity::load(&ids[i].0).unwrap();
+        Client::new(round_cfg.clone(), ClientId(i as u32), id.key.clone() as Arc<_>, &trust, &mut OsRng).unwrap()
+    };
+    let (c0, c2) = (client(0), client(2));
+    let good = DevAttester::new([1; 32], [4; 48], false).attest(&c0.key_binding(), now).unwrap();
+    api.post_json("/v1/rounds/1/advertise", &c0.advertise(good)).await.unwrap();
+    let debug = DevAttester::new([3; 32], [4; 48], true).attest(&c2.key_binding(), now).unwrap();
+    let body = refusal(api.post_json("/v1/rounds/1/advertise", &c2.advertise(debug)).await.unwrap_err());
+    assert_eq!(body["verdict"]["failures"][0]["check"], "debug_mode", "{body}");
+    let verdicts = |s: &serde_json::Value| -> Vec<(u64, bool)> {
+        s["admission"].as_array().unwrap().iter().map(|a| (a["client"].as_u64().unwrap(), a["accepted"].as_bool().unwrap())).collect()
+    };
+    let before: serde_json::Value = api.get_json("/v1/rounds/1").await.unwrap();
+    assert_eq!(verdicts(&before), vec![(0, true), (2, false)], "{before}");
+
+    server.stop().await;
+    let server = tessera_server::spawn(cfg).await.unwrap();
+    let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
+    let after: serde_json::Value = api.get_json("/v1/rounds/1").await.unwrap();
+    assert_eq!(after["phase"], "advertise_keys", "{after}");
+    assert_eq!(verdicts(&after), vec![(0, true), (2, false)], "the refusal is read back from the log: {after}");
+    let reasons = after["admission"][1]["reasons"].as_str().unwrap();
+    assert!(reasons.contains("debug"), "{reasons}");
+    server.stop().await;
+}

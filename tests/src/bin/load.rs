@@ -10,8 +10,7 @@
 //!
 //! Updates are synthetic (no training): this measures the protocol and the server.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -68,15 +67,6 @@ fn usage(pid: u32) -> (f64, u64) {
     (cpu / ticks, hwm * 1024)
 }
 
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
     let ids = institutions(root.path(), n);
@@ -104,24 +94,8 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     if !server_bin.exists() {
         bail!("{} is missing: cargo build --release -p tessera-server", server_bin.display());
     }
-    let mut child = Command::new(&server_bin)
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .env("RUST_LOG", &args.server_log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let pid = child.id();
-    let server = Server(child);
-    let fingerprint: [u8; 32] = line
-        .split("fingerprint=")
-        .nth(1)
-        .map(str::trim)
-        .and_then(|h| hex::decode(h).ok())
-        .and_then(|v| v.try_into().ok())
-        .with_context(|| format!("the server did not start: {line}"))?;
+    let server = tessera_tests::ServerProcess::start(&server_bin, &config_path, &args.server_log)?;
+    let (pid, fingerprint) = (server.child.id(), server.fingerprint);
     let url = format!("https://127.0.0.1:{port}");
     let (cpu_before, _) = usage(pid);
     let drops = ((n as f64) * args.dropout).round() as usize;
