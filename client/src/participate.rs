@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rand::rngs::OsRng;
 use serde::Deserialize;
 use tessera_attestation::binding::aggregator_report_data;
-use tessera_attestation::dev::{measure_bytes, DevAttester};
+use tessera_attestation::dev::DevAttester;
 use tessera_attestation::policy::NodePolicy;
 use tessera_attestation::Attester;
 use tessera_secagg::aggregator::Phase;
@@ -629,7 +629,7 @@ fn own_measurement() -> std::io::Result<[u8; 48]> {
     if let Some(m) = MEASUREMENT.get() {
         return Ok(*m);
     }
-    let m = measure_bytes(&std::fs::read(std::env::current_exe()?)?);
+    let m = tessera_attestation::dev::measure_file(&std::env::current_exe()?)?;
     Ok(*MEASUREMENT.get_or_init(|| m))
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use serde::Serialize;
-use tessera_attestation::dev::{measure_bytes, DevAttester};
+use tessera_attestation::dev::DevAttester;
 use tessera_attestation::policy::Verdict;
 use tessera_attestation::Attester;
 use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey};
@@ -172,10 +172,12 @@ impl TeeBackend {
         if cfg.dev_insecure {
             tracing::warn!("INSECURE DEV MODE: simulated attestation, sealing key stored in a file; not for production");
             let sealing = SealingKey::load_or_create_dev(&cfg.data_dir.join("dev-sealing.key")).map_err(|e| setup(e.to_string()))?;
-            let exe = std::env::current_exe().and_then(std::fs::read).map_err(|e| setup(format!("cannot measure own executable: {e}")))?;
+            let measurement = std::env::current_exe()
+                .and_then(|exe| tessera_attestation::dev::measure_file(&exe))
+                .map_err(|e| setup(format!("cannot measure own executable: {e}")))?;
             let mut seed = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
-            let attester = Box::new(DevAttester::new(seed, measure_bytes(&exe), false));
+            let attester = Box::new(DevAttester::new(seed, measurement, false));
             return Ok(TeeBackend { attester, sealing });
         }
         let tee = cfg.tee.clone().unwrap_or_default();
