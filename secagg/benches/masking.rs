@@ -340,6 +340,9 @@ struct RoundStats {
     digest_stream_ring_s: Vec<f64>,
     verify_s: Vec<f64>,
     add_pass_s: f64,
+    /// Below 32 bits: the unpack-and-add of one packed body through the generic bit
+    /// reader (the fold before the eight-at-a-time reader) and through `add_packed`.
+    unpack_add: Option<(f64, f64)>,
     /// Per surviving client, measured right after its masking: the bare kernel, the
     /// keystream bound for k+1 streams, and one keystream stream.
     kernel_s: Vec<f64>,
@@ -610,6 +613,23 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         }
         std::hint::black_box(&data);
     });
+    if spec.bits < 32 {
+        let mask = (1u32 << spec.bits) - 1;
+        let values: Vec<u32> = (0..words as u32).map(|i| i.wrapping_mul(0x9E37_79B9) & mask).collect();
+        let body = tessera_secagg::pack::pack(&values, spec.bits);
+        let reps = spec.reps.max(5);
+        let bit_reader = time_median(reps, || {
+            for (s, v) in data.iter_mut().zip(tessera_secagg::pack::Unpacked::new(&body, words, spec.bits)) {
+                *s = s.wrapping_add(v);
+            }
+            std::hint::black_box(&data);
+        });
+        let eight = time_median(reps, || {
+            tessera_secagg::pack::add_packed(&mut data, &body, spec.bits);
+            std::hint::black_box(&data);
+        });
+        st.unpack_add = Some((bit_reader, eight));
+    }
     st.round_wall_s = started.elapsed().as_secs_f64();
     st.load_after = loadavg();
     st
@@ -667,6 +687,10 @@ fn print_tables(all: &[RoundStats]) {
         row("  (for comparison: plain SHA-256 of the body with sha2, one core; version 1's digest)", median(&s.digest_stream_sha2_s), "—".into(), Some(ks1));
         row("  (for comparison: the same with ring)", median(&s.digest_stream_ring_s), "—".into(), Some(ks1));
         row("  of which one wrapping-add pass over m+1 words", s.add_pass_s, "—".into(), Some(ks1));
+        if let Some((bit_reader, eight)) = s.unpack_add {
+            row("  unpack-and-add of one packed body, eight elements per load (the fold's)", eight, "—".into(), Some(ks1));
+            row("  unpack-and-add of one packed body, generic bit reader (before)", bit_reader, "—".into(), Some(ks1));
+        }
         row(&format!("aggregator fold of all {} received inputs (sum of the above)", s.fold_s.len()), s.fold_s.iter().sum(), "—".into(), None);
         row(&format!("aggregator fold, n = {} inputs (n × median)", s.n), s.n as f64 * median(&s.fold_s), "—".into(), None);
         row(

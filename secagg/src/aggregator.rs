@@ -256,7 +256,11 @@ impl Aggregator {
         let digest = MaskedInput::data_digest(&msg.data, msg.bits);
         let header =
             InputHeader { round: msg.round, client: msg.client, signature: &msg.signature, claim: msg.record_privacy.as_ref(), base_version: msg.base_version };
-        self.fold_masked(&header, &digest, msg.data.iter().copied())
+        self.fold_masked(&header, &digest, msg.data.len(), |sum| {
+            for (s, x) in sum.iter_mut().zip(&msg.data) {
+                *s = s.wrapping_add(*x);
+            }
+        })
     }
 
     /// Phase 2 from the received bytes, without decoding them into a second vector:
@@ -280,13 +284,15 @@ impl Aggregator {
             claim: view.record_privacy.as_ref(),
             base_version: view.base_version,
         };
-        // Byte-aligned widths read the body directly; others go through the bit reader.
+        // 32-bit bodies are words; packed ones are read eight elements at a time.
         let digest = input.digest();
-        match (view.words(), view.bits) {
-            (Some(words), _) => self.fold_masked(&header, digest, words)?,
-            (None, 16) => self.fold_masked(&header, digest, view.body.chunks_exact(2).map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))))?,
-            (None, 8) => self.fold_masked(&header, digest, view.body.iter().map(|&b| u32::from(b)))?,
-            (None, _) => self.fold_masked(&header, digest, view.values())?,
+        match view.words() {
+            Some(words) => self.fold_masked(&header, digest, view.len(), |sum| {
+                for (s, x) in sum.iter_mut().zip(words) {
+                    *s = s.wrapping_add(x);
+                }
+            })?,
+            None => self.fold_masked(&header, digest, view.len(), |sum| crate::pack::add_packed(sum, view.body, view.bits))?,
         }
         Ok((view.client, *input.digest()))
     }
@@ -304,11 +310,12 @@ impl Aggregator {
         &mut self,
         h: &InputHeader<'_>,
         digest: &[u8; 32],
-        // Elements of the round's width ([`Aggregator::check_width`]), so below its modulus.
-        words: impl ExactSizeIterator<Item = u32>,
+        // The number of elements, each of the round's width ([`Aggregator::check_width`]).
+        len: usize,
+        // Adds the elements into the running sum, once every check has passed.
+        add: impl FnOnce(&mut [u32]),
     ) -> Result<(), Error> {
         let (round, client) = (h.round, h.client);
-        let len = words.len();
         let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), h.signature)?;
         if !self.u2.contains_key(&client) {
             return Err(ProtocolError::NotInSurvivorSet(client).into());
@@ -331,9 +338,7 @@ impl Aggregator {
             }
             (None, None) => {}
         }
-        for (s, x) in self.sum.iter_mut().zip(words) {
-            *s = s.wrapping_add(x);
-        }
+        add(&mut self.sum);
         self.u3.insert(client, *h.signature);
         Ok(())
     }

@@ -112,6 +112,70 @@ impl Iterator for Unpacked<'_> {
 
 impl ExactSizeIterator for Unpacked<'_> {}
 
+/// Adds the `sum.len()` elements of a body that [`check_packed`] accepts to `sum`
+/// (wrapping, as the aggregator's fold does), without decoding them into a vector.
+///
+/// Eight `b`-bit elements are exactly `b` bytes, so the body is read a group of eight
+/// at a time: each element is one unaligned little-endian 64-bit load, a constant shift
+/// and a mask, with the width a constant of the monomorphized loop. The generic bit
+/// reader ([`Unpacked`]) moves one byte at a time and made a 12-bit fold 1.4× slower
+/// than a 32-bit one.
+pub fn add_packed(sum: &mut [u32], body: &[u8], bits: u8) {
+    if body.len() < packed_len(sum.len(), bits) {
+        // Not a checked body: the bit reader reads the missing bytes as zeros, never past
+        // the end, rather than this code indexing out of bounds.
+        return add_tail(sum, body, bits);
+    }
+    macro_rules! widths {
+        ($($b:literal)*) => {
+            match bits {
+                $($b => add_groups::<$b>(sum, body),)*
+                _ => add_tail(sum, body, bits),
+            }
+        };
+    }
+    widths!(8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32)
+}
+
+fn add_groups<const B: usize>(sum: &mut [u32], body: &[u8]) {
+    let mask = if B == 32 { u64::from(u32::MAX) } else { (1u64 << B) - 1 };
+    let groups = sum.len() / 8;
+    // A group's loads reach at most 7B/8 + 8 bytes past its start: within the next group
+    // for every group but the last full one, which is copied into a padded buffer.
+    let direct = groups.saturating_sub(1);
+    let load = |bytes: &[u8], at: usize| -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    let add_group = |s: &mut [u32], bytes: &[u8]| {
+        for (j, x) in s.iter_mut().enumerate() {
+            let bit = j * B;
+            *x = x.wrapping_add(((load(bytes, bit / 8) >> (bit % 8)) & mask) as u32);
+        }
+    };
+    for g in 0..direct {
+        add_group(&mut sum[g * 8..g * 8 + 8], &body[g * B..]);
+    }
+    if groups > 0 {
+        let g = groups - 1;
+        let mut last = [0u8; 40];
+        last[..B].copy_from_slice(&body[g * B..g * B + B]);
+        add_group(&mut sum[g * 8..g * 8 + 8], &last);
+    }
+    let done = groups * 8;
+    add_tail(&mut sum[done..], &body[groups * B..], B as u8);
+}
+
+/// The generic bit reader's fold, for a tail of fewer than eight elements (and widths
+/// the aggregator refuses anyway).
+fn add_tail(sum: &mut [u32], body: &[u8], bits: u8) {
+    let count = sum.len();
+    for (s, v) in sum.iter_mut().zip(Unpacked::new(body, count, bits)) {
+        *s = s.wrapping_add(v);
+    }
+}
+
 /// Unpacks a body that [`check_packed`] accepts.
 pub fn unpack(body: &[u8], count: usize, bits: u8) -> Result<Vec<u32>, Error> {
     check_packed(body, count, bits)?;
@@ -159,6 +223,12 @@ mod tests {
             prop_assert_eq!(body.len(), packed_len(len, bits));
             prop_assert_eq!(unpack(&body, len, bits).unwrap(), values.clone());
             prop_assert_eq!(Unpacked::new(&body, len, bits).len(), len);
+            // The fold adds exactly the unpacked elements, wrapping, at every width.
+            let start: Vec<u32> = (0..len as u32).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+            let mut folded = start.clone();
+            add_packed(&mut folded, &body, bits);
+            let want: Vec<u32> = start.iter().zip(&values).map(|(a, b)| a.wrapping_add(*b)).collect();
+            prop_assert_eq!(folded, want);
             // Extremes too: all zeros and all ones.
             let ones = vec![mask; len];
             prop_assert_eq!(unpack(&pack(&ones, bits), len, bits).unwrap(), ones);

@@ -81,6 +81,7 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
     let (tx, mut rx) = tokio::sync::watch::channel(false);
     let app = api::app(service.clone());
     let limits = service.config().limits;
+    let metrics = service.metrics.clone();
     let ticker = service.clone();
     let mut tick_rx = tx.subscribe();
     let task = tokio::spawn(async move {
@@ -105,7 +106,7 @@ async fn spawn_inner(cfg: ServerConfig, backend: Option<service::TeeBackend>) ->
                 }
             }
         });
-        tls::serve(listener, server_tls, app, limits, async move {
+        tls::serve(listener, server_tls, app, limits, metrics, async move {
             let _ = rx.changed().await;
         })
         .await;

@@ -13,6 +13,9 @@ use hdrhistogram::Histogram;
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), RouteStats>>,
+    /// TLS handshakes completed since the start: with kept-alive connections, about
+    /// one per institution, not one per request.
+    pub tls_handshakes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -35,8 +38,11 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out =
-            String::from("# HELP tessera_http_request_duration_seconds Request latency by route.\n# TYPE tessera_http_request_duration_seconds summary\n");
+        let mut out = format!(
+            "# HELP tessera_tls_handshakes_total TLS handshakes completed.\n# TYPE tessera_tls_handshakes_total counter\ntessera_tls_handshakes_total {}\n",
+            self.tls_handshakes.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        out.push_str("# HELP tessera_http_request_duration_seconds Request latency by route.\n# TYPE tessera_http_request_duration_seconds summary\n");
         for ((method, route), s) in routes.iter() {
             let labels = format!("method=\"{method}\",route=\"{route}\"");
             for q in [0.5, 0.9, 0.99, 0.999] {

@@ -211,7 +211,15 @@ impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
 }
 
 /// Accepts TLS connections and serves `app` on each until `shutdown` completes.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router, limits: crate::config::Limits, shutdown: impl Future<Output = ()>) {
+/// Each completed handshake is counted in `metrics` (`tessera_tls_handshakes_total`).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    limits: crate::config::Limits,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let header_timeout = std::time::Duration::from_millis(limits.header_read_timeout_ms.max(1));
@@ -236,6 +244,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let stream = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -246,6 +255,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 }
                 Err(_) => return,
             };
+            metrics.tls_handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // The client certificate's SPKI hash, if one was presented, rides on every request.
             let peer_cert = stream
                 .get_ref()

@@ -83,7 +83,7 @@ async fn start_proxy(data_dir: &std::path::Path, upstream: Api, lie: Lie) -> std
     let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| forward(proxy.clone(), method, uri, body));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tessera_server::tls::serve(listener, tls, app, Default::default(), std::future::pending()));
+    tokio::spawn(tessera_server::tls::serve(listener, tls, app, Default::default(), Default::default(), std::future::pending()));
     addr
 }
 

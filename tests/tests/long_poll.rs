@@ -73,6 +73,12 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
         assert!(requests >= 10, "{requests} requests");
         assert!(handshakes <= 2, "{handshakes} TLS handshakes for {requests} requests");
     }
+    // The server's own count: one handshake per institution and one for this observer
+    // (plus at most one more per connection the server closed while it idled), against
+    // more than ten requests per institution.
+    let metrics = String::from_utf8(observer.get_bytes("/metrics").await.unwrap().to_vec()).unwrap();
+    let handshakes: u64 = metrics.lines().find_map(|l| l.strip_prefix("tessera_tls_handshakes_total ")).unwrap().parse().unwrap();
+    assert!((N as u64 + 1..=2 * (N as u64 + 1)).contains(&handshakes), "the server counted {handshakes} TLS handshakes for {N} institutions and one observer");
     let (dir, waited) = parked.await.unwrap();
     // Institution 0's view: every admitted id; the keys of itself and its neighbours.
     assert_eq!(dir["to"], 0, "{dir}");

@@ -140,6 +140,9 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     let wall = started.elapsed().as_secs_f64();
     let (cpu_after, peak_rss) = usage(pid);
     let metrics = String::from_utf8(Api::new(&url, fingerprint)?.get_bytes("/metrics").await?.to_vec())?;
+    // Less the one this metrics read made.
+    let server_handshakes =
+        metrics.lines().find_map(|l| l.strip_prefix("tessera_tls_handshakes_total ")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).saturating_sub(1);
     drop(server);
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
@@ -152,7 +155,7 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
         errors.len()
     );
     println!(
-        "server: {cpu:.2} CPU s ({:.1} ms per institution), peak RSS {:.1} MiB ({:.2} × m·4); clients: {requests} requests over {handshakes} TLS handshakes; per-institution time p50 {:.2} s, p99 {:.2} s",
+        "server: {cpu:.2} CPU s ({:.1} ms per institution), peak RSS {:.1} MiB ({:.2} × m·4), {server_handshakes} TLS handshakes; clients: {requests} requests over {handshakes} TLS handshakes; per-institution time p50 {:.2} s, p99 {:.2} s",
         1e3 * cpu / n as f64,
         peak_rss as f64 / (1 << 20) as f64,
         peak_rss as f64 / (4.0 * f64::from(args.m)),
