@@ -27,6 +27,16 @@ fn refusal(e: HttpError) -> serde_json::Value {
     }
 }
 
+/// The open round's status, once the server has opened it.
+async fn open_round(api: &Api) -> serde_json::Value {
+    loop {
+        if let Ok(s) = api.get_json::<serde_json::Value>("/v1/rounds/current").await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unattested_clients_are_refused_and_the_round_cannot_reach_t() {
     let root = tempfile::tempdir().unwrap();
@@ -35,12 +45,7 @@ async fn unattested_clients_are_refused_and_the_round_cannot_reach_t() {
     let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 1);
     let server = tessera_server::spawn(cfg).await.unwrap();
     let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
-    let status: serde_json::Value = loop {
-        if let Ok(s) = api.get_json::<serde_json::Value>("/v1/rounds/current").await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = open_round(&api).await;
     let cfg: RoundConfig = serde_json::from_value(status["config"].clone()).unwrap();
     let trust = dev_trust(&api, &status).await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -91,12 +96,7 @@ async fn a_refused_admission_stays_in_the_round_status_after_a_restart() {
     let cfg = server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params, 1);
     let server = tessera_server::spawn(cfg.clone()).await.unwrap();
     let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
-    let status: serde_json::Value = loop {
-        if let Ok(s) = api.get_json::<serde_json::Value>("/v1/rounds/current").await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = open_round(&api).await;
     let round_cfg: RoundConfig = serde_json::from_value(status["config"].clone()).unwrap();
     let trust = dev_trust(&api, &status).await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
