@@ -66,17 +66,10 @@ pub fn measure_bytes(bytes: &[u8]) -> [u8; 48] {
 /// been most of an idle server's resident memory.
 pub fn measure_file(path: &std::path::Path) -> std::io::Result<[u8; 48]> {
     use sha2::{Digest, Sha384};
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    let mut file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
     let mut hasher = Sha384::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    // `io::copy` retries reads the OS interrupts.
+    std::io::copy(&mut file, &mut hasher)?;
     Ok(hasher.finalize().into())
 }
 

@@ -552,6 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     record_privacy: record_claim,
                     // Used only by a cohort round: the version this update was trained from.
                     base_version: Some(version),
+                    acknowledged: None,
                 };
                 let examples = update.examples;
                 let name = &identity.name;
@@ -746,6 +747,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     mask_threads: server.mask_threads,
                     record_privacy: None,
                     base_version,
+                    acknowledged: None,
                 };
                 let result = participate(&api, &identity, &opts, |cfg| {
                     let mut flat = update::load_update(&update_path, global.as_deref(), &cfg.layout, cfg.vector_len as u64)

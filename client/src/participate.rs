@@ -65,6 +65,10 @@ pub struct Options {
     /// number of releases this institution had applied). A cohort round requires it; the
     /// update is then weighed by the cohort's staleness weight before it is masked.
     pub base_version: Option<u64>,
+    /// Set once the aggregator has acknowledged this institution's masked input (its
+    /// 2xx, which follows the commit): for harnesses that check nothing acknowledged is
+    /// lost, even when the institution crashes afterwards.
+    pub acknowledged: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// An evidence source shared across rounds.
@@ -100,6 +104,7 @@ impl Default for Options {
             mask_threads: None,
             record_privacy: None,
             base_version: None,
+            acknowledged: None,
         }
     }
 }
@@ -569,6 +574,9 @@ where
         crate::ledger::PrivacyLedger::charge(path, &aggregator_hex, &cfg, now_secs() * 1000)?;
     }
     d.send(round, "masked input", masked.len(), || api.post_bytes(path("masked-input"), masked.clone())).await?;
+    if let Some(flag) = &opts.acknowledged {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     d.say(&format!("phase 3/5: masked input sent ({:.1} MB)", masked.len() as f64 / 1e6));
     drop(masked);
     if opts.drop_after == Some(DropPoint::AfterMaskedInput) {

@@ -175,8 +175,19 @@ fn aggregator_child() {
     let mut w = BufWriter::new(io::stdout().lock());
     let mut agg: Option<Aggregator> = None;
     let mut clock = 0u64;
+    // Seconds spent handling each kind of message, and how many, for the breakdown.
+    let mut spent: Vec<(String, u64, f64)> = Vec::new();
     loop {
         let Ok((tag, payload)) = read_frame(&mut r) else { return };
+        let handled_at = Instant::now();
+        let mut step: Option<String> = match tag {
+            b'A' => Some("advertisement: admit, check signature".into()),
+            b'S' => Some("share keys: check k ciphertexts, signature".into()),
+            b'M' => Some("masked input: digest, verify, fold".into()),
+            b'C' => Some("consistency signature: verify".into()),
+            b'U' => Some("unmask shares: check, store".into()),
+            _ => None,
+        };
         let reply: Result<Value, String> = (|| {
             if tag == b'G' {
                 let cfg: RoundConfig = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
@@ -188,6 +199,9 @@ fn aggregator_child() {
             }
             if tag == b'Q' {
                 return Ok(json!({}));
+            }
+            if tag == b'T' {
+                return Ok(json!({ "steps": spent }));
             }
             let a = agg.as_mut().ok_or("no round configured")?;
             let e = |e: tessera_secagg::Error| e.to_string();
@@ -217,6 +231,14 @@ fn aggregator_child() {
                     let advance_s = t.elapsed().as_secs_f64();
                     let (rss, hwm) = vm_status();
                     let Some(change) = change else { return Err("phase did not close".into()) };
+                    step = Some(match change.to {
+                        Phase::ShareKeys => "close phase 0, sign n key-directory views".into(),
+                        Phase::MaskedInput => "close phase 1, sign n share bundles".into(),
+                        Phase::ConsistencyCheck => "close phase 2, sign U3".into(),
+                        Phase::Unmasking => "close phase 3, sign the unmask request".into(),
+                        Phase::Finished => "unmasking: reconstruct seeds, regenerate masks".into(),
+                        other => format!("close to {other:?}"),
+                    });
                     let mut v = phase_payload(a, change.to);
                     v["advance_s"] = json!(advance_s);
                     v["to"] = json!(change.to);
@@ -236,6 +258,16 @@ fn aggregator_child() {
                 _ => Err(format!("unknown frame tag {tag}")),
             }
         })();
+        if let (Some(step), true) = (step, reply.is_ok()) {
+            let took = handled_at.elapsed().as_secs_f64();
+            match spent.iter_mut().find(|(s, _, _)| *s == step) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += took;
+                }
+                None => spent.push((step, 1, took)),
+            }
+        }
         let body = match reply {
             Ok(v) => v,
             Err(msg) => json!({ "error": msg }),
@@ -334,6 +366,10 @@ struct RoundStats {
     dropped: Vec<u32>,
     quantize_s: Vec<f64>,
     mask_s: Vec<f64>,
+    /// Each client's time per protocol step (phase name -> one entry per client).
+    client_steps: Vec<(&'static str, Vec<f64>)>,
+    /// The aggregator's time per step: (step, messages, total seconds).
+    aggregator_steps: Vec<(String, u64, f64)>,
     fold_s: Vec<f64>,
     digest_s: Vec<f64>,
     digest_stream_sha2_s: Vec<f64>,
@@ -461,9 +497,14 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     // The bench measures speed at the configured thresholds, whatever an institution's floors.
     let floors = tessera_secagg::floors::SecurityFloors { min_participants: 0, min_survivor_fraction: 0.0, ..Default::default() };
     let trust = Trust { aggregator_key: aggregator_key().public_key(), config_signature, floors };
+    let (mut t_setup, mut t_dir, mut t_consistency, mut t_unmask) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut clients: Vec<Client> = (0..n)
         .map(|i| {
+            let t = Instant::now();
             let mut c = Client::new(cfg.clone(), ClientId(i as u32), signer(i), &trust, &mut rng).expect("client");
+            let adv = c.advertise(vec![]);
+            t_setup.push(t.elapsed().as_secs_f64());
+            std::hint::black_box(adv);
             c.set_threads(threads());
             c
         })
@@ -474,7 +515,9 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     let v = aggp.advance();
     let views: Vec<KeyDirectory> = serde_json::from_value(v["key_directories"].clone()).expect("key directories");
     for (c, dir) in clients.iter_mut().zip(&views) {
+        let t = Instant::now();
         let msg = c.handle_key_directory(dir, &mut rng).expect("share keys");
+        t_dir.push(t.elapsed().as_secs_f64());
         aggp.send_json(b'S', &msg);
     }
     let v = aggp.advance();
@@ -572,12 +615,18 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
     st.unmask_streams =
         survivors.len() + st.dropped.iter().map(|&u| graph.neighbours(ClientId(u)).iter().filter(|v| survivors.contains(v)).count()).sum::<usize>();
     for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
-        aggp.send_json(b'C', &c.handle_survivor_set(&set).expect("consistency"));
+        let t = Instant::now();
+        let sig = c.handle_survivor_set(&set).expect("consistency");
+        t_consistency.push(t.elapsed().as_secs_f64());
+        aggp.send_json(b'C', &sig);
     }
     let v = aggp.advance();
     let req: UnmaskRequest = serde_json::from_value(v["unmask_request"].clone()).expect("unmask request");
     for c in clients.iter_mut().filter(|c| set.survivors.contains(&c.id())) {
-        aggp.send_json(b'U', &c.handle_unmask_request(&req).expect("unmask shares"));
+        let t = Instant::now();
+        let shares = c.handle_unmask_request(&req).expect("unmask shares");
+        t_unmask.push(t.elapsed().as_secs_f64());
+        aggp.send_json(b'U', &shares);
     }
     // The unmasking's keystream bound, (streams) x 4(m+1) bytes, measured right before
     // and right after it; the mean of the two is reported.
@@ -597,6 +646,16 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         h.update((w & cfg.modulus_mask()).to_le_bytes());
     }
     st.sum_ok = included == set.survivors && v["sum_sha256"].as_str() == Some(&hex::encode(h.finalize()));
+    st.client_steps = vec![
+        ("keys and advertisement (`Client::new`, `advertise`)", t_setup),
+        ("key directory: verify k+1 advertisements, deal 2k shares", t_dir),
+        ("quantize the update", st.quantize_s.clone()),
+        ("mask: k+1 streams over m+1 words, digest, sign", st.mask_s.clone()),
+        ("consistency: sign U3", t_consistency),
+        ("unmask request: verify t signatures, reveal shares", t_unmask),
+    ];
+    let steps = aggp.call(b'T', &[]);
+    st.aggregator_steps = serde_json::from_value(steps["steps"].clone()).unwrap_or_default();
     assert!(st.sum_ok, "the released sum is not the sum of the included inputs");
     drop(aggp);
     drop(clients);
@@ -637,6 +696,22 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
 
 // ---------------------------------------------------------------------------------------
 // Reports.
+
+/// Where the time goes, per protocol step, on each side: so the next bottleneck shows.
+fn print_steps(all: &[RoundStats]) {
+    println!("\n### Where the time goes, per step (client: median per client; aggregator: per message and in total)\n");
+    println!("| m | n | k | side | step | per client or message | total over the round |");
+    println!("|---:|---:|---:|---|---|---:|---:|");
+    for s in all {
+        for (step, times) in &s.client_steps {
+            let total: f64 = times.iter().sum();
+            println!("| {} | {} | {} | client | {step} | {} | {} ({} clients) |", s.m, s.n, s.k, fmt_time(median(times)), fmt_time(total), times.len());
+        }
+        for (step, count, total) in &s.aggregator_steps {
+            println!("| {} | {} | {} | aggregator | {step} | {} | {} ({count}×) |", s.m, s.n, s.k, fmt_time(total / *count.max(&1) as f64), fmt_time(*total));
+        }
+    }
+}
 
 fn print_tables(all: &[RoundStats]) {
     println!("\n### Time (median over clients; keystream bound measured in the same run)\n");
@@ -858,6 +933,7 @@ fn main() {
     println!("element width: {bits} bits{}", if bits < 32 { " (masked inputs bit-packed on the wire, unpacked by the fold)" } else { "" });
     let all: Vec<RoundStats> = ms.iter().map(|&m| run_round(&Spec { m, n, k: None, dropout: 0.1, reps, bits }, true)).collect();
     print_tables(&all);
+    print_steps(&all);
 }
 
 // ---------------------------------------------------------------------------------------

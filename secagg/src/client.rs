@@ -13,7 +13,9 @@
 //! - the round's configuration must meet the institution's [`SecurityFloors`] and carry
 //!   the aggregator's signature, and so must every later server message (the
 //!   aggregator's identity key is the one its attestation evidence binds);
-//! - it verifies every peer's signed advertisement and remembers U1;
+//! - its view of U1 (SecAgg+: U1's ids, and the advertisements of itself and its
+//!   neighbours only) must be addressed to it, and carry every neighbour U1 names,
+//!   each advertisement validly signed by that neighbour's roster key; it remembers U1;
 //! - U2 must be a subset of that U1 and hold at least `share_threshold` of its own
 //!   neighbours, each of which must have sent it a share: otherwise a server could make
 //!   it mask with no pairwise mask at all (U2 padded with ids outside U1) and unmask it

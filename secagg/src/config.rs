@@ -224,6 +224,15 @@ impl RoundConfig {
         if !(8..=32).contains(&self.modulus_bits) {
             return bad(format!("modulus_bits must be in 8..=32, got {}", self.modulus_bits));
         }
+        // One key at two ids would let one institution's signature over U3 count twice
+        // toward `t` (the consistency transcript names the set, not the signer's slot).
+        let mut keys = std::collections::BTreeMap::new();
+        for i in 0..self.roster.len() {
+            let key = self.roster_key(ClientId(i as u32))?;
+            if let Some(first) = keys.insert(key, i) {
+                return bad(format!("the roster lists one key at ids {first} and {i}; each participant needs its own"));
+            }
+        }
         let k = self.neighbours as u64;
         if k == 0 || k > n - 1 {
             return bad(format!("neighbours must be in 1..={}, got {k}", n - 1));
@@ -463,8 +472,15 @@ fn binomial_cdf_below(k: u32, p: f64, t: u32) -> f64 {
 mod tests {
     use super::*;
 
+    /// `n` distinct keys (a roster may not repeat one).
     fn roster(n: usize) -> Vec<String> {
-        (0..n).map(|i| hex::encode([i as u8; 32])).collect()
+        (0..n)
+            .map(|i| {
+                let mut key = [i as u8; 32];
+                key[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                hex::encode(key)
+            })
+            .collect()
     }
 
     #[test]
@@ -509,6 +525,11 @@ mod tests {
         assert!(err.contains("names tensor q.lora_B.weight twice"), "{err}");
         cfg.layout[1].name = "v.lora_B.weight".into();
         cfg.validate().unwrap();
+        // One key at two ids, in either case of hex.
+        let mut cfg = RoundConfig::with_defaults(1, roster(5), 10, [7; 32]);
+        cfg.roster[3] = cfg.roster[1].to_uppercase();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("one key at ids 1 and 3"), "{err}");
     }
 
     #[test]

@@ -121,6 +121,10 @@ impl ExactSizeIterator for Unpacked<'_> {}
 /// reader ([`Unpacked`]) moves one byte at a time and made a 12-bit fold 1.4× slower
 /// than a 32-bit one.
 pub fn add_packed(sum: &mut [u32], body: &[u8], bits: u8) {
+    if !(1..=32).contains(&bits) {
+        // No body has this width ([`check_packed`] refuses it): nothing to add.
+        return;
+    }
     if body.len() < packed_len(sum.len(), bits) {
         // Not a checked body: the bit reader reads the missing bytes as zeros, never past
         // the end, rather than this code indexing out of bounds.
@@ -208,6 +212,14 @@ mod tests {
         assert!(check_packed(&padded, 4, 3).unwrap_err().to_string().contains("padding bits"));
         assert!(check_packed(&body, 4, 0).is_err());
         assert!(check_packed(&body, 4, 33).is_err());
+        // The fold never panics on a body it should not have been given: a width no body
+        // has adds nothing, a short body reads zeros past its end.
+        let mut sum = vec![1u32; 20];
+        add_packed(&mut sum, &body, 0);
+        add_packed(&mut sum, &body, 40);
+        assert_eq!(sum, vec![1u32; 20]);
+        add_packed(&mut sum, &[0xFF; 3], 12);
+        assert_eq!(&sum[..3], &[0x1000, 0x1000, 1]);
     }
 
     proptest! {

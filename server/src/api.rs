@@ -418,7 +418,23 @@ impl<S: Send + Sync> FromRequestParts<S> for Wait {
 }
 
 async fn key_directory(State(s): State<Arc<Service>>, Path((round, client)): Path<(u64, u32)>, Wait(wait): Wait) -> Result<Response, ApiError> {
-    let dir = s.long_poll(wait, || s.read(round, "the key directory", |e| e.aggregator().ok()?.key_directory(ClientId(client)))).await?;
+    let to = ClientId(client);
+    let dir = s
+        .long_poll(wait, || {
+            s.read(round, "the key directory", |e| {
+                let agg = e.aggregator().ok()?;
+                match agg.key_directory(to) {
+                    Some(dir) => Some(Ok(dir)),
+                    // Phase 0 closed without this client: it will never be in U1, so it
+                    // hears so now rather than waiting out the round.
+                    None if agg.phase() > tessera_secagg::aggregator::Phase::AdvertiseKeys && agg.phase() != tessera_secagg::aggregator::Phase::Aborted => Some(Err(ApiError::from(
+                        tessera_enclave::EnclaveError::Protocol(tessera_secagg::ProtocolError::NotInSurvivorSet(to).into()),
+                    ))),
+                    None => None,
+                }
+            })
+        })
+        .await??;
     Ok(json(&dir))
 }
 

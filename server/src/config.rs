@@ -304,6 +304,12 @@ impl ServerConfig {
             if crate::store::Backend::of(url).is_none() {
                 return Err(ConfigError::Invalid(format!("store must be a postgres://… URL or sqlite://PATH, got {}", crate::store::redact(url))));
             }
+            let lower = url.to_ascii_lowercase();
+            if ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| lower.contains(m)) {
+                return Err(ConfigError::Invalid(
+                    "store: this build speaks to PostgreSQL without TLS, so an sslmode that requires it cannot be met; reach the database over loopback, a private network or a tunnel, and remove sslmode".into(),
+                ));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         let mut keys = std::collections::BTreeMap::new();
@@ -387,6 +393,15 @@ mod tests {
             let err = CompressionParams { keep_fraction: Some(bad), rotation_block: None }.for_vector(1000).unwrap_err();
             assert!(err.contains("keep_fraction must be in (0, 1]"), "{err}");
         }
+    }
+
+    #[test]
+    fn store_urls_are_checked() {
+        let err = parse("store = \"mysql://u@h/db\"\n").unwrap_err();
+        assert!(err.contains("store must be a postgres://"), "{err}");
+        let err = parse("store = \"postgres://u:secret@h/db?sslmode=require\"\n").unwrap_err();
+        assert!(err.contains("without TLS") && !err.contains("secret"), "{err}");
+        parse("store = \"postgres://u@127.0.0.1:5432/db\"\n").unwrap();
     }
 
     #[test]

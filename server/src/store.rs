@@ -17,6 +17,10 @@ use tessera_secagg::{RoundConfig, Timestamp};
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// PostgreSQL: a connection holding a session advisory lock for as long as the
+    /// server runs, so a second server on the same database refuses to start (two
+    /// servers would each extend and sign their own log: a fork).
+    _single_writer: Option<std::sync::Arc<tokio::sync::Mutex<sqlx::AnyConnection>>>,
 }
 
 /// Which database server holds the state.
@@ -28,6 +32,8 @@ pub enum Backend {
 
 /// The advisory lock key PostgreSQL steps serialize on ("tessera" in ASCII).
 const PG_STEP_LOCK: i64 = 0x0074_6573_7365_7261;
+/// The session advisory lock one server holds on its database ("tesserA").
+const PG_SERVER_LOCK: i64 = 0x0074_6573_7365_7241;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,6 +43,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store {0} is neither sqlite://PATH nor postgres://…")]
     Url(String),
+    #[error("another tessera-server holds the database {0}; two servers on one database would fork the log")]
+    Busy(String),
 }
 
 impl Backend {
@@ -52,18 +60,34 @@ impl Backend {
     }
 }
 
-/// `url` with any password replaced, for messages and logs.
+/// `url` with any password replaced (`user:PASSWORD@` and `password=` in the query),
+/// for messages and logs.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = before_query.split_at(before_query.find('/').unwrap_or(before_query.len()));
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
             let hidden = if userinfo.contains(':') { ":…" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
+            format!("{user}{hidden}@{host}")
         }
-        None => url.to_string(),
-    }
+        None => authority.to_string(),
+    };
+    let query = query.map(|q| {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=…"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        format!("?{}", pairs.join("&"))
+    });
+    format!("{scheme}://{authority}{path}{}", query.unwrap_or_default())
 }
 
 #[derive(Clone, Debug)]
@@ -236,10 +260,12 @@ impl Store {
             .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
+                    match backend {
                         // WAL, and FULL: a commit is on disk before the client hears 2xx.
-                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;").await?;
-                    }
+                        Backend::Sqlite => conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;").await?,
+                        // The same for PostgreSQL, whatever the server's default.
+                        Backend::Postgres => conn.execute("SET synchronous_commit = on").await?,
+                    };
                     Ok(())
                 })
             })
@@ -248,6 +274,10 @@ impl Store {
         let schema = match backend {
             Backend::Sqlite => SCHEMA,
             Backend::Postgres => PG_SCHEMA,
+        };
+        let single_writer = match backend {
+            Backend::Postgres => Some(std::sync::Arc::new(tokio::sync::Mutex::new(Self::hold_server_lock(url).await?))),
+            Backend::Sqlite => None,
         };
         if backend == Backend::Postgres {
             // Two servers starting on one empty database would race to create the tables.
@@ -258,7 +288,23 @@ impl Store {
         } else {
             pool.execute(schema).await?;
         }
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, _single_writer: single_writer })
+    }
+
+    /// Takes the database's server lock on a connection of its own. A server killed a
+    /// moment ago may still hold it until PostgreSQL notices the closed connection, so
+    /// this retries for a while before giving up.
+    async fn hold_server_lock(url: &str) -> Result<sqlx::AnyConnection, StoreError> {
+        use sqlx::Connection;
+        let mut conn = sqlx::AnyConnection::connect(url).await?;
+        for _ in 0..60 {
+            let held: bool = sqlx::query("SELECT pg_try_advisory_lock($1)").bind(PG_SERVER_LOCK).fetch_one(&mut conn).await?.try_get(0)?;
+            if held {
+                return Ok(conn);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        Err(StoreError::Busy(redact(url)))
     }
 
     pub fn backend(&self) -> Backend {
@@ -641,6 +687,21 @@ mod tests {
         }
     }
 
+    /// A second server on the same database refuses to start (after its retries), and
+    /// starts once the first is gone.
+    #[tokio::test]
+    async fn postgres_admits_one_server_per_database() {
+        let Some(url) = test_postgres_database("store_single").await.unwrap() else { return };
+        let first = Store::connect(&url).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = Store::connect(&url).await.unwrap_err();
+        assert!(matches!(err, StoreError::Busy(_)), "{err}");
+        assert!(err.to_string().contains("another tessera-server holds the database"), "{err}");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(10), "gave up after {:?}", started.elapsed());
+        drop(first);
+        Store::connect(&url).await.unwrap();
+    }
+
     #[tokio::test]
     async fn postgres_reads_back_what_it_stored() {
         if let Some(url) = test_postgres_database("store_reads").await.unwrap() {
@@ -655,5 +716,6 @@ mod tests {
         assert_eq!(Backend::of("mysql://u@h/db"), None);
         assert_eq!(redact("postgres://tessera:s3cret@db.example:5432/rounds"), "postgres://tessera:…@db.example:5432/rounds");
         assert_eq!(redact("postgres://tessera@db/rounds"), "postgres://tessera@db/rounds");
+        assert_eq!(redact("postgres://tessera@db/rounds?sslmode=disable&password=s3cret"), "postgres://tessera@db/rounds?sslmode=disable&password=…");
     }
 }

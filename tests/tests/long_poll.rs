@@ -79,6 +79,12 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
     let metrics = String::from_utf8(observer.get_bytes("/metrics").await.unwrap().to_vec()).unwrap();
     let handshakes: u64 = metrics.lines().find_map(|l| l.strip_prefix("tessera_tls_handshakes_total ")).unwrap().parse().unwrap();
     assert!((N as u64 + 1..=2 * (N as u64 + 1)).contains(&handshakes), "the server counted {handshakes} TLS handshakes for {N} institutions and one observer");
+    // A client outside U1 asking for its view after phase 0 hears so at once, even
+    // with a long wait, instead of being parked until the round ends.
+    let t = Instant::now();
+    let err = observer.get_bytes("/v1/rounds/1/key-directory/7?wait=30").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_in_survivor_set"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "answered after {:?}", t.elapsed());
     let (dir, waited) = parked.await.unwrap();
     // Institution 0's view: every admitted id; the keys of itself and its neighbours.
     assert_eq!(dir["to"], 0, "{dir}");

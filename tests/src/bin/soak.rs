@@ -7,8 +7,12 @@
 //!   round aborted with a reason;
 //! * every release is the FedAvg of its included inputs, within the release's error bound;
 //! * the round's report audits offline against the first tree head seen, and every
-//!   signed tree head seen across the restarts is consistent with the last (no fork);
-//! * no file in the server's data directory contains an institution's plaintext update.
+//!   signed tree head an auditor saw (polled every 100 ms throughout, so heads a crash
+//!   could roll back are seen too) is consistent with the last (no fork);
+//! * no file in the server's data directory, nor any row of its PostgreSQL database,
+//!   contains an institution's plaintext update (its f32 bytes);
+//! * no institution saw an error that a crash does not explain (a refused aggregator
+//!   message, a conflict, an acknowledged input excluded): each one fails the soak.
 //!
 //! ```text
 //! cargo build --release -p tessera-server -p tessera-tests --bins
@@ -72,14 +76,38 @@ struct Outcomes {
     crashed: u64,
     missed: u64,
     aborted: u64,
-    other_errors: BTreeMap<String, u64>,
+    /// Errors a crash or restart explains (a message arriving after its phase closed,
+    /// a round gone after a restart), by message.
+    expected_errors: BTreeMap<String, u64>,
+    /// Errors no crash explains: a client refusing an aggregator message, a conflict, a
+    /// release that does not verify. Any of these fails the soak.
+    unexpected_errors: Vec<String>,
+    /// (round, institution) whose masked input the server acknowledged (a 2xx).
+    acknowledged: BTreeSet<(u64, u32)>,
+    /// (round, institution) that completed: they saw the release.
+    completed_in: BTreeSet<(u64, u32)>,
 }
 
 struct Shared {
     server: Mutex<Option<ServerProcess>>,
+    /// Every distinct signed tree head an auditor saw, polled throughout (so heads that
+    /// a crash could roll back are seen too).
     heads: Mutex<Vec<SignedTreeHead>>,
     kills: AtomicU64,
     done: AtomicBool,
+}
+
+/// Polls the log head every 100 ms, as an auditor would, until the soak ends.
+async fn head_watcher(shared: Arc<Shared>, auditor: Api) {
+    while !shared.done.load(Ordering::SeqCst) {
+        if let Ok(h) = auditor.get_json::<SignedTreeHead>("/v1/log/head").await {
+            let mut heads = shared.heads.lock().await;
+            if heads.last().is_none_or(|l| l.tree_size != h.tree_size || l.root_hash != h.root_hash) {
+                heads.push(h);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn weight(i: usize) -> u32 {
@@ -129,31 +157,51 @@ async fn institution(i: usize, dir: PathBuf, url: String, fingerprint: [u8; 32],
         let identity = tessera_client::Identity::load(&dir)?;
         // A fresh client, as after a process restart: new connection, nothing kept.
         let api = Api::new(&url, fingerprint)?;
-        let opts = Options { insecure_dev: true, round: Some(round), quiet: true, wait: Duration::from_secs(120), mask_threads: Some(1), ..Options::default() };
+        let acknowledged = Arc::new(AtomicBool::new(false));
+        let opts = Options {
+            insecure_dev: true,
+            round: Some(round),
+            quiet: true,
+            wait: Duration::from_secs(120),
+            mask_threads: Some(1),
+            acknowledged: Some(acknowledged.clone()),
+            ..Options::default()
+        };
         let m = args.m;
         let run = participate(&api, &identity, &opts, move |_| Ok((synthetic_update(i, round, m), weight(i))));
         let result = if rng.gen_bool(args.crash_probability) {
             let at = Duration::from_millis(rng.gen_range(0..3 * args.phase_timeout_ms));
-            match tokio::time::timeout(at, run).await {
-                Ok(r) => r,
-                Err(_) => {
-                    out.crashed += 1;
-                    continue;
+            tokio::time::timeout(at, run).await.ok()
+        } else {
+            Some(run.await)
+        };
+        if acknowledged.load(Ordering::SeqCst) {
+            out.acknowledged.insert((round, i as u32));
+        }
+        let Some(result) = result else {
+            out.crashed += 1;
+            continue;
+        };
+        let mut expected = |why: String| *out.expected_errors.entry(why.chars().take(90).collect()).or_default() += 1;
+        match result {
+            Ok(Participation::Completed(r)) => {
+                out.completed += 1;
+                out.completed_in.insert((round, i as u32));
+                if !r.release.included.contains(&tessera_secagg::ClientId(i as u32)) {
+                    out.unexpected_errors.push(format!("institution {i} completed round {round} but is not in its release"));
                 }
             }
-        } else {
-            run.await
-        };
-        match result {
-            Ok(Participation::Completed(_)) => out.completed += 1,
-            Ok(Participation::Dropped { .. }) => bail!("institution {i} dropped without being asked to"),
+            Ok(Participation::Dropped { .. }) => out.unexpected_errors.push(format!("institution {i} dropped round {round} without being asked to")),
             Err(ParticipateError::Aborted { .. }) => out.aborted += 1,
             // It came too late for the round (the round went on without it, or it ended).
             Err(ParticipateError::RoundInProgress(_)) => out.missed += 1,
-            Err(e) => {
-                let key = e.to_string().chars().take(90).collect::<String>();
-                *out.other_errors.entry(key).or_default() += 1;
-            }
+            // What a crash or a restart explains.
+            Err(e @ (ParticipateError::TooLate { .. } | ParticipateError::Timeout(..))) => expected(e.to_string()),
+            Err(ParticipateError::Http(e)) if e.code() == Some("no_round") || e.is_transient() => expected(e.to_string()),
+            // A refused aggregator message, a conflict, a release that does not verify,
+            // or the aggregator excluding an input it acknowledged: none of these is a
+            // crash's doing.
+            Err(e) => out.unexpected_errors.push(format!("institution {i}, round {round}: {e}")),
         }
     }
     Ok(out)
@@ -226,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
     shared.heads.lock().await.push(first_head.clone());
 
     let kill_task = tokio::spawn(killer(shared.clone(), args.clone(), server_bin.clone(), config_path.clone(), auditor.clone()));
+    let watch_task = tokio::spawn(head_watcher(shared.clone(), auditor.clone()));
     let tasks: Vec<_> = ids.iter().enumerate().map(|(i, (dir, _))| tokio::spawn(institution(i, dir.clone(), url.clone(), fingerprint, args.clone()))).collect();
     let mut total = Outcomes::default();
     for t in tasks {
@@ -234,12 +283,16 @@ async fn main() -> anyhow::Result<()> {
         total.crashed += o.crashed;
         total.missed += o.missed;
         total.aborted += o.aborted;
-        for (k, v) in o.other_errors {
-            *total.other_errors.entry(k).or_default() += v;
+        for (k, v) in o.expected_errors {
+            *total.expected_errors.entry(k).or_default() += v;
         }
+        total.unexpected_errors.extend(o.unexpected_errors);
+        total.acknowledged.extend(o.acknowledged);
+        total.completed_in.extend(o.completed_in);
     }
     shared.done.store(true, Ordering::SeqCst);
     kill_task.await??;
+    watch_task.await?;
     let kills = shared.kills.load(Ordering::SeqCst);
 
     // The last round may still be closing (its last phase waits for a crashed
@@ -260,7 +313,7 @@ async fn main() -> anyhow::Result<()> {
     let identity_key: [u8; 32] =
         hex::decode(identity["identity_public_key"].as_str().context("identity_public_key")?)?.try_into().map_err(|_| anyhow::anyhow!("identity key"))?;
     let now_secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let (mut released, mut aborted, mut accepted, mut lost) = (0u64, 0u64, 0u64, 0u64);
+    let (mut released, mut aborted, mut accepted, mut lost, mut acknowledged_by_clients) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for round in 1..=args.rounds {
         let bundle: RoundBundle = auditor
@@ -275,6 +328,10 @@ async fn main() -> anyhow::Result<()> {
         let logged: BTreeSet<u32> =
             bundle.report.participants.iter().enumerate().filter(|(_, p)| p.masked_input_sha256.is_some()).map(|(i, _)| i as u32).collect();
         accepted += logged.len() as u64;
+        // What the institutions themselves saw acknowledged (a 2xx) must be logged.
+        let acked: BTreeSet<u32> = total.acknowledged.iter().filter(|(r, _)| *r == round).map(|(_, i)| *i).collect();
+        acknowledged_by_clients += acked.len() as u64;
+        ensure!(acked.is_subset(&logged), "round {round}: institutions {:?} were acknowledged but their inputs are not in the log", acked.difference(&logged).collect::<Vec<_>>());
         if bundle.report.status == "released" {
             released += 1;
             let release: serde_json::Value = auditor.get_json(format!("/v1/rounds/{round}/result")).await?;
@@ -283,11 +340,16 @@ async fn main() -> anyhow::Result<()> {
             lost += missing.len() as u64;
             ensure!(missing.is_empty(), "round {round}: acknowledged masked inputs of {missing:?} are not in the release (included {included:?})");
             ensure!(included.is_subset(&logged), "round {round}: the release includes {included:?}, only {logged:?} were logged");
+            let completed: BTreeSet<u32> = total.completed_in.iter().filter(|(r, _)| *r == round).map(|(_, i)| *i).collect();
+            ensure!(completed.is_subset(&included), "round {round}: institutions {completed:?} completed, the release includes {included:?}");
             let updates: Vec<(Vec<f32>, u32)> = (0..args.n).map(|i| (synthetic_update(i, round, args.m), weight(i))).collect();
             let idx: Vec<usize> = included.iter().map(|&c| c as usize).collect();
             let want = fedavg(&updates, &idx);
             let got = tessera_secagg::wire::Release::mean_from_bytes(&auditor.get_bytes(format!("/v1/rounds/{round}/result/mean")).await?);
             let bound = release["error_bound"].as_f64().context("error_bound")?;
+            // The bound is the server's word: it must also be small on its own terms (at
+            // 32 bits the quantization step is about 1e-9 of the clip).
+            ensure!(bound < 1e-3, "round {round}: the release claims an error bound of {bound}");
             let err = got.iter().zip(&want).map(|(a, b)| f64::from((a - b).abs())).fold(0.0, f64::max);
             ensure!(got.len() == want.len() && err <= bound + 1e-6, "round {round}: the release is {err} from the FedAvg of its inputs (bound {bound})");
         } else {
@@ -345,6 +407,34 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // With PostgreSQL the round data lives in the database: scan what it holds too.
+    let mut db_bytes: Vec<Vec<u8>> = Vec::new();
+    if let Some(url) = &cfg.store {
+        use sqlx::{Connection, Row};
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        for q in [
+            "SELECT body FROM events",
+            "SELECT data FROM log",
+            "SELECT mean FROM rounds WHERE mean IS NOT NULL",
+            "SELECT convert_to(release, 'UTF8') FROM rounds WHERE release IS NOT NULL",
+            "SELECT value FROM kv",
+        ] {
+            for row in sqlx::query(q).fetch_all(&mut conn).await? {
+                db_bytes.push(row.try_get::<Vec<u8>, _>(0)?);
+            }
+        }
+    }
+    for (what, bytes) in db_bytes.iter().map(|b| ("the database", b)) {
+        scanned += bytes.len() as u64;
+        for round in 1..=args.rounds {
+            for i in 0..args.n {
+                let raw: Vec<u8> = synthetic_update(i, round, args.m).iter().flat_map(|x| x.to_le_bytes()).collect();
+                for at in [0, raw.len() / 2 / 4 * 4, raw.len().saturating_sub(64) / 4 * 4] {
+                    ensure!(!contains(bytes, &raw[at..(at + 64).min(raw.len())]), "{what} holds institution {i}'s round-{round} update in plaintext");
+                }
+            }
+        }
+    }
     drop(shared.server.lock().await.take());
 
     println!(
@@ -356,16 +446,28 @@ async fn main() -> anyhow::Result<()> {
         total.missed,
         total.aborted
     );
-    println!("masked inputs acknowledged {accepted}, lost 0 (every acknowledged input is in its round's release or the round aborted with its reason)");
+    println!(
+        "masked inputs acknowledged {accepted} (the log; {acknowledged_by_clients} seen acknowledged by their institutions), lost 0 (every acknowledged input is in its round's release or the round aborted with its reason)"
+    );
     println!("{} signed tree heads across the restarts, all consistent with the last (size {}); every round's report audits", heads.len(), last.tree_size);
-    println!("data directory: {} files, {:.1} MB scanned, no plaintext update", paths.len(), scanned as f64 / 1e6);
+    println!(
+        "data directory{}: {} files and {} rows, {:.1} MB scanned, no plaintext update",
+        if cfg.store.is_some() { " and database" } else { "" },
+        paths.len(),
+        db_bytes.len(),
+        scanned as f64 / 1e6
+    );
     for (why, count) in &reasons {
         println!("aborted {count}×: {why}");
     }
-    for (e, count) in &total.other_errors {
-        println!("institution error {count}×: {e}");
+    for (e, count) in &total.expected_errors {
+        println!("institution error a crash explains, {count}×: {e}");
+    }
+    for e in &total.unexpected_errors {
+        println!("UNEXPECTED institution error: {e}");
     }
     ensure!(lost == 0, "{lost} acknowledged inputs lost");
+    ensure!(total.unexpected_errors.is_empty(), "{} institution errors that no crash explains", total.unexpected_errors.len());
     ensure!(released > 0, "no round released anything: the soak shows nothing");
     Ok(())
 }
