@@ -427,9 +427,9 @@ async fn key_directory(State(s): State<Arc<Service>>, Path((round, client)): Pat
                     Some(dir) => Some(Ok(dir)),
                     // Phase 0 closed without this client: it will never be in U1, so it
                     // hears so now rather than waiting out the round.
-                    None if agg.phase() > tessera_secagg::aggregator::Phase::AdvertiseKeys && agg.phase() != tessera_secagg::aggregator::Phase::Aborted => Some(Err(ApiError::from(
-                        tessera_enclave::EnclaveError::Protocol(tessera_secagg::ProtocolError::NotInSurvivorSet(to).into()),
-                    ))),
+                    None if agg.phase() > tessera_secagg::aggregator::Phase::AdvertiseKeys && agg.phase() != tessera_secagg::aggregator::Phase::Aborted => {
+                        Some(Err(ApiError::from(tessera_enclave::EnclaveError::Protocol(tessera_secagg::ProtocolError::NotInSurvivorSet(to).into()))))
+                    }
                     None => None,
                 }
             })

@@ -331,7 +331,11 @@ async fn main() -> anyhow::Result<()> {
         // What the institutions themselves saw acknowledged (a 2xx) must be logged.
         let acked: BTreeSet<u32> = total.acknowledged.iter().filter(|(r, _)| *r == round).map(|(_, i)| *i).collect();
         acknowledged_by_clients += acked.len() as u64;
-        ensure!(acked.is_subset(&logged), "round {round}: institutions {:?} were acknowledged but their inputs are not in the log", acked.difference(&logged).collect::<Vec<_>>());
+        ensure!(
+            acked.is_subset(&logged),
+            "round {round}: institutions {:?} were acknowledged but their inputs are not in the log",
+            acked.difference(&logged).collect::<Vec<_>>()
+        );
         if bundle.report.status == "released" {
             released += 1;
             let release: serde_json::Value = auditor.get_json(format!("/v1/rounds/{round}/result")).await?;
