@@ -100,95 +100,60 @@ pub struct RoundRow {
     pub release: Option<String>,
 }
 
-/// The tables in SQLite.
+/// The tables, with each backend's type names put in by [`schema`].
 const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value {bytes} NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
+    round {int} PRIMARY KEY,
     config TEXT NOT NULL,
-    opened_at INTEGER NOT NULL,
+    opened_at {int} NOT NULL,
     status TEXT NOT NULL,
     outcome TEXT,
     release TEXT,
-    mean BLOB
+    mean {bytes}
 );
 CREATE TABLE IF NOT EXISTS events (
-    round INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
+    round {int} NOT NULL,
+    idx {int} NOT NULL,
     kind TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    seq INTEGER,
-    body BLOB NOT NULL,
+    received_at {int} NOT NULL,
+    seq {int},
+    body {bytes} NOT NULL,
     PRIMARY KEY (round, idx)
 );
 CREATE TABLE IF NOT EXISTS log (
-    idx INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL,
-    timestamp_ms INTEGER NOT NULL,
-    data BLOB NOT NULL
+    idx {int} PRIMARY KEY,
+    round {int} NOT NULL,
+    timestamp_ms {int} NOT NULL,
+    data {bytes} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS log_by_round ON log (round, idx);
 CREATE TABLE IF NOT EXISTS evidence (
     sha256 TEXT PRIMARY KEY,
-    evidence BLOB NOT NULL,
+    evidence {bytes} NOT NULL,
     tls_fingerprint TEXT NOT NULL,
-    first_seen_ms INTEGER NOT NULL
+    first_seen_ms {int} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS denials (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at_ms INTEGER NOT NULL,
+    id {serial_pk},
+    at_ms {int} NOT NULL,
     method TEXT NOT NULL,
     path TEXT NOT NULL,
-    status INTEGER NOT NULL,
+    status {int} NOT NULL,
     principal TEXT,
     reason TEXT NOT NULL
 );
 "#;
 
-/// The same tables in PostgreSQL's types (BIGINT, BYTEA, BIGSERIAL).
-const PG_SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    round BIGINT PRIMARY KEY,
-    config TEXT NOT NULL,
-    opened_at BIGINT NOT NULL,
-    status TEXT NOT NULL,
-    outcome TEXT,
-    release TEXT,
-    mean BYTEA
-);
-CREATE TABLE IF NOT EXISTS events (
-    round BIGINT NOT NULL,
-    idx BIGINT NOT NULL,
-    kind TEXT NOT NULL,
-    received_at BIGINT NOT NULL,
-    seq BIGINT,
-    body BYTEA NOT NULL,
-    PRIMARY KEY (round, idx)
-);
-CREATE TABLE IF NOT EXISTS log (
-    idx BIGINT PRIMARY KEY,
-    round BIGINT NOT NULL,
-    timestamp_ms BIGINT NOT NULL,
-    data BYTEA NOT NULL
-);
-CREATE INDEX IF NOT EXISTS log_by_round ON log (round, idx);
-CREATE TABLE IF NOT EXISTS evidence (
-    sha256 TEXT PRIMARY KEY,
-    evidence BYTEA NOT NULL,
-    tls_fingerprint TEXT NOT NULL,
-    first_seen_ms BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS denials (
-    id BIGSERIAL PRIMARY KEY,
-    at_ms BIGINT NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status BIGINT NOT NULL,
-    principal TEXT,
-    reason TEXT NOT NULL
-);
-"#;
+/// [`SCHEMA`] in the backend's types: SQLite's INTEGER, BLOB and AUTOINCREMENT key,
+/// PostgreSQL's BIGINT, BYTEA and BIGSERIAL.
+fn schema(backend: Backend) -> String {
+    let (int, bytes, serial_pk) = match backend {
+        Backend::Sqlite => ("INTEGER", "BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+        Backend::Postgres => ("BIGINT", "BYTEA", "BIGSERIAL PRIMARY KEY"),
+    };
+    SCHEMA.replace("{serial_pk}", serial_pk).replace("{int}", int).replace("{bytes}", bytes)
+}
 
 /// What one enclave step leaves for the store, written in one transaction: a crash
 /// keeps all of it or none of it, so the log never has an entry whose event is lost,
@@ -271,24 +236,17 @@ impl Store {
             })
             .connect(url)
             .await?;
-        let schema = match backend {
-            Backend::Sqlite => SCHEMA,
-            Backend::Postgres => PG_SCHEMA,
-        };
         let single_writer = match backend {
             Backend::Postgres => Some(std::sync::Arc::new(tokio::sync::Mutex::new(Self::hold_server_lock(url).await?))),
             Backend::Sqlite => None,
         };
-        if backend == Backend::Postgres {
-            // Two servers starting on one empty database would race to create the tables.
-            let mut tx = pool.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(PG_STEP_LOCK).execute(&mut *tx).await?;
-            tx.execute(schema).await?;
-            tx.commit().await?;
-        } else {
-            pool.execute(schema).await?;
-        }
-        Ok(Store { pool, backend, _single_writer: single_writer })
+        let store = Store { pool, backend, _single_writer: single_writer };
+        // Under the step lock: two servers starting on one empty database would race
+        // to create the tables.
+        let mut tx = store.begin_step().await?;
+        tx.execute(schema(backend).as_str()).await?;
+        tx.commit().await?;
+        Ok(store)
     }
 
     /// Takes the database's server lock on a connection of its own. A server killed a
@@ -557,23 +515,30 @@ impl Store {
     }
 }
 
-/// For tests: a fresh, empty database on the PostgreSQL server that
-/// `TESSERA_TEST_POSTGRES` names (an admin URL ending in `/DATABASE`, as
-/// `scripts/postgres start` prints), as a store URL. `Ok(None)` when the variable is
-/// unset, with a line on stderr saying so; an error under `CI=true`, where
-/// `scripts/test` always starts that server.
-pub async fn test_postgres_database(label: &str) -> Result<Option<String>, String> {
-    let admin = match std::env::var("TESSERA_TEST_POSTGRES") {
-        Ok(url) if !url.is_empty() => url,
+/// For tests: the admin URL of the PostgreSQL server that `TESSERA_TEST_POSTGRES` names
+/// (ending in `/DATABASE`, as `scripts/postgres start` prints). `Ok(None)` when the
+/// variable is unset, with a line on stderr saying what (`what`) does not run; an error
+/// under `CI=true`, where `scripts/test` always starts that server.
+pub fn test_postgres_admin(what: &str) -> Result<Option<String>, String> {
+    match std::env::var("TESSERA_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Ok(Some(url)),
         _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            return Err("CI=true but TESSERA_TEST_POSTGRES is unset: scripts/test starts PostgreSQL and sets it".into())
+            Err("CI=true but TESSERA_TEST_POSTGRES is unset: scripts/test starts PostgreSQL and sets it".into())
         }
         _ => {
-            eprintln!("NOT RUN against PostgreSQL ({label}): TESSERA_TEST_POSTGRES is unset; scripts/test sets it");
-            return Ok(None);
+            eprintln!("NOT RUN against PostgreSQL ({what}): TESSERA_TEST_POSTGRES is unset; scripts/test sets it");
+            Ok(None)
         }
-    };
-    create_database(&admin, label).await.map(Some)
+    }
+}
+
+/// For tests: a fresh, empty database on the server [`test_postgres_admin`] names, as a
+/// store URL (`Ok(None)` when there is no such server outside CI).
+pub async fn test_postgres_database(label: &str) -> Result<Option<String>, String> {
+    match test_postgres_admin(label)? {
+        Some(admin) => create_database(&admin, label).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Creates a fresh database `tessera_LABEL_PID_N` on the PostgreSQL server `admin` names

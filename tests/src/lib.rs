@@ -146,3 +146,8 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A counter's value in the server's `/metrics` text (`NAME VALUE` lines).
+pub fn metric(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}

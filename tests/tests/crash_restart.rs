@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_attestation::audit::{audit_bundle, AuditInputs, RoundBundle};
@@ -20,19 +18,10 @@ use tessera_tests::*;
 const N: usize = 5;
 const M: usize = 512;
 
-fn start(config: &Path) -> (Child, [u8; 32]) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera-test-aggregator"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start aggregator");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let fp = line.split("fingerprint=").nth(1).map(str::trim).unwrap_or_else(|| panic!("no READY line: {line:?}"));
-    (child, hex::decode(fp).unwrap().try_into().unwrap())
+fn start(config: &Path) -> (ServerProcess, [u8; 32]) {
+    let server = ServerProcess::start(Path::new(env!("CARGO_BIN_EXE_tessera-test-aggregator")), config, "info").expect("start aggregator");
+    let fp = server.fingerprint;
+    (server, fp)
 }
 
 async fn phase(api: &Api) -> Option<(String, usize)> {
@@ -63,7 +52,7 @@ async fn sigkill_mid_round(store: Option<String>) {
     let config_path = root.path().join("server.toml");
     std::fs::write(&config_path, toml::to_string(&cfg).unwrap()).unwrap();
 
-    let (mut server, fp) = start(&config_path);
+    let (server, fp) = start(&config_path);
     let url = format!("https://127.0.0.1:{port}");
     let api = Api::new(&url, fp).unwrap();
     let updates: Vec<(Vec<f32>, u32)> = (0..N).map(|i| (synthetic_update(i, 1, M), 5 + i as u32)).collect();
@@ -82,9 +71,8 @@ async fn sigkill_mid_round(store: Option<String>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Crash 1: with four accepted advertisements on disk.
-    server.kill().unwrap();
-    server.wait().unwrap();
-    let (mut server, fp2) = start(&config_path);
+    server.kill();
+    let (server, fp2) = start(&config_path);
     assert_eq!(fp, fp2, "the certificate survives a restart");
     let auditor = Api::new(&url, fp).unwrap().with_bearer(ADMIN_TOKEN);
     let head_after_crash_1: SignedTreeHead = auditor.get_json("/v1/log/head").await.unwrap();
@@ -103,9 +91,8 @@ async fn sigkill_mid_round(store: Option<String>) {
         assert!(Instant::now() < deadline, "round never reached the masked-input phase");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
-    let (mut server, _) = start(&config_path);
+    server.kill();
+    let (server, _) = start(&config_path);
 
     let mut release = None;
     for (i, t) in tasks.into_iter().enumerate() {
@@ -136,8 +123,7 @@ async fn sigkill_mid_round(store: Option<String>) {
     assert_eq!(kinds.iter().filter(|k| *k == "masked_input").count(), N, "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| *k == "phase_closed").count(), 5, "{kinds:?}");
     assert_eq!(kinds.last().map(String::as_str), Some("released"));
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
     // With PostgreSQL the round state is in the database server, not the data directory.
     assert_eq!(root.path().join("server/tessera.db").exists(), !on_postgres);
 }

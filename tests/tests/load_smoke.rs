@@ -11,12 +11,9 @@ fn the_load_harness_runs_a_round_of_200_institutions_without_errors() {
     let server = env!("CARGO_BIN_EXE_tessera-test-aggregator");
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tessera-load"));
     cmd.args(["--n", "200", "--m", "10000", "--dropout", "0.1", "--phase-timeout-ms", "15000", "--wait", "300", "--server-bin", server]);
-    let postgres = std::env::var("TESSERA_TEST_POSTGRES").ok().filter(|u| !u.is_empty());
-    match &postgres {
-        Some(admin) => {
-            cmd.args(["--postgres", admin]);
-        }
-        None => eprintln!("load harness on SQLite: TESSERA_TEST_POSTGRES is unset"),
+    let postgres = tessera_server::store::test_postgres_admin("load harness, run on SQLite instead").unwrap();
+    if let Some(admin) = &postgres {
+        cmd.args(["--postgres", admin]);
     }
     let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

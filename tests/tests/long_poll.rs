@@ -77,7 +77,7 @@ async fn reads_park_until_the_phase_is_ready_over_one_connection_per_institution
     // (plus at most one more per connection the server closed while it idled), against
     // more than ten requests per institution.
     let metrics = String::from_utf8(observer.get_bytes("/metrics").await.unwrap().to_vec()).unwrap();
-    let handshakes: u64 = metrics.lines().find_map(|l| l.strip_prefix("tessera_tls_handshakes_total ")).unwrap().parse().unwrap();
+    let handshakes = metric(&metrics, "tessera_tls_handshakes_total").unwrap();
     assert!((N as u64 + 1..=2 * (N as u64 + 1)).contains(&handshakes), "the server counted {handshakes} TLS handshakes for {N} institutions and one observer");
     // A client outside U1 asking for its view after phase 0 hears so at once, even
     // with a long wait, instead of being parked until the round ends.

@@ -32,11 +32,7 @@ fn rounds_survive_server_kills_and_institution_crashes_on_sqlite() {
 
 #[test]
 fn rounds_survive_server_kills_and_institution_crashes_on_postgres() {
-    let Some(admin) = std::env::var("TESSERA_TEST_POSTGRES").ok().filter(|u| !u.is_empty()) else {
-        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true but TESSERA_TEST_POSTGRES is unset");
-        eprintln!("NOT RUN against PostgreSQL: TESSERA_TEST_POSTGRES is unset; scripts/test sets it");
-        return;
-    };
+    let Some(admin) = tessera_server::store::test_postgres_admin("soak").unwrap() else { return };
     let out = soak(&["--postgres", &admin]);
     assert!(out.contains("store PostgreSQL"), "{out}");
 }

@@ -141,8 +141,7 @@ async fn one(n: usize, args: &Args) -> anyhow::Result<()> {
     let (cpu_after, peak_rss) = usage(pid);
     let metrics = String::from_utf8(Api::new(&url, fingerprint)?.get_bytes("/metrics").await?.to_vec())?;
     // Less the one this metrics read made.
-    let server_handshakes =
-        metrics.lines().find_map(|l| l.strip_prefix("tessera_tls_handshakes_total ")).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).saturating_sub(1);
+    let server_handshakes = tessera_tests::metric(&metrics, "tessera_tls_handshakes_total").unwrap_or(0).saturating_sub(1);
     drop(server);
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
