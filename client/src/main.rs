@@ -14,7 +14,7 @@ use tessera_client::train::federated::{prepare_for_round, Institution, ModelSpec
 use tessera_client::train::server_opt::{ServerOptimizer, Strategy};
 use tessera_client::train::sft::{read_sft_jsonl, SftExample};
 use tessera_client::train::trainer::TrainConfig;
-use tessera_client::train::{LoraConfig, LoraMode};
+use tessera_client::train::{Dtype, LoraConfig, LoraMode};
 use tessera_client::{participate, update, Api, DropPoint, Identity, Options, Participation};
 
 #[derive(Parser)]
@@ -36,6 +36,38 @@ struct ServerArgs {
     /// same for any count).
     #[arg(long)]
     mask_threads: Option<usize>,
+}
+
+/// The data and local schedule `finetune` takes (a subset of `federate`'s).
+#[derive(clap::Args)]
+struct Schedule {
+    /// Training examples (JSON lines, as --task says).
+    #[arg(long)]
+    train: PathBuf,
+    /// Held-out examples, evaluated after every round.
+    #[arg(long)]
+    test: PathBuf,
+    /// Held-out examples of the whole federation (all groups), also evaluated after every round.
+    #[arg(long)]
+    global_test: Option<PathBuf>,
+    /// With --task sft: the longest greedy answer generated for exact match.
+    #[arg(long, default_value_t = 32)]
+    answer_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    rounds: u64,
+    /// Optimizer steps per round.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Append one JSON object per round (the keys of `federate --report`) to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// libtorch CPU threads (0: libtorch's default, one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
 }
 
 #[derive(clap::Args, Clone)]
@@ -67,6 +99,11 @@ struct ModelArgs {
     /// Seed of the shared adapter initialisation: the same for every institution.
     #[arg(long, default_value_t = 2026)]
     lora_seed: u64,
+    /// Type of the base weights (Llama family): bf16 by default on a CUDA GPU, f32 on the
+    /// CPU, where libtorch's bf16 and f16 products run slower than f32 (BENCHMARKS.md) and
+    /// half precision only saves memory. LoRA factors and optimizer state stay in f32.
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
 }
 
 impl ModelArgs {
@@ -79,7 +116,8 @@ impl ModelArgs {
             mode: self.lora_mode,
             seed: self.lora_seed,
         };
-        ModelSpec { dir: self.model.clone(), lora, num_labels: self.num_labels, max_len: self.max_len }
+        let dtype = self.dtype.unwrap_or_else(|| Dtype::default_for(tessera_client::train::device()));
+        ModelSpec { dir: self.model.clone(), lora, num_labels: self.num_labels, max_len: self.max_len, dtype }
     }
 }
 
@@ -245,6 +283,26 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         slowdown: f64,
     },
+    /// Fine-tune a LoRA adapter on this institution's data alone, with no federation: the
+    /// same schedule as `federate` (--steps per round, then evaluation), each round's
+    /// update applied locally. The baseline a federation is compared with; nothing is sent.
+    Finetune {
+        /// Name shown in progress lines and the report; it also seeds the batch order.
+        #[arg(long, default_value = "local")]
+        name: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value_t = Task::Sft)]
+        task: Task,
+        #[command(flatten)]
+        schedule: Schedule,
+        /// Write the adapter (PEFT format) here after every round.
+        #[arg(long)]
+        adapter_out: Option<PathBuf>,
+        /// Skip evaluating the model before training (its figures are left out of the report).
+        #[arg(long)]
+        no_initial_eval: bool,
+    },
     /// Print the round layout (tensor names and shapes) of an adapter, for the server's
     /// `[[rounds.params.layout]]`: every institution must use the same model and LoRA flags.
     Layout {
@@ -280,6 +338,9 @@ enum Command {
         /// libtorch threads on CPU (0: libtorch's default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// Type of the base weights (default: bf16 on a CUDA GPU, f32 on the CPU).
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
     },
     /// Show the state of the current (or a given) round.
     Status {
@@ -405,11 +466,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", id.server_config_snippet());
             Ok(())
         }
-        Command::Generate { model, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat, threads } => {
+        Command::Generate { model, adapter, prompt, max_new_tokens, temperature, top_p, seed, chat, threads, dtype } => {
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
-            generate(&model, adapter.as_deref(), &prompt, max_new_tokens, temperature, top_p, seed, chat)
+            let dtype = dtype.unwrap_or_else(|| Dtype::default_for(tessera_client::train::device()));
+            generate(&model, adapter.as_deref(), &prompt, max_new_tokens, (temperature, top_p), seed, chat, dtype)
+        }
+        Command::Finetune { name, model, task, schedule: s, adapter_out, no_initial_eval } => {
+            if s.threads > 0 {
+                tch::set_num_threads(s.threads);
+            }
+            let data = LocalData::read(task, &s.train, &s.test, s.global_test.as_deref())?;
+            eprintln!(
+                "[{name}] local-only fine-tuning of {} on {:?}: {} training and {} held-out examples, {} rounds of {} steps",
+                model.model.display(),
+                tessera_client::train::device(),
+                data.train_len(),
+                data.test_len(),
+                s.rounds,
+                s.steps
+            );
+            let seed = u64::from_le_bytes(<sha2::Sha256 as sha2::Digest>::digest(name.as_bytes())[..8].try_into()?);
+            let cfg = TrainConfig { steps: s.steps, batch_size: s.batch_size, lr: s.lr, seed, log_every: 5, ..TrainConfig::default() };
+            let mut inst = Local::new(&name, &model.spec(), data, cfg, s.answer_tokens)?;
+            let (before, global_before) = if no_initial_eval { (None, None) } else { (inst.evaluate(false)?, inst.evaluate(true)?) };
+            if let Some(b) = before {
+                eprintln!("[{name}] initial model: held-out {b}");
+            }
+            let started = std::time::Instant::now();
+            for round in 1..=s.rounds {
+                let update = inst.local_update(round)?;
+                // Alone, the round's "mean" is this institution's own update, unclipped and
+                // without noise: nothing leaves it.
+                inst.apply_mean(&update.delta)?;
+                let (eval, global_eval) = (inst.evaluate(false)?.unwrap_or_default(), inst.evaluate(true)?);
+                eprintln!("[{name}] round {round}: train loss {:.4}, held-out {eval}, {:.0} tok/s", update.stats.final_loss, update.stats.tokens_per_sec);
+                let row = serde_json::json!({
+                    "mode": "local-only", "task": task, "institution": name, "round": round, "train_loss": update.stats.final_loss,
+                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "held_out_exact_match": eval.exact_match, "held_out_perplexity": eval.perplexity,
+                    "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.and_then(|e| e.accuracy),
+                    "global_exact_match": global_eval.and_then(|e| e.exact_match), "global_perplexity": global_eval.and_then(|e| e.perplexity),
+                    "initial_loss": before.map(|e| e.loss), "initial_accuracy": before.and_then(|e| e.accuracy), "initial_exact_match": before.and_then(|e| e.exact_match),
+                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.and_then(|e| e.accuracy),
+                    "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
+                    "tokens_per_sec": update.stats.tokens_per_sec, "train_seconds": update.stats.seconds, "seconds_since_start": started.elapsed().as_secs_f64(),
+                });
+                if let Some(path) = &s.report {
+                    append_report(path, &row)?;
+                }
+                if let Some(out) = &adapter_out {
+                    inst.adapter().save_peft(out, &model.model.display().to_string())?;
+                }
+            }
+            Ok(())
         }
         Command::Layout { model } => {
             let inst = Institution::new("layout", &model.spec(), &[], &[], TrainConfig::default())?;
@@ -689,9 +799,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     identity.name, update.stats.final_loss, update.stats.tokens_per_sec
                 );
                 if let Some(path) = &report {
-                    use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
-                    writeln!(f, "{row}")?;
+                    append_report(path, &row)?;
                 }
                 if let Some(out) = &adapter_out {
                     inst.adapter().save_peft(out, &model.model.display().to_string())?;
@@ -814,10 +922,10 @@ fn generate(
     adapter: Option<&Path>,
     prompt: &str,
     max_new_tokens: usize,
-    temperature: f64,
-    top_p: f64,
+    (temperature, top_p): (f64, f64),
     seed: Option<u64>,
     chat: bool,
+    dtype: Dtype,
 ) -> anyhow::Result<()> {
     use rand::SeedableRng;
     use tessera_client::train::llama::{Llama, Sampling};
@@ -836,7 +944,7 @@ fn generate(
         None => LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into()], mode: LoraMode::Both, seed: 0 },
     };
     let mut lora_adapter = Adapter::new(lora, "CAUSAL_LM", device, tch::Kind::Float)?;
-    let llama = Llama::load(model, &mut lora_adapter, device)?;
+    let llama = Llama::load_as(model, &mut lora_adapter, device, dtype.kind())?;
     if let Some(dir) = adapter {
         lora_adapter.load_peft(dir)?;
         eprintln!("adapter {} loaded ({} tensors)", dir.display(), lora_adapter.tensors().len());
@@ -867,6 +975,14 @@ fn generate(
         if stopped { "stopped at end of sequence" } else { "reached --max-new-tokens" },
         if sampling == Sampling::Greedy { ", greedy" } else { "" }
     );
+    Ok(())
+}
+
+/// Appends one JSON line to a per-round report.
+fn append_report(path: &Path, row: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{row}")?;
     Ok(())
 }
 

@@ -23,7 +23,7 @@ fn model_dir(name: &str) -> PathBuf {
 fn institution(model: &str, mode: LoraMode, n: usize, max_len: usize) -> Institution {
     let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
     let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec![], mode, seed: 7 };
-    let spec = ModelSpec { dir: model_dir(model), lora, num_labels: 3, max_len };
+    let spec = ModelSpec { dir: model_dir(model), lora, num_labels: 3, max_len, dtype: Default::default() };
     let cfg = TrainConfig { log_every: 0, ..Default::default() };
     let mut inst = Institution::new("t", &spec, &data[..n], &data[..4], cfg).unwrap();
     // Move B off zero so that A's gradients are not all zero too.

@@ -174,6 +174,7 @@ fn one_federated_round_of_instruction_tuning() {
         lora: LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, target_modules: vec![], mode: LoraMode::Ffa, seed: 5 },
         num_labels: 0,
         max_len: 72,
+        dtype: Default::default(),
     };
     let cfg = TrainConfig { steps: 4, batch_size: 4, lr: 5e-3, log_every: 0, ..Default::default() };
     let mut clinics: Vec<SftInstitution> =

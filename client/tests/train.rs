@@ -194,7 +194,8 @@ fn llama_matches_pytorch_reference() {
 fn llama_lora_training_lowers_the_loss() {
     use tessera_client::train::federated::{Institution, ModelSpec};
     let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
-    let spec = ModelSpec { dir: smollm2(), lora: LoraConfig { target_modules: vec![], ..lora(LoraMode::Ffa) }, num_labels: 3, max_len: 40 };
+    let spec =
+        ModelSpec { dir: smollm2(), lora: LoraConfig { target_modules: vec![], ..lora(LoraMode::Ffa) }, num_labels: 3, max_len: 40, dtype: Default::default() };
     let cfg = TrainConfig { steps: 4, batch_size: 4, lr: 3e-3, log_every: 0, ..Default::default() };
     let mut inst = Institution::new("t", &spec, &data[..12], &data[..12], cfg).unwrap();
     assert!(inst.adapter.update_names().iter().all(|n| n.contains("lora_B") && (n.contains("q_proj") || n.contains("v_proj"))));
@@ -232,7 +233,7 @@ fn python_peft_adapter_gives_pefts_outputs() {
 fn fedprox_keeps_the_update_near_the_global_adapter() {
     use tessera_client::train::federated::{Institution, ModelSpec};
     let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
-    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48 };
+    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48, dtype: Default::default() };
     let norm = |mu: f64| {
         let cfg = TrainConfig { steps: 6, batch_size: 8, lr: 5e-3, prox_mu: mu, log_every: 0, ..Default::default() };
         let mut inst = Institution::new("t", &spec, &data[..32], &data[..8], cfg).unwrap();
@@ -250,7 +251,7 @@ fn fedprox_keeps_the_update_near_the_global_adapter() {
 fn peft_adapter_files_submit_as_a_delta_in_the_round_layout() {
     use tessera_client::train::federated::{Institution, ModelSpec};
     let data = read_jsonl(&data_root().join("drugreview/train.jsonl")).unwrap();
-    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48 };
+    let spec = ModelSpec { dir: minilm(), lora: lora(LoraMode::Ffa), num_labels: 3, max_len: 48, dtype: Default::default() };
     let cfg = TrainConfig { steps: 3, batch_size: 4, lr: 5e-3, log_every: 0, ..Default::default() };
     let inst = Institution::new("t", &spec, &data[..16], &data[..4], cfg.clone()).unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -24,8 +24,8 @@ fn register_font() -> anyhow::Result<()> {
     .map_err(|e| anyhow!(e))
 }
 
-/// `points[r]` = (held-out loss, held-out accuracy, unused) after round r (0 = the initial model).
-pub fn curves(path: &Path, points: &[(f64, f64, f64)]) -> anyhow::Result<()> {
+/// `points[r]` = (held-out loss, held-out metric (a fraction: accuracy or exact match), unused) after round r (0 = the initial model).
+pub fn curves(path: &Path, points: &[(f64, f64, f64)], metric: &str) -> anyhow::Result<()> {
     register_font()?;
     let root = BitMapBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -33,7 +33,8 @@ pub fn curves(path: &Path, points: &[(f64, f64, f64)]) -> anyhow::Result<()> {
     let rounds = points.len().saturating_sub(1).max(1) as f64;
     let loss: Vec<(f64, f64)> = points.iter().enumerate().map(|(r, p)| (r as f64, p.0)).collect();
     let acc: Vec<(f64, f64)> = points.iter().enumerate().map(|(r, p)| (r as f64, 100.0 * p.1)).collect();
-    for (area, title, series, color) in [(&left, "held-out loss", &loss, RED), (&right, "held-out accuracy (%)", &acc, BLUE)] {
+    let metric_title = format!("held-out {metric} (%)");
+    for (area, title, series, color) in [(&left, "held-out loss", &loss, RED), (&right, metric_title.as_str(), &acc, BLUE)] {
         let lo = series.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         let hi = series.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let pad = ((hi - lo) * 0.15).max(1e-3);

@@ -38,7 +38,7 @@ async fn three_institutions_lower_held_out_loss() {
         .enumerate()
         .map(|(i, shard)| {
             let shard: Vec<Example> = shard.iter().take(64).cloned().collect();
-            let spec = ModelSpec { dir: model.clone(), lora: lora(), num_labels: 3, max_len: 64 };
+            let spec = ModelSpec { dir: model.clone(), lora: lora(), num_labels: 3, max_len: 64, dtype: Default::default() };
             Institution::new(&format!("institution-{i}"), &spec, &shard, &test_all, TrainConfig { seed: i as u64, ..train_cfg.clone() }).unwrap()
         })
         .collect();

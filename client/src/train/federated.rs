@@ -49,6 +49,12 @@ impl Classify for TaskModel {
             TaskModel::Llama(m) => m.logits(&batch.ids, &batch.mask, train),
         }
     }
+    fn weight_kind(&self) -> tch::Kind {
+        match self {
+            TaskModel::Bert(_) => tch::Kind::Float,
+            TaskModel::Llama(m) => m.llama.dtype(),
+        }
+    }
 }
 
 /// Which architecture a model folder holds, from its config.json.
@@ -100,6 +106,8 @@ pub struct ModelSpec {
     pub num_labels: i64,
     /// Tokens per example; longer texts are truncated.
     pub max_len: usize,
+    /// The base weights' type (Llama family; BERT runs in f32).
+    pub dtype: super::Dtype,
 }
 
 /// Examples per shard, and the groups each shard holds.
@@ -132,6 +140,9 @@ impl Institution {
         let encoder = TextEncoder::load(&spec.dir.join("tokenizer.json"), spec.max_len)?;
         let (model, adapter, encoder) = match arch {
             Architecture::Bert => {
+                if spec.dtype != super::Dtype::F32 {
+                    return Err(ModelError::Config { path: spec.dir.clone(), reason: format!("BERT models run in f32 here, not {}", spec.dtype) });
+                }
                 let mut adapter = Adapter::new(lora, "SEQ_CLS", device, Kind::Float)?;
                 let model = BertClassifier::load(&spec.dir, &mut adapter, spec.num_labels, device)?;
                 (TaskModel::Bert(model), adapter, encoder)
@@ -144,7 +155,7 @@ impl Institution {
                     });
                 }
                 let mut adapter = Adapter::new(lora, "CAUSAL_LM", device, Kind::Float)?;
-                let llama = Llama::load(&spec.dir, &mut adapter, device)?;
+                let llama = Llama::load_as(&spec.dir, &mut adapter, device, spec.dtype.kind())?;
                 let encoder = encoder.with_prompt(PROMPT_PREFIX, PROMPT_SUFFIX)?;
                 let mut label_ids = Vec::new();
                 for w in LABEL_WORDS {
@@ -232,6 +243,10 @@ pub struct SftInstitution {
     pub server_opt: ServerOptimizer,
 }
 
+/// Prompts scored and generated for together in an evaluation (greedy, KV cache,
+/// left-padded).
+pub const GENERATION_BATCH: usize = 16;
+
 /// Held-out figures of the instruction objective.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct SftEvaluation {
@@ -262,7 +277,7 @@ impl SftInstitution {
             lora.target_modules = Architecture::Llama.default_targets();
         }
         let mut adapter = Adapter::new(lora, "CAUSAL_LM", device, Kind::Float)?;
-        let llama = Llama::load(&spec.dir, &mut adapter, device)?;
+        let llama = Llama::load_as(&spec.dir, &mut adapter, device, spec.dtype.kind())?;
         let encoder = super::sft::SftEncoder::load(&spec.dir, spec.max_len)?;
         let (train, dropped) = encoder.encode_all(train_records)?;
         if dropped > 0 {
@@ -294,17 +309,14 @@ impl SftInstitution {
     }
 
     /// Response loss and perplexity on `records`, and exact match of the greedy answers
-    /// (at most `max_new_tokens` each, stopped at the end of the turn or sequence).
+    /// (at most `max_new_tokens` each, stopped at the end of the turn or sequence), from
+    /// one prefill of each batch of prompts ([`super::sft::SftEncoder::score_records`]).
     pub fn evaluate(&self, records: &[super::sft::SftExample], max_new_tokens: usize) -> Result<SftEvaluation, ModelError> {
-        let (encoded, _) = self.encoder.encode_all(records)?;
-        let eval = super::trainer::evaluate_sft(&self.llama, &self.encoder, &encoded, 16, self.device);
-        let mut hits = 0;
-        let mut rng = rand::rngs::OsRng;
-        for r in records {
-            let answer = self.encoder.continue_prompt(&self.llama, &r.prompt, max_new_tokens, &super::llama::Sampling::Greedy, &mut rng)?;
-            hits += usize::from(normalize_answer(&answer.text) == normalize_answer(&r.response));
-        }
-        Ok(SftEvaluation { loss: eval.loss, perplexity: eval.perplexity, exact_match: hits as f64 / records.len().max(1) as f64, examples: records.len() })
+        let scored = self.encoder.score_records(&self.llama, records, max_new_tokens, GENERATION_BATCH)?;
+        let (sum, count) = scored.iter().fold((0.0, 0usize), |(s, n), (l, c, _)| (s + l, n + c));
+        let hits = scored.iter().zip(records).filter(|((_, _, a), r)| normalize_answer(&a.text) == normalize_answer(&r.response)).count();
+        let loss = sum / count.max(1) as f64;
+        Ok(SftEvaluation { loss, perplexity: loss.exp(), exact_match: hits as f64 / records.len().max(1) as f64, examples: records.len() })
     }
 }
 

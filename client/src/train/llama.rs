@@ -224,6 +224,17 @@ pub struct Llama {
     inv_freq: Tensor,
 }
 
+/// The most negative finite value of `kind`: what masked attention scores are set to.
+/// f32's would overflow to -inf in f16 (and round past bf16's range), and a row of
+/// padding whose every score is -inf would turn to NaN.
+pub fn lowest(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        _ => f64::from(f32::MIN),
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
     let xf = x.to_kind(Kind::Float);
@@ -240,10 +251,19 @@ fn rotate_half(x: &Tensor) -> Tensor {
 
 impl Llama {
     pub fn load(dir: &Path, adapter: &mut Adapter, device: Device) -> Result<Llama, ModelError> {
+        Self::load_as(dir, adapter, device, Kind::Float)
+    }
+
+    /// With the base weights in `dtype` (f32, bf16 or f16); the adapter's factors keep
+    /// their own type (f32), and logits are returned in `dtype` (losses compute in f32).
+    pub fn load_as(dir: &Path, adapter: &mut Adapter, device: Device, dtype: Kind) -> Result<Llama, ModelError> {
         let path = dir.join("config.json");
+        if !matches!(dtype, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            return Err(ModelError::Config { path, reason: format!("base weights can be f32, bf16 or f16, not {dtype:?}") });
+        }
         let config: LlamaConfig = read_json(&path)?;
         config.check().map_err(|reason| ModelError::Config { path: path.clone(), reason })?;
-        let w = Weights::load(dir, device, Kind::Float)?;
+        let w = Weights::load(dir, device, dtype)?;
         if !config.tie_word_embeddings && !w.contains("lm_head.weight") {
             return Err(ModelError::Config {
                 path,
@@ -291,11 +311,16 @@ impl Llama {
         Ok(Llama { norm: w.get("model.norm.weight", &[hidden])?, embed, lm_head, layers, config, inv_freq })
     }
 
-    /// cos and sin of the rotary embedding at `positions` (f32 `[n]`), in `kind`.
+    /// cos and sin of the rotary embedding at `positions` (f32), in `kind`: `[n, d]` for
+    /// positions `[n]` shared by the batch, `[batch, 1, n, d]` for positions `[batch, n]`
+    /// (left-padded rows, each counting from its own first token).
     fn rotary(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let inv_freq = self.inv_freq.to_kind(Kind::Float);
-        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let freqs = positions.unsqueeze(-1) * inv_freq;
+        let mut emb = Tensor::cat(&[&freqs, &freqs], -1);
+        if positions.dim() == 2 {
+            emb = emb.unsqueeze(1);
+        }
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 
@@ -355,7 +380,7 @@ impl Llama {
         let causal = Tensor::ones([len, len], (Kind::Bool, device)).triu(1);
         let pad = mask.eq(0).view([batch, 1, 1, len]);
         let blocked = causal.view([1, 1, len, len]).logical_or(&pad);
-        let bias = Tensor::zeros([batch, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));
+        let bias = Tensor::zeros([batch, 1, len, len], (x.kind(), device)).masked_fill(&blocked, lowest(x.kind()));
         for l in &self.layers {
             x = self.layer(l, x, &cos, &sin, Some(&bias), None, train).0;
         }
@@ -365,16 +390,40 @@ impl Llama {
     /// Feeds `ids` `[1, n]` after what `cache` holds and returns the vocabulary logits
     /// `[vocab]` (f32) of the last position; the cache then holds the new keys and values.
     pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let (start, n) = (cache.len, ids.size()[1]);
+        let positions = Tensor::arange_start(start, start + n, (Kind::Float, ids.device()));
+        self.project_last(&self.forward_cached(ids, &positions, None, cache)).view([-1])
+    }
+
+    /// Vocabulary logits `[batch, vocab]` (f32) of the last position of `hidden` `[batch, n, hidden]`.
+    fn project_last(&self, hidden: &Tensor) -> Tensor {
+        let n = hidden.size()[1];
+        hidden.narrow(1, n - 1, 1).matmul(&self.lm_head.tr()).to_kind(Kind::Float).squeeze_dim(1)
+    }
+
+    /// Feeds `ids` `[batch, n]` at `positions` (`[n]` for every row, or `[batch, n]`) after
+    /// what `cache` holds, and returns the final hidden states `[batch, n, hidden]` (after
+    /// the last RMSNorm). `valid` (`[batch, past + n]`, bool) marks the key positions that are
+    /// real tokens rather than left padding; `None`: all are. The cache then holds the new
+    /// keys and values.
+    fn forward_cached(&self, ids: &Tensor, positions: &Tensor, valid: Option<&Tensor>, cache: &mut KvCache) -> Tensor {
         let c = &self.config;
-        let n = ids.size()[1];
+        let (batch, n) = (ids.size()[0], ids.size()[1]);
         let device = ids.device();
         let start = cache.len;
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false);
-        let (cos, sin) = self.rotary(&Tensor::arange_start(start, start + n, (Kind::Float, device)), x.kind());
-        // New position i sees every cached key and the new keys up to itself.
-        let bias = (n > 1).then(|| {
-            let blocked = Tensor::ones([n, start + n], (Kind::Bool, device)).triu(start + 1);
-            Tensor::zeros([1, 1, n, start + n], (x.kind(), device)).masked_fill(&blocked.view([1, 1, n, start + n]), f64::from(f32::MIN))
+        let (cos, sin) = self.rotary(positions, x.kind());
+        // New position i sees every cached key and the new keys up to itself, padding excepted.
+        let keys = start + n;
+        let causal = (n > 1).then(|| Tensor::ones([n, keys], (Kind::Bool, device)).triu(start + 1).view([1, 1, n, keys]));
+        let padding = valid.map(|v| v.logical_not().view([batch, 1, 1, keys]));
+        let blocked = match (causal, padding) {
+            (Some(c), Some(p)) => Some(c.logical_or(&p)),
+            (c, p) => c.or(p),
+        };
+        let bias = blocked.map(|b| {
+            let shape = b.size();
+            Tensor::zeros(shape.as_slice(), (x.kind(), device)).masked_fill(&b, lowest(x.kind()))
         });
         let mut next = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
@@ -383,9 +432,8 @@ impl Llama {
             next.push((k, v));
         }
         cache.layers = next;
-        cache.len = start + n;
-        let h = rms_norm(&x.narrow(1, n - 1, 1), &self.norm, c.rms_norm_eps);
-        h.matmul(&self.lm_head.tr()).to_kind(Kind::Float).view([-1])
+        cache.len = keys;
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 
     /// Continues `prompt` by up to `max_new_tokens` tokens with a KV cache, choosing each
@@ -411,9 +459,139 @@ impl Llama {
         })
     }
 
+    /// Greedy continuations of several prompts at once, as [`Llama::generate`] gives each
+    /// alone (up to floating-point rounding, which can flip a near tie): the prompts are
+    /// left-padded into one batch, each row's positions count from its own first token and
+    /// padding is masked from attention; a row that reached a stop token (kept) waits for
+    /// the others. An empty prompt gets an empty continuation.
+    pub fn generate_greedy_batch(&self, prompts: &[Vec<i64>], max_new_tokens: usize, stop: &[i64]) -> Vec<Vec<i64>> {
+        self.score_and_generate(prompts, &vec![Vec::new(); prompts.len()], max_new_tokens, stop).1
+    }
+
+    /// For each prompt: the summed next-token cross-entropy (nats, f64) of `responses[i]`
+    /// following it (teacher-forced, as the training loss counts it), and its greedy
+    /// continuation as [`Llama::generate_greedy_batch`] gives it; both from one prefill of
+    /// the prompts. An empty prompt scores 0 and gets an empty continuation.
+    pub fn score_and_generate(&self, prompts: &[Vec<i64>], responses: &[Vec<i64>], max_new_tokens: usize, stop: &[i64]) -> (Vec<f64>, Vec<Vec<i64>>) {
+        let mut scores = vec![0.0; prompts.len()];
+        let mut out = vec![Vec::new(); prompts.len()];
+        let rows: Vec<usize> = (0..prompts.len()).filter(|&r| !prompts[r].is_empty()).collect();
+        if rows.is_empty() {
+            return (scores, out);
+        }
+        tch::no_grad(|| {
+            let device = self.embed.device();
+            let batch = rows.len() as i64;
+            let width = rows.iter().map(|&r| prompts[r].len()).max().unwrap_or(0);
+            let (mut ids, mut valid, mut positions) = (vec![0i64; rows.len() * width], vec![false; rows.len() * width], vec![0f32; rows.len() * width]);
+            for (b, &r) in rows.iter().enumerate() {
+                let offset = width - prompts[r].len();
+                for (j, &t) in prompts[r].iter().enumerate() {
+                    ids[b * width + offset + j] = t;
+                    valid[b * width + offset + j] = true;
+                    positions[b * width + offset + j] = j as f32;
+                }
+            }
+            let shape = [batch, width as i64];
+            let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+            let mut cache = KvCache::default();
+            let prefill = self.forward_cached(
+                &Tensor::from_slice(&ids).view(shape).to_device(device),
+                &Tensor::from_slice(&positions).view(shape).to_device(device),
+                Some(&valid),
+                &mut cache,
+            );
+            let first = self.project_last(&prefill);
+            let longest = rows.iter().map(|&r| responses.get(r).map_or(0, Vec::len)).max().unwrap_or(0);
+            if longest > 0 {
+                // The response after the prompt's cache: position j predicts token j + 1;
+                // the prompt's last position predicted token 0. Right padding is masked
+                // (and scored with IGNORE).
+                let mut fed = KvCache { layers: cache.layers.iter().map(|(k, v)| (k.shallow_clone(), v.shallow_clone())).collect(), len: cache.len };
+                let n = longest as i64;
+                let (mut tok, mut real, mut pos, mut target) = (
+                    vec![0i64; rows.len() * longest],
+                    vec![false; rows.len() * longest],
+                    vec![0f32; rows.len() * longest],
+                    vec![super::sft::IGNORE; rows.len() * longest],
+                );
+                for (b, &r) in rows.iter().enumerate() {
+                    for (j, &t) in responses[r].iter().enumerate() {
+                        tok[b * longest + j] = t;
+                        real[b * longest + j] = true;
+                        target[b * longest + j] = t;
+                    }
+                    for j in 0..longest {
+                        pos[b * longest + j] = (prompts[r].len() + j) as f32;
+                    }
+                }
+                let mut logits = first.unsqueeze(1);
+                if n > 1 {
+                    let shape = [batch, n];
+                    let keys = Tensor::cat(&[&valid, &Tensor::from_slice(&real).view(shape).to_device(device)], 1).narrow(1, 0, width as i64 + n - 1);
+                    let hidden = self.forward_cached(
+                        &Tensor::from_slice(&tok).view(shape).to_device(device).narrow(1, 0, n - 1),
+                        &Tensor::from_slice(&pos).view(shape).to_device(device).narrow(1, 0, n - 1),
+                        Some(&keys),
+                        &mut fed,
+                    );
+                    logits = Tensor::cat(&[logits, hidden.matmul(&self.lm_head.tr()).to_kind(Kind::Float)], 1);
+                }
+                let vocab = logits.size()[2];
+                let per_token = logits.reshape([-1, vocab]).cross_entropy_loss::<Tensor>(
+                    &Tensor::from_slice(&target).to_device(device),
+                    None,
+                    tch::Reduction::None,
+                    super::sft::IGNORE,
+                    0.0,
+                );
+                let per_row: Vec<f64> =
+                    Vec::<f64>::try_from(per_token.view([batch, n]).to_kind(Kind::Double).sum_dim_intlist([1i64].as_slice(), false, Kind::Double))
+                        .unwrap_or_default();
+                for (b, &r) in rows.iter().enumerate() {
+                    scores[r] = per_row.get(b).copied().unwrap_or(f64::NAN);
+                }
+            }
+            if max_new_tokens == 0 {
+                return;
+            }
+            let mut valid = valid;
+            let mut logits = first;
+            let mut done = vec![false; rows.len()];
+            for step in 0..max_new_tokens {
+                let next: Vec<i64> = Vec::<i64>::try_from(logits.argmax(-1, false)).unwrap_or_default();
+                for (b, &r) in rows.iter().enumerate() {
+                    if !done[b] {
+                        let t = next.get(b).copied().unwrap_or_default();
+                        out[r].push(t);
+                        done[b] = stop.contains(&t);
+                    }
+                }
+                if done.iter().all(|&d| d) || step + 1 == max_new_tokens {
+                    break;
+                }
+                let pos: Vec<f32> = rows.iter().map(|&r| (prompts[r].len() + step) as f32).collect();
+                valid = Tensor::cat(&[&valid, &Tensor::ones([batch, 1], (Kind::Bool, device))], 1);
+                let hidden = self.forward_cached(
+                    &Tensor::from_slice(&next).view([batch, 1]).to_device(device),
+                    &Tensor::from_slice(&pos).view([batch, 1]).to_device(device),
+                    Some(&valid),
+                    &mut cache,
+                );
+                logits = self.project_last(&hidden);
+            }
+        });
+        (scores, out)
+    }
+
     /// Vocabulary logits `[batch, len, vocab]`.
     pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         self.hidden(ids, mask, train).matmul(&self.lm_head.tr())
+    }
+
+    /// The type of the base weights.
+    pub fn dtype(&self) -> Kind {
+        self.embed.kind()
     }
 
     pub fn lm_head(&self) -> &Tensor {
@@ -421,7 +599,7 @@ impl Llama {
     }
 }
 
-/// Keys and values of the positions fed so far, per layer (`[1, kv_heads, len, head_dim]`).
+/// Keys and values of the positions fed so far, per layer (`[batch, kv_heads, len, head_dim]`).
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,

@@ -198,7 +198,10 @@ impl Linear {
         match &self.lora {
             None => y,
             Some(l) => {
-                let x = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x.shallow_clone() };
+                // The LoRA factors stay in f32 under half-precision base weights, as PEFT
+                // keeps them: the input is cast to the factors' type and the product back.
+                let x = if x.kind() == l.b.kind() { x.shallow_clone() } else { x.to_kind(l.b.kind()) };
+                let x = if train && l.dropout > 0.0 { x.dropout(l.dropout, true) } else { x };
                 let h = match get(&l.per_a) {
                     Some(a) => per_example_linear(&x, &a),
                     None => x.linear::<Tensor>(&l.a, None),
@@ -207,7 +210,12 @@ impl Linear {
                     Some(b) => per_example_linear(&h, &b),
                     None => h.linear::<Tensor>(&l.b, None),
                 };
-                y + h * l.scaling
+                let (h, kind) = (h * l.scaling, y.kind());
+                if h.kind() == kind {
+                    y + h
+                } else {
+                    y + h.to_kind(kind)
+                }
             }
         }
     }

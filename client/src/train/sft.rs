@@ -277,6 +277,81 @@ impl SftEncoder {
         Ok(Continuation { text, prompt_tokens: ids.len(), generated, stopped })
     }
 
+    /// Greedy continuations of many prompts, decoded as [`SftEncoder::continue_prompt`]
+    /// decodes one, computed `batch` prompts at a time (similar lengths together) with
+    /// [`super::llama::Llama::generate_greedy_batch`]. In the order of `prompts`.
+    pub fn continue_prompts_greedy(
+        &self,
+        llama: &super::llama::Llama,
+        prompts: &[&Prompt],
+        max_new_tokens: usize,
+        batch: usize,
+    ) -> Result<Vec<Continuation>, ModelError> {
+        let ids: Vec<Vec<i64>> = prompts.iter().map(|p| self.prompt_ids(p)).collect::<Result<_, _>>()?;
+        Ok(self.score_and_continue(llama, &ids, &vec![Vec::new(); ids.len()], max_new_tokens, batch)?.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// Held-out scoring of records: for each, the summed cross-entropy of its response
+    /// tokens (as [`SftEncoder::encode`] cuts them to `max_len`; none when the prompt
+    /// fills it) and the number of them, and the greedy continuation of its prompt; one
+    /// prefill serves both ([`super::llama::Llama::score_and_generate`]).
+    pub fn score_records(
+        &self,
+        llama: &super::llama::Llama,
+        records: &[SftExample],
+        max_new_tokens: usize,
+        batch: usize,
+    ) -> Result<Vec<(f64, usize, Continuation)>, ModelError> {
+        let mut prompts = Vec::with_capacity(records.len());
+        let mut responses = Vec::with_capacity(records.len());
+        for r in records {
+            match self.encode(r)? {
+                Some(enc) => {
+                    let n_prompt = enc.ids.len() - enc.response_tokens();
+                    prompts.push(enc.ids[..n_prompt].to_vec());
+                    responses.push(enc.ids[n_prompt..].to_vec());
+                }
+                None => {
+                    prompts.push(self.prompt_ids(&r.prompt)?);
+                    responses.push(Vec::new());
+                }
+            }
+        }
+        let scored = self.score_and_continue(llama, &prompts, &responses, max_new_tokens, batch)?;
+        Ok(scored.into_iter().zip(&responses).map(|((loss, c), resp)| (loss, resp.len(), c)).collect())
+    }
+
+    /// `batch` prompts at a time, similar lengths together, in the order given.
+    fn score_and_continue(
+        &self,
+        llama: &super::llama::Llama,
+        prompts: &[Vec<i64>],
+        responses: &[Vec<i64>],
+        max_new_tokens: usize,
+        batch: usize,
+    ) -> Result<Vec<(f64, Continuation)>, ModelError> {
+        let stop = self.stop_tokens();
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        let mut out: Vec<Option<(f64, Continuation)>> = vec![None; prompts.len()];
+        for chunk in order.chunks(batch.max(1)) {
+            let p: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let r: Vec<Vec<i64>> = chunk.iter().map(|&i| responses[i].clone()).collect();
+            let (losses, continuations) = llama.score_and_generate(&p, &r, max_new_tokens, &stop);
+            for ((&i, loss), mut tokens) in chunk.iter().zip(losses).zip(continuations) {
+                let generated = tokens.len();
+                let stopped = tokens.last().is_some_and(|t| stop.contains(t));
+                if stopped {
+                    tokens.pop();
+                }
+                let text =
+                    self.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                out[i] = Some((loss, Continuation { text, prompt_tokens: prompts[i].len(), generated, stopped }));
+            }
+        }
+        Ok(out.into_iter().map(|c| c.unwrap_or((0.0, Continuation { text: String::new(), prompt_tokens: 0, generated: 0, stopped: false }))).collect())
+    }
+
     fn chat_template(&self) -> Result<&ChatTemplate, ModelError> {
         self.template.as_ref().ok_or_else(|| ModelError::Tokenizer("chat records need a chat template, and this model has none".into()))
     }

@@ -18,6 +18,16 @@ use super::weights::ModelError;
 /// A model that maps a batch to class logits `[batch, classes]`.
 pub trait Classify {
     fn logits(&self, batch: &Batch, train: bool) -> Tensor;
+    /// The type of the base weights (f32 unless loaded in half precision).
+    fn weight_kind(&self) -> Kind {
+        Kind::Float
+    }
+}
+
+/// Mixed precision on CUDA for f32 base weights; weights already in bf16 or f16 compute
+/// in their own type (autocast's f16 would otherwise recast bf16 weights).
+fn autocast_for(device: Device, weights: Kind) -> bool {
+    device.is_cuda() && weights == Kind::Float
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,7 +130,7 @@ pub fn train(
         }
         items
     };
-    let autocast = device.is_cuda();
+    let autocast = autocast_for(device, model.weight_kind());
     optimize(adapter, cfg, label, next, |picked| {
         let items: Vec<&Encoded> = picked.iter().map(|&i| &data[i]).collect();
         let batch = encoder.batch(&items, device);
@@ -157,7 +167,7 @@ pub fn train_sft(
         }
         pending.extend(super::sft::length_grouped_batches(&lengths, cfg.batch_size, &mut rng));
     };
-    let autocast = device.is_cuda();
+    let autocast = autocast_for(device, llama.dtype());
     optimize(adapter, cfg, label, next, |picked| {
         let items: Vec<&super::sft::SftEncoded> = picked.iter().map(|&i| &data[i]).collect();
         let batch = encoder.batch(&items, device);
@@ -248,7 +258,7 @@ pub fn train_dp(
     label: &str,
 ) -> Result<TrainStats, ModelError> {
     let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
-    let autocast = device.is_cuda();
+    let autocast = autocast_for(device, model.weight_kind());
     dp_optimize(adapter, data.len(), cfg, dp, rng, label, |chunk| {
         let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = encoder.batch(&items, device);
@@ -270,7 +280,7 @@ pub fn train_sft_dp(
     label: &str,
 ) -> Result<TrainStats, ModelError> {
     let device = adapter.trainable().first().map(|t| t.device()).unwrap_or(Device::Cpu);
-    let autocast = device.is_cuda();
+    let autocast = autocast_for(device, llama.dtype());
     dp_optimize(adapter, data.len(), cfg, dp, rng, label, |chunk| {
         let items: Vec<&super::sft::SftEncoded> = chunk.iter().map(|&i| &data[i]).collect();
         let batch = encoder.batch(&items, device);
