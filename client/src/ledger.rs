@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tessera_secagg::config::RoundConfig;
+use tessera_secagg::prv::Accountant;
 use tessera_secagg::rdp::SgmSteps;
 
 const VERSION: u32 = 1;
@@ -205,30 +206,31 @@ impl PrivacyLedger {
         self.record_level.iter().map(RecordCharge::steps).collect()
     }
 
-    /// ε (at `delta`) that each record has spent in local DP-SGD runs so far.
-    pub fn record_spent(&self, delta: f64) -> f64 {
+    /// ε (at `delta`) that each record has spent in local DP-SGD runs so far, by
+    /// `accountant` (NaN where it cannot bound the history).
+    pub fn record_spent(&self, delta: f64, accountant: Accountant) -> f64 {
         let h = self.record_history();
         if h.is_empty() {
             0.0
         } else {
-            tessera_secagg::rdp::epsilon(&h, delta)
+            accountant.epsilon(&h, delta).unwrap_or(f64::NAN)
         }
     }
 
     /// Refuses `run` if it would take the records past `budget` (ε at `delta`); returns
     /// the ε the records will have spent after it.
-    pub fn check_record(&self, run: &RecordCharge, budget: f64, delta: f64) -> Result<f64, LedgerError> {
+    pub fn check_record(&self, run: &RecordCharge, budget: f64, delta: f64, accountant: Accountant) -> Result<f64, LedgerError> {
         run.steps().validate().map_err(|e| LedgerError::InvalidRun(e.to_string()))?;
         let mut with = self.record_history();
         with.push(run.steps());
-        let projected = tessera_secagg::rdp::epsilon(&with, delta);
+        let projected = accountant.epsilon(&with, delta).map_err(|e| LedgerError::InvalidRun(e.to_string()))?;
         if projected.is_nan() || projected > budget {
             return Err(LedgerError::RecordBudgetExhausted {
                 purpose: run.purpose.clone(),
                 steps: run.steps,
                 noise_multiplier: run.noise_multiplier,
                 sample_rate: run.sample_rate,
-                spent: self.record_spent(delta),
+                spent: self.record_spent(delta, accountant),
                 projected,
                 budget,
                 delta,
@@ -240,9 +242,9 @@ impl PrivacyLedger {
 
     /// Checks `run` against `budget` and records it at `path`, durably, before the run
     /// starts; returns the ε spent after it. Every run is charged: each draws fresh noise.
-    pub fn charge_record(path: &Path, run: RecordCharge, budget: f64, delta: f64) -> Result<f64, LedgerError> {
+    pub fn charge_record(path: &Path, run: RecordCharge, budget: f64, delta: f64, accountant: Accountant) -> Result<f64, LedgerError> {
         let mut ledger = Self::load(path)?;
-        let projected = ledger.check_record(&run, budget, delta)?;
+        let projected = ledger.check_record(&run, budget, delta, accountant)?;
         ledger.record_level.push(run);
         ledger.save(path)?;
         Ok(projected)
@@ -329,9 +331,9 @@ mod tests {
         let two = tessera_secagg::rdp::epsilon(&[run("a", 1000).steps()], 1e-5);
         assert!(two > one && two < 2.0 * one, "RDP composes sublinearly: {one} then {two}");
         let budget = (one + two) / 2.0;
-        let after = PrivacyLedger::charge_record(&path, run("round 1", 500), budget, 1e-5).unwrap();
+        let after = PrivacyLedger::charge_record(&path, run("round 1", 500), budget, 1e-5, Accountant::Rdp).unwrap();
         assert!((after - one).abs() < 1e-12);
-        let err = PrivacyLedger::charge_record(&path, run("round 2", 500), budget, 1e-5).unwrap_err();
+        let err = PrivacyLedger::charge_record(&path, run("round 2", 500), budget, 1e-5, Accountant::Rdp).unwrap_err();
         match &err {
             LedgerError::RecordBudgetExhausted { spent, projected, runs: 1, .. } => {
                 assert!((spent - one).abs() < 1e-12 && (projected - two).abs() < 1e-9, "{err}");
@@ -341,11 +343,11 @@ mod tests {
         assert!(err.to_string().contains("round 2") && err.to_string().contains("record-level budget"));
         let ledger = PrivacyLedger::load(&path).unwrap();
         assert_eq!((ledger.contributions.len(), ledger.record_level.len()), (1, 1), "the refused run is not recorded");
-        assert!((ledger.record_spent(1e-5) - one).abs() < 1e-12);
+        assert!((ledger.record_spent(1e-5, Accountant::Rdp) - one).abs() < 1e-12);
         // A shorter run still fits.
-        PrivacyLedger::charge_record(&path, run("round 2", 50), budget, 1e-5).unwrap();
+        PrivacyLedger::charge_record(&path, run("round 2", 50), budget, 1e-5, Accountant::Rdp).unwrap();
         assert!(matches!(
-            PrivacyLedger::charge_record(&path, RecordCharge { sample_rate: 0.0, ..run("bad", 1) }, budget, 1e-5),
+            PrivacyLedger::charge_record(&path, RecordCharge { sample_rate: 0.0, ..run("bad", 1) }, budget, 1e-5, Accountant::Rdp),
             Err(LedgerError::InvalidRun(_))
         ));
     }
@@ -357,6 +359,6 @@ mod tests {
         std::fs::write(&path, br#"{"version": 1, "contributions": []}"#).unwrap();
         let ledger = PrivacyLedger::load(&path).unwrap();
         assert!(ledger.record_level.is_empty());
-        assert_eq!(ledger.record_spent(1e-5), 0.0);
+        assert_eq!(ledger.record_spent(1e-5, Accountant::Rdp), 0.0);
     }
 }

@@ -16,6 +16,7 @@ use tessera_client::train::sft::{read_sft_jsonl, SftExample};
 use tessera_client::train::trainer::TrainConfig;
 use tessera_client::train::{Dtype, LoraConfig, LoraMode};
 use tessera_client::{participate, update, Api, DropPoint, Identity, Options, Participation};
+use tessera_secagg::prv::Accountant;
 
 #[derive(Parser)]
 #[command(name = "tessera-client", version, about = "Take part in Tessera secure-aggregation rounds as an institution")]
@@ -241,6 +242,10 @@ enum Command {
         /// then the micro-batch that bounds memory.
         #[arg(long, requires = "record_epsilon")]
         sample_rate: Option<f64>,
+        /// How the records' ε is counted and σ calibrated: prv (privacy loss random
+        /// variables, Gopi et al. 2021; Opacus' default, tighter) or rdp (Rényi DP).
+        #[arg(long, default_value_t = Accountant::Prv, requires = "record_epsilon")]
+        accountant: Accountant,
         /// Server optimizer applied to each released mean (Reddi et al. 2021). Every
         /// institution applies it to the same signed release, so all hold the same model;
         /// they must agree on it, as on the model and LoRA flags.
@@ -549,6 +554,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             noise_multiplier,
             max_grad_norm,
             sample_rate,
+            accountant,
             server_opt,
             server_lr,
             adapter_out,
@@ -591,18 +597,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let record_privacy = match record_epsilon {
                 None => None,
                 Some(budget) => {
-                    let req = RecordPrivacyRequest { budget, delta: record_delta, noise_multiplier, max_grad_norm, sample_rate };
+                    let req = RecordPrivacyRequest { budget, delta: record_delta, noise_multiplier, max_grad_norm, sample_rate, accountant };
                     let ledger = PrivacyLedger::load(&ledger_path)?;
                     let plan = RecordPrivacy::plan(&req, &ledger, train_examples, batch_size, steps as u64, rounds)?;
                     eprintln!(
-                        "[{}] record-level DP-SGD: σ = {:.3}{}, C = {}, q = {:.4} (expected batch {:.1}); ε = {:.3} of {budget} spent so far (δ = {record_delta:e})",
+                        "[{}] record-level DP-SGD: σ = {:.3}{}, C = {}, q = {:.4} (expected batch {:.1}); ε = {:.3} of {budget} spent so far (δ = {record_delta:e}, {accountant} accountant)",
                         identity.name,
                         plan.dp.noise_multiplier,
                         if noise_multiplier.is_none() { " (calibrated)" } else { "" },
                         plan.dp.max_grad_norm,
                         plan.dp.sample_rate,
                         plan.dp.sample_rate * train_examples as f64,
-                        ledger.record_spent(record_delta),
+                        ledger.record_spent(record_delta, accountant),
                     );
                     Some(plan)
                 }

@@ -234,28 +234,40 @@ fn bad_dp_settings_are_refused() {
 fn record_privacy_plans_and_charges_every_run() {
     use tessera_client::ledger::PrivacyLedger;
     use tessera_client::train::dpsgd::{RecordPrivacy, RecordPrivacyRequest};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("privacy-ledger.json");
-    let req = RecordPrivacyRequest { budget: 4.0, delta: 1e-5, noise_multiplier: None, max_grad_norm: 1.0, sample_rate: None };
-    let plan = RecordPrivacy::plan(&req, &PrivacyLedger::load(&path).unwrap(), 2000, 16, 50, 3).unwrap();
-    assert!((plan.dp.sample_rate - 0.008).abs() < 1e-12, "q = batch / N");
-    let mut last = 0.0;
-    for r in 1..=3 {
-        let eps = plan.charge(&path, &format!("round {r}"), r).unwrap();
-        assert!(eps > last && eps <= 4.0, "round {r}: ε {eps}");
-        last = eps;
+    use tessera_secagg::prv::Accountant;
+    let mut sigmas = Vec::new();
+    for accountant in [Accountant::Rdp, Accountant::Prv] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        let req = RecordPrivacyRequest { budget: 4.0, delta: 1e-5, noise_multiplier: None, max_grad_norm: 1.0, sample_rate: None, accountant };
+        let plan = RecordPrivacy::plan(&req, &PrivacyLedger::load(&path).unwrap(), 2000, 16, 50, 3).unwrap();
+        assert!((plan.dp.sample_rate - 0.008).abs() < 1e-12, "q = batch / N");
+        sigmas.push(plan.dp.noise_multiplier);
+        let mut last = 0.0;
+        for r in 1..=3 {
+            let eps = plan.charge(&path, &format!("round {r}"), r).unwrap();
+            assert!(eps > last && eps <= 4.0, "{accountant} round {r}: ε {eps}");
+            last = eps;
+        }
+        assert!(last > 4.0 * 0.99, "{accountant}: calibrated to use the budget: {last}");
+        let err = plan.charge(&path, "round 4", 4).unwrap_err().to_string();
+        assert!(err.contains("round 4") && err.contains("record-level budget"), "{err}");
+        // The next run's plan sees what is spent: nothing is left for it.
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        assert_eq!(ledger.record_level.len(), 3);
+        let again = RecordPrivacy::plan(&RecordPrivacyRequest { noise_multiplier: Some(1.0), ..req.clone() }, &ledger, 2000, 16, 50, 1);
+        assert!(again.unwrap_err().to_string().contains("spent already"));
+        // The claim signed with the last run passes the aggregator's check.
+        plan.claim(last).validate().unwrap();
+        let fresh = PrivacyLedger::load(&dir.path().join("none.json")).unwrap();
+        assert!(RecordPrivacy::plan(&RecordPrivacyRequest { delta: 1e-3, ..req.clone() }, &fresh, 2000, 16, 50, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("1/records"));
+        assert!(RecordPrivacy::plan(&RecordPrivacyRequest { noise_multiplier: Some(0.0), ..req.clone() }, &fresh, 2000, 16, 50, 3).is_err());
     }
-    assert!(last > 4.0 * 0.99, "calibrated to use the budget: {last}");
-    let err = plan.charge(&path, "round 4", 4).unwrap_err().to_string();
-    assert!(err.contains("round 4") && err.contains("record-level budget"), "{err}");
-    // The next run's plan sees what is spent: nothing is left for it.
-    let ledger = PrivacyLedger::load(&path).unwrap();
-    assert_eq!(ledger.record_level.len(), 3);
-    let again = RecordPrivacy::plan(&RecordPrivacyRequest { noise_multiplier: Some(1.0), ..req.clone() }, &ledger, 2000, 16, 50, 1);
-    assert!(again.unwrap_err().to_string().contains("spent already"));
-    let fresh = PrivacyLedger::load(&dir.path().join("none.json")).unwrap();
-    assert!(RecordPrivacy::plan(&RecordPrivacyRequest { delta: 1e-3, ..req.clone() }, &fresh, 2000, 16, 50, 3).unwrap_err().to_string().contains("1/records"));
-    assert!(RecordPrivacy::plan(&RecordPrivacyRequest { noise_multiplier: Some(0.0), ..req.clone() }, &fresh, 2000, 16, 50, 3).is_err());
+    // The PRV's tighter ε buys the same budget with less noise.
+    assert!(sigmas[1] < sigmas[0], "σ by PRV {} vs RDP {}", sigmas[1], sigmas[0]);
 }
 
 /// DP-SGD on the instruction objective, on the tiny transformers Llama (both LoRA

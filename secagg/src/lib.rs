@@ -35,6 +35,7 @@ pub mod floors;
 pub mod graph;
 pub mod pack;
 pub mod prg;
+pub mod prv;
 pub mod quantize;
 pub mod rdp;
 pub mod shamir;

@@ -16,6 +16,10 @@ use crate::compress::Encoding;
 use crate::config::RoundConfig;
 use crate::error::Error;
 
+/// Coordinates quantized per bulk draw of rounding randomness.
+const QUANTIZE_BLOCK: usize = 1024;
+const TWO_POW_32: f64 = 4_294_967_296.0;
+
 #[derive(Clone, Debug)]
 pub struct Quantizer {
     clip: f64,
@@ -95,19 +99,27 @@ impl Quantizer {
         };
         let scale = weight as f64 / self.max_weight as f64;
         let to_levels = self.levels as f64 / (2.0 * self.clip);
+        let (clip, levels) = (self.clip, self.levels);
         let mut out = Vec::with_capacity(update.len() + 1);
         let mut clamped = 0;
-        for (i, &x) in update.iter().enumerate() {
-            if x.is_nan() {
-                return Err(Error::malformed(format!("update coordinate {i} is NaN")));
+        // The rounding draws come 32 bits a coordinate, a block at a time (one bulk fill of
+        // the generator's keystream rather than a call per coordinate); the loop over a
+        // block has no branch, so it vectorizes.
+        let mut draws = [0u32; QUANTIZE_BLOCK];
+        for (b, block) in update.chunks(QUANTIZE_BLOCK).enumerate() {
+            if let Some(j) = block.iter().position(|x| x.is_nan()) {
+                return Err(Error::malformed(format!("update coordinate {} is NaN", b * QUANTIZE_BLOCK + j)));
             }
-            clamped += usize::from(f64::from(x).abs() > self.clip);
-            let clipped = (x as f64).clamp(-self.clip, self.clip) * scale;
-            let pos = (clipped + self.clip) * to_levels; // in [0, L]
-            let floor = pos.floor();
-            let up = rng.gen::<f64>() < pos - floor;
-            let q = (floor as u64 + up as u64).min(self.levels);
-            out.push(q as u32);
+            let draws = &mut draws[..block.len()];
+            rng.fill(&mut draws[..]);
+            for (&x, &r) in block.iter().zip(draws.iter()) {
+                clamped += usize::from(f64::from(x).abs() > clip);
+                let pos = ((x as f64).clamp(-clip, clip) * scale + clip) * to_levels; // in [0, L]
+                let floor = pos.floor();
+                // Up with probability pos − floor (to 2^-32): unbiased.
+                let up = f64::from(r) < (pos - floor) * TWO_POW_32;
+                out.push((floor as u64 + u64::from(up)).min(levels) as u32);
+            }
         }
         out.push(weight);
         Ok((out, clamped))
@@ -185,6 +197,33 @@ mod tests {
         let mean = acc / trials as f64;
         // Standard error of the mean is at most step / (2 sqrt(trials)).
         assert!((mean - x as f64).abs() < 4.0 * q.step() / (2.0 * (trials as f64).sqrt()), "{mean}");
+    }
+
+    /// At 32 bits the levels reach 2^31: the rounding still goes up with the fraction's
+    /// probability, and coordinates past the first block of draws are rounded alike.
+    #[test]
+    fn stochastic_rounding_is_unbiased_at_32_bits_in_every_block() {
+        let c = cfg(2, 32);
+        let q = Quantizer::new(&c).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        // A coordinate whose position has fraction 0.3 exactly.
+        let pos = 1_000_000_000.3f64;
+        let x = (pos / (q.levels as f64 / (2.0 * q.clip)) - q.clip) as f32;
+        let exact = ((x as f64) + q.clip) * (q.levels as f64 / (2.0 * q.clip));
+        let update = vec![x; 3 * QUANTIZE_BLOCK + 17];
+        let v = q.quantize(&update, 100, &mut rng).unwrap();
+        let floor = exact.floor() as u32;
+        assert!(v[..update.len()].iter().all(|&e| e == floor || e == floor + 1));
+        let ups = v[..update.len()].iter().filter(|&&e| e == floor + 1).count() as f64 / update.len() as f64;
+        let frac = exact - exact.floor();
+        let se = (frac * (1.0 - frac) / update.len() as f64).sqrt();
+        assert!((ups - frac).abs() < 4.0 * se, "went up {ups}, fraction {frac}");
+        let (tail_ups, n_tail) = (v[2 * QUANTIZE_BLOCK..update.len()].iter().filter(|&&e| e == floor + 1).count(), update.len() - 2 * QUANTIZE_BLOCK);
+        assert!(tail_ups > 0 && tail_ups < n_tail, "the last blocks are rounded too");
+        let mut bad = update.clone();
+        bad[2 * QUANTIZE_BLOCK + 5] = f32::NAN;
+        let e = q.quantize(&bad, 100, &mut rng).unwrap_err().to_string();
+        assert!(e.contains(&format!("coordinate {}", 2 * QUANTIZE_BLOCK + 5)), "{e}");
     }
 
     #[test]

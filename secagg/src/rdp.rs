@@ -174,31 +174,43 @@ pub fn epsilon(history: &[SgmSteps], delta: f64) -> f64 {
 /// `get_noise_multiplier` does) with which `steps` more steps at `sample_rate`, after the
 /// phases already in `spent`, keep the total ε at `delta` within `target_epsilon`.
 pub fn noise_multiplier_for(target_epsilon: f64, delta: f64, sample_rate: f64, steps: u64, spent: &[SgmSteps]) -> Result<f64, Error> {
+    calibrate(&|h: &[SgmSteps]| Ok(epsilon(h, delta)), target_epsilon, delta, sample_rate, steps, spent)
+}
+
+/// [`noise_multiplier_for`] with any accountant: `account` gives the ε of a history.
+pub(crate) fn calibrate(
+    account: &dyn Fn(&[SgmSteps]) -> Result<f64, Error>,
+    target_epsilon: f64,
+    delta: f64,
+    sample_rate: f64,
+    steps: u64,
+    spent: &[SgmSteps],
+) -> Result<f64, Error> {
     if !(target_epsilon.is_finite() && target_epsilon > 0.0 && delta > 0.0 && delta < 1.0) {
         return Err(Error::Config(format!("DP-SGD: target ε must be positive and δ in (0, 1), got ε = {target_epsilon}, δ = {delta}")));
     }
     SgmSteps { noise_multiplier: 1.0, sample_rate, steps }.validate()?;
-    let already = epsilon(spent, delta);
-    let with = |sigma: f64| {
+    let already = account(spent)?;
+    let with = |sigma: f64| -> Result<f64, Error> {
         let mut h = spent.to_vec();
         h.push(SgmSteps { noise_multiplier: sigma, sample_rate, steps });
-        epsilon(&h, delta)
+        account(&h)
     };
     let (mut lo, mut hi) = (0.0f64, 10.0f64);
-    let mut eps_hi = with(hi);
+    let mut eps_hi = with(hi)?;
     while eps_hi > target_epsilon {
         hi *= 2.0;
         if hi > 1e6 {
             return Err(Error::Config(format!(
                 "DP-SGD: ε = {target_epsilon} at δ = {delta:e} is out of reach for {steps} more step(s) at sampling rate {sample_rate}: {already:.4} is spent already and even σ = 10⁶ would leave {:.4}",
-                with(1e6)
+                with(1e6)?
             )));
         }
-        eps_hi = with(hi);
+        eps_hi = with(hi)?;
     }
     while target_epsilon - eps_hi > target_epsilon * 1e-3 {
         let mid = (lo + hi) / 2.0;
-        let e = with(mid);
+        let e = with(mid)?;
         if e < target_epsilon {
             hi = mid;
             eps_hi = e;

@@ -181,7 +181,7 @@ impl ShareBundle {
 /// An institution's statement of the record-level DP (DP-SGD) its update was trained
 /// under, signed with its masked input: the records' ε over every local run so far, this
 /// one included (its own ledger's figure), and this run's mechanism, from which anyone
-/// can recompute what the run alone spends ([`RecordPrivacyClaim::run_epsilon`]).
+/// can recompute what the run alone spends ([`RecordPrivacyClaim::run_epsilon_floor`]).
 ///
 /// The aggregator checks that it is coherent ([`RecordPrivacyClaim::validate`]) and the
 /// log records it; whether the figure comes from measured code or is only the
@@ -237,7 +237,24 @@ impl RecordPrivacyClaim {
 
     /// ε of this run alone at `delta` (RDP of the Poisson-subsampled Gaussian).
     pub fn run_epsilon(&self) -> f64 {
-        crate::rdp::epsilon(&[crate::rdp::SgmSteps { noise_multiplier: self.noise_multiplier, sample_rate: self.sample_rate, steps: self.steps }], self.delta)
+        crate::rdp::epsilon(&[self.run()], self.delta)
+    }
+
+    /// This run as the accountants see it.
+    pub fn run(&self) -> crate::rdp::SgmSteps {
+        crate::rdp::SgmSteps { noise_multiplier: self.noise_multiplier, sample_rate: self.sample_rate, steps: self.steps }
+    }
+
+    /// The least ε this run alone can be stated at by a sound accountant: RDP's ε when
+    /// the claim reaches it (the cheap check), else the PRV's lower bound
+    /// ([`crate::prv::epsilon_floor`]): an institution that accounts with the PRV, as
+    /// Opacus does by default, claims less than RDP would.
+    pub fn run_epsilon_floor(&self) -> f64 {
+        let rdp = self.run_epsilon();
+        if self.epsilon >= rdp {
+            return rdp;
+        }
+        crate::prv::epsilon_floor(&[self.run()], self.delta)
     }
 
     /// A claim must be a possible ledger figure: finite, σ > 0, q in (0, 1], C > 0, at
@@ -261,7 +278,7 @@ impl RecordPrivacyClaim {
         if !(self.epsilon >= 0.0 && self.budget > 0.0) || self.epsilon > self.budget * (1.0 + CLAIM_EPSILON_SLACK) {
             return bad(format!("ε = {} is not within the budget of {}", self.epsilon, self.budget));
         }
-        let run = self.run_epsilon();
+        let run = self.run_epsilon_floor();
         // A run the accountant cannot bound (NaN) is refused too.
         if run.is_nan() || self.epsilon < run * (1.0 - CLAIM_EPSILON_SLACK) {
             return bad(format!(
@@ -819,6 +836,20 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(MaskedInput::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    /// A claim accounted with the PRV (Opacus' default) states less than RDP would for
+    /// the same run, and is accepted; one below even the PRV's lower bound is not.
+    #[test]
+    fn claims_accounted_with_the_prv_are_accepted_down_to_its_lower_bound() {
+        let c = RecordPrivacyClaim { epsilon: 0.0, delta: 1e-5, budget: 8.0, noise_multiplier: 0.9, sample_rate: 0.05, max_grad_norm: 1.0, steps: 60 };
+        let b = crate::prv::bounds(&[c.run()], c.delta).unwrap();
+        let rdp = c.run_epsilon();
+        assert!(b.upper < rdp, "PRV {} vs RDP {rdp}", b.upper);
+        RecordPrivacyClaim { epsilon: b.upper, ..c }.validate().unwrap();
+        RecordPrivacyClaim { epsilon: rdp, ..c }.validate().unwrap();
+        let e = RecordPrivacyClaim { epsilon: b.lower * 0.95, ..c }.validate().unwrap_err().to_string();
+        assert!(e.contains("less than this run alone spends"), "{e}");
     }
 
     #[test]

@@ -311,7 +311,9 @@ pub struct RecordPrivacyView {
     /// reached the aggregator are not in the log).
     pub consistent: bool,
     pub inconsistency: Option<String>,
-    /// ε the logged runs compose to at `delta` (RDP), the lower bound above.
+    /// ε the logged runs compose to at `delta`, the lower bound above: RDP's, or where the
+    /// latest claim is below that (an institution accounting with the PRV, as Opacus does
+    /// by default), the PRV's lower bound, below which no sound accountant goes.
     pub epsilon_logged_runs: f64,
 }
 
@@ -340,7 +342,12 @@ fn record_view(claims: &[RoundClaim]) -> Option<RecordPrivacyView> {
         .iter()
         .map(|(_, c)| tessera_secagg::rdp::SgmSteps { noise_multiplier: c.claim.noise_multiplier, sample_rate: c.claim.sample_rate, steps: c.claim.steps })
         .collect();
-    let logged = tessera_secagg::rdp::epsilon(&runs, last.claim.delta);
+    // RDP first (cheap); a claim below it may still be a PRV account's, held to the
+    // PRV's lower bound of the logged runs.
+    let mut logged = tessera_secagg::rdp::epsilon(&runs, last.claim.delta);
+    if last.claim.epsilon < logged * (1.0 - 1e-6) {
+        logged = tessera_secagg::prv::epsilon_floor(&runs, last.claim.delta);
+    }
     if last.claim.epsilon < logged * (1.0 - 1e-6) {
         inconsistency.get_or_insert(format!(
             "round {round} claims ε = {:.4}, less than the {logged:.4} its {} logged runs compose to",

@@ -113,10 +113,10 @@ pub fn clipped_sum(model: &dyn Classify, adapter: &Adapter, batch: &Batch, c: f6
 pub fn summed_sft_loss(llama: &super::llama::Llama, batch: &super::sft::SftBatch, train: bool) -> Tensor {
     let logits = llama.logits(&batch.ids, &batch.mask, train).to_kind(Kind::Float);
     let (rows, len, vocab) = (logits.size()[0], logits.size()[1], logits.size()[2]);
-    let pred = logits.narrow(1, 0, len - 1).reshape([-1, vocab]);
-    let target = batch.labels.narrow(1, 1, len - 1).reshape([-1]);
-    let per_token = pred.cross_entropy_loss::<Tensor>(&target, None, Reduction::None, super::sft::IGNORE, 0.0).view([rows, len - 1]);
-    let counted = target.ne(super::sft::IGNORE).view([rows, len - 1]).to_kind(Kind::Float);
+    let pred = logits.reshape([-1, vocab]);
+    let target = super::sft::next_token_targets(&batch.labels).reshape([-1]);
+    let per_token = pred.cross_entropy_loss::<Tensor>(&target, None, Reduction::None, super::sft::IGNORE, 0.0).view([rows, len]);
+    let counted = target.ne(super::sft::IGNORE).view([rows, len]).to_kind(Kind::Float);
     let per_record =
         per_token.sum_dim_intlist([1i64].as_slice(), false, Kind::Float) / counted.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).clamp_min(1.0);
     per_record.sum(Kind::Float)
@@ -228,6 +228,8 @@ pub fn noised_mean<R: RngCore + ?Sized>(sum: &[Tensor], dp: &DpSgdConfig, record
 #[derive(Clone, Debug, PartialEq)]
 pub struct RecordPrivacy {
     pub dp: DpSgdConfig,
+    /// How the records' ε is counted (and σ calibrated).
+    pub accountant: tessera_secagg::prv::Accountant,
     /// The records' ε budget over every local run, at `delta`.
     pub budget: f64,
     pub delta: f64,
@@ -246,6 +248,7 @@ pub struct RecordPrivacyRequest {
     pub max_grad_norm: f64,
     /// q; `batch_size / records` when absent.
     pub sample_rate: Option<f64>,
+    pub accountant: tessera_secagg::prv::Accountant,
 }
 
 impl RecordPrivacy {
@@ -279,7 +282,7 @@ impl RecordPrivacy {
         let total = steps.checked_mul(rounds).ok_or_else(|| bad("too many steps".into()))?;
         let sigma = match req.noise_multiplier {
             Some(s) => s,
-            None => tessera_secagg::rdp::noise_multiplier_for(req.budget, req.delta, q, total, &history).map_err(|e| bad(e.to_string()))?,
+            None => req.accountant.noise_multiplier_for(req.budget, req.delta, q, total, &history).map_err(|e| bad(e.to_string()))?,
         };
         let dp = DpSgdConfig { noise_multiplier: sigma, max_grad_norm: req.max_grad_norm, sample_rate: q };
         dp.validate()?;
@@ -288,17 +291,17 @@ impl RecordPrivacy {
         }
         let mut all = history;
         all.push(dp.steps(total));
-        let projected = tessera_secagg::rdp::epsilon(&all, req.delta);
+        let projected = req.accountant.epsilon(&all, req.delta).map_err(|e| bad(e.to_string()))?;
         if projected > req.budget {
             return Err(bad(format!(
                 "{rounds} round(s) of {steps} steps at σ = {sigma:.3}, q = {q:.4} would take each record to ε = {projected:.3} (δ = {:e}), past the budget of {} \
                  (ε = {:.3} spent already); lower --rounds or --steps, raise the noise, or leave --noise-multiplier out to calibrate it",
                 req.delta,
                 req.budget,
-                ledger.record_spent(req.delta)
+                ledger.record_spent(req.delta, req.accountant)
             )));
         }
-        Ok(RecordPrivacy { dp, budget: req.budget, delta: req.delta, steps, records })
+        Ok(RecordPrivacy { dp, accountant: req.accountant, budget: req.budget, delta: req.delta, steps, records })
     }
 
     /// The claim signed with the masked input of a run after which the records have
@@ -326,6 +329,6 @@ impl RecordPrivacy {
             records: self.records,
             charged_at_ms: now_ms,
         };
-        crate::ledger::PrivacyLedger::charge_record(path, run, self.budget, self.delta)
+        crate::ledger::PrivacyLedger::charge_record(path, run, self.budget, self.delta, self.accountant)
     }
 }

@@ -468,20 +468,29 @@ pub fn sft_batch(items: &[&SftEncoded], pad_id: i64, device: Device) -> SftBatch
     }
 }
 
+/// The next-token targets of `labels` `[batch, len]`: position i is scored against label
+/// i + 1, and the last position against [`IGNORE`]. transformers shifts the labels this
+/// way rather than slicing the logits, which would copy all of them (vocabulary-wide, the
+/// largest tensor of a step).
+pub fn next_token_targets(labels: &Tensor) -> Tensor {
+    let (batch, len) = (labels.size()[0], labels.size()[1]);
+    let last = Tensor::full([batch, 1], IGNORE, (Kind::Int64, labels.device()));
+    Tensor::cat(&[labels.narrow(1, 1, len - 1), last], 1)
+}
+
 /// Mean next-token cross-entropy over the labelled positions: logits `[batch, len, vocab]`
 /// at position i predict the label at i + 1 (transformers' `ForCausalLMLoss`).
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Tensor {
-    let (len, vocab) = (logits.size()[1], logits.size()[2]);
-    let pred = logits.narrow(1, 0, len - 1).to_kind(Kind::Float).reshape([-1, vocab]);
-    let target = labels.narrow(1, 1, len - 1).reshape([-1]);
-    pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, IGNORE, 0.0)
+    let vocab = logits.size()[2];
+    let pred = logits.to_kind(Kind::Float).reshape([-1, vocab]);
+    pred.cross_entropy_loss::<Tensor>(&next_token_targets(labels).reshape([-1]), None, tch::Reduction::Mean, IGNORE, 0.0)
 }
 
 /// Summed next-token cross-entropy and the number of labelled positions.
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> (f64, i64) {
-    let (len, vocab) = (logits.size()[1], logits.size()[2]);
-    let pred = logits.narrow(1, 0, len - 1).to_kind(Kind::Float).reshape([-1, vocab]);
-    let target = labels.narrow(1, 1, len - 1).reshape([-1]);
+    let vocab = logits.size()[2];
+    let pred = logits.to_kind(Kind::Float).reshape([-1, vocab]);
+    let target = next_token_targets(labels).reshape([-1]);
     let sum = pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Sum, IGNORE, 0.0).double_value(&[]);
     (sum, target.ne(IGNORE).sum(Kind::Int64).int64_value(&[]))
 }
