@@ -23,8 +23,15 @@ use crate::Error;
 
 /// Opacus' default error budget on ε.
 pub const EPS_ERROR: f64 = 0.01;
-/// The largest discretization grid computed.
+/// The largest discretization grid computed for an institution's own accounting.
 pub const MAX_POINTS: usize = 1 << 23;
+/// The largest grid computed for a floor ([`epsilon_floor`]): an aggregator computes it
+/// for claims of institutions it does not trust, so at most about 1M points (tens of
+/// milliseconds). A run that needs more at Opacus' ε error gets a coarser grid (a
+/// proportionally larger ε error: the bound stays a lower bound, only looser).
+pub const FLOOR_MAX_POINTS: usize = 1 << 20;
+/// The coarsest ε error a floor is computed at; past it, RDP's ε is the floor.
+pub const FLOOR_MAX_EPS_ERROR: f64 = 0.5;
 
 /// ε bounds of a composition at δ (Opacus' `DiscretePRV.compute_epsilon`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -143,7 +150,8 @@ fn integrate(f: &dyn Fn(f64) -> f64, a: f64, b: f64) -> f64 {
     }
     fn adapt(f: &dyn Fn(f64) -> f64, a: f64, b: f64, whole: (f64, f64), depth: u32) -> f64 {
         let (value, err) = whole;
-        if err <= 1.49e-8_f64.max(1.49e-8 * value.abs()) || depth == 0 {
+        // A NaN integrand stops here rather than subdividing to the depth limit.
+        if !value.is_finite() || err <= 1.49e-8_f64.max(1.49e-8 * value.abs()) || depth == 0 {
             return value;
         }
         let m = (a + b) / 2.0;
@@ -209,7 +217,8 @@ fn discretize(prv: &Truncated, domain: Domain) -> Result<Discrete, Error> {
     let pmf: Vec<f64> = ts.iter().map(|&t| prv.cdf(t + dt / 2.0) - prv.cdf(t - dt / 2.0)).collect();
     let mean_d: f64 = ts.iter().zip(&pmf).map(|(t, p)| t * p).sum();
     let shift = prv.mean() - mean_d;
-    if shift.abs() >= dt / 2.0 {
+    // A NaN mean (a degenerate σ) is refused too.
+    if shift.is_nan() || shift.abs() >= dt / 2.0 {
         return Err(Error::Config("PRV accountant: the discrete mean differs from the continuous one by half a cell or more".into()));
     }
     Ok(Discrete { pmf, domain: domain.shift_right(shift) })
@@ -285,10 +294,26 @@ fn safe_domain_size(history: &[SgmSteps], eps_error: f64, delta_error: f64) -> f
     l.max(eps_error) + 3.0
 }
 
+/// The domain's half-width L and the mesh for an ε error of `eps_error` (δ error δ/1000).
+fn grid(history: &[SgmSteps], delta: f64, eps_error: f64) -> Result<(f64, f64), Error> {
+    let delta_error = delta / 1000.0;
+    let total = history.iter().fold(0u64, |a, h| a.saturating_add(h.steps));
+    let l = safe_domain_size(history, eps_error, delta_error);
+    if !l.is_finite() {
+        return Err(Error::Config("PRV accountant: RDP cannot bound the domain of this composition".into()));
+    }
+    Ok((l, eps_error / (total as f64 * (12.0 / delta_error).ln() / 2.0).sqrt()))
+}
+
 /// Opacus' lower bound, estimate and upper bound of ε at `delta` after every phase of
 /// `history` (ε error [`EPS_ERROR`], δ error δ/1000). Phases of zero steps are skipped;
 /// none at all spends ε = 0.
 pub fn bounds(history: &[SgmSteps], delta: f64) -> Result<EpsilonBounds, Error> {
+    bounds_with(history, delta, EPS_ERROR, MAX_POINTS)
+}
+
+/// [`bounds`] with an ε error of `eps_error` and a grid of at most `max_points`.
+pub fn bounds_with(history: &[SgmSteps], delta: f64, eps_error: f64, max_points: usize) -> Result<EpsilonBounds, Error> {
     // Phases with the same σ and q compose into one (composition commutes): one FFT power
     // instead of a convolution per round of a long ledger.
     let mut merged: Vec<SgmSteps> = Vec::new();
@@ -308,20 +333,16 @@ pub fn bounds(history: &[SgmSteps], delta: f64) -> Result<EpsilonBounds, Error> 
     if !(delta > 0.0 && delta < 1.0) {
         return Err(Error::Config(format!("PRV accountant: δ must be in (0, 1), got {delta}")));
     }
-    let (eps_error, delta_error) = (EPS_ERROR, delta / 1000.0);
-    let total = history.iter().fold(0u64, |a, h| a.saturating_add(h.steps));
-    let l = safe_domain_size(&history, eps_error, delta_error);
-    if !l.is_finite() {
-        return Err(Error::Config("PRV accountant: RDP cannot bound the domain of this composition".into()));
-    }
-    let mesh = eps_error / (total as f64 * (12.0 / delta_error).ln() / 2.0).sqrt();
-    // The grid is 2L / mesh points; past 8M (a few hundred MB for the FFTs, seconds of
-    // work) it is refused before anything is allocated: an aggregator checks the claims of
-    // institutions it does not trust with this code.
+    let delta_error = delta / 1000.0;
+    let (l, mesh) = grid(&history, delta, eps_error)?;
+    // The grid is 2L / mesh points; past `max_points` (8M: a few hundred MB for the FFTs,
+    // seconds of work) it is refused before anything is allocated: an aggregator checks
+    // the claims of institutions it does not trust with this code.
     let points = 2.0 * l / mesh;
-    if points.is_nan() || points >= MAX_POINTS as f64 {
+    let total = history.iter().fold(0u64, |a, h| a.saturating_add(h.steps));
+    if points.is_nan() || points >= max_points as f64 {
         return Err(Error::Config(format!(
-            "PRV accountant: {points:.3e} grid points would be needed (at most {MAX_POINTS}) for {total} steps at δ = {delta:e}"
+            "PRV accountant: {points:.3e} grid points would be needed (at most {max_points}) for {total} steps at δ = {delta:e}"
         )));
     }
     let domain = Domain::aligned(-l, l, mesh)?;
@@ -425,12 +446,22 @@ impl std::str::FromStr for Accountant {
 
 /// The least ε a sound accountant can state for `history` at `delta`: the PRV's lower
 /// bound (the true ε of the composition is at least this, to the discretization's stated
-/// error), and never more than RDP's ε. What an aggregator holds a claimed ε to: a claim
+/// error; on a grid of at most [`FLOOR_MAX_POINTS`]), and never more than RDP's ε. What an aggregator holds a claimed ε to: a claim
 /// below it cannot be any accountant's upper bound. Where the PRV cannot be computed,
 /// RDP's ε, which refuses more claims rather than fewer.
 pub fn epsilon_floor(history: &[SgmSteps], delta: f64) -> f64 {
     let rdp = crate::rdp::epsilon(history, delta);
-    match bounds(history, delta) {
+    let valid = history.iter().all(|h| h.validate().is_ok()) && delta > 0.0 && delta < 1.0;
+    // Opacus' ε error where its grid fits in FLOOR_MAX_POINTS, else as much coarser as it
+    // takes (the grid shrinks in proportion).
+    let eps_error = match grid(history, delta, EPS_ERROR) {
+        Ok((l, mesh)) if valid => (EPS_ERROR * 2.0 * l / mesh / FLOOR_MAX_POINTS as f64 * 1.01).max(EPS_ERROR),
+        _ => return rdp,
+    };
+    if eps_error > FLOOR_MAX_EPS_ERROR {
+        return rdp;
+    }
+    match bounds_with(history, delta, eps_error, FLOOR_MAX_POINTS) {
         Ok(b) if b.lower.is_finite() => b.lower.min(rdp),
         _ => rdp,
     }

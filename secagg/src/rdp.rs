@@ -196,8 +196,11 @@ pub(crate) fn calibrate(
         h.push(SgmSteps { noise_multiplier: sigma, sample_rate, steps });
         account(&h)
     };
+    // A probe the accountant cannot bound (the PRV's grid for a tiny σ) counts as above
+    // the target: the search moves to more noise instead of giving up.
+    let probe = |sigma: f64| with(sigma).unwrap_or(f64::INFINITY);
     let (mut lo, mut hi) = (0.0f64, 10.0f64);
-    let mut eps_hi = with(hi)?;
+    let mut eps_hi = probe(hi);
     while eps_hi > target_epsilon {
         hi *= 2.0;
         if hi > 1e6 {
@@ -206,11 +209,11 @@ pub(crate) fn calibrate(
                 with(1e6)?
             )));
         }
-        eps_hi = with(hi)?;
+        eps_hi = probe(hi);
     }
     while target_epsilon - eps_hi > target_epsilon * 1e-3 {
         let mid = (lo + hi) / 2.0;
-        let e = with(mid)?;
+        let e = probe(mid);
         if e < target_epsilon {
             hi = mid;
             eps_hi = e;

@@ -847,9 +847,17 @@ mod tests {
         let rdp = c.run_epsilon();
         assert!(b.upper < rdp, "PRV {} vs RDP {rdp}", b.upper);
         RecordPrivacyClaim { epsilon: b.upper, ..c }.validate().unwrap();
+        RecordPrivacyClaim { epsilon: b.lower, ..c }.validate().unwrap();
         RecordPrivacyClaim { epsilon: rdp, ..c }.validate().unwrap();
-        let e = RecordPrivacyClaim { epsilon: b.lower * 0.95, ..c }.validate().unwrap_err().to_string();
+        let floor = crate::prv::epsilon_floor(&[c.run()], c.delta);
+        assert!((floor - b.lower).abs() < 1e-3, "floor {floor}, lower bound {}", b.lower);
+        let e = RecordPrivacyClaim { epsilon: floor * 0.99, ..c }.validate().unwrap_err().to_string();
         assert!(e.contains("less than this run alone spends"), "{e}");
+        // A run whose grid would be too fine at Opacus' ε error (about 3M points) gets a
+        // coarser one: a looser floor, still a PRV bound below RDP's ε, within the limit.
+        let long = RecordPrivacyClaim { steps: 20_000, delta: 1e-6, ..c };
+        let (floor, rdp) = (crate::prv::epsilon_floor(&[long.run()], long.delta), long.run_epsilon());
+        assert!(floor.is_finite() && floor < rdp, "{floor} vs RDP {rdp}");
     }
 
     #[test]

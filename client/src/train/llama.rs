@@ -421,6 +421,14 @@ impl Llama {
             (Some(c), Some(p)) => Some(c.logical_or(&p)),
             (c, p) => c.or(p),
         };
+        // A left-padding query row sees no real key at all: let it attend to every key
+        // instead (its output is never used), as transformers' `_unmask_unattended` does,
+        // because some fused kernels turn a row of only masked scores into NaN, and a
+        // NaN key or value would reach the real rows through the masked products.
+        let blocked = blocked.map(|b| {
+            let unattended = b.all_dim(-1, true);
+            b.logical_and(&unattended.logical_not())
+        });
         let bias = blocked.map(|b| {
             let shape = b.size();
             Tensor::zeros(shape.as_slice(), (x.kind(), device)).masked_fill(&b, lowest(x.kind()))
@@ -502,7 +510,8 @@ impl Llama {
                 &mut cache,
             );
             let first = self.project_last(&prefill);
-            let longest = rows.iter().map(|&r| responses.get(r).map_or(0, Vec::len)).max().unwrap_or(0);
+            let response = |r: usize| responses.get(r).map_or(&[][..], Vec::as_slice);
+            let longest = rows.iter().map(|&r| response(r).len()).max().unwrap_or(0);
             if longest > 0 {
                 // The response after the prompt's cache: position j predicts token j + 1;
                 // the prompt's last position predicted token 0. Right padding is masked
@@ -516,7 +525,7 @@ impl Llama {
                     vec![super::sft::IGNORE; rows.len() * longest],
                 );
                 for (b, &r) in rows.iter().enumerate() {
-                    for (j, &t) in responses[r].iter().enumerate() {
+                    for (j, &t) in response(r).iter().enumerate() {
                         tok[b * longest + j] = t;
                         real[b * longest + j] = true;
                         target[b * longest + j] = t;

@@ -992,12 +992,25 @@ fn wait_with_progress(mut children: Vec<(usize, Child)>, reports: &[PathBuf], sf
     let metric = if sft { "exact match" } else { "accuracy" };
     loop {
         let mut running = Vec::new();
+        let mut error = None;
         for (i, mut child) in children {
-            match child.try_wait()? {
-                Some(status) if !status.success() => failed.push(i),
-                Some(_) => {}
-                None => running.push((i, child)),
+            match child.try_wait() {
+                Ok(Some(status)) if !status.success() => failed.push(i),
+                Ok(Some(_)) => {}
+                Ok(None) => running.push((i, child)),
+                Err(e) => {
+                    let _ = child.kill();
+                    error.get_or_insert(anyhow::anyhow!("cannot wait for clinic {i}'s process: {e}"));
+                }
             }
+        }
+        if let Some(e) = error {
+            // No clinic is left running behind an error.
+            for (_, mut child) in running {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return Err(e);
         }
         children = running;
         for (i, path) in reports.iter().enumerate() {
