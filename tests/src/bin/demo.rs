@@ -861,11 +861,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         if let (Some(l), Some(fed)) = (local.last(), rows.last().and_then(|r| r.global_acc)) {
+            let alone = mean(&l.global);
+            let why = if fed > alone {
+                "alone, a clinic learns only its own conditions"
+            } else if institution_dp || record_epsilon.is_some() {
+                "here the clinics alone do better: their runs carry no DP noise or clipping, the federation's updates do"
+            } else {
+                "here the clinics alone do better"
+            };
             println!(
-                "On the {global_test_len} federation-wide test reviews after round {}: the federated model {:.1}% {metric}; each clinic alone {:.1}% on average (best {:.1}%), since it learned only its own conditions.",
+                "On the {global_test_len} federation-wide test reviews after round {}: the federated model {:.1}% {metric}; each clinic alone {:.1}% on average (best {:.1}%): {why}.",
                 args.rounds,
                 100.0 * fed,
-                100.0 * mean(&l.global),
+                100.0 * alone,
                 100.0 * l.global.iter().copied().fold(f64::NAN, f64::max)
             );
         }
