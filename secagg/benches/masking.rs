@@ -925,7 +925,7 @@ fn main() {
             _ => println!("anchor: openssl is not installed; no OpenSSL figure"),
         }
         for &m in &ms {
-            thread_scaling(m, k as usize, reps.max(5), max_threads);
+            thread_scaling(m, k as usize, reps.max(5), max_threads, (single, multi));
         }
         return;
     }
@@ -944,9 +944,9 @@ fn cpu_line() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(str::trim).unwrap_or("unknown").to_string();
     let flags: Vec<&str> = info.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
-    let wanted = ["aes", "vaes", "avx2", "avx512f", "avx512vl", "sha_ni", "vpclmulqdq"];
+    let wanted = ["aes", "vaes", "avx2", "avx512f", "avx512bw", "avx512vl", "sha_ni", "vpclmulqdq"];
     let have: Vec<&str> = wanted.iter().copied().filter(|f| flags.contains(f)).collect();
-    format!("CPU: {model}, {} logical cores; flags {}", prg::default_threads(), have.join(" "))
+    format!("CPU: {model}, {} logical cores; flags {}; keystream kernel {:?}", prg::default_threads(), have.join(" "), prg::Kernel::best())
 }
 
 /// `openssl speed -evp aes-128-ctr` on 16 KiB blocks, one process and one per core, in
@@ -965,14 +965,17 @@ fn openssl_speed(multi: usize) -> Option<f64> {
     Some(v * 1000.0)
 }
 
-fn thread_scaling(m: usize, k: usize, reps: usize, max_threads: usize) {
-    use tessera_secagg::prg::{apply_masks, keystream_bound, MaskStream, Sign};
+fn thread_scaling(m: usize, k: usize, reps: usize, max_threads: usize, openssl: (Option<f64>, Option<f64>)) {
+    use tessera_secagg::prg::{apply_masks, keystream_bound_with, Kernel, MaskStream, Sign};
     let words = m + 1;
     let seeds: Vec<[u8; 32]> = (0..=k).map(|s| [s as u8 + 1; 32]).collect();
     let sign = |s: usize| if s.is_multiple_of(2) { Sign::Add } else { Sign::Subtract };
-    let streams: Vec<MaskStream> = seeds.iter().enumerate().map(|(s, seed)| MaskStream::new(seed, b"x", sign(s))).collect();
+    let streams =
+        |kernel: Kernel| -> Vec<MaskStream> { seeds.iter().enumerate().map(|(s, seed)| MaskStream::with_kernel(seed, b"x", sign(s), kernel)).collect() };
+    let best = Kernel::best();
+    let kernels: Vec<Kernel> = if best == Kernel::Portable { vec![best] } else { vec![best, Kernel::Portable] };
     let mut reference = vec![7u32; words];
-    apply_masks(&mut reference, &streams, 1);
+    apply_masks(&mut reference, &streams(Kernel::Portable), 1);
     let mut threads: Vec<usize> = vec![1];
     while *threads.last().unwrap_or(&1) * 2 <= max_threads {
         threads.push(threads.last().unwrap_or(&1) * 2);
@@ -983,28 +986,48 @@ fn thread_scaling(m: usize, k: usize, reps: usize, max_threads: usize) {
     let buf = vec![0u8; 4 * words];
     let bytes = (k + 1) * 4 * words;
     println!("\n### Mask kernel and keystream, m = {m}, {} streams ({}), median of {reps} interleaved repetitions\n", k + 1, mib(bytes as f64));
-    println!("| threads | `prg::apply_masks` | GB/s | keystream bound (`keystream_bound`, same threads) | GB/s | kernel ÷ bound | speed-up over 1 thread |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    let mut one = f64::NAN;
-    for &t in &threads {
-        let mut check = vec![7u32; words];
-        apply_masks(&mut check, &streams, t);
-        assert_eq!(check, reference, "{t} threads differ from 1");
-        let (mut tk, mut tb) = (Vec::new(), Vec::new());
-        let mut data = vec![7u32; words];
-        for _ in 0..reps {
-            let s0 = Instant::now();
-            apply_masks(&mut data, &streams, t);
-            tk.push(s0.elapsed().as_secs_f64());
-            let s0 = Instant::now();
-            std::hint::black_box(keystream_bound(&seeds, buf.len(), t));
-            tb.push(s0.elapsed().as_secs_f64());
+    println!("OpenSSL column: the keystream bound's GB/s over `openssl speed -evp aes-128-ctr` (one process for 1 thread, `-multi` for all cores).\n");
+    println!("| keystream kernel | threads | `prg::apply_masks` | GB/s | keystream bound (`keystream_bound_with`, same threads) | GB/s | kernel ÷ bound | bound ÷ OpenSSL | speed-up over 1 thread |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for kernel in kernels {
+        let streams = streams(kernel);
+        let mut one = f64::NAN;
+        for &t in &threads {
+            let mut check = vec![7u32; words];
+            apply_masks(&mut check, &streams, t);
+            assert_eq!(check, reference, "{kernel:?} with {t} threads differs from the portable kernel on 1");
+            let (mut tk, mut tb) = (Vec::new(), Vec::new());
+            let mut data = vec![7u32; words];
+            for _ in 0..reps {
+                let s0 = Instant::now();
+                apply_masks(&mut data, &streams, t);
+                tk.push(s0.elapsed().as_secs_f64());
+                let s0 = Instant::now();
+                std::hint::black_box(keystream_bound_with(&seeds, buf.len(), t, kernel));
+                tb.push(s0.elapsed().as_secs_f64());
+            }
+            let (kt, bt) = (median(&tk), median(&tb));
+            if t == 1 {
+                one = kt;
+            }
+            let gbs = |s: f64| bytes as f64 / s / 1e9;
+            let anchor = if t == 1 {
+                openssl.0
+            } else if t == max_threads {
+                openssl.1
+            } else {
+                None
+            };
+            let vs = anchor.map(|a| format!("{:.2}×", bytes as f64 / bt / a)).unwrap_or_else(|| "—".into());
+            println!(
+                "| {kernel:?} | {t} | {} | {:.2} | {} | {:.2} | {:.2}× | {vs} | {:.2}× |",
+                fmt_time(kt),
+                gbs(kt),
+                fmt_time(bt),
+                gbs(bt),
+                kt / bt,
+                one / kt
+            );
         }
-        let (kt, bt) = (median(&tk), median(&tb));
-        if t == 1 {
-            one = kt;
-        }
-        let gbs = |s: f64| bytes as f64 / s / 1e9;
-        println!("| {t} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2}× |", fmt_time(kt), gbs(kt), fmt_time(bt), gbs(bt), kt / bt, one / kt);
     }
 }

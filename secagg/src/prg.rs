@@ -15,11 +15,89 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroize;
 
-/// The raw CTR core: it writes whole 16-byte keystream blocks (eight at a time through
-/// AES-NI) and seeks to any block, which is what lets every thread generate every stream
-/// for its own chunk of the vector.
+#[cfg(target_arch = "x86_64")]
+mod vaes;
+
+/// The `aes` crate's CTR core: it writes whole 16-byte keystream blocks (eight at a time
+/// through AES-NI, or with the ARMv8 instructions, or in constant-time software) and
+/// seeks to any block, which is what lets every thread generate every stream for its
+/// own chunk of the vector.
 type Aes128CtrCore = ctr::CtrCore<aes::Aes128, ctr::flavors::Ctr128BE>;
-type AesBlock = aes::cipher::Block<Aes128CtrCore>;
+type AesBlock = aes::Block;
+
+/// Which code generates the keystream. Both give the same bytes; [`Kernel::best`] is
+/// what masking uses, and the benchmark compares the two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// VAES on 512-bit registers (x86-64 with VAES, AVX-512F and AVX-512BW): four AES
+    /// blocks per instruction, 32 in flight.
+    Vaes512,
+    /// The `aes` crate: AES-NI eight blocks at a time on x86-64, ARMv8 crypto
+    /// extensions on ARM, constant-time software elsewhere.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if vaes::available() {
+            return Kernel::Vaes512;
+        }
+        Kernel::Portable
+    }
+
+    /// Whether this CPU runs the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vaes512 => vaes::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Vaes512 => false,
+            Kernel::Portable => true,
+        }
+    }
+}
+
+/// One AES-128-CTR keystream (the counter is the whole 16-byte block, big-endian), from
+/// any block on.
+#[derive(Clone)]
+struct Ctr {
+    portable: Aes128CtrCore,
+    #[cfg(target_arch = "x86_64")]
+    vaes: Option<vaes::RoundKeys>,
+    /// The initial counter block, and the block the next write starts at.
+    iv: u128,
+    pos: u128,
+}
+
+impl Ctr {
+    fn new(key: &[u8; 16], iv: &[u8; 16], kernel: Kernel) -> Self {
+        Ctr {
+            portable: Aes128CtrCore::new(key.into(), iv.into()),
+            #[cfg(target_arch = "x86_64")]
+            vaes: if kernel == Kernel::Vaes512 { vaes::RoundKeys::new(key) } else { None },
+            iv: u128::from_be_bytes(*iv),
+            pos: 0,
+        }
+    }
+
+    fn set_block_pos(&mut self, pos: u128) {
+        self.pos = pos;
+        self.portable.set_block_pos(pos);
+    }
+
+    fn write_keystream_blocks(&mut self, out: &mut [AesBlock]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(keys) = &self.vaes {
+            keys.write_blocks(self.iv.wrapping_add(self.pos), out);
+            self.set_block_pos(self.pos.wrapping_add(out.len() as u128));
+            return;
+        }
+        self.portable.write_keystream_blocks(out);
+        self.pos = self.pos.wrapping_add(out.len() as u128);
+    }
+}
 
 /// Whether a stream is added to or subtracted from the vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +110,7 @@ pub enum Sign {
 /// AES-128-CTR (128-bit big-endian counter) read as a little-endian `u32`.
 #[derive(Clone)]
 pub struct MaskStream {
-    core: Aes128CtrCore,
+    core: Ctr,
     sign: Sign,
 }
 
@@ -42,21 +120,34 @@ impl std::fmt::Debug for MaskStream {
     }
 }
 
-fn core_for(seed: &[u8; 32], label: &[u8]) -> Aes128CtrCore {
+/// HKDF-SHA256 of the seed (salt `tessera/prg/v1`, info `label`): the AES key and the
+/// initial counter block.
+fn key_and_iv(seed: &[u8; 32], label: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
     let hk = Hkdf::<Sha256>::new(Some(b"tessera/prg/v1"), seed);
-    let mut okm = [0u8; 32];
+    let mut okm = zeroize::Zeroizing::new([0u8; 32]);
     // 32 bytes is far below HKDF's limit of 255 * 32, so expand cannot fail.
-    hk.expand(label, &mut okm).unwrap_or_else(|_| unreachable!("HKDF output length is valid"));
-    let core = Aes128CtrCore::new((&okm[..16]).into(), (&okm[16..]).into());
-    okm.zeroize();
-    core
+    hk.expand(label, okm.as_mut()).unwrap_or_else(|_| unreachable!("HKDF output length is valid"));
+    okm
+}
+
+fn core_for(seed: &[u8; 32], label: &[u8], kernel: Kernel) -> Ctr {
+    let okm = key_and_iv(seed, label);
+    let (key, iv) = okm.split_at(16);
+    let (Ok(key), Ok(iv)) = (<&[u8; 16]>::try_from(key), <&[u8; 16]>::try_from(iv)) else { unreachable!("32 bytes split at 16") };
+    Ctr::new(key, iv, kernel)
 }
 
 impl MaskStream {
     /// `label` separates the self mask from pairwise masks, so equal seeds in different
     /// roles never give equal streams.
     pub fn new(seed: &[u8; 32], label: &[u8], sign: Sign) -> Self {
-        MaskStream { core: core_for(seed, label), sign }
+        Self::with_kernel(seed, label, sign, Kernel::best())
+    }
+
+    /// [`MaskStream::new`] generated by a given kernel (the benchmark compares them;
+    /// one the CPU cannot run falls back to [`Kernel::Portable`]).
+    pub fn with_kernel(seed: &[u8; 32], label: &[u8], sign: Sign, kernel: Kernel) -> Self {
+        MaskStream { core: core_for(seed, label, kernel), sign }
     }
 }
 
@@ -112,7 +203,7 @@ pub fn apply_masks(out: &mut [u32], streams: &[MaskStream], threads: usize) {
 fn apply_chunk(out: &mut [u32], first: usize, streams: &[MaskStream]) {
     debug_assert!(first.is_multiple_of(4), "chunks start on an AES block");
     let mut ks = [AesBlock::default(); BLOCK_WORDS / 4];
-    let mut cores: Vec<(Aes128CtrCore, Sign)> = streams
+    let mut cores: Vec<(Ctr, Sign)> = streams
         .iter()
         .map(|s| {
             let mut core = s.core.clone();
@@ -153,11 +244,13 @@ fn fold(block: &mut [u32], ks: &[AesBlock], op: impl Fn(u32, u32) -> u32) {
     }
 }
 
-/// Raw keystream throughput reference: fills `out` with AES-128-CTR keystream. Used by
-/// the benchmark to state masking time as a multiple of the keystream bound.
+/// The reference stream: fills `out` with the AES-128-CTR keystream of the `ctr` and
+/// `aes` crates' stream cipher (what every version of this module has applied), which
+/// the kernels are tested against; the benchmark reports its speed beside them.
 pub fn keystream(seed: &[u8; 32], out: &mut [u8]) {
     use aes::cipher::StreamCipher;
-    let mut c = aes::cipher::StreamCipherCoreWrapper::from_core(core_for(seed, b"bench"));
+    let okm = key_and_iv(seed, b"bench");
+    let mut c = ctr::Ctr128BE::<aes::Aes128>::new(okm[..16].into(), okm[16..].into());
     c.apply_keystream(out);
 }
 
@@ -167,24 +260,30 @@ pub fn keystream(seed: &[u8; 32], out: &mut [u8]) {
 /// the XOR of every keystream block, so nothing can be optimised away (and a test can
 /// check the blocks are the streams').
 pub fn keystream_bound(seeds: &[[u8; 32]], len: usize, threads: usize) -> [u8; 16] {
+    keystream_bound_with(seeds, len, threads, Kernel::best())
+}
+
+/// [`keystream_bound`] with a given kernel.
+pub fn keystream_bound_with(seeds: &[[u8; 32]], len: usize, threads: usize, kernel: Kernel) -> [u8; 16] {
     let words = len / 16 * 4;
     let parts = chunks(words, threads);
-    let xor = |a: [u8; 16], b: &[u8]| -> [u8; 16] { std::array::from_fn(|i| a[i] ^ b[i]) };
-    std::thread::scope(|scope| {
+    // XOR as 128-bit words, which vectorises: the bound should cost the keystream alone.
+    let xor = |a: u128, b: &AesBlock| a ^ u128::from_le_bytes((*b).into());
+    let total = std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .iter()
             .map(|&(start, n)| {
                 scope.spawn(move || {
-                    let mut acc = [0u8; 16];
+                    let mut acc = 0u128;
                     let mut ks = [AesBlock::default(); BLOCK_WORDS / 4];
                     for seed in seeds {
-                        let mut core = core_for(seed, b"bench");
+                        let mut core = core_for(seed, b"bench", kernel);
                         core.set_block_pos((start / 4) as u128);
                         let mut left = n / 4;
                         while left > 0 {
                             let take = left.min(ks.len());
                             core.write_keystream_blocks(&mut ks[..take]);
-                            acc = ks[..take].iter().fold(acc, |a, b| xor(a, b));
+                            acc = ks[..take].iter().fold(acc, xor);
                             left -= take;
                         }
                     }
@@ -192,8 +291,9 @@ pub fn keystream_bound(seeds: &[[u8; 32]], len: usize, threads: usize) -> [u8; 1
                 })
             })
             .collect();
-        handles.into_iter().fold([0u8; 16], |a, h| xor(a, &h.join().unwrap_or_default()))
-    })
+        handles.into_iter().fold(0u128, |a, h| a ^ h.join().unwrap_or_default())
+    });
+    total.to_le_bytes()
 }
 
 #[cfg(test)]
@@ -207,7 +307,8 @@ mod tests {
     fn reference(out: &mut [u32], seeds: &[([u8; 32], Sign)], label: &[u8]) {
         for (seed, sign) in seeds {
             let mut bytes = vec![0u8; out.len() * 4];
-            aes::cipher::StreamCipherCoreWrapper::from_core(core_for(seed, label)).apply_keystream(&mut bytes);
+            let okm = key_and_iv(seed, label);
+            ctr::Ctr128BE::<aes::Aes128>::new(okm[..16].into(), okm[16..].into()).apply_keystream(&mut bytes);
             for (o, w) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 let w = u32::from_le_bytes(w.try_into().unwrap());
                 *o = match sign {
@@ -281,6 +382,68 @@ mod tests {
             let mut got = start;
             apply_masks(&mut got, &streams(&seeds, b"p"), threads);
             prop_assert_eq!(got, want);
+        }
+    }
+
+    /// Both kernels' blocks, from `pos` on, for `n` blocks of the stream with this IV.
+    fn kernel_blocks(key: &[u8; 16], iv: &[u8; 16], kernel: Kernel, pos: u128, n: usize) -> Vec<AesBlock> {
+        let mut c = Ctr::new(key, iv, kernel);
+        c.set_block_pos(pos);
+        let mut out = vec![AesBlock::default(); n];
+        // In two writes of uneven length, so a write that ends mid-group is followed by one.
+        let (a, b) = out.split_at_mut(n / 3);
+        c.write_keystream_blocks(a);
+        c.write_keystream_blocks(b);
+        out
+    }
+
+    /// The `ctr` crate's blocks from `pos` on: the reference.
+    fn reference_blocks(key: &[u8; 16], iv: &[u8; 16], pos: u128, n: usize) -> Vec<AesBlock> {
+        let mut c = Aes128CtrCore::new(key.into(), iv.into());
+        c.set_block_pos(pos);
+        let mut out = vec![AesBlock::default(); n];
+        c.write_keystream_blocks(&mut out);
+        out
+    }
+
+    /// Every kernel this CPU runs gives the reference's blocks: from every offset within
+    /// a 64-block group, for lengths around the group, and where the counter's low 64
+    /// bits carry into the high ones or the whole 128-bit counter wraps to zero inside a
+    /// write.
+    #[test]
+    fn every_kernel_gives_the_reference_blocks() {
+        let key = [0x2bu8; 16];
+        let ivs: [[u8; 16]; 4] = [[7; 16], (u128::from(u64::MAX) - 40).to_be_bytes(), (u128::MAX - 50).to_be_bytes(), (u128::MAX - 3).to_be_bytes()];
+        for kernel in [Kernel::Vaes512, Kernel::Portable] {
+            if !kernel.available() {
+                eprintln!("{kernel:?} does not run on this CPU; not tested");
+                continue;
+            }
+            for iv in &ivs {
+                for pos in 0u128..70 {
+                    for n in [1usize, 5, 31, 32, 33, 63, 64, 65, 100, 129, 257] {
+                        assert_eq!(
+                            kernel_blocks(&key, iv, kernel, pos, n),
+                            reference_blocks(&key, iv, pos, n),
+                            "{kernel:?}, iv {iv:02x?}, pos {pos}, {n} blocks"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masks_are_the_same_with_either_kernel() {
+        let seeds = [[11u8; 32], [12u8; 32], [13u8; 32]];
+        let make = |kernel: Kernel| -> Vec<MaskStream> { seeds.iter().map(|s| MaskStream::with_kernel(s, b"k", Sign::Add, kernel)).collect() };
+        let mut portable = vec![5u32; 50_003];
+        apply_masks(&mut portable, &make(Kernel::Portable), 2);
+        let mut best = vec![5u32; 50_003];
+        apply_masks(&mut best, &make(Kernel::best()), 3);
+        assert_eq!(best, portable);
+        for kernel in [Kernel::Vaes512, Kernel::Portable] {
+            assert_eq!(keystream_bound_with(&seeds, 80_000, 2, kernel), keystream_bound_with(&seeds, 80_000, 1, Kernel::Portable), "{kernel:?}");
         }
     }
 
