@@ -16,6 +16,10 @@ pub struct Metrics {
     /// TLS handshakes completed since the start: with kept-alive connections, about
     /// one per institution, not one per request.
     pub tls_handshakes: std::sync::atomic::AtomicU64,
+    /// `/v1/privacy`'s PRV floors of record-level claims: served from the cache, and
+    /// computed (see `service::FloorCache`).
+    pub privacy_floor_hits: std::sync::atomic::AtomicU64,
+    pub privacy_floor_misses: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -42,6 +46,11 @@ impl Metrics {
             "# HELP tessera_tls_handshakes_total TLS handshakes completed.\n# TYPE tessera_tls_handshakes_total counter\ntessera_tls_handshakes_total {}\n",
             self.tls_handshakes.load(std::sync::atomic::Ordering::Relaxed)
         );
+        out.push_str(&format!(
+            "# HELP tessera_privacy_floor_cache_total PRV floors of record-level claims for /v1/privacy, by whether the cache had them.\n# TYPE tessera_privacy_floor_cache_total counter\ntessera_privacy_floor_cache_total{{result=\"hit\"}} {}\ntessera_privacy_floor_cache_total{{result=\"miss\"}} {}\n",
+            self.privacy_floor_hits.load(std::sync::atomic::Ordering::Relaxed),
+            self.privacy_floor_misses.load(std::sync::atomic::Ordering::Relaxed)
+        ));
         out.push_str("# HELP tessera_http_request_duration_seconds Request latency by route.\n# TYPE tessera_http_request_duration_seconds summary\n");
         for ((method, route), s) in routes.iter() {
             let labels = format!("method=\"{method}\",route=\"{route}\"");

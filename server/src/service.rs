@@ -124,6 +124,8 @@ pub struct Service {
     /// Institution names by lower-case roster key: a lookup per key, not a scan of the
     /// roster (a status read names every participant; at n = 1,000 the scans cost 10 ms).
     names_by_key: std::collections::HashMap<String, String>,
+    /// PRV floors of record-level claims, computed once per history for `/v1/privacy`.
+    privacy_floors: FloorCache,
 }
 
 /// The longest a client may park a request waiting for a phase (`?wait=SECONDS`).
@@ -320,9 +322,84 @@ pub struct RecordPrivacyView {
 /// A round and the record-level claim an institution signed in it.
 type RoundClaim = (u64, tessera_attestation::audit::RecordPrivacyRecord);
 
+/// How many more rounds at `noise_multiplier` fit in `budget` after the releases in
+/// `groups` (capped at [`MAX_ROUNDS_REMAINING`]). ε grows with every round, so the count
+/// is found by doubling and bisection: about 35 accountings, not one per round.
+fn rounds_within_budget(groups: &[(f64, u64)], noise_multiplier: f64, delta: f64, budget: f64) -> u64 {
+    let fits = |extra: u64| {
+        let mut g = groups.to_vec();
+        g.push((noise_multiplier, extra));
+        tessera_secagg::dp::epsilon_of(&g, delta) <= budget
+    };
+    if !fits(1) {
+        return 0;
+    }
+    // fits(lo) holds, fits(hi) fails (or hi is past the cap).
+    let (mut lo, mut hi) = (1u64, 2u64);
+    while hi <= MAX_ROUNDS_REMAINING && fits(hi) {
+        lo = hi;
+        hi *= 2;
+    }
+    if hi > MAX_ROUNDS_REMAINING {
+        if fits(MAX_ROUNDS_REMAINING) {
+            return MAX_ROUNDS_REMAINING;
+        }
+        hi = MAX_ROUNDS_REMAINING;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The most rounds `/v1/privacy` counts as remaining.
+const MAX_ROUNDS_REMAINING: u64 = 100_000;
+
+/// PRV floors of record-level runs already computed, by their exact inputs (δ and each
+/// run's σ, q and steps, bit for bit). A floor costs tens of milliseconds and
+/// `/v1/privacy` needs one for each institution whose claim is below RDP's ε, on every
+/// request; the runs of a finished round never change, so each history is computed
+/// once. Keyed by the inputs themselves, so an entry can never be stale. Bounded: emptied
+/// when it reaches [`FloorCache::CAPACITY`] entries (a few hundred kilobytes).
+#[derive(Debug, Default)]
+pub(crate) struct FloorCache {
+    floors: std::sync::Mutex<std::collections::HashMap<Vec<u64>, f64>>,
+}
+
+impl FloorCache {
+    const CAPACITY: usize = 4096;
+
+    /// `prv::epsilon_floor(runs, delta)`, from the cache where it was computed before;
+    /// counts hits and misses in `metrics`.
+    fn floor(&self, runs: &[tessera_secagg::rdp::SgmSteps], delta: f64, metrics: &Metrics) -> f64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let key: Vec<u64> =
+            std::iter::once(delta.to_bits()).chain(runs.iter().flat_map(|r| [r.noise_multiplier.to_bits(), r.sample_rate.to_bits(), r.steps])).collect();
+        if let Some(&eps) = self.floors.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            metrics.privacy_floor_hits.fetch_add(1, Relaxed);
+            return eps;
+        }
+        metrics.privacy_floor_misses.fetch_add(1, Relaxed);
+        // Computed outside the lock: two requests may both compute a new history once.
+        let eps = tessera_secagg::prv::epsilon_floor(runs, delta);
+        let mut floors = self.floors.lock().unwrap_or_else(|p| p.into_inner());
+        if floors.len() >= Self::CAPACITY {
+            floors.clear();
+        }
+        floors.insert(key, eps);
+        eps
+    }
+}
+
 /// Record-level claims of one institution, in round order: the view of the latest, and
-/// whether they are consistent with one another.
-fn record_view(claims: &[RoundClaim]) -> Option<RecordPrivacyView> {
+/// whether they are consistent with one another. `floor` is the PRV's lower bound of a
+/// history of runs at δ ([`FloorCache::floor`]).
+fn record_view(claims: &[RoundClaim], floor: impl FnOnce(&[tessera_secagg::rdp::SgmSteps], f64) -> f64) -> Option<RecordPrivacyView> {
     let (round, last) = *claims.last()?;
     let mut inconsistency = None;
     for w in claims.windows(2) {
@@ -346,7 +423,7 @@ fn record_view(claims: &[RoundClaim]) -> Option<RecordPrivacyView> {
     // PRV's lower bound of the logged runs.
     let mut logged = tessera_secagg::rdp::epsilon(&runs, last.claim.delta);
     if last.claim.epsilon < logged * (1.0 - 1e-6) {
-        logged = tessera_secagg::prv::epsilon_floor(&runs, last.claim.delta);
+        logged = floor(&runs, last.claim.delta);
     }
     if last.claim.epsilon < logged * (1.0 - 1e-6) {
         inconsistency.get_or_insert(format!(
@@ -504,6 +581,7 @@ impl Service {
             tls_fingerprint,
             evidence: std::sync::Mutex::new(evidence),
             metrics: Arc::new(Metrics::default()),
+            privacy_floors: FloorCache::default(),
             authenticator,
             format,
             evidence_maker,
@@ -830,17 +908,7 @@ impl Service {
         let rounds_released = groups.iter().map(|g| g.1).sum();
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
         let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
-        let rounds_remaining = schedule_dp.map(|dp| {
-            let mut extra = 0u64;
-            loop {
-                let mut g = groups.clone();
-                g.push((dp.noise_multiplier, extra + 1));
-                if extra >= 100_000 || tessera_secagg::dp::epsilon_of(&g, dp.delta) > dp.epsilon_budget {
-                    break extra;
-                }
-                extra += 1;
-            }
-        });
+        let rounds_remaining = schedule_dp.map(|dp| rounds_within_budget(&groups, dp.noise_multiplier, dp.delta, dp.epsilon_budget));
         Ok(PrivacyReport {
             params: schedule_dp,
             rounds_released,
@@ -882,7 +950,7 @@ impl Service {
                 institution: self.institution_name(&identity).unwrap_or("(unknown)").to_string(),
                 identity,
                 epsilon,
-                record: record_view(&claims),
+                record: record_view(&claims, |runs, delta| self.privacy_floors.floor(runs, delta, &self.metrics)),
             })
             .collect())
     }
@@ -1084,5 +1152,54 @@ impl Service {
             "aborted" => Err(ApiError::new(StatusCode::GONE, "round_aborted", format!("round {round} was aborted: {}", row.outcome.unwrap_or_default()))),
             _ => Err(ApiError::not_yet("the result")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The count the server gave before the bisection: one accounting per round.
+    fn linear(groups: &[(f64, u64)], z: f64, delta: f64, budget: f64) -> u64 {
+        let mut extra = 0u64;
+        loop {
+            let mut g = groups.to_vec();
+            g.push((z, extra + 1));
+            if extra >= MAX_ROUNDS_REMAINING || tessera_secagg::dp::epsilon_of(&g, delta) > budget {
+                break extra;
+            }
+            extra += 1;
+        }
+    }
+
+    #[test]
+    fn rounds_remaining_by_bisection_equal_the_count_round_by_round() {
+        for (groups, z, budget) in [
+            (vec![], 1.0, 10.0),
+            (vec![(1.0, 3)], 1.0, 10.0),
+            (vec![(0.8, 2), (2.0, 5)], 1.5, 20.0),
+            (vec![(1.0, 50)], 1.0, 1.0),
+            (vec![], 0.3, 0.5),
+            (vec![], 5.0, 8.0),
+        ] {
+            assert_eq!(rounds_within_budget(&groups, z, 1e-5, budget), linear(&groups, z, 1e-5, budget), "{groups:?}, z = {z}, budget {budget}");
+        }
+        // Past the cap, the cap.
+        assert_eq!(rounds_within_budget(&[], 1e4, 1e-5, 50.0), MAX_ROUNDS_REMAINING);
+    }
+
+    #[test]
+    fn floors_are_computed_once_per_history() {
+        let cache = FloorCache::default();
+        let metrics = Metrics::default();
+        let run = |steps| tessera_secagg::rdp::SgmSteps { noise_multiplier: 1.0, sample_rate: 0.05, steps };
+        let a = cache.floor(&[run(20)], 1e-5, &metrics);
+        assert_eq!(a, tessera_secagg::prv::epsilon_floor(&[run(20)], 1e-5));
+        assert_eq!(cache.floor(&[run(20)], 1e-5, &metrics), a);
+        let b = cache.floor(&[run(20), run(20)], 1e-5, &metrics);
+        assert!(b > a);
+        assert_ne!(cache.floor(&[run(20)], 1e-6, &metrics), a, "δ is part of the key");
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!((metrics.privacy_floor_hits.load(Relaxed), metrics.privacy_floor_misses.load(Relaxed)), (1, 3));
     }
 }

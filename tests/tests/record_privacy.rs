@@ -125,6 +125,22 @@ async fn record_level_epsilon_is_signed_logged_reported_and_audited() {
     assert!(i3["inconsistency"].as_str().unwrap().contains(&format!("less than the {floor:.4} its 2 logged runs compose to")), "{i3}");
     // Institution-level ε is reported beside it (no DP on the sum in these rounds).
     assert!(by_name("institution-3")["epsilon"].is_null());
+
+    // A second read computes no PRV floor again (each takes tens of milliseconds): the
+    // cache serves them, and the report is the same.
+    let floors = |text: &[u8], result: &str| {
+        let text = String::from_utf8_lossy(text);
+        tessera_tests::metric(&text, &format!("tessera_privacy_floor_cache_total{{result=\"{result}\"}}"))
+            .unwrap_or_else(|| panic!("no {result} count in {text}"))
+    };
+    let before = admin.get_bytes("/metrics").await.unwrap();
+    let (misses, hits) = (floors(&before, "miss"), floors(&before, "hit"));
+    assert!(misses >= 1, "the first read computed floors");
+    let again: serde_json::Value = admin.get_json("/v1/privacy").await.unwrap();
+    assert_eq!(again["institutions"], report["institutions"]);
+    let after = admin.get_bytes("/metrics").await.unwrap();
+    assert_eq!(floors(&after, "miss"), misses, "no floor is computed twice");
+    assert!(floors(&after, "hit") > hits, "the floors come from the cache");
     server.stop().await;
 }
 
