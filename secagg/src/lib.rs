@@ -20,7 +20,8 @@
 //! - [`shamir`]: t-of-k secret sharing over GF(2^8), constant time;
 //! - [`prg`]: AES-128-CTR mask expansion fused with the masking arithmetic;
 //! - [`dp`] and [`rdp`]: distributed DP of the release and the Rényi-DP accountants
-//!   (institution level, and DP-SGD's record level);
+//!   (institution level, and DP-SGD's record level); [`prv`]: the PRV accountant;
+//!   [`skellam`]: integer (Skellam) noise shares and their accountant;
 //! - [`wire`]: the messages of the five phases and their canonical encodings;
 //! - [`client`] and [`aggregator`]: the two state machines.
 
@@ -39,6 +40,7 @@ pub mod prv;
 pub mod quantize;
 pub mod rdp;
 pub mod shamir;
+pub mod skellam;
 pub mod wire;
 
 pub use config::{ClientId, RoundConfig};
