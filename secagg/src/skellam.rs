@@ -231,6 +231,181 @@ pub fn add_noise<R: Rng + ?Sized>(words: &mut [u32], share_variance: f64, rng: &
     }
 }
 
+/// The client and server halves of TFF's distributed-DP pipeline with Skellam noise, for
+/// an update already rotated ([`crate::compress`]'s randomized Hadamard rotation, whose
+/// padded length is the accountant's dimension):
+///
+/// 1. clip to L2 norm `l2_clip`;
+/// 2. scale by `scale`;
+/// 3. round stochastically to integers, again until the rounded vector's L2 norm is
+///    within [`rounded_l2_norm_bound`] (conditional rounding, Kairouz et al. 2021, with
+///    probability β of a retry; β = 0 rounds once);
+/// 4. add a Skellam share of variance `(local_stddev · scale)²` to every coordinate;
+/// 5. reduce mod 2^`bits` (modular clipping: the sum wraps instead of saturating).
+///
+/// The masked sum of these words is exact arithmetic mod 2^`bits`;
+/// [`SkellamPipeline::decode_sum`] reads it as centred integers and divides by `scale`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkellamPipeline {
+    pub l2_clip: f64,
+    pub scale: f64,
+    pub beta: f64,
+    /// One share's noise standard deviation, in the unscaled domain.
+    pub local_stddev: f64,
+    /// The modulus is 2^bits (1 to 32).
+    pub bits: u32,
+}
+
+/// Conditional rounding gives up after this many draws (each succeeds with probability
+/// at least 1 − β, so 10⁴ failures in a row mean the input is not what it claims).
+const MAX_ROUNDING_DRAWS: u32 = 10_000;
+
+impl SkellamPipeline {
+    /// TFF's heuristic scale: the largest for which `k` standard deviations of the
+    /// aggregate of `n` shares (signal of norm up to `n·c` spread flat over `dim`
+    /// coordinates by the rotation, `rho` its flatness, plus rounding and noise) fit in
+    /// the modulus: `2^b = 2k·√(ρ/d·c²n² + (γ²/4 + σ²)·n) / γ` solved for `1/γ`.
+    pub fn heuristic_scale(local_stddev: f64, l2_clip: f64, bits: u32, n: u32, dim: u64, k: f64, rho: f64) -> Result<f64, Error> {
+        let (n, d) = (f64::from(n), dim as f64);
+        let room = 2f64.powi(2 * bits as i32) - n * k * k;
+        if !(room > 0.0) {
+            return Err(Error::Config(format!(
+                "{bits} bits cannot hold {k} standard deviations of the rounding of {n} shares: use more bits, fewer shares or a smaller k"
+            )));
+        }
+        let scale = room.sqrt() / (2.0 * k * (rho / d * l2_clip * l2_clip * n * n + n * local_stddev * local_stddev).sqrt());
+        if scale.is_finite() && scale > 0.0 {
+            Ok(scale)
+        } else {
+            Err(Error::Config(format!("no scale fits: clip {l2_clip}, σ {local_stddev}, {bits} bits, {n} shares, dimension {dim}")))
+        }
+    }
+
+    /// The pipeline for a target ε at `delta` over `steps` releases at sampling rate `q`:
+    /// the scale and the noise are chosen together (TFF's `skellam_params`, by fixed-point
+    /// iteration here), the noise for `honest_shares` shares (a round's `t − f`: the
+    /// shares no coalition can subtract), the scale for `n` shares in the sum, `k = 3`
+    /// standard deviations and flatness ρ = 1.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_target(
+        target_epsilon: f64,
+        delta: f64,
+        l2_clip: f64,
+        bits: u32,
+        n: u32,
+        honest_shares: u32,
+        dim: u64,
+        q: f64,
+        steps: u64,
+        beta: f64,
+    ) -> Result<Self, Error> {
+        if honest_shares == 0 || honest_shares > n {
+            return Err(Error::Config(format!("honest shares {honest_shares} must be in 1..={n}")));
+        }
+        let shares = f64::from(honest_shares).sqrt();
+        let mut local = l2_clip;
+        let mut scale = Self::heuristic_scale(local, l2_clip, bits, n, dim, 3.0, 1.0)?;
+        for _ in 0..50 {
+            let release = SkellamRelease { scale, central_stddev: 1.0, l2_clip, beta, dim, sample_rate: q, steps };
+            let next_local = release.central_stddev_for(target_epsilon, delta)? / shares;
+            let next_scale = Self::heuristic_scale(next_local, l2_clip, bits, n, dim, 3.0, 1.0)?;
+            let settled = (next_scale / scale - 1.0).abs() < 1e-9 && (next_local / local - 1.0).abs() < 1e-9;
+            (local, scale) = (next_local, next_scale);
+            if settled {
+                break;
+            }
+        }
+        // The last step moved the scale a little after σ was calibrated: calibrate σ at
+        // the final scale, so the stated ε holds for exactly these parameters.
+        let release = SkellamRelease { scale, central_stddev: 1.0, l2_clip, beta, dim, sample_rate: q, steps };
+        let local_stddev = release.central_stddev_for(target_epsilon, delta)? / shares;
+        let p = SkellamPipeline { l2_clip, scale, beta, local_stddev, bits };
+        p.validate()?;
+        Ok(p)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let pos = |v: f64| v.is_finite() && v > 0.0;
+        if pos(self.l2_clip) && pos(self.scale) && pos(self.local_stddev) && (0.0..1.0).contains(&self.beta) && (1..=32).contains(&self.bits) {
+            Ok(())
+        } else {
+            Err(Error::Config(format!("Skellam pipeline out of range: {self:?}")))
+        }
+    }
+
+    /// What the accountant analyses when `honest_shares` shares are summed, over `steps`
+    /// releases at sampling rate `q`, for vectors of dimension `dim`.
+    pub fn release(&self, honest_shares: u32, dim: u64, q: f64, steps: u64) -> SkellamRelease {
+        SkellamRelease {
+            scale: self.scale,
+            central_stddev: self.local_stddev * f64::from(honest_shares).sqrt(),
+            l2_clip: self.l2_clip,
+            beta: self.beta,
+            dim,
+            sample_rate: q,
+            steps,
+        }
+    }
+
+    fn mask(&self) -> u32 {
+        if self.bits == 32 {
+            u32::MAX
+        } else {
+            (1u32 << self.bits) - 1
+        }
+    }
+
+    /// Steps 1–3: the clipped, scaled, conditionally rounded integer vector.
+    pub fn round<R: Rng + ?Sized>(&self, x: &[f32], rng: &mut R) -> Result<Vec<i64>, Error> {
+        self.validate()?;
+        if x.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Config("the update has a NaN or infinite coordinate".into()));
+        }
+        let norm = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        let factor = self.scale * if norm > self.l2_clip { self.l2_clip / norm } else { 1.0 };
+        let scaled: Vec<f64> = x.iter().map(|&v| f64::from(v) * factor).collect();
+        let bound = rounded_l2_norm_bound(self.l2_clip * self.scale, self.beta, x.len() as u64);
+        for _ in 0..MAX_ROUNDING_DRAWS {
+            let rounded: Vec<i64> = scaled
+                .iter()
+                .map(|&v| {
+                    let floor = v.floor();
+                    let up = rng.gen::<f64>() < v - floor;
+                    floor as i64 + i64::from(up)
+                })
+                .collect();
+            let norm2: f64 = rounded.iter().map(|&v| (v * v) as f64).sum();
+            if self.beta == 0.0 || norm2.sqrt() <= bound {
+                return Ok(rounded);
+            }
+        }
+        Err(Error::Config(format!("conditional rounding found no draw within the norm bound {bound} in {MAX_ROUNDING_DRAWS} tries")))
+    }
+
+    /// Steps 1–5: one institution's words, ready to mask.
+    pub fn encode<R: Rng + ?Sized>(&self, x: &[f32], rng: &mut R) -> Result<Vec<u32>, Error> {
+        let rounded = self.round(x, rng)?;
+        let lambda = (self.local_stddev * self.scale).powi(2) / 2.0;
+        let mask = self.mask();
+        Ok(rounded.into_iter().map(|v| (v + sample(rng, lambda)) as u32 & mask).collect())
+    }
+
+    /// The released sum (of the words mod 2^bits) as reals: each word read as a centred
+    /// integer in [−2^(bits−1), 2^(bits−1)), divided by the scale.
+    pub fn decode_sum(&self, sum: &[u32]) -> Vec<f64> {
+        let mask = self.mask();
+        let half = 1i64 << (self.bits - 1);
+        sum.iter()
+            .map(|&w| {
+                let v = i64::from(w & mask);
+                let centred = if v >= half { v - 2 * half } else { v };
+                centred as f64 / self.scale
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +508,65 @@ mod tests {
         }
         let var = noise_sum.iter().map(|&n| (n * n) as f64).sum::<f64>() / 1000.0;
         assert!((var / 150.0 - 1.0).abs() < 0.2, "five shares of variance 30 sum to variance 150, measured {var}");
+    }
+
+    /// Five institutions through the whole pipeline: the words sum mod 2^b to exactly the
+    /// integers they encode, the decoded sum is the true sum plus noise of the stated
+    /// variance, and every rounded vector is within the conditional norm bound.
+    #[test]
+    fn the_pipeline_releases_the_sum_with_the_stated_noise() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let (n, dim) = (5u32, 4096usize);
+        let p = SkellamPipeline::for_target(8.0, 1e-5, 1.0, 20, n, n - 1, dim as u64, 1.0, 10, (-0.5f64).exp()).expect("parameters");
+        let eps = p.release(n - 1, dim as u64, 1.0, 10).epsilon(1e-5).expect("valid").0;
+        assert!((eps - 8.0).abs() < 0.08, "ε = {eps}");
+        let inputs: Vec<Vec<f32>> = (0..n).map(|c| (0..dim).map(|i| (((i * 31 + c as usize * 7) % 17) as f32 - 8.0) * 0.004).collect()).collect();
+        let clipped: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|x| {
+                let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+                x.iter().map(|&v| f64::from(v) * (1.0f64).min(1.0 / norm)).collect()
+            })
+            .collect();
+        let bound = rounded_l2_norm_bound(p.scale, p.beta, dim as u64);
+        for x in &inputs {
+            let r = p.round(x, &mut rng).expect("rounds");
+            assert!((r.iter().map(|&v| (v * v) as f64).sum::<f64>()).sqrt() <= bound);
+        }
+        let mut sum = vec![0u32; dim];
+        for x in &inputs {
+            for (s, w) in sum.iter_mut().zip(p.encode(x, &mut rng).expect("encodes")) {
+                *s = s.wrapping_add(w) & p.mask();
+            }
+        }
+        let decoded = p.decode_sum(&sum);
+        let errors: Vec<f64> = (0..dim).map(|i| decoded[i] - clipped.iter().map(|x| x[i]).sum::<f64>()).collect();
+        let mean = errors.iter().sum::<f64>() / dim as f64;
+        let var = errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (dim - 1) as f64;
+        // Noise n·σ², plus the rounding's at most n/4 in scaled units.
+        let noise = f64::from(n) * p.local_stddev.powi(2);
+        let rounding_max = f64::from(n) / 4.0 / p.scale.powi(2);
+        assert!(mean.abs() < 5.0 * ((noise + rounding_max) / dim as f64).sqrt(), "bias {mean}");
+        assert!(var > noise * 0.9 && var < (noise + rounding_max) * 1.1, "variance {var}, noise {noise}, rounding ≤ {rounding_max}");
+    }
+
+    #[test]
+    fn modular_clipping_wraps_and_decodes_exactly() {
+        let p = SkellamPipeline { l2_clip: 1.0, scale: 10.0, beta: 0.0, local_stddev: 1e-9, bits: 8 };
+        // Integers in [-128, 128) survive the wrap; their sum does too while it stays there.
+        let words: Vec<u32> = [-100i64, -1, 0, 1, 127].iter().map(|&v| v as u32 & p.mask()).collect();
+        let sums: Vec<u32> = words.iter().map(|&w| w.wrapping_add(words[1]) & p.mask()).collect();
+        assert_eq!(p.decode_sum(&sums), vec![-10.1, -0.2, -0.1, 0.0, 12.6]);
+    }
+
+    #[test]
+    fn the_scale_leaves_k_deviations_of_room() {
+        let (bits, n, dim, sd) = (16u32, 10u32, 1024u64, 0.5f64);
+        let s = SkellamPipeline::heuristic_scale(sd, 1.0, bits, n, dim, 3.0, 1.0).expect("fits");
+        let (nf, d) = (f64::from(n), dim as f64);
+        let spread = 3.0 * (1.0 / d * nf * nf + (1.0 / (4.0 * s * s) + sd * sd) * nf).sqrt() * s;
+        assert!((2.0 * spread / 2f64.powi(16) - 1.0).abs() < 1e-9, "{spread}");
+        assert!(SkellamPipeline::heuristic_scale(sd, 1.0, 2, 100, dim, 3.0, 1.0).is_err(), "2 bits cannot hold 100 shares");
     }
 
     #[test]
