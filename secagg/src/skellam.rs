@@ -269,7 +269,7 @@ impl SkellamPipeline {
     pub fn heuristic_scale(local_stddev: f64, l2_clip: f64, bits: u32, n: u32, dim: u64, k: f64, rho: f64) -> Result<f64, Error> {
         let (n, d) = (f64::from(n), dim as f64);
         let room = 2f64.powi(2 * bits as i32) - n * k * k;
-        if !(room > 0.0) {
+        if room.is_nan() || room <= 0.0 {
             return Err(Error::Config(format!(
                 "{bits} bits cannot hold {k} standard deviations of the rounding of {n} shares: use more bits, fewer shares or a smaller k"
             )));
