@@ -135,12 +135,13 @@ impl SkellamRelease {
             && (0.0..1.0).contains(&self.beta)
             && self.dim > 0
             && self.sample_rate > 0.0
-            && self.sample_rate <= 1.0;
+            && self.sample_rate <= 1.0
+            && self.steps > 0;
         if ok {
             Ok(())
         } else {
             Err(Error::Config(format!(
-                "Skellam parameters out of range: {self:?} (scale, stddev and clip positive and finite, β in [0, 1), dimension ≥ 1, sampling rate in (0, 1])"
+                "Skellam parameters out of range: {self:?} (scale, stddev and clip positive and finite, β in [0, 1), dimension ≥ 1, sampling rate in (0, 1], steps ≥ 1)"
             )))
         }
     }
@@ -203,32 +204,77 @@ impl SkellamRelease {
     }
 }
 
+/// The largest λ a draw accepts: 2^50, so every Poisson draw (within a few thousand
+/// standard deviations of λ) is an integer an f64 holds exactly. A share variance that
+/// large is far past any modulus anyway.
+pub const MAX_LAMBDA: f64 = 1_125_899_906_842_624.0;
+
 /// A draw of Sk(λ, λ) = Poisson(λ) − Poisson(λ): symmetric, integer, variance 2λ.
-/// `lambda` must be finite and non-negative (0 draws 0).
-pub fn sample<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> i64 {
-    poisson(rng, lambda) - poisson(rng, lambda)
+/// Refuses a λ that is negative, not finite or above [`MAX_LAMBDA`] (0 draws 0), so a
+/// bad parameter can never mean silently less noise.
+pub fn sample<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> Result<i64, Error> {
+    if !(0.0..=MAX_LAMBDA).contains(&lambda) {
+        return Err(Error::Config(format!("Skellam λ = {lambda} is not in [0, 2^50]")));
+    }
+    Ok(poisson(rng, lambda) - poisson(rng, lambda))
 }
 
-/// Poisson(λ) as an integer, by rand_distr: inversion for small λ, PTRS (Hörmann 1993,
-/// an exact rejection sampler) for large; its integer-valued f64 is converted.
+/// Poisson(λ) for 0 ≤ λ ≤ [`MAX_LAMBDA`]: for λ < 10, the multiplication method
+/// (Knuth: count uniforms until their product falls below e^−λ); above, Hörmann's
+/// transformed rejection with squeeze, PTRS ("The transformed rejection method for
+/// generating Poisson random variables", Insurance: Mathematics and Economics 12, 1993),
+/// which is exact: its acceptance test compares against the Poisson probability itself
+/// (through ln k! by lgamma).
 fn poisson<R: Rng + ?Sized>(rng: &mut R, lambda: f64) -> i64 {
-    if lambda <= 0.0 {
+    if lambda == 0.0 {
         return 0;
     }
-    match rand_distr::Poisson::new(lambda) {
-        Ok(p) => rand_distr::Distribution::<f64>::sample(&p, rng) as i64,
-        Err(_) => 0,
+    if lambda < 10.0 {
+        let limit = (-lambda).exp();
+        let mut k = 0i64;
+        let mut product = rng.gen::<f64>();
+        while product > limit {
+            k += 1;
+            product *= rng.gen::<f64>();
+        }
+        return k;
+    }
+    let sq = lambda.sqrt();
+    let log_lambda = lambda.ln();
+    let b = 0.931 + 2.53 * sq;
+    let a = -0.059 + 0.02483 * b;
+    let inv_alpha = 1.1239 + 1.1328 / (b - 3.4);
+    let v_r = 0.9277 - 3.6224 / (b - 2.0);
+    loop {
+        let u = rng.gen::<f64>() - 0.5;
+        let v = rng.gen::<f64>();
+        let us = 0.5 - u.abs();
+        let k = ((2.0 * a / us + b) * u + lambda + 0.43).floor();
+        if us >= 0.07 && v <= v_r {
+            return k as i64;
+        }
+        if k < 0.0 || (us < 0.013 && v > us) {
+            continue;
+        }
+        if v.ln() + inv_alpha.ln() - (a / (us * us) + b).ln() <= -lambda + k * log_lambda - libm::lgamma(k + 1.0) {
+            return k as i64;
+        }
     }
 }
 
 /// Adds one institution's share of Skellam noise, variance `share_variance` in the scaled
 /// integer domain (`(central_stddev · scale)² / n`), to every word, mod 2^32 (the masked
-/// domain; a smaller modulus 2^b takes the low b bits of the same sum).
-pub fn add_noise<R: Rng + ?Sized>(words: &mut [u32], share_variance: f64, rng: &mut R) {
+/// domain; a smaller modulus 2^b takes the low b bits of the same sum). Refuses a
+/// variance [`sample`] refuses, before changing any word.
+pub fn add_noise<R: Rng + ?Sized>(words: &mut [u32], share_variance: f64, rng: &mut R) -> Result<(), Error> {
     let lambda = share_variance / 2.0;
-    for w in words.iter_mut() {
-        *w = w.wrapping_add(sample(rng, lambda) as u32);
+    if !(0.0..=MAX_LAMBDA).contains(&lambda) {
+        return Err(Error::Config(format!("Skellam share variance {share_variance} is not in [0, 2^51]")));
     }
+    for w in words.iter_mut() {
+        *w = w.wrapping_add(sample(rng, lambda)? as u32);
+    }
+    Ok(())
 }
 
 /// The client and server halves of TFF's distributed-DP pipeline with Skellam noise, for
@@ -348,12 +394,10 @@ impl SkellamPipeline {
         }
     }
 
+    /// 2^bits − 1 (`bits` clamped to 1..=32; [`SkellamPipeline::validate`] refuses
+    /// other values).
     fn mask(&self) -> u32 {
-        if self.bits == 32 {
-            u32::MAX
-        } else {
-            (1u32 << self.bits) - 1
-        }
+        u32::MAX >> (32 - self.bits.clamp(1, 32))
     }
 
     /// Steps 1–3: the clipped, scaled, conditionally rounded integer vector.
@@ -375,7 +419,7 @@ impl SkellamPipeline {
                     floor as i64 + i64::from(up)
                 })
                 .collect();
-            let norm2: f64 = rounded.iter().map(|&v| (v * v) as f64).sum();
+            let norm2: f64 = rounded.iter().map(|&v| (v as f64) * (v as f64)).sum();
             if self.beta == 0.0 || norm2.sqrt() <= bound {
                 return Ok(rounded);
             }
@@ -388,21 +432,23 @@ impl SkellamPipeline {
         let rounded = self.round(x, rng)?;
         let lambda = (self.local_stddev * self.scale).powi(2) / 2.0;
         let mask = self.mask();
-        Ok(rounded.into_iter().map(|v| (v + sample(rng, lambda)) as u32 & mask).collect())
+        rounded.into_iter().map(|v| Ok((v + sample(rng, lambda)?) as u32 & mask)).collect()
     }
 
     /// The released sum (of the words mod 2^bits) as reals: each word read as a centred
     /// integer in [−2^(bits−1), 2^(bits−1)), divided by the scale.
-    pub fn decode_sum(&self, sum: &[u32]) -> Vec<f64> {
+    pub fn decode_sum(&self, sum: &[u32]) -> Result<Vec<f64>, Error> {
+        self.validate()?;
         let mask = self.mask();
         let half = 1i64 << (self.bits - 1);
-        sum.iter()
+        Ok(sum
+            .iter()
             .map(|&w| {
                 let v = i64::from(w & mask);
                 let centred = if v >= half { v - 2 * half } else { v };
                 centred as f64 / self.scale
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -449,7 +495,8 @@ mod tests {
             let (eps, order) = r.release.epsilon(r.delta).expect("valid");
             let rel = (eps - r.epsilon).abs() / r.epsilon.max(1e-12);
             worst = worst.max(rel);
-            assert!(rel < 0.01, "{:?} δ = {}: ε = {eps} (order {order}), reference {} (order {})", r.release, r.delta, r.epsilon, r.order);
+            // The issue asks for 1%; the port is the same arithmetic, so hold it to 1e-9.
+            assert!(rel < 1e-9, "{:?} δ = {}: ε = {eps} (order {order}), reference {} (order {})", r.release, r.delta, r.epsilon, r.order);
         }
         eprintln!("{} cases, largest relative difference {worst:.2e}", refs.epsilon.len());
     }
@@ -470,9 +517,9 @@ mod tests {
     #[test]
     fn the_noise_has_the_stated_variance() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
-        for lambda in [0.3, 4.0, 50.0, 2.0e4] {
+        for lambda in [0.3, 4.0, 9.9, 10.0, 50.0, 2.0e4, 3.0e9] {
             let n = 200_000;
-            let draws: Vec<f64> = (0..n).map(|_| sample(&mut rng, lambda) as f64).collect();
+            let draws: Vec<f64> = (0..n).map(|_| sample(&mut rng, lambda).expect("valid λ") as f64).collect();
             let mean = draws.iter().sum::<f64>() / n as f64;
             let var = draws.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
             // Standard errors: √(2λ/n) for the mean, about 2λ·√(2/n) for the variance.
@@ -482,7 +529,8 @@ mod tests {
     }
 
     /// The released sum is exact modular arithmetic: the sum of the clients' integer
-    /// inputs plus the sum of their noise, whatever wraps on the way.
+    /// inputs plus the sum of their noise draws (drawn again from the same generator
+    /// state), whatever wraps on the way.
     #[test]
     fn the_sum_of_noisy_shares_is_exact() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
@@ -490,14 +538,12 @@ mod tests {
         let mut noisy_sum = vec![0u32; 1000];
         let mut noise_sum = vec![0i64; 1000];
         for input in &inputs {
-            let mut x = input.clone();
-            let mut r = rng.clone();
-            add_noise(&mut x, 30.0, &mut r);
-            // The same draws, kept as integers.
-            for (n, (a, b)) in noise_sum.iter_mut().zip(x.iter().zip(input)) {
-                *n += i64::from(a.wrapping_sub(*b) as i32);
+            let mut again = rng.clone();
+            for n in noise_sum.iter_mut() {
+                *n += sample(&mut again, 15.0).expect("valid λ");
             }
-            rng = r;
+            let mut x = input.clone();
+            add_noise(&mut x, 30.0, &mut rng).expect("valid variance");
             for (s, v) in noisy_sum.iter_mut().zip(&x) {
                 *s = s.wrapping_add(*v);
             }
@@ -510,9 +556,45 @@ mod tests {
         assert!((var / 150.0 - 1.0).abs() < 0.2, "five shares of variance 30 sum to variance 150, measured {var}");
     }
 
-    /// Five institutions through the whole pipeline: the words sum mod 2^b to exactly the
-    /// integers they encode, the decoded sum is the true sum plus noise of the stated
-    /// variance, and every rounded vector is within the conditional norm bound.
+    /// The Poisson draws follow the Poisson distribution point by point, on both
+    /// sides of the switch from the multiplication method to PTRS: every probability
+    /// above 1e-3 within five standard errors of its count in 200,000 draws.
+    #[test]
+    fn poisson_draws_have_the_poisson_distribution() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        for lambda in [3.0f64, 9.5, 10.0, 20.0, 150.0] {
+            let n = 200_000usize;
+            let mut counts = std::collections::HashMap::<i64, usize>::new();
+            for _ in 0..n {
+                *counts.entry(poisson(&mut rng, lambda)).or_default() += 1;
+            }
+            let mut checked = 0;
+            for k in 0..(lambda * 3.0) as i64 + 10 {
+                let p = (-lambda + k as f64 * lambda.ln() - libm::lgamma(k as f64 + 1.0)).exp();
+                if p < 1e-3 {
+                    continue;
+                }
+                let expected = p * n as f64;
+                let got = counts.get(&k).copied().unwrap_or(0) as f64;
+                assert!((got - expected).abs() < 5.0 * expected.sqrt(), "λ = {lambda}, k = {k}: {got} draws, expected {expected:.0}");
+                checked += 1;
+            }
+            assert!(checked >= 5, "λ = {lambda}: only {checked} points checked");
+        }
+    }
+
+    #[test]
+    fn bad_noise_parameters_are_refused_not_ignored() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        for lambda in [f64::NAN, f64::INFINITY, -1.0, 1e300] {
+            assert!(sample(&mut rng, lambda).is_err(), "λ = {lambda}");
+            let mut words = vec![7u32; 4];
+            assert!(add_noise(&mut words, 2.0 * lambda, &mut rng).is_err());
+            assert_eq!(words, vec![7u32; 4], "no word changed");
+        }
+        assert_eq!(sample(&mut rng, 0.0).expect("λ = 0"), 0);
+    }
+
     #[test]
     fn the_pipeline_releases_the_sum_with_the_stated_noise() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
@@ -539,7 +621,7 @@ mod tests {
                 *s = s.wrapping_add(w) & p.mask();
             }
         }
-        let decoded = p.decode_sum(&sum);
+        let decoded = p.decode_sum(&sum).expect("valid");
         let errors: Vec<f64> = (0..dim).map(|i| decoded[i] - clipped.iter().map(|x| x[i]).sum::<f64>()).collect();
         let mean = errors.iter().sum::<f64>() / dim as f64;
         let var = errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (dim - 1) as f64;
@@ -556,7 +638,11 @@ mod tests {
         // Integers in [-128, 128) survive the wrap; their sum does too while it stays there.
         let words: Vec<u32> = [-100i64, -1, 0, 1, 127].iter().map(|&v| v as u32 & p.mask()).collect();
         let sums: Vec<u32> = words.iter().map(|&w| w.wrapping_add(words[1]) & p.mask()).collect();
-        assert_eq!(p.decode_sum(&sums), vec![-10.1, -0.2, -0.1, 0.0, 12.6]);
+        assert_eq!(p.decode_sum(&sums).expect("valid"), vec![-10.1, -0.2, -0.1, 0.0, 12.6]);
+        let wide = SkellamPipeline { bits: 32, ..p };
+        assert_eq!(wide.decode_sum(&[u32::MAX, 1 << 31, (1 << 31) - 1]).expect("valid"), vec![-0.1, -214_748_364.8, 214_748_364.7]);
+        assert!(SkellamPipeline { bits: 0, ..p }.decode_sum(&[1]).is_err());
+        assert!(SkellamPipeline { bits: 33, ..p }.decode_sum(&[1]).is_err());
     }
 
     #[test]
@@ -582,6 +668,7 @@ mod tests {
         ] {
             assert!(bad.epsilon(1e-5).is_err(), "{bad:?}");
         }
+        assert!(SkellamRelease { steps: 0, ..ok }.epsilon(1e-5).is_err());
         assert!(ok.epsilon(0.0).is_err());
         assert!(ok.central_stddev_for(-1.0, 1e-5).is_err());
     }

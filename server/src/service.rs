@@ -365,7 +365,8 @@ const MAX_ROUNDS_REMAINING: u64 = 100_000;
 /// `/v1/privacy` needs one for each institution whose claim is below RDP's ε, on every
 /// request; the runs of a finished round never change, so each history is computed
 /// once. Keyed by the inputs themselves, so an entry can never be stale. Bounded: emptied
-/// when it reaches [`FloorCache::CAPACITY`] entries (a few hundred kilobytes).
+/// when it reaches [`FloorCache::CAPACITY`] entries (each 8·(1 + 3·runs) bytes of key: a
+/// few megabytes for histories of tens of rounds).
 #[derive(Debug, Default)]
 pub(crate) struct FloorCache {
     floors: std::sync::Mutex<std::collections::HashMap<Vec<u64>, f64>>,
@@ -1184,6 +1185,11 @@ mod tests {
         ] {
             assert_eq!(rounds_within_budget(&groups, z, 1e-5, budget), linear(&groups, z, 1e-5, budget), "{groups:?}, z = {z}, budget {budget}");
         }
+        // An answer between 2^16 and the cap, where the bisection's upper end is the cap.
+        let (z, budget) = (150.0, 10.0);
+        let far = rounds_within_budget(&[], z, 1e-5, budget);
+        assert!((65_536..MAX_ROUNDS_REMAINING).contains(&far), "{far}");
+        assert_eq!(far, linear(&[], z, 1e-5, budget));
         // Past the cap, the cap.
         assert_eq!(rounds_within_budget(&[], 1e4, 1e-5, 50.0), MAX_ROUNDS_REMAINING);
     }

@@ -59,6 +59,102 @@ impl RoundKeys {
     }
 }
 
+impl RoundKeys {
+    /// Adds (or, with `subtract`, subtracts) the keystream from counter `counter` on into
+    /// `out` word by word (word i is bytes 4i..4i+4 of the stream, little-endian), mod
+    /// 2^32, without writing the keystream anywhere: each register of four blocks is
+    /// added to sixteen words as it leaves the AES unit. Consumes `⌈out.len() / 4⌉`
+    /// blocks.
+    pub(super) fn apply_words(&self, counter: u128, out: &mut [u32], subtract: bool) {
+        // SAFETY: as in `write_blocks`.
+        unsafe {
+            if subtract {
+                apply::<true>(self, counter, out)
+            } else {
+                apply::<false>(self, counter, out)
+            }
+        }
+    }
+}
+
+impl RoundKeys {
+    /// The XOR of `nblocks` keystream blocks from counter `counter` on, accumulated in a
+    /// register and never stored: the keystream bound, all the AES units can do.
+    pub(super) fn xor_blocks(&self, counter: u128, nblocks: usize) -> u128 {
+        // SAFETY: as in `write_blocks`.
+        unsafe { xor_fold(self, counter, nblocks) }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
+fn xor_fold(rk: &RoundKeys, counter: u128, nblocks: usize) -> u128 {
+    // SAFETY: 16-byte unaligned loads from the round keys.
+    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
+    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    let mut ctr = counter;
+    let mut acc = _mm512_setzero_si512();
+    for _ in 0..nblocks / GROUP {
+        for v in encrypt(&keys, counter_blocks(ctr, bswap, four)) {
+            acc = _mm512_xor_si512(acc, v);
+        }
+        ctr = ctr.wrapping_add(GROUP as u128);
+    }
+    let mut lanes = [0u128; 4];
+    // SAFETY: 64 bytes into a 64-byte array.
+    unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), acc) };
+    let mut total = lanes.iter().fold(0u128, |a, l| a ^ l);
+    let rest = nblocks % GROUP;
+    if rest > 0 {
+        let mut buf = [0u128; GROUP];
+        for (j, v) in encrypt(&keys, counter_blocks(ctr, bswap, four)).iter().enumerate() {
+            // SAFETY: 64 bytes into elements 4j..4j+4 of a GROUP-element buffer.
+            unsafe { _mm512_storeu_si512(buf[4 * j..].as_mut_ptr().cast(), *v) };
+        }
+        total = buf[..rest].iter().fold(total, |a, b| a ^ b);
+    }
+    total
+}
+
+#[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
+fn apply<const SUBTRACT: bool>(rk: &RoundKeys, counter: u128, out: &mut [u32]) {
+    // SAFETY: 16-byte unaligned loads from the round keys.
+    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
+    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    let mut ctr = counter;
+    // Four words per block, sixteen per register.
+    let mut groups = out.chunks_exact_mut(4 * GROUP);
+    for group in &mut groups {
+        let x = encrypt(&keys, counter_blocks(ctr, bswap, four));
+        for (j, v) in x.iter().enumerate() {
+            let p = group[16 * j..].as_mut_ptr();
+            // SAFETY: `group` holds 4·GROUP words; register j covers words 16j..16j+16.
+            unsafe {
+                let o = _mm512_loadu_si512(p.cast());
+                let r = if SUBTRACT { _mm512_sub_epi32(o, *v) } else { _mm512_add_epi32(o, *v) };
+                _mm512_storeu_si512(p.cast(), r);
+            }
+        }
+        ctr = ctr.wrapping_add(GROUP as u128);
+    }
+    let tail = groups.into_remainder();
+    if !tail.is_empty() {
+        let x = encrypt(&keys, counter_blocks(ctr, bswap, four));
+        let mut buf = [0u32; 4 * GROUP];
+        for (j, v) in x.iter().enumerate() {
+            // SAFETY: 64 bytes into words 16j..16j+16 of a 4·GROUP-word buffer.
+            unsafe { _mm512_storeu_si512(buf[16 * j..].as_mut_ptr().cast(), *v) };
+        }
+        for (o, k) in tail.iter_mut().zip(&buf) {
+            // The buffer's words are the stream's little-endian words on this
+            // (little-endian) architecture.
+            *o = if SUBTRACT { o.wrapping_sub(*k) } else { o.wrapping_add(*k) };
+        }
+        buf.zeroize();
+    }
+}
+
 /// The AES-128 key schedule (FIPS 197, 5.2) with AES-NI.
 #[target_feature(enable = "aes,sse2")]
 fn expand(key: &[u8; 16]) -> RoundKeys {
