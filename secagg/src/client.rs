@@ -441,7 +441,10 @@ impl Client {
                 return Err(ProtocolError::TooFewNeighbours { set: "U2", threshold: ts, got: expected.len() }.into());
             }
         }
-        let mut held = BTreeMap::new();
+        // The cheap checks first, so a hostile bundle (a stranger's share, a duplicate)
+        // is refused before any key agreement: at most one agreement per neighbour.
+        let mut senders = BTreeSet::new();
+        let mut to_open = Vec::with_capacity(bundle.shares.len());
         for fwd in &bundle.shares {
             let Some((enc_pk, _)) = self.peers.get(&fwd.from) else {
                 return Err(ProtocolError::BadShares { from: fwd.from, why: "sender is not a neighbour in U1" }.into());
@@ -449,10 +452,21 @@ impl Client {
             if !expected.contains(&fwd.from) {
                 return Err(ProtocolError::BadShares { from: fwd.from, why: "sender is not in U2" }.into());
             }
-            if held.contains_key(&fwd.from) {
+            if !senders.insert(fwd.from) {
                 return Err(ProtocolError::Duplicate(fwd.from).into());
             }
-            let key = self.enc_key.derive(enc_pk, &self.digest, SHARE_ROLE, self.id, fwd.from)?;
+            to_open.push((fwd, *enc_pk));
+        }
+        // The 2k X25519 agreements (one per share, one per mask seed) are this step's
+        // fixed cost beside the keystream: they run on every core.
+        let (enc_key, digest, me) = (&self.enc_key, &self.digest, self.id);
+        let share_keys = par_map(&to_open, self.threads, |(fwd, enc_pk)| enc_key.derive(enc_pk, digest, SHARE_ROLE, me, fwd.from));
+        let neighbours: Vec<(ClientId, [u8; 32])> = expected.iter().map(|v| (*v, self.peers[v].1)).collect();
+        let mask_key = &self.mask_key;
+        let seeds = par_map(&neighbours, self.threads, |(v, mask_pk)| mask_key.derive(mask_pk, digest, MASK_ROLE, me, *v));
+        let mut held = BTreeMap::new();
+        for ((fwd, _), key) in to_open.iter().zip(share_keys) {
+            let key = key?;
             let plain = crypto::decrypt_share(&key, &self.digest, self.cfg.round, fwd.from, self.id, &fwd.ciphertext)?;
             if plain.len() != SHARE_PLAINTEXT_LEN || Some(plain[0]) != self.graph.share_index(fwd.from, self.id) {
                 return Err(ProtocolError::BadShares { from: fwd.from, why: "share has the wrong index" }.into());
@@ -470,9 +484,8 @@ impl Client {
         let mut data = input.to_vec();
         let mut streams = Vec::with_capacity(expected.len() + 1);
         streams.push(MaskStream::new(&self.self_seed, SELF_MASK_LABEL, Sign::Add));
-        for v in &expected {
-            let (_, mask_pk) = self.peers[v];
-            let seed = self.mask_key.derive(&mask_pk, &self.digest, MASK_ROLE, self.id, *v)?;
+        for ((v, _), seed) in neighbours.iter().zip(seeds) {
+            let seed = seed?;
             let sign = if self.id < *v { Sign::Add } else { Sign::Subtract };
             streams.push(MaskStream::new(&seed, PAIR_MASK_LABEL, sign));
         }
@@ -608,4 +621,18 @@ pub fn key_binding(digest: &[u8; 32], id: ClientId, enc_pk: &[u8; 32], mask_pk: 
         out[i * 32..(i + 1) * 32].copy_from_slice(&crypto::sha256(&body));
     }
     out
+}
+
+/// `items.iter().map(f)` on up to `threads` threads, in order; one thread below eight
+/// items, where spawning costs more than it saves.
+fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 || items.len() < 8 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.chunks(per).map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
 }

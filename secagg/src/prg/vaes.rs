@@ -88,10 +88,7 @@ impl RoundKeys {
 
 #[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
 fn xor_fold(rk: &RoundKeys, counter: u128, nblocks: usize) -> u128 {
-    // SAFETY: 16-byte unaligned loads from the round keys.
-    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
-    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    let (keys, bswap, four) = constants(rk);
     let mut ctr = counter;
     let mut acc = _mm512_setzero_si512();
     for _ in 0..nblocks / GROUP {
@@ -118,10 +115,7 @@ fn xor_fold(rk: &RoundKeys, counter: u128, nblocks: usize) -> u128 {
 
 #[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
 fn apply<const SUBTRACT: bool>(rk: &RoundKeys, counter: u128, out: &mut [u32]) {
-    // SAFETY: 16-byte unaligned loads from the round keys.
-    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
-    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    let (keys, bswap, four) = constants(rk);
     let mut ctr = counter;
     // Four words per block, sixteen per register.
     let mut groups = out.chunks_exact_mut(4 * GROUP);
@@ -198,6 +192,18 @@ fn next(k: __m128i, assist: __m128i) -> __m128i {
     _mm_xor_si128(k, t)
 }
 
+/// The round keys, each broadcast to the four lanes of a register; the shuffle that
+/// reverses the bytes of each 128-bit lane (a little-endian u128 becomes the big-endian
+/// counter block); and the counter step of one register, 4 in each lane.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn constants(rk: &RoundKeys) -> ([__m512i; 11], __m512i, __m512i) {
+    // SAFETY: 16-byte unaligned loads from the round keys.
+    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
+    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    (keys, bswap, four)
+}
+
 /// Encrypts sixteen registers of counter blocks with the expanded keys.
 #[target_feature(enable = "avx512f,avx512bw,vaes")]
 fn encrypt(keys: &[__m512i; 11], mut x: [__m512i; REGS]) -> [__m512i; REGS] {
@@ -217,12 +223,7 @@ fn encrypt(keys: &[__m512i; 11], mut x: [__m512i; REGS]) -> [__m512i; REGS] {
 
 #[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
 fn blocks(rk: &RoundKeys, counter: u128, out: &mut [Block]) {
-    // SAFETY: 16-byte unaligned loads from the round keys.
-    let keys: [__m512i; 11] = std::array::from_fn(|i| _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(rk.0[i].as_ptr().cast()) }));
-    // Reverses the bytes of each 128-bit lane: a little-endian u128 becomes the
-    // big-endian counter block.
-    let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    let four = _mm512_set_epi64(0, 4, 0, 4, 0, 4, 0, 4);
+    let (keys, bswap, four) = constants(rk);
     let mut ctr = counter;
     let mut groups = out.chunks_exact_mut(GROUP);
     for group in &mut groups {
