@@ -39,10 +39,10 @@ struct ServerArgs {
     mask_threads: Option<usize>,
 }
 
-/// The data and local schedule `finetune` takes (a subset of `federate`'s).
+/// The data and local schedule `federate` and `finetune` share.
 #[derive(clap::Args)]
 struct Schedule {
-    /// Training examples (JSON lines, as --task says).
+    /// Training examples (JSON lines, as --task says); they never leave this machine.
     #[arg(long)]
     train: PathBuf,
     /// Held-out examples, evaluated after every round.
@@ -54,6 +54,8 @@ struct Schedule {
     /// With --task sft: the longest greedy answer generated for exact match.
     #[arg(long, default_value_t = 32)]
     answer_tokens: usize,
+    /// Rounds: of the federation to take part in (`federate`), or of local training, each
+    /// followed by an evaluation (`finetune`).
     #[arg(long, default_value_t = 3)]
     rounds: u64,
     /// Optimizer steps per round.
@@ -63,7 +65,8 @@ struct Schedule {
     batch_size: usize,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    /// Append one JSON object per round (the keys of `federate --report`) to this file.
+    /// Append one JSON object per round (losses, accuracy, exact match, bytes, tokens/s)
+    /// to this file.
     #[arg(long)]
     report: Option<PathBuf>,
     /// libtorch CPU threads (0: libtorch's default, one per core).
@@ -195,30 +198,10 @@ enum Command {
         /// "response"} or chat {"messages"}), loss on the responses only.
         #[arg(long, value_enum, default_value_t = Task::Classify)]
         task: Task,
-        /// Local training examples (JSON lines, as --task says).
-        #[arg(long)]
-        train: PathBuf,
-        /// Local held-out examples, evaluated after every round.
-        #[arg(long)]
-        test: PathBuf,
-        /// Held-out examples of the whole federation (all groups), also evaluated after every round.
-        #[arg(long)]
-        global_test: Option<PathBuf>,
-        /// With --task sft: the longest greedy answer generated for exact match.
-        #[arg(long, default_value_t = 32)]
-        answer_tokens: usize,
-        /// Rounds to take part in.
-        #[arg(long, default_value_t = 3)]
-        rounds: u64,
-        /// Optimizer steps per round.
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
+        #[command(flatten)]
+        schedule: Schedule,
         #[arg(long, default_value_t = 1)]
         grad_accum: usize,
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
         /// FedProx proximal coefficient μ (0: FedAvg).
         #[arg(long, default_value_t = 0.0)]
         prox_mu: f64,
@@ -257,9 +240,6 @@ enum Command {
         /// Write the global adapter (PEFT format) here after every round.
         #[arg(long)]
         adapter_out: Option<PathBuf>,
-        /// Append one JSON object per round (losses, accuracy, bytes, tokens/s) to this file.
-        #[arg(long)]
-        report: Option<PathBuf>,
         /// Accept SIMULATED aggregator evidence and present simulated evidence (INSECURE dev mode).
         #[arg(long)]
         insecure_dev: bool,
@@ -280,9 +260,6 @@ enum Command {
         /// Fault injection for demos: leave round N after sharing keys.
         #[arg(long)]
         drop_in_round: Option<u64>,
-        /// libtorch CPU threads (0: libtorch's default, one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: i32,
         /// Fault injection for demos and benchmarks: after each local training, wait
         /// (F − 1) times as long as it took, as an institution F times slower would.
         #[arg(long, default_value_t = 1.0)]
@@ -507,16 +484,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 inst.apply_mean(&update.delta)?;
                 let (eval, global_eval) = (inst.evaluate(false)?.unwrap_or_default(), inst.evaluate(true)?);
                 eprintln!("[{name}] round {round}: train loss {:.4}, held-out {eval}, {:.0} tok/s", update.stats.final_loss, update.stats.tokens_per_sec);
-                let row = serde_json::json!({
-                    "mode": "local-only", "task": task, "institution": name, "round": round, "train_loss": update.stats.final_loss,
-                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "held_out_exact_match": eval.exact_match, "held_out_perplexity": eval.perplexity,
-                    "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.and_then(|e| e.accuracy),
-                    "global_exact_match": global_eval.and_then(|e| e.exact_match), "global_perplexity": global_eval.and_then(|e| e.perplexity),
-                    "initial_loss": before.map(|e| e.loss), "initial_accuracy": before.and_then(|e| e.accuracy), "initial_exact_match": before.and_then(|e| e.exact_match),
-                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.and_then(|e| e.accuracy),
-                    "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
-                    "tokens_per_sec": update.stats.tokens_per_sec, "train_seconds": update.stats.seconds, "seconds_since_start": started.elapsed().as_secs_f64(),
-                });
+                let row = report_row(
+                    &RoundEvals { task, institution: &name, round, stats: &update.stats, eval, global_eval, before, global_before, started },
+                    serde_json::json!({ "mode": "local-only" }),
+                );
                 if let Some(path) = &s.report {
                     append_report(path, &row)?;
                 }
@@ -539,15 +510,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             model,
             task,
-            train,
-            test,
-            global_test,
-            answer_tokens,
-            rounds,
-            steps,
-            batch_size,
+            schedule: Schedule { train, test, global_test, answer_tokens, rounds, steps, batch_size, lr, report, threads },
             grad_accum,
-            lr,
             prox_mu,
             record_epsilon,
             record_delta,
@@ -558,14 +522,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_opt,
             server_lr,
             adapter_out,
-            report,
             insecure_dev,
             wait,
             aggregator_policy,
             floors,
             tee_endorsements,
             drop_in_round,
-            threads,
             slowdown,
         } => {
             anyhow::ensure!(slowdown.is_finite() && slowdown >= 1.0, "--slowdown must be at least 1, got {slowdown}");
@@ -785,21 +747,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 next_round = if buffered { None } else { Some(round + 1) };
                 let eval = inst.evaluate(false)?.unwrap_or_default();
                 let global_eval = inst.evaluate(true)?;
-                let row = serde_json::json!({
-                    "task": task, "global_loss": global_eval.map(|e| e.loss), "global_accuracy": global_eval.and_then(|e| e.accuracy),
-                    "global_exact_match": global_eval.and_then(|e| e.exact_match), "global_perplexity": global_eval.and_then(|e| e.perplexity),
-                    "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.and_then(|e| e.accuracy),
-                    "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
-                    "institution": identity.name, "round": round, "train_loss": update.stats.final_loss,
-                    "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "held_out_exact_match": eval.exact_match,
-                    "held_out_perplexity": eval.perplexity, "tokens_per_sec": update.stats.tokens_per_sec,
-                    "train_seconds": update.stats.seconds, "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),
-                    "initial_loss": before.loss, "initial_accuracy": before.accuracy, "initial_exact_match": before.exact_match,
-                    "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
-                    "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
-                    "global_version": buffered.then_some(version), "staleness": staleness, "range_clamped_fraction": clamped,
-                    "seconds_since_start": started.elapsed().as_secs_f64(),
-                });
+                let row = report_row(
+                    &RoundEvals {
+                        task,
+                        institution: &identity.name,
+                        round,
+                        stats: &update.stats,
+                        eval,
+                        global_eval,
+                        before: Some(before),
+                        global_before,
+                        started,
+                    },
+                    serde_json::json!({
+                        "bytes_sent": bytes, "included": included, "dropped": drop_in_round == Some(i),
+                        "record_epsilon": record_epsilon, "record_delta": record_privacy.as_ref().map(|p| p.delta),
+                        "clipped_fraction": record_privacy.as_ref().map(|_| update.stats.clipped_fraction),
+                        "global_version": buffered.then_some(version), "staleness": staleness, "range_clamped_fraction": clamped,
+                    }),
+                );
                 eprintln!(
                     "[{}] round {round}: train loss {:.4}, held-out {eval}, {:.0} tok/s",
                     identity.name, update.stats.final_loss, update.stats.tokens_per_sec
@@ -985,6 +951,40 @@ fn generate(
 }
 
 /// Appends one JSON line to a per-round report.
+/// What every report row states of a round, in `federate` and `finetune` alike.
+struct RoundEvals<'a> {
+    task: Task,
+    institution: &'a str,
+    round: u64,
+    stats: &'a tessera_client::train::trainer::TrainStats,
+    eval: Eval,
+    global_eval: Option<Eval>,
+    /// The evaluations before the first round (absent with `--no-initial-eval`).
+    before: Option<Eval>,
+    global_before: Option<Eval>,
+    started: std::time::Instant,
+}
+
+/// One JSON report row: the keys of [`RoundEvals`], then the command's own (`extra`, an
+/// object).
+fn report_row(r: &RoundEvals, extra: serde_json::Value) -> serde_json::Value {
+    let (eval, global, before, global_before) = (r.eval, r.global_eval, r.before, r.global_before);
+    let mut row = serde_json::json!({
+        "task": r.task, "institution": r.institution, "round": r.round, "train_loss": r.stats.final_loss,
+        "held_out_loss": eval.loss, "held_out_accuracy": eval.accuracy, "held_out_exact_match": eval.exact_match, "held_out_perplexity": eval.perplexity,
+        "global_loss": global.map(|e| e.loss), "global_accuracy": global.and_then(|e| e.accuracy),
+        "global_exact_match": global.and_then(|e| e.exact_match), "global_perplexity": global.and_then(|e| e.perplexity),
+        "initial_loss": before.map(|e| e.loss), "initial_accuracy": before.and_then(|e| e.accuracy), "initial_exact_match": before.and_then(|e| e.exact_match),
+        "initial_global_loss": global_before.map(|e| e.loss), "initial_global_accuracy": global_before.and_then(|e| e.accuracy),
+        "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
+        "tokens_per_sec": r.stats.tokens_per_sec, "train_seconds": r.stats.seconds, "seconds_since_start": r.started.elapsed().as_secs_f64(),
+    });
+    if let (Some(row), serde_json::Value::Object(extra)) = (row.as_object_mut(), extra) {
+        row.extend(extra);
+    }
+    row
+}
+
 fn append_report(path: &Path, row: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;

@@ -267,14 +267,20 @@ impl SftEncoder {
     ) -> Result<Continuation, ModelError> {
         let ids = self.prompt_ids(prompt)?;
         let stop = self.stop_tokens();
-        let mut tokens = llama.generate(&ids, max_new_tokens, sampling, &stop, rng);
+        let tokens = llama.generate(&ids, max_new_tokens, sampling, &stop, rng);
+        self.continuation(ids.len(), tokens, &stop)
+    }
+
+    /// The [`Continuation`] of a prompt of `prompt_tokens` tokens by the generated
+    /// `tokens`: a final stop token is counted but not decoded.
+    fn continuation(&self, prompt_tokens: usize, mut tokens: Vec<i64>, stop: &[i64]) -> Result<Continuation, ModelError> {
         let generated = tokens.len();
         let stopped = tokens.last().is_some_and(|t| stop.contains(t));
         if stopped {
             tokens.pop();
         }
         let text = self.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        Ok(Continuation { text, prompt_tokens: ids.len(), generated, stopped })
+        Ok(Continuation { text, prompt_tokens, generated, stopped })
     }
 
     /// Greedy continuations of many prompts, decoded as [`SftEncoder::continue_prompt`]
@@ -338,15 +344,8 @@ impl SftEncoder {
             let p: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
             let r: Vec<Vec<i64>> = chunk.iter().map(|&i| responses[i].clone()).collect();
             let (losses, continuations) = llama.score_and_generate(&p, &r, max_new_tokens, &stop);
-            for ((&i, loss), mut tokens) in chunk.iter().zip(losses).zip(continuations) {
-                let generated = tokens.len();
-                let stopped = tokens.last().is_some_and(|t| stop.contains(t));
-                if stopped {
-                    tokens.pop();
-                }
-                let text =
-                    self.tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-                out[i] = Some((loss, Continuation { text, prompt_tokens: prompts[i].len(), generated, stopped }));
+            for ((&i, loss), tokens) in chunk.iter().zip(losses).zip(continuations) {
+                out[i] = Some((loss, self.continuation(prompts[i].len(), tokens, &stop)?));
             }
         }
         Ok(out.into_iter().map(|c| c.unwrap_or((0.0, Continuation { text: String::new(), prompt_tokens: 0, generated: 0, stopped: false }))).collect())
