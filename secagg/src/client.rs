@@ -460,10 +460,10 @@ impl Client {
         // The 2k X25519 agreements (one per share, one per mask seed) are this step's
         // fixed cost beside the keystream: they run on every core.
         let (enc_key, digest, me) = (&self.enc_key, &self.digest, self.id);
-        let share_keys = par_map(&to_open, self.threads, |(fwd, enc_pk)| enc_key.derive(enc_pk, digest, SHARE_ROLE, me, fwd.from));
+        let share_keys = crate::prg::par_map(&to_open, self.threads, |(fwd, enc_pk)| enc_key.derive(enc_pk, digest, SHARE_ROLE, me, fwd.from));
         let neighbours: Vec<(ClientId, [u8; 32])> = expected.iter().map(|v| (*v, self.peers[v].1)).collect();
         let mask_key = &self.mask_key;
-        let seeds = par_map(&neighbours, self.threads, |(v, mask_pk)| mask_key.derive(mask_pk, digest, MASK_ROLE, me, *v));
+        let seeds = crate::prg::par_map(&neighbours, self.threads, |(v, mask_pk)| mask_key.derive(mask_pk, digest, MASK_ROLE, me, *v));
         let mut held = BTreeMap::new();
         for ((fwd, _), key) in to_open.iter().zip(share_keys) {
             let key = key?;
@@ -621,18 +621,4 @@ pub fn key_binding(digest: &[u8; 32], id: ClientId, enc_pk: &[u8; 32], mask_pk: 
         out[i * 32..(i + 1) * 32].copy_from_slice(&crypto::sha256(&body));
     }
     out
-}
-
-/// `items.iter().map(f)` on up to `threads` threads, in order; one thread below eight
-/// items, where spawning costs more than it saves.
-fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = threads.clamp(1, items.len().max(1));
-    if threads == 1 || items.len() < 8 {
-        return items.iter().map(f).collect();
-    }
-    let per = items.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items.chunks(per).map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-    })
 }

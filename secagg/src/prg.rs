@@ -205,6 +205,20 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1)
 }
 
+/// `items.iter().map(f)` on up to `threads` threads, in order; one thread below eight
+/// items, where spawning costs more than it saves.
+pub(crate) fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 || items.len() < 8 {
+        return items.iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.chunks(per).map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}
+
 /// Contiguous chunks of `len` words for up to `threads` threads, each boundary a
 /// multiple of [`BLOCK_WORDS`]: (first word, length).
 fn chunks(len: usize, threads: usize) -> Vec<(usize, usize)> {
