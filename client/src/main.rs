@@ -950,7 +950,6 @@ fn generate(
     Ok(())
 }
 
-/// Appends one JSON line to a per-round report.
 /// What every report row states of a round, in `federate` and `finetune` alike.
 struct RoundEvals<'a> {
     task: Task,
@@ -966,7 +965,7 @@ struct RoundEvals<'a> {
 }
 
 /// One JSON report row: the keys of [`RoundEvals`], then the command's own (`extra`, an
-/// object).
+/// object whose keys are not among them).
 fn report_row(r: &RoundEvals, extra: serde_json::Value) -> serde_json::Value {
     let (eval, global, before, global_before) = (r.eval, r.global_eval, r.before, r.global_before);
     let mut row = serde_json::json!({
@@ -979,12 +978,15 @@ fn report_row(r: &RoundEvals, extra: serde_json::Value) -> serde_json::Value {
         "initial_global_exact_match": global_before.and_then(|e| e.exact_match),
         "tokens_per_sec": r.stats.tokens_per_sec, "train_seconds": r.stats.seconds, "seconds_since_start": r.started.elapsed().as_secs_f64(),
     });
+    debug_assert!(extra.is_object(), "the extra keys of a report row come as an object");
     if let (Some(row), serde_json::Value::Object(extra)) = (row.as_object_mut(), extra) {
+        debug_assert!(extra.keys().all(|k| !row.contains_key(k)), "a command's own keys do not replace the shared ones");
         row.extend(extra);
     }
     row
 }
 
+/// Appends one JSON line to a per-round report.
 fn append_report(path: &Path, row: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;

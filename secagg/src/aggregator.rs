@@ -490,8 +490,9 @@ impl Aggregator {
         let ts = self.cfg.share_threshold as usize;
         // The reconstructions and key agreements (one per survivor's self mask, one per
         // pair of a dropped client and a surviving neighbour: 418 at n = 100, k = 46, 10%
-        // dropout) run on every core, in order, so the first error is the one a
-        // sequential pass would meet.
+        // dropout) run on every core. Results keep their order, so within each of the
+        // three passes (self masks, dropped clients' keys, pairwise seeds) the error
+        // reported is the first a sequential pass would meet; any error aborts the round.
         let survivors: Vec<ClientId> = self.u3.keys().copied().collect();
         let this = &*self;
         let self_masks = crate::prg::par_map(&survivors, self.threads, |&u| -> Result<MaskStream, Error> {
