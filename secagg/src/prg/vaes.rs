@@ -18,11 +18,6 @@ use std::arch::x86_64::*;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-/// One 16-byte keystream block, as the `aes` crate types it (a `GenericArray<u8, U16>`:
-/// 16 contiguous bytes, alignment 1).
-type Block = aes::Block;
-const _: () = assert!(std::mem::size_of::<Block>() == 16 && std::mem::align_of::<Block>() == 1);
-
 /// Blocks per iteration: sixteen registers of four blocks (with the eleven round keys
 /// and two constants, 29 of the 32 vector registers).
 const REGS: usize = 16;
@@ -51,22 +46,13 @@ impl RoundKeys {
         Some(unsafe { expand(key) })
     }
 
-    /// Writes the keystream blocks of counters `counter`, `counter + 1`, … (mod 2^128)
-    /// into `out`.
-    pub(super) fn write_blocks(&self, counter: u128, out: &mut [Block]) {
-        // SAFETY: a `RoundKeys` exists only where `available()` held (see `new`).
-        unsafe { blocks(self, counter, out) }
-    }
-}
-
-impl RoundKeys {
     /// Adds (or, with `subtract`, subtracts) the keystream from counter `counter` on into
     /// `out` word by word (word i is bytes 4i..4i+4 of the stream, little-endian), mod
     /// 2^32, without writing the keystream anywhere: each register of four blocks is
     /// added to sixteen words as it leaves the AES unit. Consumes `⌈out.len() / 4⌉`
     /// blocks.
     pub(super) fn apply_words(&self, counter: u128, out: &mut [u32], subtract: bool) {
-        // SAFETY: as in `write_blocks`.
+        // SAFETY: a `RoundKeys` exists only where `available()` held (see `new`).
         unsafe {
             if subtract {
                 apply::<true>(self, counter, out)
@@ -75,13 +61,11 @@ impl RoundKeys {
             }
         }
     }
-}
 
-impl RoundKeys {
     /// The XOR of `nblocks` keystream blocks from counter `counter` on, accumulated in a
     /// register and never stored: the keystream bound, all the AES units can do.
     pub(super) fn xor_blocks(&self, counter: u128, nblocks: usize) -> u128 {
-        // SAFETY: as in `write_blocks`.
+        // SAFETY: a `RoundKeys` exists only where `available()` held (see `new`).
         unsafe { xor_fold(self, counter, nblocks) }
     }
 }
@@ -219,35 +203,6 @@ fn encrypt(keys: &[__m512i; 11], mut x: [__m512i; REGS]) -> [__m512i; REGS] {
         *v = _mm512_aesenclast_epi128(*v, keys[10]);
     }
     x
-}
-
-#[target_feature(enable = "avx512f,avx512bw,vaes,aes")]
-fn blocks(rk: &RoundKeys, counter: u128, out: &mut [Block]) {
-    let (keys, bswap, four) = constants(rk);
-    let mut ctr = counter;
-    let mut groups = out.chunks_exact_mut(GROUP);
-    for group in &mut groups {
-        let x = encrypt(&keys, counter_blocks(ctr, bswap, four));
-        for (j, v) in x.iter().enumerate() {
-            // SAFETY: `group` holds GROUP blocks of 16 bytes; register j covers blocks
-            // 4j..4j+4, bytes 64j..64j+64.
-            unsafe { _mm512_storeu_si512(group[4 * j..].as_mut_ptr().cast(), *v) };
-        }
-        ctr = ctr.wrapping_add(GROUP as u128);
-    }
-    let tail = groups.into_remainder();
-    if !tail.is_empty() {
-        let x = encrypt(&keys, counter_blocks(ctr, bswap, four));
-        let mut buf = [Block::default(); GROUP];
-        for (j, v) in x.iter().enumerate() {
-            // SAFETY: as above, into a GROUP-block buffer.
-            unsafe { _mm512_storeu_si512(buf[4 * j..].as_mut_ptr().cast(), *v) };
-        }
-        tail.copy_from_slice(&buf[..tail.len()]);
-        for b in buf.iter_mut() {
-            b.as_mut_slice().zeroize();
-        }
-    }
 }
 
 /// The 64 big-endian counter blocks `ctr`, …, `ctr + 63` (mod 2^128) in sixteen registers.
