@@ -61,6 +61,22 @@ pub struct DpSummary {
     pub colluders: u32,
     #[serde(default)]
     pub adjacency: Adjacency,
+    /// Set when the round's noise was Skellam, drawn in the integers (mirrors
+    /// `tessera_secagg::dp::SkellamNoise`, with the dimension its accountant needs);
+    /// absent: continuous Gaussian shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skellam: Option<SkellamSummary>,
+}
+
+/// A Skellam round's quantization, as its ε is computed from it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkellamSummary {
+    pub scale: f64,
+    /// Conditional rounding's β.
+    pub beta: f64,
+    /// Coordinates of the (encoded) update the noise is added to.
+    pub dim: u64,
 }
 
 /// The record-level DP an institution signed with its masked input (mirrors
@@ -369,8 +385,12 @@ impl RoundReport {
             1 => "any 1 participant".to_string(),
             n => format!("any {n} colluding participants"),
         };
+        let noise = match dp.skellam {
+            None => "Gaussian noise".to_string(),
+            Some(s) => format!("Skellam noise in the integers (scale {:e}, β = {:.3}, {} coordinates)", s.scale, s.beta, s.dim),
+        };
         Some(format!(
-            "{}; δ = {:e}, z = {} against {against}; ε this round {} against {against}, {} against outsiders; federation cumulative {} against {against}, {} against outsiders (budget {})",
+            "{}; {noise}; δ = {:e}, z = {} against {against}; ε this round {} against {against}, {} against outsiders; federation cumulative {} against {against}, {} against outsiders (budget {})",
             dp.adjacency.explained(),
             dp.delta,
             dp.noise_multiplier,

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tessera_secagg::config::RoundConfig;
+use tessera_secagg::dp::{Against, Mechanism};
 use tessera_secagg::prv::Accountant;
 use tessera_secagg::rdp::SgmSteps;
 
@@ -38,6 +39,10 @@ pub struct Contribution {
     pub delta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub colluders: Option<u32>,
+    /// The mechanism charged, against a coalition of `colluders` (absent in entries
+    /// written before Skellam noise: those are Gaussian at `noise_multiplier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<Mechanism>,
     /// When it was charged, ms since the Unix epoch.
     pub charged_at_ms: u64,
 }
@@ -52,6 +57,7 @@ impl Contribution {
             noise_multiplier: cfg.dp.map(|d| d.noise_multiplier),
             delta: cfg.dp.map(|d| d.delta),
             colluders: cfg.dp.map(|d| d.colluders),
+            mechanism: cfg.dp_mechanism(Against::Coalition),
             charged_at_ms,
         }
     }
@@ -144,10 +150,15 @@ impl PrivacyLedger {
     /// `colluders` was charged by an earlier version for a round whose noise was split
     /// over all t shares, so its z held against outsiders only; not knowing t, it is
     /// charged at the worst case t = 2, z·√(1/2).
-    fn groups(&self) -> Vec<(f64, u64)> {
-        let mut groups: Vec<(f64, u64)> = Vec::new();
-        for z in self.contributions.iter().filter_map(|c| c.noise_multiplier.map(|z| if c.colluders.unwrap_or(0) == 0 { z * 0.5f64.sqrt() } else { z })) {
-            tessera_secagg::dp::add_release(&mut groups, z);
+    fn groups(&self) -> Vec<(Mechanism, u64)> {
+        let mut groups = Vec::new();
+        for c in &self.contributions {
+            let m = match (c.mechanism, c.noise_multiplier) {
+                (Some(m), _) => m,
+                (None, Some(z)) => Mechanism::Gaussian { noise_multiplier: if c.colluders.unwrap_or(0) == 0 { z * 0.5f64.sqrt() } else { z } },
+                (None, None) => continue,
+            };
+            tessera_secagg::dp::add_release(&mut groups, m);
         }
         groups
     }
@@ -280,7 +291,7 @@ mod tests {
         let roster = (0..3u8).map(|i| hex::encode([i; 32])).collect();
         let mut c = RoundConfig::with_defaults(round, roster, 4, [1; 32]);
         c.max_weight = 1;
-        c.dp = Some(DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders: 1 });
+        c.dp = Some(DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders: 1, skellam: None });
         c
     }
 
@@ -305,6 +316,32 @@ mod tests {
         let mut plain = cfg(3, 2.0);
         plain.dp = None;
         ledger.check("agg", &plain, budget).unwrap();
+    }
+
+    /// A Skellam round is charged as the Skellam release it ran (not as a Gaussian at its
+    /// z), beside Gaussian rounds; a ledger written before the field reads as Gaussian.
+    #[test]
+    fn skellam_rounds_are_charged_as_skellam() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("privacy-ledger.json");
+        let mut sk = cfg(2, 2.0);
+        sk.modulus_bits = 16;
+        let dp = sk.dp.unwrap();
+        sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: Some(40.0), beta: 0.5 }), ..dp });
+        sk.validate().unwrap();
+        PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1).unwrap();
+        PrivacyLedger::charge(&path, "agg", &sk, 2).unwrap();
+        let ledger = PrivacyLedger::load(&path).unwrap();
+        let m = sk.dp_mechanism(Against::Coalition).unwrap();
+        assert!(matches!(m, Mechanism::Skellam(_)));
+        assert_eq!(ledger.contributions[1].mechanism, Some(m));
+        let want = tessera_secagg::dp::epsilon_of(&[(Mechanism::Gaussian { noise_multiplier: 2.0 }, 1), (m, 1)], 1e-5);
+        assert!((ledger.spent(1e-5) - want).abs() < 1e-12);
+        // At a scale of 40 the rounding costs: more than two Gaussian rounds at z = 2.
+        assert!(ledger.spent(1e-5) > epsilon(2.0, 2, 1e-5));
+        let legacy = r#"{"version": 1, "contributions": [{"aggregator": "a", "round": 1, "config_digest": "00", "noise_multiplier": 2.0, "delta": 1e-5, "colluders": 1, "charged_at_ms": 1}]}"#;
+        std::fs::write(&path, legacy).unwrap();
+        assert!((PrivacyLedger::load(&path).unwrap().spent(1e-5) - epsilon(2.0, 1, 1e-5)).abs() < 1e-12);
     }
 
     #[test]

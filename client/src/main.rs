@@ -843,15 +843,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     // A round with DP: clip to its L2 bound and add this institution's noise share.
                     if let Some(norm) = prepare_for_round(&mut flat, cfg) {
                         if let Some(dp) = cfg.dp {
-                            eprintln!(
-                                "DP: update norm {norm:.4} clipped to {} and noised (share σ = {:.4}: z = {} holds against any {} colluding participant(s), z = {:.3} against outsiders; {})",
-                                dp.l2_clip,
-                                dp.client_noise_std(cfg.min_survivors),
-                                dp.noise_multiplier,
-                                dp.colluders,
-                                dp.outsider_noise_multiplier(cfg.min_survivors),
-                                tessera_secagg::dp::ADJACENCY_EXPLAINED
-                            );
+                            eprintln!("DP: update norm {norm:.4} {}", tessera_client::train::privacy::describe(&dp, cfg.min_survivors));
                         }
                         return Ok((flat, 1));
                     }

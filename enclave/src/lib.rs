@@ -394,7 +394,7 @@ impl Enclave {
             }
         }
         if let Some(dp) = cfg.dp {
-            let after = self.log.projected_epsilon(dp.noise_multiplier, dp.delta);
+            let after = self.log.projected_epsilon(cfg.dp_mechanism(tessera_secagg::dp::Against::Coalition), dp.delta);
             if after > dp.epsilon_budget {
                 return Err(EnclaveError::BudgetExhausted(format!(
                     "round {} would take the federation to ε = {after:.3} (δ = {:e}), past its budget of {}; the released DP rounds so far spent ε = {:.3}",
@@ -468,7 +468,7 @@ impl Enclave {
             min_survivors: cfg.min_survivors,
             neighbours: cfg.neighbours,
             vector_len: cfg.vector_len,
-            dp: cfg.dp.map(dp_summary),
+            dp: dp_summary(cfg),
             node_policy_sha256: sha256_hex(&serde_json::to_vec(&self.node_policy).map_err(|e| EnclaveError::Internal(e.to_string()))?),
             aggregator_format: self.attester.format().to_string(),
             aggregator_evidence_sha256: self.evidence_sha256.clone(),
@@ -629,7 +629,7 @@ impl Enclave {
         );
         let release = self.finish_if_done()?;
         if let Some(r) = &release {
-            let dp = self.state()?.aggregator.config().dp.map(dp_summary);
+            let dp = dp_summary(self.state()?.aggregator.config());
             let included: Vec<u32> = r.included.iter().map(|c| c.0).collect();
             let figures = dp.as_ref().map(|dp| self.log.release_figures(round, dp, &included));
             let (epsilon_round, epsilon_cumulative, epsilon_outsider_round, epsilon_outsider_cumulative) = match &figures {
@@ -759,15 +759,18 @@ fn phase_name(p: Phase) -> String {
     serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| format!("{p:?}"))
 }
 
-fn dp_summary(dp: tessera_secagg::dp::DpParams) -> DpSummary {
-    DpSummary {
+/// The DP parameters of `cfg`'s round as the log records them (`None` without DP).
+fn dp_summary(cfg: &RoundConfig) -> Option<DpSummary> {
+    let dp = cfg.dp?;
+    Some(DpSummary {
         noise_multiplier: dp.noise_multiplier,
         l2_clip: dp.l2_clip,
         delta: dp.delta,
         epsilon_budget: dp.epsilon_budget,
         colluders: dp.colluders,
         adjacency: tessera_attestation::audit::Adjacency::ZeroOut,
-    }
+        skellam: dp.skellam.map(|s| tessera_attestation::audit::SkellamSummary { scale: s.scale.unwrap_or(0.0), beta: s.beta, dim: cfg.encoded_len() as u64 }),
+    })
 }
 
 /// What a sealed phase record is bound to besides its bytes: the enclave identity that

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use tessera_attestation::audit::{DpSummary, LogEntry, LogEvent};
 use tessera_attestation::translog::{leaf_hash, Hash, MerkleLog, ProofError};
-use tessera_secagg::dp::add_release as add;
+use tessera_secagg::dp::{add_release as add, Against, Mechanism, SkellamNoise};
 
 /// An entry as the host stores it: its position, round and the exact bytes hashed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,14 +42,14 @@ pub enum LogError {
     ReplayDiverges { index: u64, why: String },
 }
 
-/// ε bookkeeping over released DP rounds, as RDP groups (noise multiplier, rounds).
+/// ε bookkeeping over released DP rounds, as RDP groups (mechanism, rounds).
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Ledger {
     /// Against a coalition of the rounds' colluders (what the budget is charged).
-    federation: Vec<(f64, u64)>,
+    federation: Vec<(Mechanism, u64)>,
     /// Against an outsider, who knows no noise share.
-    outsider: Vec<(f64, u64)>,
-    by_participant: BTreeMap<String, Vec<(f64, u64)>>,
+    outsider: Vec<(Mechanism, u64)>,
+    by_participant: BTreeMap<String, Vec<(Mechanism, u64)>>,
     /// The roster and minimum survivors of each round seen opening, to name the
     /// included clients and to derive the outsider's multiplier.
     rosters: BTreeMap<u64, (Vec<String>, u32)>,
@@ -69,25 +69,22 @@ pub(crate) struct ReleaseFigures {
     pub by_participant: BTreeMap<String, f64>,
 }
 
-fn params_of(dp: &DpSummary) -> tessera_secagg::dp::DpParams {
-    tessera_secagg::dp::DpParams {
+/// The mechanism a release under `dp` ran in a round with `t` minimum survivors, as
+/// `against` sees it. Rounds logged before `colluders` are charged against one
+/// participant (`DpParams::coalition_noise_multiplier`). A Skellam summary without a
+/// scale cannot come from a round this enclave opened; it is charged as no noise at all
+/// (ε infinite), never as less than it was.
+fn mechanism(dp: &DpSummary, t: u32, against: Against) -> Mechanism {
+    let params = tessera_secagg::dp::DpParams {
         noise_multiplier: dp.noise_multiplier,
         l2_clip: dp.l2_clip,
         delta: dp.delta,
         epsilon_budget: dp.epsilon_budget,
         colluders: dp.colluders,
-    }
-}
-
-/// The multiplier an outsider faces in a round with `t` minimum survivors.
-fn outsider_multiplier(dp: &DpSummary, t: u32) -> f64 {
-    params_of(dp).outsider_noise_multiplier(t)
-}
-
-/// The multiplier the ledger charges: against a coalition of the round's colluders (for a
-/// round logged before `colluders` existed, against one participant).
-fn coalition_multiplier(dp: &DpSummary, t: u32) -> f64 {
-    params_of(dp).coalition_noise_multiplier(t)
+        skellam: dp.skellam.map(|s| SkellamNoise { scale: Some(s.scale), beta: s.beta }),
+    };
+    let dim = dp.skellam.map_or(1, |s| s.dim);
+    params.mechanism(t, dim, against).unwrap_or(tessera_secagg::dp::NO_NOISE)
 }
 
 impl Ledger {
@@ -112,9 +109,9 @@ impl Ledger {
 
     fn observe_release(&mut self, round: u64, included: &[u32], dp: &DpSummary) {
         let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
-        let z = coalition_multiplier(dp, t);
+        let z = mechanism(dp, t, Against::Coalition);
         add(&mut self.federation, z);
-        add(&mut self.outsider, outsider_multiplier(dp, t));
+        add(&mut self.outsider, mechanism(dp, t, Against::Outsider));
         for c in included {
             if let Some(id) = roster.get(*c as usize) {
                 add(self.by_participant.entry(id.clone()).or_default(), z);
@@ -125,12 +122,12 @@ impl Ledger {
     /// The ε figures a release of `round` under `dp` including `included` would carry.
     fn release_figures(&self, round: u64, dp: &DpSummary, included: &[u32]) -> ReleaseFigures {
         let (roster, t) = self.rosters.get(&round).cloned().unwrap_or_default();
-        let z = coalition_multiplier(dp, t);
-        let eps_round = tessera_secagg::dp::epsilon(z, 1, dp.delta);
+        let z = mechanism(dp, t, Against::Coalition);
+        let eps_round = tessera_secagg::dp::epsilon_of(&[(z, 1)], dp.delta);
         let mut fed = self.federation.clone();
         add(&mut fed, z);
         let eps_cum = tessera_secagg::dp::epsilon_of(&fed, dp.delta);
-        let z_out = outsider_multiplier(dp, t);
+        let z_out = mechanism(dp, t, Against::Outsider);
         let mut outsider = self.outsider.clone();
         add(&mut outsider, z_out);
         let mut by = BTreeMap::new();
@@ -144,7 +141,7 @@ impl Ledger {
         ReleaseFigures {
             round: eps_round,
             cumulative: eps_cum,
-            outsider_round: tessera_secagg::dp::epsilon(z_out, 1, dp.delta),
+            outsider_round: tessera_secagg::dp::epsilon_of(&[(z_out, 1)], dp.delta),
             outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, dp.delta),
             by_participant: by,
         }
@@ -341,11 +338,12 @@ impl TransparencyLog {
         tessera_secagg::dp::epsilon_of(&self.ledger.federation, delta)
     }
 
-    /// The federation's ε (at `delta`) after one more released round with noise
-    /// multiplier `z`, over every DP round this log has released.
-    pub fn projected_epsilon(&self, z: f64, delta: f64) -> f64 {
+    /// The federation's ε (at `delta`) after one more released round of `m` (against a
+    /// coalition of its colluders), over every DP round this log has released; a round
+    /// whose mechanism is unknown counts as no noise.
+    pub fn projected_epsilon(&self, m: Option<Mechanism>, delta: f64) -> f64 {
         let mut fed = self.ledger.federation.clone();
-        add(&mut fed, z);
+        add(&mut fed, m.unwrap_or(tessera_secagg::dp::NO_NOISE));
         tessera_secagg::dp::epsilon_of(&fed, delta)
     }
 
@@ -413,7 +411,8 @@ mod tests {
     #[test]
     fn releases_are_charged_against_a_coalition_and_reported_against_outsiders() {
         let entries = |colluders: u32| {
-            let dp = DpSummary { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders, adjacency: Default::default() };
+            let dp =
+                DpSummary { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 100.0, colluders, adjacency: Default::default(), skellam: None };
             let open = LogEvent::RoundOpened {
                 config_digest: "00".repeat(32),
                 roster: vec!["aa".repeat(32), "bb".repeat(32), "cc".repeat(32)],

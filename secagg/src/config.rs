@@ -333,10 +333,31 @@ impl RoundConfig {
                     dp.colluders, self.min_survivors
                 ));
             }
+            if let Some(sk) = dp.skellam {
+                let Some(scale) = sk.scale else {
+                    return bad("dp.skellam.scale is missing: a round's configuration states the scale its clients quantize with".into());
+                };
+                let local = dp.client_noise_std(self.min_survivors);
+                let lambda = (local * scale).powi(2) / 2.0;
+                if lambda.is_nan() || lambda > crate::skellam::MAX_LAMBDA {
+                    return bad(format!(
+                        "dp.skellam.scale = {scale} gives each noise share λ = {lambda:e}, above the sampler's exact range 2^50: use a scale of at most {:e}",
+                        (2.0 * crate::skellam::MAX_LAMBDA).sqrt() / local
+                    ));
+                }
+                let fits = self.skellam_scale()?;
+                if scale > fits * (1.0 + 1e-9) {
+                    return bad(format!(
+                        "dp.skellam.scale = {scale} is above {fits:e}, the largest scale whose sum of {n} inputs (3 standard deviations of signal, rounding and noise) fits in 2^{} without wrapping",
+                        self.modulus_bits
+                    ));
+                }
+            }
             // Each noised coordinate is clamped to [-clip, clip] before quantization; a
-            // clamp too close to C cuts the noise's tails and biases the mean.
+            // clamp too close to C cuts the noise's tails and biases the mean. (Skellam
+            // rounds have no range clip: their sum wraps modulo 2^b.)
             let need = dp.min_range_clip(self.min_survivors);
-            if f64::from(self.clip) < need {
+            if dp.skellam.is_none() && f64::from(self.clip) < need {
                 return bad(format!(
                     "clip = {} is below dp.l2_clip + {}σ = {} + {} × {:.6} = {need:.6}, where σ is a client's noise share (z·C/√(t − f)): \
                      set clip to at least {need:.6} so the range clip does not cut the noise",
@@ -353,6 +374,32 @@ impl RoundConfig {
             self.roster_key(ClientId(i as u32))?;
         }
         Ok(())
+    }
+
+    /// The mechanism one release of this round runs, as `against` sees it (`None` without
+    /// DP).
+    pub fn dp_mechanism(&self, against: crate::dp::Against) -> Option<crate::dp::Mechanism> {
+        self.dp?.mechanism(self.min_survivors, self.encoded_len() as u64, against)
+    }
+
+    /// The scale for Skellam noise in this round: the largest for which three standard
+    /// deviations of the sum of all inputs (signal spread over the encoded coordinates,
+    /// rounding, noise) fit in the modulus (TFF's heuristic), capped where a noise share's
+    /// λ would leave the sampler's exact range. Past that cap a larger scale gains
+    /// nothing: the rounding is already far below the noise.
+    pub fn skellam_scale(&self) -> Result<f64, Error> {
+        let dp = self.dp.ok_or_else(|| Error::Config("the round has no DP parameters".into()))?;
+        let local = dp.client_noise_std(self.min_survivors);
+        let fits = crate::skellam::SkellamPipeline::heuristic_scale(
+            local,
+            dp.l2_clip,
+            u32::from(self.modulus_bits),
+            self.participants() as u32,
+            self.encoded_len() as u64,
+            3.0,
+            1.0,
+        )?;
+        Ok(fits.min((2.0 * crate::skellam::MAX_LAMBDA).sqrt() / local))
     }
 
     /// SHA-256 over a canonical length-prefixed encoding; every signed message binds it.
@@ -402,6 +449,10 @@ fn canonical_encoding(cfg: &RoundConfig) -> Vec<u8> {
         put("dp.epsilon_budget", &dp.epsilon_budget.to_bits().to_le_bytes());
         if dp.colluders != 0 {
             put("dp.colluders", &dp.colluders.to_le_bytes());
+        }
+        if let Some(sk) = &dp.skellam {
+            put("dp.skellam.scale", &sk.scale.unwrap_or(0.0).to_bits().to_le_bytes());
+            put("dp.skellam.beta", &sk.beta.to_bits().to_le_bytes());
         }
     }
     if let Some(c) = &cfg.cohort {
@@ -545,7 +596,7 @@ mod tests {
         let mut other = base.clone();
         other.advertise_timeout_ms = 1;
         assert_ne!(base.digest(), other.digest());
-        let dp = crate::dp::DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
+        let dp = crate::dp::DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1, skellam: None };
         let mut with_dp = base.clone();
         with_dp.dp = Some(dp);
         assert_ne!(base.digest(), with_dp.digest());
@@ -586,6 +637,54 @@ mod tests {
         let mut more_colluders = with_dp.clone();
         more_colluders.dp = Some(crate::dp::DpParams { colluders: 2, ..dp });
         assert_ne!(with_dp.digest(), more_colluders.digest());
+        let sk = crate::dp::SkellamNoise { scale: Some(1000.0), beta: 0.5 };
+        let mut skellam = with_dp.clone();
+        skellam.dp = Some(crate::dp::DpParams { skellam: Some(sk), ..dp });
+        assert_ne!(with_dp.digest(), skellam.digest());
+        for other in [crate::dp::SkellamNoise { scale: Some(1001.0), ..sk }, crate::dp::SkellamNoise { beta: 0.25, ..sk }] {
+            let mut b = with_dp.clone();
+            b.dp = Some(crate::dp::DpParams { skellam: Some(other), ..dp });
+            assert_ne!(b.digest(), skellam.digest());
+        }
+    }
+
+    /// A Skellam round states its scale; the scale each round is given fits three standard
+    /// deviations of the sum in the modulus and keeps λ in the sampler's exact range; the
+    /// range clip plays no part (the sum wraps instead).
+    #[test]
+    fn a_skellam_round_states_a_scale_that_fits() {
+        let mut cfg = dp_round(0.01);
+        cfg.modulus_bits = 20;
+        cfg.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: None, beta: crate::dp::default_beta() }), ..cfg.dp.unwrap() });
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("dp.skellam.scale is missing"), "{err}");
+        let fits = cfg.skellam_scale().unwrap();
+        let dp = cfg.dp.unwrap();
+        let local = dp.client_noise_std(7);
+        // 3σ of the sum of 10 inputs (signal spread over 1000 coordinates, noise) fills 2^20.
+        let spread = 3.0 * (10.0f64 * 10.0 * 0.25 / 1000.0 + 10.0 * local * local).sqrt() * fits;
+        assert!((2.0 * spread / 2f64.powi(20) - 1.0).abs() < 1e-3, "{spread}");
+        let with = |scale: f64| {
+            let mut c = cfg.clone();
+            c.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: 0.5 }), ..dp });
+            c
+        };
+        with(fits).validate().unwrap();
+        with(fits / 3.0).validate().unwrap();
+        let err = with(fits * 1.01).validate().unwrap_err().to_string();
+        assert!(err.contains("fits in 2^20 without wrapping"), "{err}");
+        // At 32 bits the cap on λ binds: a share's λ = (σ·scale)²/2 stays within 2^50.
+        let mut wide = cfg.clone();
+        wide.modulus_bits = 32;
+        let capped = wide.skellam_scale().unwrap();
+        assert!(((local * capped).powi(2) / 2.0 / crate::skellam::MAX_LAMBDA - 1.0).abs() < 1e-9);
+        let mut over = wide.clone();
+        over.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(capped * 1.01), beta: 0.5 }), ..dp });
+        assert!(over.validate().unwrap_err().to_string().contains("sampler's exact range"));
+        // Too few bits for 3σ of the rounding of ten shares, at any scale.
+        let mut narrow = cfg.clone();
+        narrow.modulus_bits = 3;
+        assert!(narrow.skellam_scale().is_err());
     }
 
     fn dp_round(clip: f32) -> RoundConfig {
@@ -593,7 +692,7 @@ mod tests {
         cfg.min_survivors = 7;
         cfg.max_weight = 1;
         cfg.clip = clip;
-        cfg.dp = Some(crate::dp::DpParams { noise_multiplier: 1.1, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 1 });
+        cfg.dp = Some(crate::dp::DpParams { noise_multiplier: 1.1, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 1, skellam: None });
         cfg
     }
 

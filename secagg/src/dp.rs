@@ -18,6 +18,11 @@
 //! rounds compose by addition, and the conversion to (ε, δ) is the one of Balle et al.
 //! 2020 (Hypothesis Testing Interpretations), with Opacus' default orders, so figures
 //! match Opacus' `RDPAccountant` for sampling rate 1.
+//!
+//! **Exact noise.** With [`DpParams::skellam`] the shares are Skellam, drawn in the
+//! integers after quantization ([`crate::skellam`]), with the same σ per share; a release
+//! is then the [`Mechanism::Skellam`] of Google's reference accountant, and ledgers
+//! compose it with Gaussian releases order by order ([`epsilon_of`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +58,67 @@ pub struct DpParams {
     /// read and accounted ([`DpParams::coalition_noise_multiplier`]), never opened.
     #[serde(default)]
     pub colluders: u32,
+    /// Exact integer noise: each institution draws its share from the Skellam
+    /// distribution after quantizing ([`crate::skellam`]), so the released sum is exactly
+    /// the mechanism the accountant analyses. Absent: continuous Gaussian shares, rounded
+    /// into the modulus with the update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skellam: Option<SkellamNoise>,
+}
+
+/// The quantization of a round with Skellam noise: TFF's distributed-DP pipeline of
+/// clipping, scaling, conditional rounding and integer noise ([`crate::skellam`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkellamNoise {
+    /// The factor an update is scaled by before rounding to integers. A round's
+    /// configuration always carries it; a federation's schedule may leave it out, and each
+    /// round is then given [`crate::config::RoundConfig::skellam_scale`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// Conditional rounding's β in [0, 1) (0: unconditional rounding, whose sensitivity
+    /// bound is looser).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+}
+
+/// TFF's default β for conditional rounding, e^(−1/2).
+pub fn default_beta() -> f64 {
+    (-0.5f64).exp()
+}
+
+/// Whom a release's ε is stated against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Against {
+    /// A coalition of the round's `colluders` participants, who subtract their own noise
+    /// shares: what the budget is charged.
+    Coalition,
+    /// An outsider, who knows no noise share.
+    Outsider,
+}
+
+/// One released round as an accountant sees it: the mechanism and the parameters its RDP
+/// curve depends on. Releases with equal mechanisms are counted together.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Mechanism {
+    /// The Gaussian mechanism with this noise multiplier (sensitivity `C`).
+    Gaussian { noise_multiplier: f64 },
+    /// One Skellam release (its `steps` and `sample_rate` are 1).
+    Skellam(crate::skellam::SkellamRelease),
+}
+
+/// What a release whose mechanism cannot be known is charged as: no noise, ε infinite.
+pub const NO_NOISE: Mechanism = Mechanism::Gaussian { noise_multiplier: 0.0 };
+
+impl Mechanism {
+    /// RDP of one release at integer order `alpha`.
+    fn rdp_at(&self, alpha: u32) -> f64 {
+        match self {
+            Mechanism::Gaussian { noise_multiplier } => gaussian_rdp(*noise_multiplier, 1, f64::from(alpha)),
+            Mechanism::Skellam(r) => r.rdp_of_one(alpha),
+        }
+    }
 }
 
 impl DpParams {
@@ -67,7 +133,53 @@ impl DpParams {
         if self.colluders == 0 {
             return Err(Error::Config("dp: colluders must be at least 1: every participant knows its own noise share and can subtract it from the sum".into()));
         }
+        if let Some(sk) = &self.skellam {
+            if !(0.0..1.0).contains(&sk.beta) {
+                return Err(Error::Config(format!("dp.skellam.beta must be in [0, 1), got {}", sk.beta)));
+            }
+            if let Some(scale) = sk.scale {
+                if !(scale.is_finite() && scale > 0.0) {
+                    return Err(Error::Config(format!("dp.skellam.scale must be positive and finite, got {scale}")));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The mechanism one release of a round with `min_survivors` and an encoded update of
+    /// `dim` coordinates runs, as seen by `against`. For Skellam the central noise is the
+    /// sum of the shares that `against` cannot subtract; a schedule without a scale (not
+    /// yet a round) cannot be accounted and gives `None`.
+    pub fn mechanism(&self, min_survivors: u32, dim: u64, against: Against) -> Option<Mechanism> {
+        let z = match against {
+            Against::Coalition => self.coalition_noise_multiplier(min_survivors),
+            Against::Outsider => self.outsider_noise_multiplier(min_survivors),
+        };
+        match self.skellam {
+            None => Some(Mechanism::Gaussian { noise_multiplier: z }),
+            Some(SkellamNoise { scale, beta }) => Some(Mechanism::Skellam(crate::skellam::SkellamRelease {
+                scale: scale?,
+                central_stddev: z * self.l2_clip,
+                l2_clip: self.l2_clip,
+                beta,
+                dim,
+                sample_rate: 1.0,
+                steps: 1,
+            })),
+        }
+    }
+
+    /// The Skellam pipeline a client of such a round encodes with (`None` for Gaussian
+    /// rounds and for a schedule without a scale).
+    pub fn skellam_pipeline(&self, min_survivors: u32, modulus_bits: u8) -> Option<crate::skellam::SkellamPipeline> {
+        let sk = self.skellam?;
+        Some(crate::skellam::SkellamPipeline {
+            l2_clip: self.l2_clip,
+            scale: sk.scale?,
+            beta: sk.beta,
+            local_stddev: self.client_noise_std(min_survivors),
+            bits: u32::from(modulus_bits),
+        })
     }
 
     /// The honest shares a coalition of `colluders` participants cannot subtract, in a
@@ -131,21 +243,43 @@ pub fn gaussian_rdp(z: f64, rounds: u64, alpha: f64) -> f64 {
 /// (ε, δ)-DP of `rounds` Gaussian releases with noise multiplier `z`: the best order's
 /// conversion. 0 rounds cost nothing.
 pub fn epsilon(z: f64, rounds: u64, delta: f64) -> f64 {
-    epsilon_of(&[(z, rounds)], delta)
+    epsilon_of_gaussian(&[(z, rounds)], delta)
 }
 
-/// Records one more release at noise multiplier `z` in RDP groups (multiplier, rounds),
-/// the form [`epsilon_of`] composes.
-pub fn add_release(groups: &mut Vec<(f64, u64)>, z: f64) {
-    match groups.iter_mut().find(|(g, _)| *g == z) {
+/// Records one more release of `m` in RDP groups (mechanism, rounds), the form
+/// [`epsilon_of`] composes.
+pub fn add_release(groups: &mut Vec<(Mechanism, u64)>, m: Mechanism) {
+    match groups.iter_mut().find(|(g, _)| *g == m) {
         Some(g) => g.1 += 1,
-        None => groups.push((z, 1)),
+        None => groups.push((m, 1)),
     }
 }
 
+/// ε of a sequence of releases given as (mechanism, how many rounds used it): RDP adds up
+/// order by order across the groups, then converts once. Gaussian releases alone are
+/// accounted at Opacus' orders ([`epsilon_of_gaussian`]); with a Skellam release the
+/// orders are the integers 2..=128 and 256 of Google's reference, where its bound holds.
+pub fn epsilon_of(groups: &[(Mechanism, u64)], delta: f64) -> f64 {
+    if groups.iter().all(|&(_, n)| n == 0) {
+        return 0.0;
+    }
+    let gaussian: Option<Vec<(f64, u64)>> = groups
+        .iter()
+        .map(|&(m, n)| match m {
+            Mechanism::Gaussian { noise_multiplier } => Some((noise_multiplier, n)),
+            Mechanism::Skellam(_) => None,
+        })
+        .collect();
+    if let Some(g) = gaussian {
+        return epsilon_of_gaussian(&g, delta);
+    }
+    let rdp: Vec<(u32, f64)> = crate::skellam::orders().map(|a| (a, groups.iter().map(|&(m, n)| n as f64 * m.rdp_at(a)).sum())).collect();
+    crate::skellam::rdp_to_epsilon(&rdp, delta).0
+}
+
 /// ε of a sequence of Gaussian releases given as (noise multiplier, how many rounds used
-/// it): RDP adds up order by order across the groups, then converts once.
-pub fn epsilon_of(groups: &[(f64, u64)], delta: f64) -> f64 {
+/// it), at Opacus' default orders.
+pub fn epsilon_of_gaussian(groups: &[(f64, u64)], delta: f64) -> f64 {
     if groups.iter().all(|&(_, n)| n == 0) {
         return 0.0;
     }
@@ -200,10 +334,79 @@ mod tests {
 
     #[test]
     fn mixed_noise_composes_by_order() {
-        let mixed = epsilon_of(&[(1.0, 2), (2.0, 3)], 1e-5);
+        let g = |z: f64| Mechanism::Gaussian { noise_multiplier: z };
+        let mixed = epsilon_of(&[(g(1.0), 2), (g(2.0), 3)], 1e-5);
         assert!(mixed > epsilon(2.0, 5, 1e-5) && mixed < epsilon(1.0, 5, 1e-5));
-        assert_eq!(epsilon_of(&[(1.0, 4)], 1e-5), epsilon(1.0, 4, 1e-5));
+        assert_eq!(epsilon_of(&[(g(1.0), 4)], 1e-5), epsilon(1.0, 4, 1e-5));
         assert_eq!(epsilon_of(&[], 1e-5), 0.0);
+        assert!(epsilon_of(&[(g(1.0), 1), (NO_NOISE, 1)], 1e-5).is_infinite(), "a release of unknown noise is charged as none");
+    }
+
+    fn skellam_params(scale: Option<f64>) -> DpParams {
+        DpParams {
+            noise_multiplier: 1.1,
+            l2_clip: 0.5,
+            delta: 1e-5,
+            epsilon_budget: 10.0,
+            colluders: 2,
+            skellam: Some(SkellamNoise { scale, beta: default_beta() }),
+        }
+    }
+
+    /// A Skellam round is the reference accountant's release: z·C of central noise
+    /// against the coalition (the t − f shares it cannot subtract), z·C·√(t/(t − f))
+    /// against an outsider, and T rounds through the ledger compose to exactly the
+    /// reference's T steps.
+    #[test]
+    fn skellam_rounds_are_the_reference_release() {
+        let p = skellam_params(Some(3000.0));
+        let (t, dim) = (7, 4096);
+        let Some(Mechanism::Skellam(coalition)) = p.mechanism(t, dim, Against::Coalition) else { panic!("a Skellam round") };
+        assert!((coalition.central_stddev - 1.1 * 0.5).abs() < 1e-12);
+        assert_eq!((coalition.scale, coalition.dim, coalition.steps, coalition.sample_rate), (3000.0, dim, 1, 1.0));
+        let Some(Mechanism::Skellam(outsider)) = p.mechanism(t, dim, Against::Outsider) else { panic!("a Skellam round") };
+        assert!((outsider.central_stddev - 1.1 * 0.5 * (7.0f64 / 5.0).sqrt()).abs() < 1e-12);
+        // The pipeline's share: t − f of them make the coalition's central noise.
+        let pipe = p.skellam_pipeline(t, 20).unwrap();
+        assert!((pipe.local_stddev * 5.0f64.sqrt() - coalition.central_stddev).abs() < 1e-12);
+        for rounds in [1u64, 3, 40] {
+            let through_ledger = epsilon_of(&[(Mechanism::Skellam(coalition), rounds)], 1e-5);
+            let reference = crate::skellam::SkellamRelease { steps: rounds, ..coalition }.epsilon(1e-5).unwrap().0;
+            assert!((through_ledger - reference).abs() <= 1e-12 * reference, "{rounds} rounds: {through_ledger} vs {reference}");
+        }
+        // A schedule without its scale is not yet a round: nothing to account.
+        assert_eq!(skellam_params(None).mechanism(t, dim, Against::Coalition), None);
+        assert_eq!(skellam_params(None).skellam_pipeline(t, 20), None);
+    }
+
+    /// Mixed releases compose order by order: a Skellam round costs a little more than the
+    /// Gaussian at the same noise (its rounding), and at a scale where rounding vanishes
+    /// the two agree.
+    #[test]
+    fn skellam_and_gaussian_rounds_compose() {
+        let g = |z: f64| Mechanism::Gaussian { noise_multiplier: z };
+        let at = |scale: f64| skellam_params(Some(scale)).mechanism(7, 4096, Against::Coalition).unwrap();
+        let fine = epsilon_of(&[(at(1e7), 5)], 1e-5);
+        let gaussian = epsilon(1.1, 5, 1e-5);
+        assert!((fine / gaussian - 1.0).abs() < 0.01, "Skellam at a fine scale {fine} vs Gaussian {gaussian}");
+        let coarse = epsilon_of(&[(at(200.0), 5)], 1e-5);
+        assert!(coarse > fine, "coarser rounding costs more: {coarse} vs {fine}");
+        let mixed = epsilon_of(&[(g(1.1), 2), (at(200.0), 3)], 1e-5);
+        assert!(mixed > epsilon_of(&[(g(1.1), 2)], 1e-5) && mixed > epsilon_of(&[(at(200.0), 3)], 1e-5));
+        assert!(mixed < epsilon_of(&[(at(200.0), 5)], 1e-5) * 1.0001);
+    }
+
+    #[test]
+    fn bad_skellam_parameters_are_refused() {
+        assert!(skellam_params(Some(100.0)).validate().is_ok());
+        for (scale, beta) in [(Some(0.0), 0.5), (Some(f64::NAN), 0.5), (Some(-3.0), 0.5), (Some(10.0), 1.0), (Some(10.0), -0.1), (None, f64::NAN)] {
+            let p = DpParams { skellam: Some(SkellamNoise { scale, beta }), ..skellam_params(None) };
+            assert!(p.validate().unwrap_err().to_string().contains("dp.skellam"), "{scale:?}, {beta}");
+        }
+        // β defaults to TFF's e^(−1/2) when a configuration leaves it out.
+        let p: DpParams =
+            serde_json::from_str(r#"{"noise_multiplier": 1.0, "l2_clip": 1.0, "delta": 1e-5, "epsilon_budget": 1.0, "colluders": 1, "skellam": {}}"#).unwrap();
+        assert_eq!(p.skellam, Some(SkellamNoise { scale: None, beta: default_beta() }));
     }
 
     #[test]
@@ -218,7 +421,7 @@ mod tests {
         let z = noise_multiplier_for(8.0, 5, 1e-5).unwrap();
         assert!(epsilon(z, 5, 1e-5) <= 8.0);
         assert!(epsilon(z * 0.99, 5, 1e-5) > 8.0);
-        let p = DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
+        let p = DpParams { noise_multiplier: z, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1, skellam: None };
         assert_eq!(p.max_rounds(), 5);
         // Reachable targets are met; unreachable ones are an error naming the floor,
         // never a silent 2^20.
@@ -232,7 +435,7 @@ mod tests {
 
     #[test]
     fn noise_shares_add_up_to_the_mechanism() {
-        let p = DpParams { noise_multiplier: 1.2, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 2 };
+        let p = DpParams { noise_multiplier: 1.2, l2_clip: 0.5, delta: 1e-5, epsilon_budget: 10.0, colluders: 2, skellam: None };
         let t = 7;
         // t − f honest shares carry z·C; all t carry the outsider's multiplier.
         let honest_var = f64::from(t - 2) * p.client_noise_std(t).powi(2);
@@ -246,7 +449,7 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_refused() {
-        let good = DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1.0, colluders: 1 };
+        let good = DpParams { noise_multiplier: 1.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1.0, colluders: 1, skellam: None };
         assert!(good.validate().is_ok());
         // A configuration that does not name its colluders is refused for a new round
         // (0 reads rounds from before the field), and is accounted as it was run.

@@ -180,7 +180,7 @@ mod tests {
         let dp_floor =
             SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: 8.0, max_delta: 1e-5, min_colluders: 2 }), ..Default::default() };
         assert_eq!(dp_floor.check(&cfg).unwrap_err(), FloorViolation::NoDp);
-        let dp = crate::dp::DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1 };
+        let dp = crate::dp::DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1, skellam: None };
         let weak = RoundConfig { dp: Some(dp), ..cfg.clone() };
         assert_eq!(dp_floor.check(&weak).unwrap_err(), FloorViolation::NoiseTooLow { min: 1.0, got: 0.5 });
         let loose = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, epsilon_budget: 50.0, ..dp }), ..cfg.clone() };

@@ -15,6 +15,7 @@ use rand::Rng;
 use crate::compress::Encoding;
 use crate::config::RoundConfig;
 use crate::error::Error;
+use crate::skellam::SkellamPipeline;
 
 /// Coordinates quantized per bulk draw of rounding randomness.
 const QUANTIZE_BLOCK: usize = 1024;
@@ -27,6 +28,9 @@ pub struct Quantizer {
     max_weight: u32,
     mask: u32,
     encoding: Option<std::sync::Arc<Encoding>>,
+    /// Set in a round with Skellam noise: the (encoded) update goes through this pipeline
+    /// instead of the affine quantization, and its noise share is drawn here.
+    skellam: Option<SkellamPipeline>,
 }
 
 /// The released aggregate: the weighted mean of the included clients' updates.
@@ -44,7 +48,18 @@ impl Quantizer {
         let mask = cfg.modulus_mask();
         let n = cfg.participants() as u64;
         let encoding = Encoding::for_config(cfg)?.map(std::sync::Arc::new);
-        Ok(Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask, encoding })
+        let skellam = cfg.dp.and_then(|dp| dp.skellam.map(|_| dp.skellam_pipeline(cfg.min_survivors, cfg.modulus_bits)));
+        let skellam = match skellam {
+            Some(None) => return Err(Error::Config("a round with Skellam noise must carry its scale (dp.skellam.scale)".into())),
+            Some(Some(p)) => Some(p),
+            None => None,
+        };
+        Ok(Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask, encoding, skellam })
+    }
+
+    /// The Skellam pipeline, in a round with Skellam noise.
+    pub fn skellam(&self) -> Option<&SkellamPipeline> {
+        self.skellam.as_ref()
     }
 
     /// The round's encoding, when it compresses.
@@ -54,7 +69,10 @@ impl Quantizer {
 
     /// Width of one quantization step in the units of the (weight-scaled) update.
     pub fn step(&self) -> f64 {
-        2.0 * self.clip / self.levels as f64
+        match &self.skellam {
+            Some(p) => 1.0 / p.scale,
+            None => 2.0 * self.clip / self.levels as f64,
+        }
     }
 
     /// Worst-case absolute error of one coordinate of the released mean, given the
@@ -97,6 +115,13 @@ impl Quantizer {
             }
             None => update,
         };
+        if let Some(p) = &self.skellam {
+            // Clipped to C, scaled, rounded conditionally, and this institution's integer
+            // noise share added: no range clip, the sum wraps modulo 2^b instead.
+            let mut out = p.encode(update, rng)?;
+            out.push(weight);
+            return Ok((out, 0));
+        }
         let scale = weight as f64 / self.max_weight as f64;
         let to_levels = self.levels as f64 / (2.0 * self.clip);
         let (clip, levels) = (self.clip, self.levels);
@@ -134,10 +159,15 @@ impl Quantizer {
         if total_weight == 0 {
             return Err(Error::malformed("total weight of the sum is zero"));
         }
-        let from_levels = 2.0 * self.clip / self.levels as f64;
-        let offset = included as f64 * self.clip;
         let rescale = self.max_weight as f64 / total_weight as f64;
-        let mean: Vec<f32> = values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect();
+        let mean: Vec<f32> = match &self.skellam {
+            Some(p) => p.decode_sum(values)?.into_iter().map(|v| (v * rescale) as f32).collect(),
+            None => {
+                let from_levels = 2.0 * self.clip / self.levels as f64;
+                let offset = included as f64 * self.clip;
+                values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect()
+            }
+        };
         let mean = match &self.encoding {
             Some(e) => e.decode(&mean)?,
             None => mean,
@@ -247,6 +277,67 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let (v, clamped) = q.quantize_counting(&[0.6, -0.5, 0.49, -7.0], 1, &mut rng).unwrap();
         assert_eq!((v.len(), clamped), (5, 2));
+    }
+
+    /// A Skellam round: each input is the pipeline's integers plus a noise share, their
+    /// modular sum decodes to the mean of the clipped updates, off by the summed noise
+    /// (whose variance is the shares') and at most one rounding step per input.
+    #[test]
+    fn skellam_rounds_quantize_through_the_pipeline() {
+        let n = 5;
+        let mut c = cfg(n, 24);
+        c.max_weight = 1;
+        c.min_survivors = 4;
+        c.vector_len = 4000;
+        let z = 0.05;
+        let dp = crate::dp::DpParams {
+            noise_multiplier: z,
+            l2_clip: 1.0,
+            delta: 1e-5,
+            epsilon_budget: 1e3,
+            colluders: 1,
+            skellam: Some(crate::dp::SkellamNoise { scale: None, beta: crate::dp::default_beta() }),
+        };
+        c.dp = Some(dp);
+        let scale = c.skellam_scale().unwrap();
+        c.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: crate::dp::default_beta() }), ..dp });
+        c.validate().unwrap();
+        let q = Quantizer::new(&c).unwrap();
+        assert_eq!(q.step(), 1.0 / scale);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        // Updates of norm 0.5 (kept) and 3.0 (clipped to 1).
+        let updates: Vec<Vec<f32>> = (0..n)
+            .map(|i| {
+                let raw: Vec<f32> = (0..4000).map(|j| (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0).collect();
+                let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let want = if i % 2 == 0 { 0.5 } else { 3.0 };
+                raw.iter().map(|x| x / norm * want).collect()
+            })
+            .collect();
+        let mut sum = vec![0u32; 4001];
+        for u in &updates {
+            let (words, clamped) = q.quantize_counting(u, 1, &mut rng).unwrap();
+            assert_eq!((words.len(), clamped, words[4000]), (4001, 0, 1));
+            assert!(words.iter().all(|&w| w < 1 << 24));
+            for (s, w) in sum.iter_mut().zip(&words) {
+                *s = s.wrapping_add(*w) & c.modulus_mask();
+            }
+        }
+        let mean = q.dequantize_sum(&sum, n).unwrap();
+        assert_eq!((mean.total_weight, mean.included), (n as u64, n));
+        let clipped: Vec<f64> = (0..4000)
+            .map(|j| {
+                updates.iter().map(|u| f64::from(u[j]) * if u.iter().map(|x| x * x).sum::<f32>().sqrt() > 1.0 { 1.0 / 3.0 } else { 1.0 }).sum::<f64>()
+                    / n as f64
+            })
+            .collect();
+        let errors: Vec<f64> = mean.mean.iter().zip(&clipped).map(|(&m, &w)| f64::from(m) - w).collect();
+        // Noise on the mean: n shares of σ_local, over n; plus rounding (≤ n/scale over n).
+        let sd = dp.client_noise_std(4) * (n as f64).sqrt() / n as f64;
+        let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
+        assert!((var.sqrt() / sd - 1.0).abs() < 0.06, "noise sd {} vs {sd}", var.sqrt());
+        assert!(errors.iter().all(|e| e.abs() < 6.0 * sd + 1.0 / scale), "within 6σ");
+        assert!(errors.iter().sum::<f64>().abs() / (errors.len() as f64) < 4.0 * sd / (errors.len() as f64).sqrt(), "unbiased");
     }
 
     #[test]

@@ -149,11 +149,7 @@ impl SkellamRelease {
     /// RDP of the whole run at each of [`orders`].
     pub fn rdp(&self) -> Result<Vec<(u32, f64)>, Error> {
         self.validate()?;
-        let s = self.scale;
-        let l2 = rounded_l2_norm_bound(self.l2_clip * s, self.beta, self.dim) / s;
-        let l1 = rounded_l1_norm_bound(l2 * s, self.dim) / s;
-        let var = self.central_stddev * self.central_stddev;
-        let eps = |alpha: u32| rdp(l1, l2, var, s, alpha);
+        let eps = |alpha: u32| self.rdp_of_one(alpha);
         let q = self.sample_rate;
         Ok(orders()
             .map(|alpha| {
@@ -161,6 +157,14 @@ impl SkellamRelease {
                 (alpha, one * self.steps as f64)
             })
             .collect())
+    }
+
+    /// RDP of order `alpha` of one release of every institution (no sampling, one step).
+    pub fn rdp_of_one(&self, alpha: u32) -> f64 {
+        let s = self.scale;
+        let l2 = rounded_l2_norm_bound(self.l2_clip * s, self.beta, self.dim) / s;
+        let l1 = rounded_l1_norm_bound(l2 * s, self.dim) / s;
+        rdp(l1, l2, self.central_stddev * self.central_stddev, s, alpha)
     }
 
     /// (ε, the RDP order that gave it) at `delta`.

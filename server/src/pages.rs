@@ -230,16 +230,24 @@ pub fn report(b: &RoundBundle) -> String {
                 1 => "any one participant, who subtracts its own noise share".to_string(),
                 f => format!("any {f} colluding participants, who subtract their own noise shares"),
             };
+            let noise = match dp.skellam {
+                None => "Gaussian shares, added in floating point and rounded into the modulus with the update".to_string(),
+                Some(s) => format!(
+                    "Skellam shares drawn in the integers after quantization (scale {:e}, conditional rounding β = {:.3}, {} coordinates): the released sum is exactly the accounted mechanism",
+                    s.scale, s.beta, s.dim
+                ),
+            };
             let _ = write!(
                 h,
                 "<p id=\"adjacency\">Adjacency: {}. The aggregator and its host know no noise share; the figures against participants are the ones the budget is charged.</p>\
-                 <table id=\"privacy\"><tr><th>Noise multiplier z (against {})</th><td>{}</td></tr><tr><th>L2 clip C</th><td>{}</td></tr><tr><th>δ</th><td>{:e}</td></tr>\
+                 <table id=\"privacy\"><tr><th>Noise</th><td id=\"noise\">{}</td></tr><tr><th>Noise multiplier z (against {})</th><td>{}</td></tr><tr><th>L2 clip C</th><td>{}</td></tr><tr><th>δ</th><td>{:e}</td></tr>\
                  <tr><th>ε budget</th><td>{}</td></tr>\
                  <tr><th>ε of this round, against {}</th><td id=\"epsilon-round\">{}</td></tr>\
                  <tr><th>ε spent by the federation, cumulative, against {}</th><td id=\"epsilon\">{}</td></tr>\
                  <tr><th>ε of this round, against outsiders</th><td id=\"epsilon-outsider-round\">{}</td></tr>\
                  <tr><th>ε spent by the federation, cumulative, against outsiders</th><td id=\"epsilon-outsider\">{}</td></tr></table>",
                 esc(dp.adjacency.explained()),
+                esc(&noise),
                 esc(&coalition),
                 dp.noise_multiplier,
                 dp.l2_clip,

@@ -17,6 +17,7 @@ use tessera_attestation::policy::Verdict;
 use tessera_attestation::Attester;
 use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey};
 use tessera_secagg::aggregator::{Outcome, Phase};
+use tessera_secagg::dp::{Against, Mechanism};
 use tessera_secagg::wire::*;
 use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 use tokio::sync::Mutex;
@@ -280,7 +281,7 @@ pub struct PrivacyReport {
     /// DP it signed with its masked inputs, as the log records them.
     pub institutions: Vec<InstitutionPrivacy>,
     #[serde(skip)]
-    pub groups: Vec<(f64, u64)>,
+    pub groups: Vec<(Mechanism, u64)>,
 }
 
 /// One institution's two guarantees (GET /v1/privacy, `institutions`).
@@ -325,10 +326,10 @@ type RoundClaim = (u64, tessera_attestation::audit::RecordPrivacyRecord);
 /// How many more rounds at `noise_multiplier` fit in `budget` after the releases in
 /// `groups` (capped at [`MAX_ROUNDS_REMAINING`]). ε grows with every round, so the count
 /// is found by doubling and bisection: about 35 accountings, not one per round.
-fn rounds_within_budget(groups: &[(f64, u64)], noise_multiplier: f64, delta: f64, budget: f64) -> u64 {
+fn rounds_within_budget(groups: &[(Mechanism, u64)], next: Mechanism, delta: f64, budget: f64) -> u64 {
     let fits = |extra: u64| {
         let mut g = groups.to_vec();
-        g.push((noise_multiplier, extra));
+        g.push((next, extra));
         tessera_secagg::dp::epsilon_of(&g, delta) <= budget
     };
     if !fits(1) {
@@ -453,6 +454,8 @@ pub struct RoundPrivacy {
     pub noise_multiplier: f64,
     /// The colluding participants the round's noise is calibrated against.
     pub colluders: u32,
+    /// `gaussian` (continuous shares, rounded) or `skellam` (integer shares, exact).
+    pub noise: &'static str,
     pub epsilon_cumulative: f64,
     pub epsilon_outsider_cumulative: f64,
 }
@@ -779,6 +782,13 @@ impl Service {
             cfg.cohort =
                 Some(tessera_secagg::config::Cohort { version, size: c.size, max_staleness: c.max_staleness, staleness_exponent: c.staleness_exponent });
         }
+        if cfg.dp.is_some_and(|d| d.skellam.is_some_and(|s| s.scale.is_none())) {
+            // The schedule leaves the scale to each round: the largest that fits.
+            let scale = cfg.skellam_scale().map_err(|e| bad(e.to_string()))?;
+            if let Some(sk) = cfg.dp.as_mut().and_then(|d| d.skellam.as_mut()) {
+                sk.scale = Some(scale);
+            }
+        }
         cfg.validate().map_err(|e| bad(e.to_string()))?;
         Ok(cfg)
     }
@@ -881,8 +891,8 @@ impl Service {
     /// parameters counts, at its own noise multiplier (RDP composition).
     pub async fn privacy(&self) -> Result<PrivacyReport, ApiError> {
         let schedule_dp = self.cfg.rounds.params.dp;
-        let mut groups: Vec<(f64, u64)> = Vec::new();
-        let mut outsider: Vec<(f64, u64)> = Vec::new();
+        let mut groups: Vec<(Mechanism, u64)> = Vec::new();
+        let mut outsider: Vec<(Mechanism, u64)> = Vec::new();
         let mut per_round = Vec::new();
         let mut delta = schedule_dp.map(|d| d.delta);
         let rows = self.store.rounds().await?;
@@ -894,13 +904,15 @@ impl Service {
             delta.get_or_insert(dp.delta);
             // Rounds stored before `colluders` existed are charged at what one
             // participant faced (see `DpParams::coalition_noise_multiplier`).
-            tessera_secagg::dp::add_release(&mut groups, dp.coalition_noise_multiplier(row.config.min_survivors));
-            tessera_secagg::dp::add_release(&mut outsider, dp.outsider_noise_multiplier(row.config.min_survivors));
+            let charged = |against| row.config.dp_mechanism(against).unwrap_or(tessera_secagg::dp::NO_NOISE);
+            tessera_secagg::dp::add_release(&mut groups, charged(Against::Coalition));
+            tessera_secagg::dp::add_release(&mut outsider, charged(Against::Outsider));
             let d = delta.unwrap_or(dp.delta);
             per_round.push(RoundPrivacy {
                 round: row.round,
                 noise_multiplier: dp.noise_multiplier,
                 colluders: dp.colluders,
+                noise: if dp.skellam.is_some() { "skellam" } else { "gaussian" },
                 epsilon_cumulative: tessera_secagg::dp::epsilon_of(&groups, d),
                 epsilon_outsider_cumulative: tessera_secagg::dp::epsilon_of(&outsider, d),
             });
@@ -909,7 +921,9 @@ impl Service {
         let rounds_released = groups.iter().map(|g| g.1).sum();
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
         let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
-        let rounds_remaining = schedule_dp.map(|dp| rounds_within_budget(&groups, dp.noise_multiplier, dp.delta, dp.epsilon_budget));
+        // The next round's mechanism is the schedule's, as a round opened now would state it.
+        let next = self.round_config(0, &self.cfg.rounds.params, 0).ok().and_then(|c| c.dp_mechanism(Against::Coalition));
+        let rounds_remaining = schedule_dp.map(|dp| rounds_within_budget(&groups, next.unwrap_or(tessera_secagg::dp::NO_NOISE), dp.delta, dp.epsilon_budget));
         Ok(PrivacyReport {
             params: schedule_dp,
             rounds_released,
@@ -1160,12 +1174,16 @@ impl Service {
 mod tests {
     use super::*;
 
+    fn g(z: f64) -> Mechanism {
+        Mechanism::Gaussian { noise_multiplier: z }
+    }
+
     /// The count the server gave before the bisection: one accounting per round.
-    fn linear(groups: &[(f64, u64)], z: f64, delta: f64, budget: f64) -> u64 {
+    fn linear(groups: &[(Mechanism, u64)], next: Mechanism, delta: f64, budget: f64) -> u64 {
         let mut extra = 0u64;
         loop {
             let mut g = groups.to_vec();
-            g.push((z, extra + 1));
+            g.push((next, extra + 1));
             if extra >= MAX_ROUNDS_REMAINING || tessera_secagg::dp::epsilon_of(&g, delta) > budget {
                 break extra;
             }
@@ -1175,23 +1193,34 @@ mod tests {
 
     #[test]
     fn rounds_remaining_by_bisection_equal_the_count_round_by_round() {
-        for (groups, z, budget) in [
-            (vec![], 1.0, 10.0),
-            (vec![(1.0, 3)], 1.0, 10.0),
-            (vec![(0.8, 2), (2.0, 5)], 1.5, 20.0),
-            (vec![(1.0, 50)], 1.0, 1.0),
-            (vec![], 0.3, 0.5),
-            (vec![], 5.0, 8.0),
+        let skellam = Mechanism::Skellam(tessera_secagg::skellam::SkellamRelease {
+            scale: 1e4,
+            central_stddev: 1.0,
+            l2_clip: 1.0,
+            beta: tessera_secagg::dp::default_beta(),
+            dim: 1000,
+            sample_rate: 1.0,
+            steps: 1,
+        });
+        for (groups, next, budget) in [
+            (vec![], g(1.0), 10.0),
+            (vec![(g(1.0), 3)], g(1.0), 10.0),
+            (vec![(g(0.8), 2), (g(2.0), 5)], g(1.5), 20.0),
+            (vec![(g(1.0), 50)], g(1.0), 1.0),
+            (vec![], g(0.3), 0.5),
+            (vec![], g(5.0), 8.0),
+            (vec![(g(1.0), 3)], skellam, 10.0),
+            (vec![], skellam, 8.0),
         ] {
-            assert_eq!(rounds_within_budget(&groups, z, 1e-5, budget), linear(&groups, z, 1e-5, budget), "{groups:?}, z = {z}, budget {budget}");
+            assert_eq!(rounds_within_budget(&groups, next, 1e-5, budget), linear(&groups, next, 1e-5, budget), "{groups:?}, next {next:?}, budget {budget}");
         }
         // An answer between 2^16 and the cap, where the bisection's upper end is the cap.
         let (z, budget) = (150.0, 10.0);
-        let far = rounds_within_budget(&[], z, 1e-5, budget);
+        let far = rounds_within_budget(&[], g(z), 1e-5, budget);
         assert!((65_536..MAX_ROUNDS_REMAINING).contains(&far), "{far}");
-        assert_eq!(far, linear(&[], z, 1e-5, budget));
+        assert_eq!(far, linear(&[], g(z), 1e-5, budget));
         // Past the cap, the cap.
-        assert_eq!(rounds_within_budget(&[], 1e4, 1e-5, 50.0), MAX_ROUNDS_REMAINING);
+        assert_eq!(rounds_within_budget(&[], g(1e4), 1e-5, 50.0), MAX_ROUNDS_REMAINING);
     }
 
     #[test]

@@ -47,7 +47,7 @@ async fn three_institutions_lower_held_out_loss() {
     let m: u64 = layout.iter().map(|t| t.numel()).sum();
     assert_eq!(m, 6 * 2 * 384 * 4 + 3 * 384 + 3, "FFA-LoRA sends B of query/value in 6 layers, and the head");
 
-    let dp = DpParams { noise_multiplier: 0.05, l2_clip: 2.0, delta: 1e-5, epsilon_budget: 1e6, colluders: 1 };
+    let dp = DpParams { noise_multiplier: 0.05, l2_clip: 2.0, delta: 1e-5, epsilon_budget: 1e6, colluders: 1, skellam: None };
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), N);
     let params = RoundParams { layout, clip: 2.7, max_weight: 1, phase_timeout_ms: 60_000, min_survivors: 2, dp: Some(dp), ..RoundParams::default() };

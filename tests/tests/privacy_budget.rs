@@ -14,7 +14,7 @@ use tessera_tests::*;
 async fn a_round_past_the_budget_is_refused() {
     // A budget that affords exactly one round at z = 2.
     let one = epsilon(2.0, 1, 1e-5);
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.01, colluders: 1 };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.01, colluders: 1, skellam: None };
     assert_eq!(dp.max_rounds(), 1);
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
@@ -72,7 +72,9 @@ async fn a_round_past_the_budget_is_refused() {
     server.stop().await;
 }
 
-async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathBuf, tessera_client::Identity)], round: u64) {
+/// Every institution sends its clipped (and, for Gaussian noise, noised) synthetic update
+/// of 50 values; returns what each one was given.
+async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathBuf, tessera_client::Identity)], round: u64) -> Vec<tessera_client::RoundReport> {
     let url = format!("https://{}", server.addr);
     let mut tasks = Vec::new();
     for (i, (dir, _)) in ids.iter().enumerate() {
@@ -88,9 +90,14 @@ async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathB
             .await
         }));
     }
+    let mut reports = Vec::new();
     for t in tasks {
-        assert!(matches!(t.await.unwrap().unwrap(), Participation::Completed(_)));
+        match t.await.unwrap().unwrap() {
+            Participation::Completed(r) => reports.push(*r),
+            other => panic!("{other:?}"),
+        }
     }
+    reports
 }
 
 /// The federation's budget lives in the enclave, sealed when the federation is created:
@@ -100,7 +107,7 @@ async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathB
 async fn the_budget_cannot_be_reset_by_the_host() {
     let one = epsilon(2.0, 1, 1e-5);
     let budget = tessera_enclave::FederationBudget { epsilon: one * 1.01, delta: 1e-5 };
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: budget.epsilon, colluders: 1 };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: budget.epsilon, colluders: 1, skellam: None };
     let root = tempfile::tempdir().unwrap();
     let ids = institutions(root.path(), 3);
     let params = RoundParams { vector_len: 50, clip: 16.0, max_weight: 1, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
@@ -156,7 +163,7 @@ async fn the_budget_cannot_be_reset_by_the_host() {
 async fn an_institution_refuses_rounds_past_its_own_budget_after_the_aggregator_is_reset() {
     use tessera_secagg::floors::{DpFloor, SecurityFloors};
     let one = epsilon(2.0, 1, 1e-5);
-    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1, colluders: 1 };
+    let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1, colluders: 1, skellam: None };
     let floors = SecurityFloors {
         dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5, min_colluders: 1 }),
         ..SecurityFloors::default()
@@ -218,4 +225,73 @@ async fn an_institution_refuses_rounds_past_its_own_budget_after_the_aggregator_
     assert_eq!(status["phase"], "advertise_keys", "{status}");
     assert_eq!(status["admission"].as_array().map(Vec::len), Some(0), "nothing was sent: {status}");
     reset.stop().await;
+}
+
+/// A federation whose schedule asks for Skellam noise: each round states the scale it was
+/// given, every institution draws its share in the integers, the release is the mean of
+/// the clipped updates plus that noise, and every ledger (the server's report, the signed
+/// log, the enclave's budget) charges the Skellam release, not a Gaussian at the same z.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_skellam_round_is_released_and_charged_as_skellam() {
+    const M: usize = 50;
+    let sk = tessera_secagg::dp::SkellamNoise { scale: None, beta: tessera_secagg::dp::default_beta() };
+    let dp = DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 1e6, colluders: 1, skellam: Some(sk) };
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 3);
+    let params =
+        RoundParams { vector_len: M as u32, clip: 1.0, max_weight: 1, modulus_bits: 16, phase_timeout_ms: 20_000, dp: Some(dp), ..RoundParams::default() };
+    // The budget affords one such round: computed from the configuration the server gives it.
+    let server = tessera_server::spawn(server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0)).await.unwrap();
+    let cfg = server.service.open_round(&params).await.unwrap();
+    let stated = cfg.dp.unwrap().skellam.unwrap();
+    assert_eq!(stated.scale, Some(cfg.skellam_scale().unwrap()), "the round states the scale that fits");
+    let m = cfg.dp_mechanism(tessera_secagg::dp::Against::Coalition).unwrap();
+    let tessera_secagg::dp::Mechanism::Skellam(release) = m else { panic!("{m:?}") };
+    let one = release.epsilon(1e-5).unwrap().0;
+    assert!(one > epsilon(0.5, 1, 1e-5), "rounding at 16 bits costs something: {one}");
+    server.stop().await;
+
+    let params = RoundParams { dp: Some(DpParams { epsilon_budget: one * 1.01, ..dp }), ..params };
+    let root = tempfile::tempdir().unwrap();
+    let ids = institutions(root.path(), 3);
+    let server = tessera_server::spawn(server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0)).await.unwrap();
+    let url = format!("https://{}", server.addr);
+    let cfg = server.service.open_round(&params).await.unwrap();
+    let means: Vec<Vec<f32>> = one_dp_round(&server, &ids, 1).await.into_iter().map(|r| r.release.mean).collect();
+    // Every institution holds the same release: the mean of the clipped updates plus the
+    // summed integer noise (3 shares of σ = z·C/√(t − f), over 3).
+    assert!(means.iter().all(|m| *m == means[0]));
+    let clipped: Vec<Vec<f32>> = (0..3)
+        .map(|i| {
+            let mut v = synthetic_update(i, 1, M);
+            tessera_client::train::privacy::clip_l2(&mut v, 1.0);
+            v
+        })
+        .collect();
+    let sd = dp.client_noise_std(cfg.min_survivors) * 3f64.sqrt() / 3.0;
+    let errors: Vec<f64> = (0..M).map(|j| f64::from(means[0][j]) - clipped.iter().map(|v| f64::from(v[j])).sum::<f64>() / 3.0).collect();
+    assert!(errors.iter().all(|e| e.abs() < 6.0 * sd), "{errors:?} vs σ {sd}");
+    let measured = (errors.iter().map(|e| e * e).sum::<f64>() / M as f64).sqrt();
+    assert!(measured > 0.6 * sd && measured < 1.5 * sd, "noise sd {measured} vs {sd}");
+
+    let api = Api::new(&url, server.fingerprint).unwrap().with_bearer(ADMIN_TOKEN);
+    let report: serde_json::Value = api.get_json("/v1/privacy").await.unwrap();
+    assert!((report["epsilon_spent"].as_f64().unwrap() - one).abs() < 1e-9, "{report}");
+    assert_eq!(report["per_round"][0]["noise"], "skellam");
+    assert_eq!(report["rounds_remaining"], 0);
+    let bundle: tessera_attestation::audit::RoundBundle = api.get_json("/v1/rounds/1/report").await.unwrap();
+    let r = &bundle.report;
+    let logged = r.dp.unwrap().skellam.expect("the log records the Skellam parameters");
+    assert_eq!((Some(logged.scale), logged.beta, logged.dim), (stated.scale, stated.beta, M as u64));
+    assert!((r.epsilon_round.unwrap() - one).abs() < 1e-9, "{r:?}");
+    let page = String::from_utf8(api.get_bytes("/reports/1").await.unwrap().to_vec()).unwrap();
+    assert!(page.contains("Skellam shares drawn in the integers"), "the report page names the noise");
+    let out = audit_with_cli(&root.path().join("audit"), &bundle, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("privacy: ") && l.contains("Skellam noise")), "{stdout}");
+    // The enclave charges the next round as Skellam too: it does not fit.
+    let err = server.service.open_round(&params).await.unwrap_err();
+    assert_eq!(err.code, "privacy_budget_exhausted", "{}", err.message);
+    server.stop().await;
 }

@@ -36,11 +36,37 @@ pub fn add_gaussian_noise<R: RngCore + CryptoRng>(v: &mut [f32], std: f64, rng: 
     }
 }
 
-/// Clips and noises `v` in place for a round with these DP parameters; returns the norm before clipping.
+/// Clips `v` in place for a round with these DP parameters and, for Gaussian noise, adds
+/// this institution's share; returns the norm before clipping. A round with Skellam noise
+/// gets its share later, drawn in the integers as the update is quantized
+/// (`tessera_secagg::quantize`), so nothing is added here.
 pub fn privatize(v: &mut [f32], dp: &tessera_secagg::dp::DpParams, min_survivors: u32) -> f64 {
     let norm = clip_l2(v, dp.l2_clip);
-    add_gaussian_noise(v, dp.client_noise_std(min_survivors), &mut tessera_secagg::crypto::seeded_csprng());
+    if dp.skellam.is_none() {
+        add_gaussian_noise(v, dp.client_noise_std(min_survivors), &mut tessera_secagg::crypto::seeded_csprng());
+    }
     norm
+}
+
+/// One line for an institution's log: what its DP round does to its update.
+pub fn describe(dp: &tessera_secagg::dp::DpParams, min_survivors: u32) -> String {
+    let noise = match dp.skellam {
+        None => format!("Gaussian noise share σ = {:.4} added", dp.client_noise_std(min_survivors)),
+        Some(sk) => format!(
+            "Skellam noise share σ = {:.4} drawn in the integers as it is quantized (scale {:e}, conditional rounding β = {:.3})",
+            dp.client_noise_std(min_survivors),
+            sk.scale.unwrap_or(f64::NAN),
+            sk.beta
+        ),
+    };
+    format!(
+        "clipped to L2 {}; {noise}: z = {} holds against any {} colluding participant(s), z = {:.3} against outsiders; {}",
+        dp.l2_clip,
+        dp.noise_multiplier,
+        dp.colluders,
+        dp.outsider_noise_multiplier(min_survivors),
+        tessera_secagg::dp::ADJACENCY_EXPLAINED
+    )
 }
 
 #[cfg(test)]
@@ -76,6 +102,30 @@ mod tests {
         }
     }
 
+    /// A Skellam round's update is clipped here and left without noise: its share is
+    /// drawn in the integers when it is quantized.
+    #[test]
+    fn skellam_rounds_are_clipped_here_and_noised_when_quantized() {
+        let dp = tessera_secagg::dp::DpParams {
+            noise_multiplier: 1.1,
+            l2_clip: 0.3,
+            delta: 1e-5,
+            epsilon_budget: 10.0,
+            colluders: 1,
+            skellam: Some(tessera_secagg::dp::SkellamNoise { scale: Some(1e4), beta: 0.5 }),
+        };
+        let mut v = vec![0.6f32, 0.8, 0.0];
+        let norm = privatize(&mut v, &dp, 4);
+        assert!((norm - 1.0).abs() < 1e-6);
+        let want = [0.18f32, 0.24, 0.0];
+        assert!(v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{v:?}");
+        assert!(describe(&dp, 4).contains("Skellam"));
+        let gaussian = tessera_secagg::dp::DpParams { skellam: None, ..dp };
+        let mut v = vec![0.6f32, 0.8, 0.0];
+        privatize(&mut v, &gaussian, 4);
+        assert!(v[2] != 0.0, "a Gaussian round's share is added here");
+    }
+
     /// The noise share's variance is the accountant's assumption, insiders included: over
     /// 400k draws each share's sample variance is within 1.5% (about 7 standard errors)
     /// of σ²; after a coalition of f participants subtracts its own shares from the sum
@@ -84,7 +134,7 @@ mod tests {
     #[test]
     fn noise_left_after_colluders_subtract_their_shares_is_what_the_accountant_assumes() {
         for (t, f) in [(4u32, 1u32), (5, 2)] {
-            let dp = tessera_secagg::dp::DpParams { noise_multiplier: 1.1, l2_clip: 0.3, delta: 1e-5, epsilon_budget: 10.0, colluders: f };
+            let dp = tessera_secagg::dp::DpParams { noise_multiplier: 1.1, l2_clip: 0.3, delta: 1e-5, epsilon_budget: 10.0, colluders: f, skellam: None };
             let n = 400_000;
             let mut total = vec![0f64; n];
             let mut honest = vec![0f64; n];

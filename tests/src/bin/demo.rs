@@ -380,7 +380,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let dp_delta = 1e-5;
     let z = noise_multiplier_for(args.epsilon, releases, dp_delta).context("--epsilon")?;
-    let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon, colluders: 1 };
+    let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon, colluders: 1, skellam: None };
     println!(
         "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
         args.institutions,
