@@ -327,7 +327,9 @@ mod tests {
         let mut sk = cfg(2, 2.0);
         sk.modulus_bits = 16;
         let dp = sk.dp.unwrap();
-        sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: Some(40.0), beta: 0.5 }), ..dp });
+        sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: None, beta: 0.5 }), ..dp });
+        let scale = sk.skellam_scale().unwrap();
+        sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: Some(scale), beta: 0.5 }), ..dp });
         sk.validate().unwrap();
         PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1).unwrap();
         PrivacyLedger::charge(&path, "agg", &sk, 2).unwrap();
@@ -337,7 +339,8 @@ mod tests {
         assert_eq!(ledger.contributions[1].mechanism, Some(m));
         let want = tessera_secagg::dp::epsilon_of(&[(Mechanism::Gaussian { noise_multiplier: 2.0 }, 1), (m, 1)], 1e-5);
         assert!((ledger.spent(1e-5) - want).abs() < 1e-12);
-        // At a scale of 40 the rounding costs: more than two Gaussian rounds at z = 2.
+        // The rounding (and the reference's integer orders) cost a little: more than two
+        // Gaussian rounds at z = 2.
         assert!(ledger.spent(1e-5) > epsilon(2.0, 2, 1e-5));
         let legacy = r#"{"version": 1, "contributions": [{"aggregator": "a", "round": 1, "config_digest": "00", "noise_multiplier": 2.0, "delta": 1e-5, "colluders": 1, "charged_at_ms": 1}]}"#;
         std::fs::write(&path, legacy).unwrap();

@@ -71,9 +71,9 @@ pub(crate) struct ReleaseFigures {
 
 /// The mechanism a release under `dp` ran in a round with `t` minimum survivors, as
 /// `against` sees it. Rounds logged before `colluders` are charged against one
-/// participant (`DpParams::coalition_noise_multiplier`). A Skellam summary without a
-/// scale cannot come from a round this enclave opened; it is charged as no noise at all
-/// (ε infinite), never as less than it was.
+/// participant (`DpParams::coalition_noise_multiplier`). A Skellam summary whose scale,
+/// β or dimension is out of range cannot come from a round this enclave opened (each was
+/// validated); it is charged as no noise at all (ε infinite), never as less than it was.
 fn mechanism(dp: &DpSummary, t: u32, against: Against) -> Mechanism {
     let params = tessera_secagg::dp::DpParams {
         noise_multiplier: dp.noise_multiplier,
@@ -83,6 +83,9 @@ fn mechanism(dp: &DpSummary, t: u32, against: Against) -> Mechanism {
         colluders: dp.colluders,
         skellam: dp.skellam.map(|s| SkellamNoise { scale: Some(s.scale), beta: s.beta }),
     };
+    if dp.skellam.is_some_and(|s| !(s.scale.is_finite() && s.scale > 0.0 && (0.0..1.0).contains(&s.beta) && s.dim > 0)) {
+        return tessera_secagg::dp::NO_NOISE;
+    }
     let dim = dp.skellam.map_or(1, |s| s.dim);
     params.mechanism(t, dim, against).unwrap_or(tessera_secagg::dp::NO_NOISE)
 }

@@ -352,6 +352,14 @@ impl RoundConfig {
                         self.modulus_bits
                     ));
                 }
+                // A coarser scale makes the rounding dominate: the accountant charges it,
+                // but the noise multiplier an institution's floor checks would no longer
+                // say what the round costs. The scale is the configuration's to derive.
+                if scale < fits / 2.0 {
+                    return bad(format!(
+                        "dp.skellam.scale = {scale} is below half of {fits:e}, the scale that fits this round: a coarser grid adds rounding error that the noise multiplier does not show"
+                    ));
+                }
             }
             // Each noised coordinate is clamped to [-clip, clip] before quantization; a
             // clamp too close to C cuts the noise's tails and biases the mean. (Skellam
@@ -382,22 +390,44 @@ impl RoundConfig {
         self.dp?.mechanism(self.min_survivors, self.encoded_len() as u64, against)
     }
 
+    /// The smallest noise multiplier (to 0.1%) with which `rounds` rounds like this one
+    /// spend at most `epsilon_target` (at the round's δ, against its colluders). A Skellam
+    /// round without a stated scale is given, at each z, the scale that fits
+    /// ([`RoundConfig::skellam_scale`]), as the server would.
+    pub fn calibrate_noise_multiplier(&self, epsilon_target: f64, rounds: u64) -> Result<f64, Error> {
+        let dp = self.dp.ok_or_else(|| Error::Config("the round has no DP parameters to calibrate".into()))?;
+        crate::dp::noise_multiplier_for_mechanism(epsilon_target, rounds, dp.delta, |z| {
+            let mut cfg = self.clone();
+            let mut at = crate::dp::DpParams { noise_multiplier: z, ..dp };
+            cfg.dp = Some(at);
+            if let Some(sk) = at.skellam.as_mut().filter(|s| s.scale.is_none()) {
+                sk.scale = Some(cfg.skellam_scale()?);
+                cfg.dp = Some(at);
+            }
+            cfg.dp_mechanism(crate::dp::Against::Coalition).ok_or_else(|| Error::Config("the round has no accountable mechanism".into()))
+        })
+    }
+
     /// The scale for Skellam noise in this round: the largest for which three standard
-    /// deviations of the sum of all inputs (signal spread over the encoded coordinates,
-    /// rounding, noise) fit in the modulus (TFF's heuristic), capped where a noise share's
-    /// λ would leave the sampler's exact range. Past that cap a larger scale gains
-    /// nothing: the rounding is already far below the noise.
+    /// deviations of the sum of all inputs fit in the modulus (TFF's heuristic), capped
+    /// where a noise share's λ would leave the sampler's exact range. Past that cap a
+    /// larger scale gains nothing: the rounding is already far below the noise. The signal
+    /// is taken as spread evenly over the coordinates only when the round rotates them
+    /// (the Hadamard rotation flattens it); otherwise as its worst case, every input's
+    /// whole norm on one coordinate.
     pub fn skellam_scale(&self) -> Result<f64, Error> {
         let dp = self.dp.ok_or_else(|| Error::Config("the round has no DP parameters".into()))?;
         let local = dp.client_noise_std(self.min_survivors);
+        let dim = self.encoded_len() as u64;
+        let flat = self.compression.is_some_and(|c| c.rotation_block.is_some());
         let fits = crate::skellam::SkellamPipeline::heuristic_scale(
             local,
             dp.l2_clip,
             u32::from(self.modulus_bits),
             self.participants() as u32,
-            self.encoded_len() as u64,
+            dim,
             3.0,
-            1.0,
+            if flat { 1.0 } else { dim as f64 },
         )?;
         Ok(fits.min((2.0 * crate::skellam::MAX_LAMBDA).sqrt() / local))
     }
@@ -661,26 +691,49 @@ mod tests {
         let fits = cfg.skellam_scale().unwrap();
         let dp = cfg.dp.unwrap();
         let local = dp.client_noise_std(7);
-        // 3σ of the sum of 10 inputs (signal spread over 1000 coordinates, noise) fills 2^20.
-        let spread = 3.0 * (10.0f64 * 10.0 * 0.25 / 1000.0 + 10.0 * local * local).sqrt() * fits;
+        // 3σ of the sum of 10 inputs (the signal at its worst, all on one coordinate, and
+        // the noise) fills 2^20; with a rotation the signal is spread over the coordinates.
+        let spread = 3.0 * (10.0f64 * 10.0 * 0.25 + 10.0 * local * local).sqrt() * fits;
         assert!((2.0 * spread / 2f64.powi(20) - 1.0).abs() < 1e-3, "{spread}");
+        let mut rotated = cfg.clone();
+        rotated.compression = Some(crate::compress::Compression { keep: None, rotation_block: Some(1024) });
+        let flat = rotated.skellam_scale().unwrap();
+        let spread = 3.0 * (10.0f64 * 10.0 * 0.25 / rotated.encoded_len() as f64 + 10.0 * local * local).sqrt() * flat;
+        assert!((2.0 * spread / 2f64.powi(20) - 1.0).abs() < 1e-3 && flat > fits, "{spread}");
         let with = |scale: f64| {
             let mut c = cfg.clone();
             c.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: 0.5 }), ..dp });
             c
         };
         with(fits).validate().unwrap();
-        with(fits / 3.0).validate().unwrap();
+        with(fits / 1.9).validate().unwrap();
+        assert!(with(fits / 2.1).validate().unwrap_err().to_string().contains("below half"));
         let err = with(fits * 1.01).validate().unwrap_err().to_string();
         assert!(err.contains("fits in 2^20 without wrapping"), "{err}");
-        // At 32 bits the cap on λ binds: a share's λ = (σ·scale)²/2 stays within 2^50.
-        let mut wide = cfg.clone();
+        // At 32 bits, rotated, the cap on λ binds: a share's λ = (σ·scale)²/2 stays within 2^50.
+        let mut wide = rotated.clone();
         wide.modulus_bits = 32;
         let capped = wide.skellam_scale().unwrap();
         assert!(((local * capped).powi(2) / 2.0 / crate::skellam::MAX_LAMBDA - 1.0).abs() < 1e-9);
         let mut over = wide.clone();
         over.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(capped * 1.01), beta: 0.5 }), ..dp });
         assert!(over.validate().unwrap_err().to_string().contains("sampler's exact range"));
+        // Calibration: z for a target over rounds, each round given the scale that fits at z.
+        let z = cfg.calibrate_noise_multiplier(8.0, 10).unwrap();
+        let spent = |z: f64| {
+            let mut c = cfg.clone();
+            c.dp = Some(crate::dp::DpParams { noise_multiplier: z, ..dp });
+            let scale = c.skellam_scale().unwrap();
+            c.dp = Some(crate::dp::DpParams {
+                noise_multiplier: z,
+                skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: crate::dp::default_beta() }),
+                ..dp
+            });
+            c.validate().unwrap();
+            crate::dp::epsilon_of(&[(c.dp_mechanism(crate::dp::Against::Coalition).unwrap(), 10)], 1e-5)
+        };
+        assert!(spent(z) <= 8.0 && spent(z * 0.995) > 8.0, "z = {z}: ε {} and {}", spent(z), spent(z * 0.995));
+        assert!(z > crate::dp::noise_multiplier_for(8.0, 10, 1e-5).unwrap(), "20 bits of rounding cost a little noise");
         // Too few bits for 3σ of the rounding of ten shares, at any scale.
         let mut narrow = cfg.clone();
         narrow.modulus_bits = 3;

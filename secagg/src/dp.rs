@@ -218,12 +218,13 @@ impl DpParams {
         self.l2_clip + RANGE_SIGMAS * self.client_noise_std(min_survivors)
     }
 
-    /// ε spent after `rounds` rounds.
+    /// ε spent after `rounds` rounds of Gaussian noise at z (a Skellam round costs a
+    /// little more: see [`crate::config::RoundConfig::dp_mechanism`]).
     pub fn epsilon_after(&self, rounds: u64) -> f64 {
         epsilon(self.noise_multiplier, rounds, self.delta)
     }
 
-    /// How many rounds the budget allows.
+    /// How many Gaussian rounds at z the budget allows.
     pub fn max_rounds(&self) -> u64 {
         let mut n = 0u64;
         while n < 1_000_000 && self.epsilon_after(n + 1) <= self.epsilon_budget {
@@ -294,19 +295,32 @@ pub fn epsilon_of_gaussian(groups: &[(f64, u64)], delta: f64) -> f64 {
 
 /// The smallest noise multiplier (to 0.1%) with which `rounds` rounds spend at most `epsilon`.
 pub fn noise_multiplier_for(epsilon_target: f64, rounds: u64, delta: f64) -> Result<f64, crate::Error> {
+    noise_multiplier_for_mechanism(epsilon_target, rounds, delta, |z| Ok(Mechanism::Gaussian { noise_multiplier: z }))
+}
+
+/// The smallest noise multiplier (to 0.1%) with which `rounds` releases of `mechanism(z)`
+/// spend at most `epsilon_target`, for a mechanism whose ε falls as z grows (a Skellam
+/// round's scale may change with z: the closure gives the round's mechanism at z).
+pub fn noise_multiplier_for_mechanism(
+    epsilon_target: f64,
+    rounds: u64,
+    delta: f64,
+    mechanism: impl Fn(f64) -> Result<Mechanism, crate::Error>,
+) -> Result<f64, crate::Error> {
+    let epsilon = |z: f64| mechanism(z).map(|m| epsilon_of(&[(m, rounds)], delta));
     let (mut lo, mut hi) = (0.01f64, 1.0f64);
-    while epsilon(hi, rounds, delta) > epsilon_target && hi < 1e6 {
+    while epsilon(hi)? > epsilon_target && hi < 1e6 {
         hi *= 2.0;
     }
-    if epsilon(hi, rounds, delta) > epsilon_target {
+    if epsilon(hi)? > epsilon_target {
         return Err(crate::Error::Config(format!(
             "ε = {epsilon_target} over {rounds} round(s) at δ = {delta:e} is out of reach: this accountant's RDP orders give at least ε = {:.4} at any noise",
-            epsilon(hi, rounds, delta)
+            epsilon(hi)?
         )));
     }
     while hi - lo > hi * 1e-3 {
         let mid = (lo + hi) / 2.0;
-        if epsilon(mid, rounds, delta) > epsilon_target {
+        if epsilon(mid)? > epsilon_target {
             lo = mid;
         } else {
             hi = mid;

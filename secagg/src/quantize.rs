@@ -279,19 +279,16 @@ mod tests {
         assert_eq!((v.len(), clamped), (5, 2));
     }
 
-    /// A Skellam round: each input is the pipeline's integers plus a noise share, their
-    /// modular sum decodes to the mean of the clipped updates, off by the summed noise
-    /// (whose variance is the shares') and at most one rounding step per input.
-    #[test]
-    fn skellam_rounds_quantize_through_the_pipeline() {
-        let n = 5;
-        let mut c = cfg(n, 24);
+    /// A round of `n` institutions with Skellam noise at z = 0.05, C = 1, t = n − 1, given the
+    /// scale that fits.
+    fn skellam_round(n: usize, bits: u8, vector_len: u32, compression: Option<crate::compress::Compression>) -> RoundConfig {
+        let mut c = cfg(n, bits);
         c.max_weight = 1;
-        c.min_survivors = 4;
-        c.vector_len = 4000;
-        let z = 0.05;
+        c.min_survivors = n as u32 - 1;
+        c.vector_len = vector_len;
+        c.compression = compression;
         let dp = crate::dp::DpParams {
-            noise_multiplier: z,
+            noise_multiplier: 0.05,
             l2_clip: 1.0,
             delta: 1e-5,
             epsilon_budget: 1e3,
@@ -302,42 +299,95 @@ mod tests {
         let scale = c.skellam_scale().unwrap();
         c.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: crate::dp::default_beta() }), ..dp });
         c.validate().unwrap();
-        let q = Quantizer::new(&c).unwrap();
-        assert_eq!(q.step(), 1.0 / scale);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        // Updates of norm 0.5 (kept) and 3.0 (clipped to 1).
-        let updates: Vec<Vec<f32>> = (0..n)
+        c
+    }
+
+    /// Updates of norm 0.5 (kept) and 3.0 (clipped to 1), one per institution.
+    fn updates(n: usize, len: usize) -> Vec<Vec<f32>> {
+        (0..n)
             .map(|i| {
-                let raw: Vec<f32> = (0..4000).map(|j| (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0).collect();
+                let raw: Vec<f32> = (0..len).map(|j| (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0).collect();
                 let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
                 let want = if i % 2 == 0 { 0.5 } else { 3.0 };
                 raw.iter().map(|x| x / norm * want).collect()
             })
-            .collect();
-        let mut sum = vec![0u32; 4001];
-        for u in &updates {
+            .collect()
+    }
+
+    /// Quantizes every update, sums the words mod 2^b, dequantizes; returns the mean and
+    /// the standard deviation of the noise the accountant assumes on it (n shares over n).
+    fn skellam_mean(c: &RoundConfig, updates: &[Vec<f32>]) -> (Vec<f32>, f64) {
+        let q = Quantizer::new(c).unwrap();
+        let n = updates.len();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut sum = vec![0u32; c.masked_len()];
+        for u in updates {
             let (words, clamped) = q.quantize_counting(u, 1, &mut rng).unwrap();
-            assert_eq!((words.len(), clamped, words[4000]), (4001, 0, 1));
-            assert!(words.iter().all(|&w| w < 1 << 24));
+            assert_eq!((words.len(), clamped, words[c.encoded_len()]), (c.masked_len(), 0, 1));
+            assert!(words.iter().all(|&w| w <= c.modulus_mask()));
             for (s, w) in sum.iter_mut().zip(&words) {
                 *s = s.wrapping_add(*w) & c.modulus_mask();
             }
         }
         let mean = q.dequantize_sum(&sum, n).unwrap();
         assert_eq!((mean.total_weight, mean.included), (n as u64, n));
-        let clipped: Vec<f64> = (0..4000)
-            .map(|j| {
-                updates.iter().map(|u| f64::from(u[j]) * if u.iter().map(|x| x * x).sum::<f32>().sqrt() > 1.0 { 1.0 / 3.0 } else { 1.0 }).sum::<f64>()
-                    / n as f64
-            })
-            .collect();
-        let errors: Vec<f64> = mean.mean.iter().zip(&clipped).map(|(&m, &w)| f64::from(m) - w).collect();
-        // Noise on the mean: n shares of σ_local, over n; plus rounding (≤ n/scale over n).
-        let sd = dp.client_noise_std(4) * (n as f64).sqrt() / n as f64;
+        let sd = c.dp.unwrap().client_noise_std(c.min_survivors) * (n as f64).sqrt() / n as f64;
+        (mean.mean, sd)
+    }
+
+    /// `errors` are noise of standard deviation `sd` (to 6%, over thousands of
+    /// coordinates), within 6σ plus the rounding, and unbiased.
+    fn assert_noise(errors: &[f64], sd: f64, rounding: f64) {
         let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
         assert!((var.sqrt() / sd - 1.0).abs() < 0.06, "noise sd {} vs {sd}", var.sqrt());
-        assert!(errors.iter().all(|e| e.abs() < 6.0 * sd + 1.0 / scale), "within 6σ");
+        assert!(errors.iter().all(|e| e.abs() < 6.0 * sd + rounding), "within 6σ");
         assert!(errors.iter().sum::<f64>().abs() / (errors.len() as f64) < 4.0 * sd / (errors.len() as f64).sqrt(), "unbiased");
+    }
+
+    /// A Skellam round: each input is the pipeline's integers plus a noise share, their
+    /// modular sum decodes to the mean of the clipped updates, off by the summed noise
+    /// (whose variance is the shares') and at most one rounding step per input.
+    #[test]
+    fn skellam_rounds_quantize_through_the_pipeline() {
+        let (n, len) = (5, 4000);
+        let c = skellam_round(n, 24, len as u32, None);
+        assert_eq!(Quantizer::new(&c).unwrap().step(), 1.0 / c.dp.unwrap().skellam.unwrap().scale.unwrap());
+        let updates = updates(n, len);
+        let (mean, sd) = skellam_mean(&c, &updates);
+        let clipped = |j: usize| {
+            updates.iter().map(|u| f64::from(u[j]) * if u.iter().map(|x| x * x).sum::<f32>().sqrt() > 1.0 { 1.0 / 3.0 } else { 1.0 }).sum::<f64>() / n as f64
+        };
+        let errors: Vec<f64> = mean.iter().enumerate().map(|(j, &m)| f64::from(m) - clipped(j)).collect();
+        assert_noise(&errors, sd, Quantizer::new(&c).unwrap().step());
+    }
+
+    /// With random-k and the rotation, the pipeline clips and rounds the encoded update;
+    /// the decoded mean is the decoded mean of the clipped encodings plus noise of the
+    /// same standard deviation on every kept coordinate (the inverse rotation is
+    /// orthonormal), and exactly zero elsewhere.
+    #[test]
+    fn skellam_rounds_quantize_encoded_updates() {
+        let (n, len) = (5, 6000);
+        let c = skellam_round(n, 20, len as u32, Some(crate::compress::Compression { keep: Some(4000), rotation_block: Some(256) }));
+        let q = Quantizer::new(&c).unwrap();
+        let e = q.encoding().unwrap();
+        let updates = updates(n, len);
+        let (mean, sd) = skellam_mean(&c, &updates);
+        let mut encoded_mean = vec![0f32; e.encoded_len()];
+        for u in &updates {
+            let mut v = e.encode(u).unwrap();
+            let norm = v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            for (m, x) in encoded_mean.iter_mut().zip(v.iter_mut()) {
+                *m += (f64::from(*x) * if norm > 1.0 { 1.0 / norm } else { 1.0 } / n as f64) as f32;
+            }
+        }
+        let want = e.decode(&encoded_mean).unwrap();
+        let kept: Vec<usize> = e.selected().unwrap().iter().map(|&i| i as usize).collect();
+        let errors: Vec<f64> = kept.iter().map(|&j| f64::from(mean[j]) - f64::from(want[j])).collect();
+        assert_noise(&errors, sd, q.step() * e.error_amplification());
+        let unsent = (0..len).filter(|j| kept.binary_search(j).is_err()).count();
+        assert_eq!(unsent, len - 4000);
+        assert!((0..len).filter(|j| kept.binary_search(j).is_err()).all(|j| mean[j] == 0.0));
     }
 
     #[test]

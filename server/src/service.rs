@@ -922,8 +922,15 @@ impl Service {
         let epsilon_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&groups, d)).unwrap_or(0.0);
         let epsilon_outsider_spent = delta.map(|d| tessera_secagg::dp::epsilon_of(&outsider, d)).unwrap_or(0.0);
         // The next round's mechanism is the schedule's, as a round opened now would state it.
-        let next = self.round_config(0, &self.cfg.rounds.params, 0).ok().and_then(|c| c.dp_mechanism(Against::Coalition));
-        let rounds_remaining = schedule_dp.map(|dp| rounds_within_budget(&groups, next.unwrap_or(tessera_secagg::dp::NO_NOISE), dp.delta, dp.epsilon_budget));
+        // (A Gaussian round's is its z whatever else the schedule says; a Skellam round's
+        // needs the round's scale, and a schedule that opens no round has no next round.)
+        let next = |dp: tessera_secagg::dp::DpParams| match dp.skellam {
+            None => Mechanism::Gaussian { noise_multiplier: dp.noise_multiplier },
+            Some(_) => {
+                self.round_config(0, &self.cfg.rounds.params, 0).ok().and_then(|c| c.dp_mechanism(Against::Coalition)).unwrap_or(tessera_secagg::dp::NO_NOISE)
+            }
+        };
+        let rounds_remaining = schedule_dp.map(|dp| rounds_within_budget(&groups, next(dp), dp.delta, dp.epsilon_budget));
         Ok(PrivacyReport {
             params: schedule_dp,
             rounds_released,

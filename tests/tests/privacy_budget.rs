@@ -74,7 +74,11 @@ async fn a_round_past_the_budget_is_refused() {
 
 /// Every institution sends its clipped (and, for Gaussian noise, noised) synthetic update
 /// of 50 values; returns what each one was given.
-async fn one_dp_round(server: &tessera_server::Running, ids: &[(std::path::PathBuf, tessera_client::Identity)], round: u64) -> Vec<tessera_client::RoundReport> {
+async fn one_dp_round(
+    server: &tessera_server::Running,
+    ids: &[(std::path::PathBuf, tessera_client::Identity)],
+    round: u64,
+) -> Vec<tessera_client::RoundReport> {
     let url = format!("https://{}", server.addr);
     let mut tasks = Vec::new();
     for (i, (dir, _)) in ids.iter().enumerate() {

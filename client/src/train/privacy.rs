@@ -53,7 +53,7 @@ pub fn describe(dp: &tessera_secagg::dp::DpParams, min_survivors: u32) -> String
     let noise = match dp.skellam {
         None => format!("Gaussian noise share σ = {:.4} added", dp.client_noise_std(min_survivors)),
         Some(sk) => format!(
-            "Skellam noise share σ = {:.4} drawn in the integers as it is quantized (scale {:e}, conditional rounding β = {:.3})",
+            "Skellam noise share σ = {:.4} drawn in the integers as it is quantized (scale {:e}, conditional rounding β = {:.3}; the ε figures include the rounding, a little above the Gaussian's at the same z)",
             dp.client_noise_std(min_survivors),
             sk.scale.unwrap_or(f64::NAN),
             sk.beta

@@ -22,7 +22,8 @@ use sha2::Digest;
 use tessera_client::train::data::Example;
 use tessera_client::train::federated::split_by_group;
 use tessera_client::train::LoraMode;
-use tessera_secagg::dp::{noise_multiplier_for, DpParams};
+use tessera_secagg::config::RoundConfig;
+use tessera_secagg::dp::{noise_multiplier_for, DpParams, SkellamNoise};
 
 /// What the clinics learn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +32,16 @@ enum DemoTask {
     Sft,
     /// Sentiment classification by label words (negative/neutral/positive).
     Classify,
+}
+
+/// The noise each institution adds for the institution-level guarantee.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Noise {
+    /// Skellam shares drawn in the integers after quantizing: the released sum is exactly
+    /// the mechanism the accountant analyses.
+    Skellam,
+    /// Continuous Gaussian shares, rounded into the modulus with the update.
+    Gaussian,
 }
 
 #[derive(Parser)]
@@ -77,6 +88,9 @@ struct Args {
     /// ε budget for the whole run (δ = 1e-5); the noise multiplier is calibrated to spend it over all rounds.
     #[arg(long, default_value_t = 50.0)]
     epsilon: f64,
+    /// The institution-level noise (where the run has it).
+    #[arg(long, value_enum, default_value_t = Noise::Skellam)]
+    noise: Noise,
     /// L2 clipping bound of each institution's update.
     #[arg(long, default_value_t = 0.5)]
     clip: f64,
@@ -381,6 +395,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let dp_delta = 1e-5;
     let z = noise_multiplier_for(args.epsilon, releases, dp_delta).context("--epsilon")?;
     let dp = DpParams { noise_multiplier: z, l2_clip: args.clip, delta: dp_delta, epsilon_budget: args.epsilon, colluders: 1, skellam: None };
+    let dp_gaussian_z = z;
     println!(
         "Tessera demo: {} institutions fine-tune a LoRA adapter of {} together, {} rounds, aggregator over TLS on 127.0.0.1",
         args.institutions,
@@ -434,9 +449,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "Privacy: each update clipped to L2 ≤ {}, distributed Gaussian noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds \
+            "Privacy: each update clipped to L2 ≤ {}, distributed {} noise, z = {z:.3} calibrated to ε = {} at δ = {dp_delta:e} over {} rounds \
          against any one participant, who knows its own noise share; against outsiders z = {z_out:.3}, ε = {:.2}. Adjacency: {}.",
             args.clip,
+            if args.noise == Noise::Skellam {
+                "Skellam (integer; z recalibrated for its accountant below, once the update's size is known)"
+            } else {
+                "Gaussian"
+            },
             args.epsilon,
             releases,
             tessera_secagg::dp::epsilon(z_out, releases, dp_delta),
@@ -557,17 +577,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         "[[access]]\nname = \"compliance-auditor\"\nrole = \"auditor\"\ntoken_sha256 = \"{}\"\n",
         hex::encode(sha2::Sha256::digest(auditor_token.as_bytes()))
     );
-    let (privacy_toml, dp_toml) = if !institution_dp {
-        (String::new(), String::new())
-    } else {
-        (
-            format!("[privacy]\nepsilon = {}\ndelta = {dp_delta:e}\n\n", args.epsilon),
-            format!(
-                "[rounds.params.dp]\nnoise_multiplier = {z}\nl2_clip = {}\ncolluders = 1\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n",
-                args.clip, args.epsilon
-            ),
-        )
-    };
     let mut compression_toml = String::new();
     if args.keep_fraction.is_some() || args.rotation_block.is_some() {
         compression_toml.push_str("[rounds.params.compression]\n");
@@ -601,6 +610,43 @@ fn run(args: Args) -> anyhow::Result<()> {
     let masked_body = tessera_secagg::pack::packed_len(tessera_secagg::compress::encoded_len(m as u32, compression.as_ref()) + 1, args.modulus_bits);
     let bytes_per_parameter = masked_body as f64 / m as f64;
     println!("wire: {wire}; a masked update is {masked_body} bytes, {bytes_per_parameter:.3} bytes per parameter");
+    // Skellam noise: z calibrated for its own accountant, over the scale each round will
+    // be given (which depends on the update's size, the modulus and the institutions).
+    let dp = if institution_dp && args.noise == Noise::Skellam {
+        let sk = SkellamNoise { scale: None, beta: tessera_secagg::dp::default_beta() };
+        let mut stand_in = RoundConfig::with_defaults(1, (0..args.institutions).map(|i| hex::encode([i as u8; 32])).collect(), m as u32, [0; 32]);
+        stand_in.min_survivors = min_survivors;
+        stand_in.modulus_bits = args.modulus_bits;
+        stand_in.max_weight = 1;
+        stand_in.compression = compression;
+        stand_in.dp = Some(DpParams { skellam: Some(sk), ..dp });
+        let z = stand_in.calibrate_noise_multiplier(args.epsilon, releases).context("--epsilon with --noise skellam")?;
+        let dp = DpParams { noise_multiplier: z, skellam: Some(sk), ..dp };
+        stand_in.dp = Some(dp);
+        let scale = stand_in.skellam_scale()?;
+        println!(
+            "exact noise: Skellam shares drawn in the integers after quantizing, z = {z:.3} for ε = {} over {releases} rounds by the Skellam accountant \
+             (the Gaussian's z = {:.3}), scale {scale:.3e} at {} bits, conditional rounding β = {:.3}",
+            args.epsilon, dp_gaussian_z, args.modulus_bits, sk.beta
+        );
+        dp
+    } else {
+        dp
+    };
+    let (privacy_toml, dp_toml) = if !institution_dp {
+        (String::new(), String::new())
+    } else {
+        (
+            format!("[privacy]\nepsilon = {}\ndelta = {dp_delta:e}\n\n", args.epsilon),
+            format!(
+                "[rounds.params.dp]\nnoise_multiplier = {}\nl2_clip = {}\ncolluders = 1\ndelta = {dp_delta:e}\nepsilon_budget = {}\n\n{}",
+                dp.noise_multiplier,
+                args.clip,
+                args.epsilon,
+                dp.skellam.map(|s| format!("[rounds.params.dp.skellam]\nbeta = {}\n\n", s.beta)).unwrap_or_default()
+            ),
+        )
+    };
     let cohort_toml = match args.buffered {
         Some(k) => format!("[rounds.params.cohort]\nsize = {k}\nmax_staleness = 4\nstaleness_exponent = 0.5\n\n"),
         None => String::new(),
