@@ -7,6 +7,7 @@
 //! cargo bench -p tessera-secagg --bench masking -- --m 250000 --n 50
 //! cargo bench -p tessera-secagg --bench masking -- --compare m=1000000,n=100,k=46   # one JSON line
 //! cargo bench -p tessera-secagg --bench masking -- --threads-scan   # kernel vs keystream bound and OpenSSL, 1, 2, … threads
+//! cargo bench -p tessera-secagg --bench masking -- --stream          # the aggregator folds each input from a spooled file
 //! cargo bench -p tessera-secagg --bench masking -- --threads 1      # the whole round on one core
 //! ```
 //!
@@ -164,6 +165,15 @@ fn phase_payload(agg: &Aggregator, to: Phase) -> Value {
 
 static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
+/// `--stream`: the aggregator folds each masked input from a file it was spooled to
+/// (`handle_masked_input_stream`), as a server that streams uploads to disk would, instead
+/// of from the received bytes in memory.
+static STREAM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn stream() -> bool {
+    STREAM.get().copied().unwrap_or(false)
+}
+
 /// The threads masking and unmasking use in this run (`--threads`, default all cores).
 fn threads() -> usize {
     THREADS.get().copied().unwrap_or_else(prg::default_threads)
@@ -184,6 +194,7 @@ fn aggregator_child() {
             b'A' => Some("advertisement: admit, check signature".into()),
             b'S' => Some("share keys: check k ciphertexts, signature".into()),
             b'M' => Some("masked input: digest, verify, fold".into()),
+            b'F' => Some("masked input from a spooled file: read, digest, fold, verify".into()),
             b'C' => Some("consistency signature: verify".into()),
             b'U' => Some("unmask shares: check, store".into()),
             _ => None,
@@ -222,6 +233,22 @@ fn aggregator_child() {
                     let fold_s = t.elapsed().as_secs_f64();
                     let (_, hwm_fold) = vm_status();
                     drop(payload);
+                    Ok(json!({ "fold_s": fold_s, "hwm_decode": hwm_decode, "hwm_fold": hwm_fold }))
+                }
+                b'F' => {
+                    // The payload is the path of the file the body was spooled to as it
+                    // arrived (by the parent, standing for the host); the aggregator folds
+                    // it from there in leaves, with only the sum and one batch of leaves in
+                    // memory.
+                    let path = std::path::PathBuf::from(String::from_utf8(payload).map_err(|e| e.to_string())?);
+                    reset_hwm();
+                    let (_, hwm_decode) = vm_status();
+                    let t = Instant::now();
+                    let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+                    let folded = a.handle_masked_input_stream(&mut file).map_err(e);
+                    let fold_s = t.elapsed().as_secs_f64();
+                    let (_, hwm_fold) = vm_status();
+                    folded?;
                     Ok(json!({ "fold_s": fold_s, "hwm_decode": hwm_decode, "hwm_fold": hwm_fold }))
                 }
                 b'V' => {
@@ -593,8 +620,18 @@ fn run_round(spec: &Spec, verbose: bool) -> RoundStats {
         }
         let bytes = masked.encode();
         drop(masked);
-        let f = aggp.call(b'M', &bytes);
-        drop(bytes);
+        let f = if stream() {
+            let path = std::env::temp_dir().join(format!("tessera-bench-input-{}.bin", std::process::id()));
+            std::fs::write(&path, &bytes).expect("spool the masked input");
+            drop(bytes);
+            let f = aggp.call(b'F', path.to_string_lossy().as_bytes());
+            let _ = std::fs::remove_file(&path);
+            f
+        } else {
+            let f = aggp.call(b'M', &bytes);
+            drop(bytes);
+            f
+        };
         st.fold_s.push(f["fold_s"].as_f64().unwrap_or(f64::NAN));
         st.decode_peak = st.decode_peak.max(f["hwm_decode"].as_u64().unwrap_or(0));
         st.fold_peak = st.fold_peak.max(f["hwm_fold"].as_u64().unwrap_or(0));
@@ -751,7 +788,11 @@ fn print_tables(all: &[RoundStats]) {
         );
         row("client quantization (`Quantizer::quantize`, not part of masking)", median(&s.quantize_s), "—".into(), None);
         row_ratio(
-            "aggregator fold of one input: `handle_masked_input` (SHA-256 + Ed25519 verify + add)",
+            if stream() {
+                "aggregator fold of one input: `handle_masked_input_stream` from a spooled file (read, SHA-256 + add per leaf, Ed25519 verify)"
+            } else {
+                "aggregator fold of one input: `handle_masked_input` (SHA-256 + Ed25519 verify + add)"
+            },
             median(&s.fold_s),
             format!("(1 stream: {})", mb(1)),
             fmt_time(ks1),
@@ -887,6 +928,9 @@ fn main() {
         match a.as_str() {
             "--quick" => ms = vec![100_000],
             "--threads-scan" => kernels_only = true,
+            "--stream" => {
+                STREAM.set(true).ok();
+            }
             "--threads" => {
                 let t: usize = it.next().expect("--threads N").parse().expect("threads");
                 max_threads = t.max(1);
@@ -900,13 +944,16 @@ fn main() {
             "--compare" => compare = Some(parse_compare(it.next().map(String::as_str).unwrap_or(""))),
             s if s.starts_with("--compare=") => compare = Some(parse_compare(&s["--compare=".len()..])),
             other => {
-                eprintln!("unknown argument {other}; usage: masking [--quick] [--threads-scan] [--threads N] [--m LIST] [--n N] [--reps R] [--bits B] [--compare m=..,n=..,k=..,bits=..]");
+                eprintln!("unknown argument {other}; usage: masking [--quick] [--threads-scan] [--stream] [--threads N] [--m LIST] [--n N] [--reps R] [--bits B] [--compare m=..,n=..,k=..,bits=..]");
                 std::process::exit(2);
             }
         }
     }
     THREADS.set(max_threads).ok();
     println!("{}; masking and unmasking with {} thread(s)", cpu_line(), threads());
+    if stream() {
+        println!("fold: each masked input streamed from a spooled file (`handle_masked_input_stream`), not from the received bytes");
+    }
     if let Some(spec) = compare {
         let stats = run_round(&spec, true);
         println!("{}", compare_json(&stats));

@@ -294,6 +294,100 @@ impl Aggregator {
         Ok((view.client, *input.digest()))
     }
 
+    /// Phase 2 from a source the input streams through (an upload spooled to a file):
+    /// the header is read and checked first, then the body is read one batch of 1 MiB
+    /// leaves at a time, each leaf hashed (the leaves of a batch on every core) and folded
+    /// into the running sum, so the aggregator holds the sum and one batch, never the
+    /// whole input. The signature covers the digest of every leaf, so it is checked at the
+    /// end; if it (or anything after it) fails, the fold is undone by reading the body
+    /// again, each leaf checked against the hash taken when it was folded: a source that
+    /// changed in between cannot make the undo subtract other bytes. If the undo cannot
+    /// be completed the sum is no longer the sum of accepted inputs, and the round is
+    /// aborted rather than released. Same result, same errors as
+    /// [`Aggregator::handle_masked_input_encoded`] over the same bytes.
+    pub fn handle_masked_input_stream<R: std::io::Read + std::io::Seek>(&mut self, src: &mut R) -> Result<(ClientId, [u8; 32]), Error> {
+        use std::io::SeekFrom;
+        let io = |e: std::io::Error| Error::malformed(format!("cannot read the masked input: {e}"));
+        let total = src.seek(SeekFrom::End(0)).map_err(io)?;
+        // The largest input the round can take; anything longer is refused unread.
+        let limit = MaskedInput::encoded_len(self.sum.len(), 32) as u64;
+        if total > limit {
+            return Err(Error::malformed(format!("masked input of {total} bytes is longer than any input of this round ({limit})")));
+        }
+        let total = total as usize;
+        src.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut prefix = vec![0u8; total.min(MASKED_HEADER_MAX)];
+        src.read_exact(&mut prefix).map_err(io)?;
+        let h = MaskedInputHeader::parse(&prefix, total)?;
+        if h.bits < 32 && total > h.body_at {
+            // The padding is checked before anything is folded, as the parse of a whole
+            // input checks it.
+            let mut last = [0u8; 1];
+            src.seek(SeekFrom::Start(total as u64 - 1)).and_then(|_| src.read_exact(&mut last)).map_err(io)?;
+            crate::pack::check_padding(last[0], h.count, h.bits)?;
+            src.seek(SeekFrom::Start(prefix.len() as u64)).map_err(io)?;
+        }
+        self.check_width(h.bits)?;
+        let header = InputHeader { round: h.round, client: h.client, signature: &h.signature, claim: h.record_privacy.as_ref(), base_version: h.base_version };
+        let key = self.admit(&header, h.count)?;
+        let mut body = BodyWalk::new(&h, total, self.threads);
+        // The fold: leaves hashed and added as they are read.
+        let mut sum = std::mem::take(&mut self.sum);
+        let folded = body.walk(src, &prefix, None, |at, bytes, n| add_elements(&mut sum[at..at + n], bytes, h.bits));
+        self.sum = sum;
+        let visited = body.visited;
+        let leaves = match folded {
+            Ok(leaves) => leaves,
+            // Undo what the walk handed on before it stopped.
+            Err(e) => return Err(self.undo(src, &prefix, &h, total, body.leaves_folded(), visited, e)),
+        };
+        let digest = leaves_digest(total - h.body_at, &leaves);
+        let accepted = self
+            .verify(&key, h.client, &MaskedInput::transcript_for(&self.digest, h.round, h.client, &digest, header.claim, h.base_version), &h.signature)
+            .and_then(|()| self.check_signed(&header));
+        match accepted {
+            Ok(()) => {
+                self.u3.insert(h.client, h.signature);
+                Ok((h.client, digest))
+            }
+            Err(e) => Err(self.undo(src, &prefix, &h, total, Some(leaves), visited, e)),
+        }
+    }
+
+    /// Subtracts what a streamed input added (its first `visited` elements, in the
+    /// leaves whose hashes are `leaves`), reading them again; returns `why`, the reason
+    /// the input is refused. A leaf that reads differently aborts the round.
+    #[allow(clippy::too_many_arguments)]
+    fn undo<R: std::io::Read + std::io::Seek>(
+        &mut self,
+        src: &mut R,
+        prefix: &[u8],
+        h: &MaskedInputHeader,
+        total: usize,
+        leaves: Option<Vec<[u8; 32]>>,
+        visited: usize,
+        why: Error,
+    ) -> Error {
+        let Some(leaves) = leaves else { return why };
+        let mut body = BodyWalk::new(h, total, self.threads);
+        body.stop_after = leaves.len();
+        body.limit = visited;
+        let mut sum = std::mem::take(&mut self.sum);
+        let bits = h.bits;
+        let undone = src
+            .seek(std::io::SeekFrom::Start(prefix.len() as u64))
+            .map_err(|e| Error::malformed(format!("cannot read the masked input again: {e}")))
+            .and_then(|_| body.walk(src, prefix, Some(&leaves), |at, bytes, n| sub_elements(&mut sum[at..at + n], bytes, bits)));
+        self.sum = sum;
+        if let Err(e) = undone {
+            self.abort(format!(
+                "the fold of client {}'s refused masked input could not be undone ({e}): the running sum no longer is the sum of the accepted inputs",
+                h.client.0
+            ));
+        }
+        why
+    }
+
     /// Elements travel at the round's width: packed below 32 bits, words at 32. Any
     /// other width is refused, so each masked vector has one encoding.
     fn check_width(&self, bits: u8) -> Result<(), Error> {
@@ -312,16 +406,30 @@ impl Aggregator {
         // Adds the elements into the running sum, once every check has passed.
         add: impl FnOnce(&mut [u32]),
     ) -> Result<(), Error> {
-        let (round, client) = (h.round, h.client);
-        let key = self.check(round, Phase::MaskedInput, client, self.u3.get(&client), h.signature)?;
-        if !self.u2.contains_key(&client) {
-            return Err(ProtocolError::NotInSurvivorSet(client).into());
+        let key = self.admit(h, len)?;
+        self.verify(&key, h.client, &MaskedInput::transcript_for(&self.digest, h.round, h.client, digest, h.claim, h.base_version), h.signature)?;
+        self.check_signed(h)?;
+        add(&mut self.sum);
+        self.u3.insert(h.client, *h.signature);
+        Ok(())
+    }
+
+    /// The checks a masked input's header must pass before its body matters: round,
+    /// phase, sender, retransmission, survivor set, length. Returns the sender's key.
+    fn admit(&self, h: &InputHeader<'_>, len: usize) -> Result<[u8; 32], Error> {
+        let key = self.check(h.round, Phase::MaskedInput, h.client, self.u3.get(&h.client), h.signature)?;
+        if !self.u2.contains_key(&h.client) {
+            return Err(ProtocolError::NotInSurvivorSet(h.client).into());
         }
         if len != self.sum.len() {
             return Err(ProtocolError::WrongLength { expected: self.sum.len(), got: len }.into());
         }
-        self.verify(&key, client, &MaskedInput::transcript_for(&self.digest, round, client, digest, h.claim, h.base_version), h.signature)?;
-        // Signed, so the sender's own: checked for coherence before it reaches the log.
+        Ok(key)
+    }
+
+    /// What the signature makes the sender's own, checked after it: the record-level
+    /// claim's coherence and the base version against the round's kind.
+    fn check_signed(&self, h: &InputHeader<'_>) -> Result<(), Error> {
         if let Some(c) = h.claim {
             c.validate()?;
         }
@@ -335,8 +443,6 @@ impl Aggregator {
             }
             (None, None) => {}
         }
-        add(&mut self.sum);
-        self.u3.insert(client, *h.signature);
         Ok(())
     }
 
@@ -627,6 +733,167 @@ impl Aggregator {
     pub fn advertisement(&self, client: ClientId) -> Option<&AdvertiseKeys> {
         self.u1.get(&client)
     }
+}
+
+/// Adds `n` elements of `bits` bits (words at 32, packed below) starting at `sum[0]`;
+/// `bytes` starts at an element boundary.
+fn add_elements(sum: &mut [u32], bytes: &[u8], bits: u8) {
+    if bits == 32 {
+        add_le_words(sum, bytes);
+    } else {
+        crate::pack::add_packed(sum, bytes, bits);
+    }
+}
+
+/// Subtracts what [`add_elements`] adds (rare: the undo of a refused input).
+fn sub_elements(sum: &mut [u32], bytes: &[u8], bits: u8) {
+    let n = sum.len();
+    for (s, v) in sum.iter_mut().zip(crate::pack::Unpacked::new(bytes, n, bits)) {
+        *s = s.wrapping_sub(v);
+    }
+}
+
+/// The data digest from its leaves' hashes ([`crate::wire::data_digest_of_bytes`]).
+fn leaves_digest(body_len: usize, leaves: &[[u8; 32]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut root = sha2::Sha256::new();
+    root.update(b"tessera/masked-data/v2");
+    root.update((body_len as u64).to_le_bytes());
+    for h in leaves {
+        root.update(h);
+    }
+    root.finalize().into()
+}
+
+/// Reads a masked input's body from a source in batches of digest leaves
+/// ([`DIGEST_CHUNK_BYTES`] each), hashes each leaf, and hands the elements on in pieces
+/// that start at an element boundary: 8 elements of `bits` bits are `bits` bytes, so the
+/// bytes of a leaf past its last whole group wait for the next leaf.
+struct BodyWalk {
+    bits: u8,
+    count: usize,
+    body_at: usize,
+    body_len: usize,
+    threads: usize,
+    /// Stop after this many leaves, and hand on no element past `limit` (the undo of a
+    /// fold that stopped early repeats exactly the pieces the fold handed on).
+    stop_after: usize,
+    limit: usize,
+    /// Elements handed on so far.
+    visited: usize,
+    recorded: Vec<[u8; 32]>,
+}
+
+impl BodyWalk {
+    fn new(h: &MaskedInputHeader, total: usize, threads: usize) -> Self {
+        BodyWalk {
+            bits: h.bits,
+            count: h.count,
+            body_at: h.body_at,
+            body_len: total - h.body_at,
+            threads: threads.max(1),
+            stop_after: usize::MAX,
+            limit: usize::MAX,
+            visited: 0,
+            recorded: Vec::new(),
+        }
+    }
+
+    /// The hashes of the leaves handed on so far, for an undo (`None`: none were).
+    fn leaves_folded(&self) -> Option<Vec<[u8; 32]>> {
+        (!self.recorded.is_empty()).then(|| self.recorded.clone())
+    }
+
+    /// Reads the body (its first bytes from `prefix`, past the header; the rest from
+    /// `src`, positioned after the prefix) and calls `visit(element, bytes, n)` for each
+    /// piece: `n` elements starting at element `element`. With `expect`, each leaf must
+    /// hash to the recorded hash before it is visited; without, the hashes are recorded
+    /// and returned.
+    fn walk<R: std::io::Read>(
+        &mut self,
+        src: &mut R,
+        prefix: &[u8],
+        expect: Option<&[[u8; 32]]>,
+        mut visit: impl FnMut(usize, &[u8], usize),
+    ) -> Result<Vec<[u8; 32]>, Error> {
+        let limit = self.limit.min(self.count);
+        let visited = &mut self.visited;
+        // Pieces arrive in order: each is handed on up to the limit, and counted.
+        let mut visit = |at: usize, bytes: &[u8], n: usize| {
+            let n = n.min(limit.saturating_sub(at));
+            if n > 0 {
+                visit(at, bytes, n);
+                *visited = at + n;
+            }
+        };
+        let leaves = self.body_len.div_ceil(DIGEST_CHUNK_BYTES);
+        let group = usize::from(self.bits);
+        let mut from_prefix = prefix.get(self.body_at..).unwrap_or(&[]);
+        let mut carry: Vec<u8> = Vec::with_capacity(group);
+        let mut element = 0usize;
+        let mut batch = vec![0u8; DIGEST_CHUNK_BYTES * self.threads.min(leaves.max(1))];
+        let mut leaf = 0usize;
+        while leaf < leaves.min(self.stop_after) {
+            let in_batch = (leaves.min(self.stop_after) - leaf).min(self.threads);
+            let start = leaf * DIGEST_CHUNK_BYTES;
+            let len = (start + in_batch * DIGEST_CHUNK_BYTES).min(self.body_len) - start;
+            let buf = &mut batch[..len];
+            let took = from_prefix.len().min(len);
+            buf[..took].copy_from_slice(&from_prefix[..took]);
+            from_prefix = &from_prefix[took..];
+            src.read_exact(&mut buf[took..]).map_err(|e| Error::malformed(format!("the masked input ended early: {e}")))?;
+            let hashes = hash_leaves(buf, self.threads);
+            if let Some(expect) = expect {
+                if hashes[..] != expect[leaf..leaf + hashes.len()] {
+                    return Err(Error::malformed(format!("leaf {} of the body read differently the second time", leaf + 1)));
+                }
+            }
+            self.recorded.extend_from_slice(&hashes);
+            // Complete the group the previous batch left open, then whole groups.
+            let mut rest: &[u8] = buf;
+            if !carry.is_empty() {
+                let need = (group - carry.len()).min(rest.len());
+                carry.extend_from_slice(&rest[..need]);
+                rest = &rest[need..];
+                if carry.len() == group {
+                    let n = 8.min(self.count - element);
+                    visit(element, &carry, n);
+                    element += n;
+                    carry.clear();
+                }
+            }
+            let whole = (rest.len() / group).min((self.count - element) / 8);
+            if whole > 0 {
+                visit(element, &rest[..whole * group], whole * 8);
+                element += whole * 8;
+                rest = &rest[whole * group..];
+            }
+            carry.extend_from_slice(rest);
+            leaf += in_batch;
+        }
+        if leaf == leaves && element < limit {
+            // The last elements: fewer than 8, in the bytes left over.
+            let n = self.count - element;
+            if self.bits < 32 {
+                crate::pack::check_packed(&carry, n, self.bits)?;
+            }
+            visit(element, &carry, n);
+        }
+        Ok(std::mem::take(&mut self.recorded))
+    }
+}
+
+/// The SHA-256 of each [`DIGEST_CHUNK_BYTES`] leaf of `buf`, on up to `threads` threads.
+fn hash_leaves(buf: &[u8], threads: usize) -> Vec<[u8; 32]> {
+    let one = |leaf: &[u8]| -> [u8; 32] { sha2::Digest::finalize(sha2::Digest::chain_update(<sha2::Sha256 as sha2::Digest>::new(), leaf)).into() };
+    let leaves: Vec<&[u8]> = buf.chunks(DIGEST_CHUNK_BYTES).collect();
+    if leaves.len() < 2 || threads < 2 {
+        return leaves.iter().map(|l| one(l)).collect();
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = leaves.iter().map(|l| scope.spawn(move || one(l))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
 }
 
 /// `sum[i] += word i of body` (little-endian u32s), mod 2^32. The word is read inline, so

@@ -55,12 +55,18 @@ pub fn check_packed(body: &[u8], count: usize, bits: u8) -> Result<(), Error> {
     if body.len() != want {
         return Err(Error::malformed(format!("{count} elements of {bits} bits take {want} bytes, the body has {}", body.len())));
     }
+    match body.last() {
+        Some(&last) => check_padding(last, count, bits),
+        None => Ok(()),
+    }
+}
+
+/// The padding bits after the last of `count` elements of `bits` bits, in the body's
+/// last byte, must be zero: one body, one encoding.
+pub fn check_padding(last: u8, count: usize, bits: u8) -> Result<(), Error> {
     let used = (count as u128 * u128::from(bits)) % 8;
-    if used != 0 {
-        let last = body[body.len() - 1];
-        if last >> used != 0 {
-            return Err(Error::malformed("the padding bits after the last packed element are not zero"));
-        }
+    if used != 0 && last >> used != 0 {
+        return Err(Error::malformed("the padding bits after the last packed element are not zero"));
     }
     Ok(())
 }

@@ -489,26 +489,22 @@ impl MaskedInput {
     }
 }
 
-/// A masked input still in its received bytes: the header decoded, the body borrowed.
-/// The aggregator verifies and folds straight from it, so a submission never exists
-/// twice in memory.
+/// A masked input still in its received bytes: the header decoded (its fields read
+/// through the view), the body borrowed. The aggregator verifies and folds straight from
+/// it, so a submission never exists twice in memory.
 #[derive(Clone, Copy, Debug)]
 pub struct MaskedInputView<'a> {
-    pub round: u64,
-    pub client: ClientId,
-    pub signature: [u8; 64],
-    /// The record-level privacy the sender claims (versions 3 and 5), covered by its signature.
-    pub record_privacy: Option<RecordPrivacyClaim>,
-    /// The base version the sender trained from (version 4), covered by its signature.
-    pub base_version: Option<u64>,
-    /// Width of each element: 32 (versions 2 and 3) or the width version 4 states.
-    pub bits: u8,
-    /// Number of elements.
-    pub count: usize,
+    header: MaskedInputHeader,
     /// `count` little-endian u32 words, or `count` packed elements of `bits` bits.
     pub body: &'a [u8],
-    /// Bytes before the body.
-    header_len: usize,
+}
+
+impl std::ops::Deref for MaskedInputView<'_> {
+    type Target = MaskedInputHeader;
+
+    fn deref(&self) -> &MaskedInputHeader {
+        &self.header
+    }
 }
 
 /// Little-endian words of a 32-bit body.
@@ -545,15 +541,40 @@ fn word_le(w: &[u8]) -> u32 {
     u32::from_le_bytes([w[0], w[1], w[2], w[3]])
 }
 
-impl<'a> MaskedInputView<'a> {
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
-        if bytes.len() < MASKED_HEADER_LEN {
-            return Err(Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len())));
+/// The longest header of any masked-input version: the version-3 header, the version-4
+/// flags and width, and a base version.
+pub const MASKED_HEADER_MAX: usize = MASKED_HEADER_LEN_CLAIM + 2 + 8;
+
+/// A masked input's header: everything before the body.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskedInputHeader {
+    pub round: u64,
+    pub client: ClientId,
+    pub signature: [u8; 64],
+    pub record_privacy: Option<RecordPrivacyClaim>,
+    pub base_version: Option<u64>,
+    /// Width of each element: 32 (versions 2 and 3) or the width version 4 states.
+    pub bits: u8,
+    /// Number of elements.
+    pub count: usize,
+    /// Bytes before the body.
+    pub body_at: usize,
+}
+
+impl MaskedInputHeader {
+    /// Parses the header from `prefix`, the first bytes of an input of `total` bytes (all
+    /// of them, or at least [`MASKED_HEADER_MAX`]), and checks that the body's length is
+    /// the one the header declares. (The padding bits of a packed body are checked where
+    /// its last bytes are read.)
+    pub fn parse(prefix: &[u8], total: usize) -> Result<Self, Error> {
+        let short = || Error::malformed(format!("masked input of {total} bytes is shorter than its header"));
+        if prefix.len() < MASKED_HEADER_LEN || total < prefix.len() {
+            return Err(short());
         }
+        let bytes = prefix;
         if &bytes[..4] != MASKED_MAGIC {
             return Err(Error::malformed("masked input does not start with TSMI"));
         }
-        let short = || Error::malformed(format!("masked input of {} bytes is shorter than its header", bytes.len()));
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
         let count = u32_at(17) as usize;
@@ -599,13 +620,27 @@ impl<'a> MaskedInputView<'a> {
             }
             v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
         };
-        let body = bytes.get(body_at..).ok_or_else(short)?;
-        if bits < 32 {
-            crate::pack::check_packed(body, count, bits)?;
-        } else if body.len() != count.saturating_mul(4) {
-            return Err(Error::malformed(format!("masked input declares {count} elements but carries {} bytes", body.len())));
+        let body_len = total.checked_sub(body_at).ok_or_else(short)?;
+        let want = if bits < 32 { crate::pack::packed_len(count, bits) } else { count.saturating_mul(4) };
+        if body_len != want {
+            return Err(if bits < 32 {
+                Error::malformed(format!("{count} elements of {bits} bits take {want} bytes, the body has {body_len}"))
+            } else {
+                Error::malformed(format!("masked input declares {count} elements but carries {body_len} bytes"))
+            });
         }
-        Ok(MaskedInputView { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body, header_len: body_at })
+        Ok(MaskedInputHeader { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body_at })
+    }
+}
+
+impl<'a> MaskedInputView<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
+        let h = MaskedInputHeader::parse(bytes, bytes.len())?;
+        let body = &bytes[h.body_at..];
+        if h.bits < 32 {
+            crate::pack::check_packed(body, h.count, h.bits)?;
+        }
+        Ok(MaskedInputView { header: h, body })
     }
 
     pub fn len(&self) -> usize {
@@ -668,7 +703,7 @@ impl<'a> DigestedMaskedInput<'a> {
 
     /// Size of the received encoding (header and body).
     pub fn encoded_len(&self) -> usize {
-        self.view.header_len + self.view.body.len()
+        self.view.body_at + self.view.body.len()
     }
 }
 

@@ -441,39 +441,7 @@ fn aggregator_rejects_replay_wrong_round_wrong_phase_and_forgery() {
 /// Three clients of a round with t = k = 2 over 4 values, advertised and with their keys
 /// shared: the aggregator waits for masked inputs.
 fn three_clients_with_shares(seed: u64) -> (Aggregator, Vec<Client>, RoundConfig) {
-    let cfg = config(3, 2, 2, 2, 4, 32);
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
-    let mut clients: Vec<Client> =
-        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
-    for c in &clients {
-        agg.handle_advertise(c.advertise(vec![])).unwrap();
-    }
-    agg.advance(Timestamp(1));
-    for c in &mut clients {
-        let dir = agg.key_directory(c.id()).unwrap();
-        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(2));
-    (agg, clients, cfg)
-}
-
-/// Closes the masked-input phase and runs consistency and unmasking with every client;
-/// returns the released sum.
-fn finish_round(agg: &mut Aggregator, clients: &mut [Client]) -> Vec<u32> {
-    agg.advance(Timestamp(3));
-    let set = agg.survivor_set().unwrap();
-    for c in clients.iter_mut() {
-        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(4));
-    let req = agg.unmask_request().unwrap();
-    for c in clients.iter_mut() {
-        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
-    }
-    agg.advance(Timestamp(5));
-    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!("{:?}", agg.outcome()) };
-    sum.sum.clone()
+    clients_with_shares(4, 32, seed)
 }
 
 #[test]

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use tessera_secagg::aggregator::Aggregator;
-use tessera_secagg::client::Trust;
+use rand::SeedableRng;
+use tessera_secagg::aggregator::{Aggregator, Outcome};
+use tessera_secagg::client::{Client, Trust};
 use tessera_secagg::crypto::MessageSigner;
 use tessera_secagg::floors::SecurityFloors;
-use tessera_secagg::RoundConfig;
+use tessera_secagg::{ClientId, RoundConfig, Timestamp};
 
 /// Deterministic Ed25519 keys for tests.
 pub fn signer(i: usize) -> Arc<ring::signature::Ed25519KeyPair> {
@@ -46,4 +47,43 @@ pub fn trust(agg: &Aggregator, floors: SecurityFloors) -> Trust {
 
 pub fn sign_as_aggregator(transcript: &[u8]) -> [u8; 64] {
     MessageSigner::sign(&*aggregator_signer(), transcript)
+}
+
+/// Three clients of a round with t = k = 2 over `m` values of `bits` bits, advertised and
+/// with their keys shared: the aggregator waits for masked inputs. The same seed builds
+/// the same round.
+pub fn clients_with_shares(m: u32, bits: u8, seed: u64) -> (Aggregator, Vec<Client>, RoundConfig) {
+    let cfg = config(3, 2, 2, 2, m, bits);
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let mut agg = Aggregator::new(cfg.clone(), aggregator_signer(), Timestamp(0)).unwrap();
+    let mut clients: Vec<Client> =
+        (0..3).map(|i| Client::new(cfg.clone(), ClientId(i), signer(i as usize), &trust(&agg, any_threshold()), &mut rng).unwrap()).collect();
+    for c in &clients {
+        agg.handle_advertise(c.advertise(vec![])).unwrap();
+    }
+    agg.advance(Timestamp(1));
+    for c in &mut clients {
+        let dir = agg.key_directory(c.id()).unwrap();
+        agg.handle_share_keys(c.handle_key_directory(&dir, &mut rng).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(2));
+    (agg, clients, cfg)
+}
+
+/// Closes the masked-input phase and runs consistency and unmasking with every client;
+/// returns the released sum.
+pub fn finish_round(agg: &mut Aggregator, clients: &mut [Client]) -> Vec<u32> {
+    agg.advance(Timestamp(3));
+    let set = agg.survivor_set().unwrap();
+    for c in clients.iter_mut() {
+        agg.handle_consistency(c.handle_survivor_set(&set).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(4));
+    let req = agg.unmask_request().unwrap();
+    for c in clients.iter_mut() {
+        agg.handle_unmask(c.handle_unmask_request(&req).unwrap()).unwrap();
+    }
+    agg.advance(Timestamp(5));
+    let Some(Outcome::Sum(sum)) = agg.outcome() else { panic!("{:?}", agg.outcome()) };
+    sum.sum.clone()
 }
