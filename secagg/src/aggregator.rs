@@ -308,13 +308,10 @@ impl Aggregator {
     pub fn handle_masked_input_stream<R: std::io::Read + std::io::Seek>(&mut self, src: &mut R) -> Result<(ClientId, [u8; 32]), Error> {
         use std::io::SeekFrom;
         let io = |e: std::io::Error| Error::malformed(format!("cannot read the masked input: {e}"));
+        // Nothing is allocated from the length before the header's count has been checked
+        // against the round (`admit`): the prefix is at most a header long.
         let total = src.seek(SeekFrom::End(0)).map_err(io)?;
-        // The largest input the round can take; anything longer is refused unread.
-        let limit = MaskedInput::encoded_len(self.sum.len(), 32) as u64;
-        if total > limit {
-            return Err(Error::malformed(format!("masked input of {total} bytes is longer than any input of this round ({limit})")));
-        }
-        let total = total as usize;
+        let total = usize::try_from(total).map_err(|_| Error::malformed(format!("masked input of {total} bytes")))?;
         src.seek(SeekFrom::Start(0)).map_err(io)?;
         let mut prefix = vec![0u8; total.min(MASKED_HEADER_MAX)];
         src.read_exact(&mut prefix).map_err(io)?;
@@ -332,9 +329,8 @@ impl Aggregator {
         let key = self.admit(&header, h.count)?;
         let mut body = BodyWalk::new(&h, total, self.threads);
         // The fold: leaves hashed and added as they are read.
-        let mut sum = std::mem::take(&mut self.sum);
+        let sum = &mut self.sum;
         let folded = body.walk(src, &prefix, None, |at, bytes, n| add_elements(&mut sum[at..at + n], bytes, h.bits));
-        self.sum = sum;
         let visited = body.visited;
         let leaves = match folded {
             Ok(leaves) => leaves,
@@ -356,7 +352,8 @@ impl Aggregator {
 
     /// Subtracts what a streamed input added (its first `visited` elements, in the
     /// leaves whose hashes are `leaves`), reading them again; returns `why`, the reason
-    /// the input is refused. A leaf that reads differently aborts the round.
+    /// the input is refused. A leaf that reads differently aborts the round, and the
+    /// error returned is then the abort's.
     #[allow(clippy::too_many_arguments)]
     fn undo<R: std::io::Read + std::io::Seek>(
         &mut self,
@@ -372,20 +369,24 @@ impl Aggregator {
         let mut body = BodyWalk::new(h, total, self.threads);
         body.stop_after = leaves.len();
         body.limit = visited;
-        let mut sum = std::mem::take(&mut self.sum);
-        let bits = h.bits;
+        let (sum, bits) = (&mut self.sum, h.bits);
         let undone = src
             .seek(std::io::SeekFrom::Start(prefix.len() as u64))
             .map_err(|e| Error::malformed(format!("cannot read the masked input again: {e}")))
             .and_then(|_| body.walk(src, prefix, Some(&leaves), |at, bytes, n| sub_elements(&mut sum[at..at + n], bytes, bits)));
-        self.sum = sum;
-        if let Err(e) = undone {
-            self.abort(format!(
-                "the fold of client {}'s refused masked input could not be undone ({e}): the running sum no longer is the sum of the accepted inputs",
-                h.client.0
-            ));
+        match undone {
+            Ok(_) => why,
+            Err(e) => {
+                // Not the sender's fault: its input was refused ({why}), and the source it
+                // was read from then changed.
+                let reason = format!(
+                    "the fold of client {}'s refused masked input ({why}) could not be undone ({e}): the running sum no longer is the sum of the accepted inputs",
+                    h.client.0
+                );
+                self.abort(reason.clone());
+                ProtocolError::Aborted(reason).into()
+            }
         }
-        why
     }
 
     /// Elements travel at the round's width: packed below 32 bits, words at 32. Any

@@ -36,30 +36,37 @@ fn exact_sum(cfg: &RoundConfig, inputs: &[Vec<u32>]) -> Vec<u32> {
     (0..cfg.masked_len()).map(|j| inputs.iter().fold(0u32, |s, v| s.wrapping_add(v[j])) & cfg.modulus_mask()).collect()
 }
 
-/// A source that hands out at most a few bytes per read (sizes drawn from a seed), and,
-/// once `flip_after_rewinds` rewinds have happened, reads one byte of the body wrong.
+/// A source that hands out at most a few bytes per read (sizes drawn from a seed); once
+/// `flip_after_rewinds` seeks have happened, it reads one byte wrong (XOR a mask); with
+/// `ends_at`, after that many seeks it still states its full length, but its reads end
+/// at that position.
 struct Choppy {
     inner: Cursor<Vec<u8>>,
     rng: ChaCha20Rng,
     max_read: usize,
     rewinds: usize,
-    flip_after_rewinds: Option<(usize, u64)>,
+    flip_after_rewinds: Option<(usize, u64, u8)>,
+    ends_at: Option<(usize, u64)>,
 }
 
 impl Choppy {
     fn new(bytes: Vec<u8>, seed: u64, max_read: usize) -> Self {
-        Choppy { inner: Cursor::new(bytes), rng: ChaCha20Rng::seed_from_u64(seed), max_read, rewinds: 0, flip_after_rewinds: None }
+        Choppy { inner: Cursor::new(bytes), rng: ChaCha20Rng::seed_from_u64(seed), max_read, rewinds: 0, flip_after_rewinds: None, ends_at: None }
     }
 }
 
 impl Read for Choppy {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let want = buf.len().min(self.rng.gen_range(1..=self.max_read));
         let at = self.inner.position();
+        let left = match self.ends_at {
+            Some((after, end)) if self.rewinds > after => end.saturating_sub(at) as usize,
+            _ => usize::MAX,
+        };
+        let want = buf.len().min(self.rng.gen_range(1..=self.max_read)).min(left);
         let got = self.inner.read(&mut buf[..want])?;
-        if let Some((after, pos)) = self.flip_after_rewinds {
+        if let Some((after, pos, mask)) = self.flip_after_rewinds {
             if self.rewinds > after && (at..at + got as u64).contains(&pos) {
-                buf[(pos - at) as usize] ^= 0x40;
+                buf[(pos - at) as usize] ^= mask;
             }
         }
         Ok(got)
@@ -135,9 +142,24 @@ proptest! {
 /// folded.
 #[test]
 fn a_refused_streamed_input_leaves_the_sum_as_it_was() {
-    let (m, bits, seed) = (600_000u32, 20u8, 7u64);
+    let (m, bits, seed) = (1_300_000u32, 20u8, 7u64);
     let (mut agg, mut clients, cfg) = clients_with_shares(m, bits, seed);
+    // One leaf per batch: the undo reads several batches.
+    agg.set_threads(1);
     let (inputs, encoded) = masked_inputs(&agg, &mut clients, &cfg, seed);
+    // A source that states its length but, once its padding was checked (four seeks),
+    // ends in the third of its four leaves: the leaves before it were folded (with a
+    // group left open across their boundary) and are undone.
+    let mut short = Choppy::new(encoded[0].clone(), 3, 1 << 20);
+    short.ends_at = Some((3, (encoded[0].len() - (1 << 20) - 5000) as u64));
+    let err = agg.handle_masked_input_stream(&mut short).unwrap_err().to_string();
+    assert!(err.contains("ended early"), "{err}");
+    // Padding that changes between its check and the last leaf's read: refused after
+    // everything but the last elements was folded, and undone.
+    let mut late = Choppy::new(encoded[1].clone(), 4, 1 << 20);
+    late.flip_after_rewinds = Some((3, encoded[1].len() as u64 - 1, 0x80));
+    let err = agg.handle_masked_input_stream(&mut late).unwrap_err().to_string();
+    assert!(err.contains("padding bits"), "{err}");
     // A byte of the second leaf flipped: folded, then refused and undone.
     let mut tampered = encoded[0].clone();
     let at = tampered.len() - 1000;
@@ -160,7 +182,15 @@ fn a_refused_streamed_input_leaves_the_sum_as_it_was() {
         agg.handle_masked_input_stream(&mut Cursor::new(e.clone())).unwrap();
     }
     // A retransmission is refused as one, before its body is read.
-    assert!(matches!(agg.handle_masked_input_stream(&mut Cursor::new(encoded[2].clone())).unwrap_err(), Error::Protocol(_)));
+    assert_eq!(agg.handle_masked_input_stream(&mut Cursor::new(encoded[2].clone())).unwrap_err(), Error::Protocol(ProtocolError::AlreadyAccepted(ClientId(2))));
+    // A header that declares far more elements than the round has: the whole-body path's
+    // refusal, nothing allocated for it.
+    let mut long = encoded[2].clone();
+    long.resize(long.len() + 4096, 0);
+    let count = u32::from_le_bytes(long[17..21].try_into().unwrap()) + (4096 * 8 / u32::from(bits));
+    long[17..21].copy_from_slice(&count.to_le_bytes());
+    let mut fresh = clients_with_shares(m, bits, seed).0;
+    assert_eq!(fresh.handle_masked_input_stream(&mut Cursor::new(long.clone())).unwrap_err(), fresh.handle_masked_input_encoded(&long).unwrap_err());
     assert_eq!(finish_round(&mut agg, &mut clients), exact_sum(&cfg, &inputs));
 }
 
@@ -169,17 +199,28 @@ fn a_refused_streamed_input_leaves_the_sum_as_it_was() {
 /// subtract them. The sum can then no longer be trusted, so the round is aborted.
 #[test]
 fn a_source_that_changes_before_the_undo_aborts_the_round() {
-    let (m, bits, seed) = (600_000u32, 32u8, 8u64);
+    let (m, bits, seed) = (800_000u32, 32u8, 8u64);
     let (mut agg, mut clients, cfg) = clients_with_shares(m, bits, seed);
+    agg.set_threads(1);
     let (_, encoded) = masked_inputs(&agg, &mut clients, &cfg, seed);
+    agg.handle_masked_input_stream(&mut Cursor::new(encoded[1].clone())).unwrap();
     let mut tampered = encoded[0].clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
     let mut source = Choppy::new(tampered, 2, 1 << 20);
-    // Three seeks before the fold (length, start, after the header... at 32 bits two), the
-    // undo's rewind after: flip a byte of the first leaf from then on.
-    source.flip_after_rewinds = Some((2, 200));
-    assert_eq!(agg.handle_masked_input_stream(&mut source).unwrap_err(), Error::Protocol(ProtocolError::BadSignature(ClientId(0))));
+    // Two seeks before the fold at 32 bits (to the end for the length, back to the
+    // start), the undo's after it: from then on a byte of the third leaf reads wrong, so
+    // the undo has subtracted two leaves when it finds out.
+    source.flip_after_rewinds = Some((2, (2 << 20) + 300, 0x40));
+    let err = agg.handle_masked_input_stream(&mut source).unwrap_err();
+    assert!(matches!(&err, Error::Protocol(ProtocolError::Aborted(why)) if why.contains("bad signature") || why.contains("signature")), "{err}");
     assert_eq!(agg.phase(), Phase::Aborted);
-    assert!(matches!(agg.outcome(), Some(Outcome::Aborted { reason, .. }) if reason.contains("could not be undone")), "{:?}", agg.outcome());
+    assert!(
+        matches!(agg.outcome(), Some(Outcome::Aborted { reason, .. }) if reason.contains("could not be undone") && reason.contains("leaf 3")),
+        "{:?}",
+        agg.outcome()
+    );
+    // Nothing is released from it, and nothing more is accepted.
+    assert!(agg.survivor_set().is_none());
+    assert!(agg.handle_masked_input_stream(&mut Cursor::new(encoded[2].clone())).is_err());
 }
