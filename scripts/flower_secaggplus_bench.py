@@ -356,7 +356,7 @@ def main() -> None:
         items = [
             ("client: Flower `_collect_masked_vectors` vs Tessera `Quantizer::quantize` + `handle_share_bundle`",
              f["client_stage_s"], tess_client),
-            ("client masking only: Flower PRG + add/sub + mod (47 streams) vs Tessera `handle_share_bundle`",
+            (f"client masking only: Flower PRG + add/sub + mod ({args.k + 1} streams) vs Tessera `handle_share_bundle`",
              f["client_masking_only_s"], t["client_mask_s"]),
             ("client masking kernel: Flower as above vs Tessera `prg::apply_masks` alone",
              f["client_masking_only_s"], t["mask_kernel_s"]),
