@@ -37,6 +37,10 @@ pub enum FloorViolation {
     DeltaTooHigh { max: f64, got: f64 },
     #[error("the round's noise holds against {got} colluding participant(s), this institution requires at least {min}")]
     TooFewColluders { min: u32, got: u32 },
+    #[error(
+        "the round's noise is continuous Gaussian, rounded into the modulus with the update; this institution requires exact integer noise (a round with dp.skellam)"
+    )]
+    InexactNoise,
 }
 
 /// The DP an institution requires of every round it joins.
@@ -52,6 +56,11 @@ pub struct DpFloor {
     /// Fewest colluding participants the round's noise must be calibrated against.
     #[serde(default = "one")]
     pub min_colluders: u32,
+    /// Require the noise to be drawn in the integers (Skellam), so that the released sum
+    /// is the mechanism the accountant analyses, not Gaussian noise rounded with the
+    /// update.
+    #[serde(default)]
+    pub require_exact_noise: bool,
 }
 
 fn one() -> u32 {
@@ -136,6 +145,9 @@ impl SecurityFloors {
             if dp.colluders < floor.min_colluders {
                 return Err(FloorViolation::TooFewColluders { min: floor.min_colluders, got: dp.colluders });
             }
+            if floor.require_exact_noise && dp.skellam.is_none() {
+                return Err(FloorViolation::InexactNoise);
+            }
         }
         Ok(())
     }
@@ -177,8 +189,10 @@ mod tests {
         assert!(matches!(pinned.check(&swapped), Err(FloorViolation::RosterMismatch { .. })));
         let allow = SecurityFloors { allowed_peers: roster(4)[..3].to_vec(), ..Default::default() };
         assert!(matches!(allow.check(&cfg), Err(FloorViolation::PeerNotAllowed { index: 3, .. })));
-        let dp_floor =
-            SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: 8.0, max_delta: 1e-5, min_colluders: 2 }), ..Default::default() };
+        let dp_floor = SecurityFloors {
+            dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: 8.0, max_delta: 1e-5, min_colluders: 2, require_exact_noise: false }),
+            ..Default::default()
+        };
         assert_eq!(dp_floor.check(&cfg).unwrap_err(), FloorViolation::NoDp);
         let dp = crate::dp::DpParams { noise_multiplier: 0.5, l2_clip: 1.0, delta: 1e-5, epsilon_budget: 8.0, colluders: 1, skellam: None };
         let weak = RoundConfig { dp: Some(dp), ..cfg.clone() };
@@ -189,5 +203,13 @@ mod tests {
         assert_eq!(dp_floor.check(&one_colluder).unwrap_err(), FloorViolation::TooFewColluders { min: 2, got: 1 });
         let ok = RoundConfig { dp: Some(crate::dp::DpParams { noise_multiplier: 1.0, colluders: 2, ..dp }), ..cfg };
         dp_floor.check(&ok).unwrap();
+        // An institution that requires exact integer noise refuses a Gaussian round.
+        let exact = SecurityFloors { dp: dp_floor.dp.map(|d| DpFloor { require_exact_noise: true, ..d }), ..dp_floor.clone() };
+        assert_eq!(exact.check(&ok).unwrap_err(), FloorViolation::InexactNoise);
+        let sk = crate::dp::SkellamNoise { scale: Some(100.0), beta: 0.5 };
+        let skellam = RoundConfig { dp: Some(crate::dp::DpParams { skellam: Some(sk), ..ok.dp.unwrap() }), ..ok.clone() };
+        exact.check(&skellam).unwrap();
+        let old: DpFloor = serde_json::from_str(r#"{"min_noise_multiplier": 1.0, "max_epsilon": 8.0, "max_delta": 1e-5}"#).unwrap();
+        assert!(!old.require_exact_noise, "floors written before the field require nothing more");
     }
 }

@@ -469,8 +469,10 @@ fn rounds_below_the_institutions_floors_are_refused() {
     let allow = SecurityFloors { allowed_peers: expected, ..SecurityFloors::default() };
     assert!(matches!(join(&cfg, allow, &mut rng), Err(Error::BelowFloor(FloorViolation::PeerNotAllowed { index: 4, .. }))));
     // No DP where the institution requires it.
-    let dp =
-        SecurityFloors { dp: Some(DpFloor { min_noise_multiplier: 0.8, max_epsilon: 10.0, max_delta: 1e-5, min_colluders: 1 }), ..SecurityFloors::default() };
+    let dp = SecurityFloors {
+        dp: Some(DpFloor { min_noise_multiplier: 0.8, max_epsilon: 10.0, max_delta: 1e-5, min_colluders: 1, require_exact_noise: false }),
+        ..SecurityFloors::default()
+    };
     assert_eq!(join(&cfg, dp, &mut rng).unwrap_err(), Error::BelowFloor(FloorViolation::NoDp));
 }
 

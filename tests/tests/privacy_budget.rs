@@ -169,7 +169,7 @@ async fn an_institution_refuses_rounds_past_its_own_budget_after_the_aggregator_
     let one = epsilon(2.0, 1, 1e-5);
     let dp = DpParams { noise_multiplier: 2.0, l2_clip: 1.0, delta: 1e-5, epsilon_budget: one * 1.1, colluders: 1, skellam: None };
     let floors = SecurityFloors {
-        dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5, min_colluders: 1 }),
+        dp: Some(DpFloor { min_noise_multiplier: 1.0, max_epsilon: one * 1.2, max_delta: 1e-5, min_colluders: 1, require_exact_noise: false }),
         ..SecurityFloors::default()
     };
     let root = tempfile::tempdir().unwrap();
