@@ -313,22 +313,29 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let event = |kind: &str, received_at: u64, seq: Option<i64>, body: &[u8]| {
+        // The body is bound by reference: a masked input is not copied again to be stored.
+        fn event<'q>(
+            round: u64,
+            kind: &str,
+            received_at: u64,
+            seq: Option<i64>,
+            body: &'q [u8],
+        ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
             sqlx::query(
                 "INSERT INTO events (round, idx, kind, received_at, seq, body) \
                  VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, $4, $5)",
             )
-            .bind(c.round as i64)
+            .bind(round as i64)
             .bind(kind.to_string())
             .bind(received_at as i64)
             .bind(seq)
-            .bind(body.to_vec())
-        };
+            .bind(body)
+        }
         if let Some((kind, at, body)) = c.message {
-            event(kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
+            event(c.round, kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
         }
         if let Some((seq, sealed)) = c.sealed {
-            event("sealed", 0, Some(seq as i64), sealed).execute(&mut *tx).await?;
+            event(c.round, "sealed", 0, Some(seq as i64), sealed).execute(&mut *tx).await?;
         }
         if let Some(first) = c.log.first() {
             // The log only grows at its end, without gaps: anything else means the
