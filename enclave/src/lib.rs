@@ -231,9 +231,6 @@ pub struct Enclave {
     federation: Option<FederationBudget>,
     /// Threads the unmasking uses (default: the machine's cores).
     threads: usize,
-    /// While a round is restored event by event ([`Enclave::begin_restore`]): the round
-    /// and the first error met, after which the remaining events are skipped.
-    restoring: Option<(u64, Option<EnclaveError>)>,
 }
 
 impl std::fmt::Debug for Enclave {
@@ -280,7 +277,6 @@ impl Enclave {
                 evidence_sha256: String::new(),
                 federation: None,
                 threads: tessera_secagg::prg::default_threads(),
-                restoring: None,
             },
             sealed,
         ))
@@ -708,67 +704,34 @@ impl Enclave {
     /// with [`Enclave::take_log_entries`] and store them). A disagreement fails the
     /// restore, naming the entry.
     pub fn restore_round(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
-        self.begin_restore(cfg, opened_at);
-        for event in events {
-            self.restore_event(event);
-        }
-        self.end_restore()
-    }
-
-    /// [`Enclave::restore_round`] one stored event at a time, so the host never holds
-    /// more than one of them (a round's masked inputs together are n × m·4 bytes): call
-    /// [`Enclave::restore_event`] for each event in order, then always
-    /// [`Enclave::end_restore`], which reports the first error met (after an error the
-    /// remaining events are skipped).
-    pub fn begin_restore(&mut self, cfg: RoundConfig, opened_at: Timestamp) {
-        let round = cfg.round;
-        self.log.begin_replay(round);
-        self.round = None;
-        let opened = self.open_round(cfg, opened_at).err();
-        self.restoring = Some((round, opened));
-    }
-
-    /// Feeds one stored event to the round [`Enclave::begin_restore`] began.
-    pub fn restore_event(&mut self, event: &StoredEvent) {
-        let Some((round, None)) = self.restoring else { return };
-        if let Err(e) = self.replay_event(round, event) {
-            self.restoring = Some((round, Some(e)));
-        }
-    }
-
-    /// Marks the restore failed for a reason outside the enclave (the host could not read
-    /// an event): [`Enclave::end_restore`] then reports it.
-    pub fn fail_restore(&mut self, why: String) {
-        if let Some((round, None)) = self.restoring {
-            self.restoring = Some((round, Some(EnclaveError::Internal(format!("the host could not read a stored event of round {round}: {why}")))));
-        }
-    }
-
-    /// Ends a restore: the first error met, or the log's reconciliation with the events.
-    pub fn end_restore(&mut self) -> Result<(), EnclaveError> {
-        let failed = self.restoring.take().and_then(|(_, e)| e);
+        self.log.begin_replay(cfg.round);
+        let result = self.replay(cfg, opened_at, events);
         let reconciled = self.log.end_replay();
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        result?;
         Ok(reconciled?)
     }
 
-    fn replay_event(&mut self, round: u64, event: &StoredEvent) -> Result<(), EnclaveError> {
-        match event {
-            StoredEvent::Message { kind, received_at, body } => self.handle_message(*kind, body, *received_at),
-            StoredEvent::Sealed { seq, sealed } => {
-                let digest = self.state()?.aggregator.config_digest();
-                let aad = record_aad(&self.identity_public_key(), &digest, round, *seq);
-                let plain = self.sealing.unseal(&aad, sealed).map_err(|_| EnclaveError::Unseal("phase record"))?;
-                let recorded: PhaseChange = serde_json::from_slice(&plain).map_err(|e| EnclaveError::ReplayMismatch { seq: *seq, why: e.to_string() })?;
-                let transition = self.advance(recorded.at)?.ok_or_else(|| EnclaveError::ReplayMismatch { seq: *seq, why: "the phase did not close".into() })?;
-                if transition.seq != *seq || transition.change != recorded {
-                    return Err(EnclaveError::ReplayMismatch { seq: *seq, why: format!("replayed {:?}, recorded {:?}", transition.change, recorded) });
+    fn replay(&mut self, cfg: RoundConfig, opened_at: Timestamp, events: &[StoredEvent]) -> Result<(), EnclaveError> {
+        let round = cfg.round;
+        self.round = None;
+        self.open_round(cfg, opened_at)?;
+        for event in events {
+            match event {
+                StoredEvent::Message { kind, received_at, body } => self.handle_message(*kind, body, *received_at)?,
+                StoredEvent::Sealed { seq, sealed } => {
+                    let digest = self.state()?.aggregator.config_digest();
+                    let aad = record_aad(&self.identity_public_key(), &digest, round, *seq);
+                    let plain = self.sealing.unseal(&aad, sealed).map_err(|_| EnclaveError::Unseal("phase record"))?;
+                    let recorded: PhaseChange = serde_json::from_slice(&plain).map_err(|e| EnclaveError::ReplayMismatch { seq: *seq, why: e.to_string() })?;
+                    let transition =
+                        self.advance(recorded.at)?.ok_or_else(|| EnclaveError::ReplayMismatch { seq: *seq, why: "the phase did not close".into() })?;
+                    if transition.seq != *seq || transition.change != recorded {
+                        return Err(EnclaveError::ReplayMismatch { seq: *seq, why: format!("replayed {:?}, recorded {:?}", transition.change, recorded) });
+                    }
                 }
-                Ok(())
             }
         }
+        Ok(())
     }
 }
 

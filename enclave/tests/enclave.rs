@@ -155,44 +155,6 @@ fn replay_after_crash_rebuilds_the_same_round() {
     assert!(matches!(fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &rolled_back), Err(EnclaveError::ReplayMismatch { .. })));
 }
 
-/// The restore a host drives one stored event at a time (so it holds one body, not the
-/// round's n masked inputs) rebuilds the same round; a host that cannot read an event
-/// part-way fails the restore with that reason; after an error the rest is skipped and
-/// the first error is the one reported.
-#[test]
-fn a_restore_event_by_event_is_the_same_restore() {
-    let (e, log, _) = run(5, &[]);
-    let want = e.release().unwrap().clone();
-    let mut fresh = enclave([1; 32]);
-    fresh.begin_restore(config(5), Timestamp(1_700_000_000_000));
-    for ev in &log {
-        fresh.restore_event(ev);
-    }
-    fresh.end_restore().unwrap();
-    assert_eq!(fresh.release().unwrap().mean, want.mean);
-
-    let mut cut = enclave([1; 32]);
-    cut.begin_restore(config(5), Timestamp(1_700_000_000_000));
-    cut.restore_event(&log[0]);
-    cut.fail_restore("the store went away".into());
-    for ev in &log[1..] {
-        cut.restore_event(ev);
-    }
-    let err = cut.end_restore().unwrap_err().to_string();
-    assert!(err.contains("could not read a stored event") && err.contains("the store went away"), "{err}");
-
-    let pos = log.iter().position(|ev| matches!(ev, StoredEvent::Message { kind: MessageKind::MaskedInput, .. })).unwrap();
-    let mut rolled_back = log.clone();
-    rolled_back.remove(pos);
-    let mut fresh = enclave([1; 32]);
-    fresh.begin_restore(config(5), Timestamp(1_700_000_000_000));
-    for ev in &rolled_back {
-        fresh.restore_event(ev);
-    }
-    fresh.fail_restore("later".into());
-    assert!(matches!(fresh.end_restore(), Err(EnclaveError::ReplayMismatch { .. })), "the first error is reported");
-}
-
 #[test]
 fn sealed_records_are_bound_to_the_round_configuration() {
     let (_, log, _) = run(5, &[]);

@@ -538,8 +538,9 @@ impl Service {
         let mut current = None;
         if let Some(row) = store.latest_round().await? {
             if row.status == "open" {
-                match store.restore_into(&mut enclave, row.config.clone(), row.opened_at).await {
-                    Ok(events) => {
+                let events = store.events(row.round).await?;
+                match enclave.restore_round(row.config.clone(), row.opened_at, &events) {
+                    Ok(()) => {
                         // Entries the store lacked (deleted rows) were composed again by
                         // the replay: store them before anything else happens.
                         let log = enclave.take_log_entries();
@@ -551,7 +552,7 @@ impl Service {
                             );
                             store.commit(Commit { round: row.round, log: &log, ..Default::default() }).await?;
                         }
-                        tracing::info!(round = row.round, events, phase = ?enclave.phase(), "resumed round from the store");
+                        tracing::info!(round = row.round, events = events.len(), phase = ?enclave.phase(), "resumed round from the store");
                         let mut resumed = Current::new(row.config, row.opened_at, None);
                         resumed.refused = refused_admissions(&store.log_of_round(row.round).await?);
                         current = Some(resumed);
@@ -867,7 +868,8 @@ impl Service {
         self.reload_log(inner).await?;
         let Some(cur) = &inner.current else { return Ok(()) };
         let round = cur.cfg.round;
-        self.store.restore_into(&mut inner.enclave, (*cur.cfg).clone(), cur.opened_at).await?;
+        let events = self.store.events(round).await?;
+        inner.enclave.restore_round((*cur.cfg).clone(), cur.opened_at, &events)?;
         let log = inner.enclave.take_log_entries();
         if !log.is_empty() {
             self.store.commit(Commit { round, log: &log, ..Default::default() }).await?;

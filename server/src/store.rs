@@ -505,67 +505,20 @@ impl Store {
     pub async fn events(&self, round: u64) -> Result<Vec<StoredEvent>, StoreError> {
         let rows =
             sqlx::query("SELECT kind, received_at, seq, body FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
-        rows.into_iter().map(|r| Self::event_of(&r)).collect()
-    }
-
-    /// The positions of a round's stored events, in order: read each with
-    /// [`Store::event`], so a replay holds one body at a time.
-    pub async fn event_indices(&self, round: u64) -> Result<Vec<i64>, StoreError> {
-        let rows = sqlx::query("SELECT idx FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(|r| r.get::<i64, _>(0)).collect())
-    }
-
-    /// One stored event of a round, by its position.
-    pub async fn event(&self, round: u64, idx: i64) -> Result<StoredEvent, StoreError> {
-        let row = sqlx::query("SELECT kind, received_at, seq, body FROM events WHERE round = $1 AND idx = $2")
-            .bind(round as i64)
-            .bind(idx)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("event {idx} of round {round} is gone")))?;
-        Self::event_of(&row)
-    }
-
-    fn event_of(r: &AnyRow) -> Result<StoredEvent, StoreError> {
-        let kind: String = r.get("kind");
-        let body: Vec<u8> = r.get("body");
-        if kind == "sealed" {
-            let seq: Option<i64> = r.get("seq");
-            let seq = seq.ok_or_else(|| StoreError::Corrupt("sealed event without sequence".into()))?;
-            Ok(StoredEvent::Sealed { seq: seq as u64, sealed: body })
-        } else {
-            let kind = kind_from(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind}")))?;
-            Ok(StoredEvent::Message { kind, received_at: Timestamp(r.get::<i64, _>("received_at") as u64), body })
-        }
-    }
-
-    /// Replays round `round`'s stored events into `enclave` one at a time
-    /// ([`Enclave::begin_restore`]); returns how many there were. A store that fails
-    /// part-way fails the restore.
-    pub async fn restore_into(
-        &self,
-        enclave: &mut tessera_enclave::Enclave,
-        cfg: RoundConfig,
-        opened_at: Timestamp,
-    ) -> Result<usize, tessera_enclave::EnclaveError> {
-        enclave.begin_restore(cfg.clone(), opened_at);
-        let mut count = 0;
-        match self.event_indices(cfg.round).await {
-            Ok(indices) => {
-                for idx in indices {
-                    match self.event(cfg.round, idx).await {
-                        Ok(event) => enclave.restore_event(&event),
-                        Err(e) => {
-                            enclave.fail_restore(e.to_string());
-                            break;
-                        }
-                    }
-                    count += 1;
+        rows.into_iter()
+            .map(|r| {
+                let kind: String = r.get("kind");
+                let body: Vec<u8> = r.get("body");
+                if kind == "sealed" {
+                    let seq: Option<i64> = r.get("seq");
+                    let seq = seq.ok_or_else(|| StoreError::Corrupt("sealed event without sequence".into()))?;
+                    Ok(StoredEvent::Sealed { seq: seq as u64, sealed: body })
+                } else {
+                    let kind = kind_from(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind}")))?;
+                    Ok(StoredEvent::Message { kind, received_at: Timestamp(r.get::<i64, _>("received_at") as u64), body })
                 }
-            }
-            Err(e) => enclave.fail_restore(e.to_string()),
-        }
-        enclave.end_restore().map(|()| count)
+            })
+            .collect()
     }
 }
 
