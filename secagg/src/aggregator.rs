@@ -337,7 +337,7 @@ impl Aggregator {
             // Undo what the walk handed on before it stopped.
             Err(e) => return Err(self.undo(src, &prefix, &h, total, body.leaves_folded(), visited, e)),
         };
-        let digest = leaves_digest(total - h.body_at, &leaves);
+        let digest = crate::wire::data_digest_root(total - h.body_at, &leaves);
         let accepted = self
             .verify(&key, h.client, &MaskedInput::transcript_for(&self.digest, h.round, h.client, &digest, header.claim, h.base_version), &h.signature)
             .and_then(|()| self.check_signed(&header));
@@ -754,18 +754,6 @@ fn sub_elements(sum: &mut [u32], bytes: &[u8], bits: u8) {
     }
 }
 
-/// The data digest from its leaves' hashes ([`crate::wire::data_digest_of_bytes`]).
-fn leaves_digest(body_len: usize, leaves: &[[u8; 32]]) -> [u8; 32] {
-    use sha2::Digest;
-    let mut root = sha2::Sha256::new();
-    root.update(b"tessera/masked-data/v2");
-    root.update((body_len as u64).to_le_bytes());
-    for h in leaves {
-        root.update(h);
-    }
-    root.finalize().into()
-}
-
 /// Reads a masked input's body from a source in batches of digest leaves
 /// ([`DIGEST_CHUNK_BYTES`] each), hashes each leaf, and hands the elements on in pieces
 /// that start at an element boundary: 8 elements of `bits` bits are `bits` bytes, so the
@@ -801,8 +789,8 @@ impl BodyWalk {
     }
 
     /// The hashes of the leaves handed on so far, for an undo (`None`: none were).
-    fn leaves_folded(&self) -> Option<Vec<[u8; 32]>> {
-        (!self.recorded.is_empty()).then(|| self.recorded.clone())
+    fn leaves_folded(&mut self) -> Option<Vec<[u8; 32]>> {
+        (!self.recorded.is_empty()).then(|| std::mem::take(&mut self.recorded))
     }
 
     /// Reads the body (its first bytes from `prefix`, past the header; the rest from
@@ -843,7 +831,7 @@ impl BodyWalk {
             buf[..took].copy_from_slice(&from_prefix[..took]);
             from_prefix = &from_prefix[took..];
             src.read_exact(&mut buf[took..]).map_err(|e| Error::malformed(format!("the masked input ended early: {e}")))?;
-            let hashes = hash_leaves(buf, self.threads);
+            let hashes = crate::wire::leaf_hashes_of_bytes(buf, self.threads);
             if let Some(expect) = expect {
                 if hashes[..] != expect[leaf..leaf + hashes.len()] {
                     return Err(Error::malformed(format!("leaf {} of the body read differently the second time", leaf + 1)));
@@ -882,19 +870,6 @@ impl BodyWalk {
         }
         Ok(std::mem::take(&mut self.recorded))
     }
-}
-
-/// The SHA-256 of each [`DIGEST_CHUNK_BYTES`] leaf of `buf`, on up to `threads` threads.
-fn hash_leaves(buf: &[u8], threads: usize) -> Vec<[u8; 32]> {
-    let one = |leaf: &[u8]| -> [u8; 32] { sha2::Digest::finalize(sha2::Digest::chain_update(<sha2::Sha256 as sha2::Digest>::new(), leaf)).into() };
-    let leaves: Vec<&[u8]> = buf.chunks(DIGEST_CHUNK_BYTES).collect();
-    if leaves.len() < 2 || threads < 2 {
-        return leaves.iter().map(|l| one(l)).collect();
-    }
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = leaves.iter().map(|l| scope.spawn(move || one(l))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-    })
 }
 
 /// `sum[i] += word i of body` (little-endian u32s), mod 2^32. The word is read inline, so

@@ -369,6 +369,16 @@ pub fn data_digest_of_words(data: &[u32], threads: usize) -> [u8; 32] {
 }
 
 fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<usize>, &mut sha2::Sha256) + Sync) -> [u8; 32] {
+    data_digest_root(len, &leaf_hashes_with(len, threads, feed))
+}
+
+/// The SHA-256 of each [`DIGEST_CHUNK_BYTES`] leaf of `body`, in order, on up to
+/// `threads` threads: the leaves of [`data_digest_of_bytes`].
+pub(crate) fn leaf_hashes_of_bytes(body: &[u8], threads: usize) -> Vec<[u8; 32]> {
+    leaf_hashes_with(body.len(), threads, |range, h| sha2::Digest::update(h, &body[range]))
+}
+
+fn leaf_hashes_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<usize>, &mut sha2::Sha256) + Sync) -> Vec<[u8; 32]> {
     use sha2::Digest;
     let leaves = len.div_ceil(DIGEST_CHUNK_BYTES);
     let leaf = |i: usize| -> [u8; 32] {
@@ -377,7 +387,7 @@ fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<us
         h.finalize().into()
     };
     let threads = threads.clamp(1, leaves.max(1)).min(len.div_ceil(DIGEST_MIN_BYTES_PER_THREAD).max(1));
-    let hashes: Vec<[u8; 32]> = if threads <= 1 {
+    if threads <= 1 {
         (0..leaves).map(leaf).collect()
     } else {
         let per = leaves.div_ceil(threads);
@@ -385,11 +395,16 @@ fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<us
             let handles: Vec<_> = (0..threads).map(|t| scope.spawn(move || (t * per..((t + 1) * per).min(leaves)).map(leaf).collect::<Vec<_>>())).collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| unreachable!("a digest thread does not panic"))).collect()
         })
-    };
+    }
+}
+
+/// The data digest of a body of `len` bytes from its leaves' hashes.
+pub(crate) fn data_digest_root(len: usize, leaves: &[[u8; 32]]) -> [u8; 32] {
+    use sha2::Digest;
     let mut root = sha2::Sha256::new();
     root.update(b"tessera/masked-data/v2");
     root.update((len as u64).to_le_bytes());
-    for h in &hashes {
+    for h in leaves {
         root.update(h);
     }
     root.finalize().into()
