@@ -328,8 +328,7 @@ mod tests {
         sk.modulus_bits = 16;
         let dp = sk.dp.unwrap();
         sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: None, beta: 0.5 }), ..dp });
-        let scale = sk.skellam_scale().unwrap();
-        sk.dp = Some(DpParams { skellam: Some(tessera_secagg::dp::SkellamNoise { scale: Some(scale), beta: 0.5 }), ..dp });
+        sk.settle_skellam_scale().unwrap();
         sk.validate().unwrap();
         PrivacyLedger::charge(&path, "agg", &cfg(1, 2.0), 1).unwrap();
         PrivacyLedger::charge(&path, "agg", &sk, 2).unwrap();

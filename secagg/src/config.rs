@@ -398,14 +398,22 @@ impl RoundConfig {
         let dp = self.dp.ok_or_else(|| Error::Config("the round has no DP parameters to calibrate".into()))?;
         crate::dp::noise_multiplier_for_mechanism(epsilon_target, rounds, dp.delta, |z| {
             let mut cfg = self.clone();
-            let mut at = crate::dp::DpParams { noise_multiplier: z, ..dp };
-            cfg.dp = Some(at);
-            if let Some(sk) = at.skellam.as_mut().filter(|s| s.scale.is_none()) {
-                sk.scale = Some(cfg.skellam_scale()?);
-                cfg.dp = Some(at);
-            }
+            cfg.dp = Some(crate::dp::DpParams { noise_multiplier: z, ..dp });
+            cfg.settle_skellam_scale()?;
             cfg.dp_mechanism(crate::dp::Against::Coalition).ok_or_else(|| Error::Config("the round has no accountable mechanism".into()))
         })
+    }
+
+    /// Gives a Skellam round that states no scale the one that fits
+    /// ([`RoundConfig::skellam_scale`]); any other round is left as it is.
+    pub fn settle_skellam_scale(&mut self) -> Result<(), Error> {
+        if self.dp.is_some_and(|d| d.skellam.is_some_and(|s| s.scale.is_none())) {
+            let scale = self.skellam_scale()?;
+            if let Some(sk) = self.dp.as_mut().and_then(|d| d.skellam.as_mut()) {
+                sk.scale = Some(scale);
+            }
+        }
+        Ok(())
     }
 
     /// The scale for Skellam noise in this round: the largest for which three standard

@@ -296,8 +296,7 @@ mod tests {
             skellam: Some(crate::dp::SkellamNoise { scale: None, beta: crate::dp::default_beta() }),
         };
         c.dp = Some(dp);
-        let scale = c.skellam_scale().unwrap();
-        c.dp = Some(crate::dp::DpParams { skellam: Some(crate::dp::SkellamNoise { scale: Some(scale), beta: crate::dp::default_beta() }), ..dp });
+        c.settle_skellam_scale().unwrap();
         c.validate().unwrap();
         c
     }

@@ -782,13 +782,8 @@ impl Service {
             cfg.cohort =
                 Some(tessera_secagg::config::Cohort { version, size: c.size, max_staleness: c.max_staleness, staleness_exponent: c.staleness_exponent });
         }
-        if cfg.dp.is_some_and(|d| d.skellam.is_some_and(|s| s.scale.is_none())) {
-            // The schedule leaves the scale to each round: the largest that fits.
-            let scale = cfg.skellam_scale().map_err(|e| bad(e.to_string()))?;
-            if let Some(sk) = cfg.dp.as_mut().and_then(|d| d.skellam.as_mut()) {
-                sk.scale = Some(scale);
-            }
-        }
+        // A schedule that leaves the Skellam scale to each round: the largest that fits.
+        cfg.settle_skellam_scale().map_err(|e| bad(e.to_string()))?;
         cfg.validate().map_err(|e| bad(e.to_string()))?;
         Ok(cfg)
     }
