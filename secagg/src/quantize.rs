@@ -57,11 +57,6 @@ impl Quantizer {
         Ok(Quantizer { clip: cfg.clip as f64, levels: mask as u64 / n, max_weight: cfg.max_weight, mask, encoding, skellam })
     }
 
-    /// The Skellam pipeline, in a round with Skellam noise.
-    pub fn skellam(&self) -> Option<&SkellamPipeline> {
-        self.skellam.as_ref()
-    }
-
     /// The round's encoding, when it compresses.
     pub fn encoding(&self) -> Option<&Encoding> {
         self.encoding.as_deref()
