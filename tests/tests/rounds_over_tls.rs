@@ -391,12 +391,13 @@ async fn buffered_cohorts_weigh_a_slow_institution_down() {
     assert!(err.contains("would count twice"), "{err}");
 
     // Cohort 3 (version 2): the slow institution's update from version 0 is 2 versions
-    // stale, past the bound of 1: refused before anything is sent, with the numbers.
-    let results = run(3, vec![(3, 0), (0, 2), (1, 2), (2, 2)]).await;
-    let mut results = results.into_iter();
-    let err = results.next().unwrap().unwrap_err().to_string();
+    // stale, past the bound of 1: refused before anything is sent, with the numbers. It
+    // asks first and alone: were it to ask with the others, they could complete cohort 3,
+    // the schedule's last, before it joins, and it would be told the schedule ended.
+    let refused = run(3, vec![(3, 0)]).await;
+    let err = refused.into_iter().next().unwrap().unwrap_err().to_string();
     assert!(err.contains("trained from version 0, 2 versions before this cohort's version 2") && err.contains("at most 1"), "{err}");
-    for r in results {
+    for r in run(3, vec![(0, 2), (1, 2), (2, 2)]).await {
         assert!(matches!(r.unwrap(), Participation::Completed(_)));
     }
     // The schedule ends with cohort 3: an institution waiting for another is told so.
