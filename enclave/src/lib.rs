@@ -98,10 +98,15 @@ struct FederationRecord {
 /// are signed by their senders and the enclave's records are sealed, so the host can
 /// drop or reorder entries (a rollback, detected where a sealed record disagrees) but
 /// cannot forge them.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub enum StoredEvent {
     /// A client message the enclave accepted, as received, with the time it arrived.
     Message { kind: MessageKind, received_at: Timestamp, body: Vec<u8> },
+    /// A masked input the enclave accepted, as received, read back into a file: it is
+    /// replayed through the streamed fold, so a restore holds one batch of it at a time.
+    /// The file is outside the enclave like the rest of the store: the fold hashes what
+    /// it reads and checks the sender's signature over it.
+    MaskedInputFile { received_at: Timestamp, file: std::sync::Arc<std::fs::File> },
     /// A sealed [`PhaseChange`].
     Sealed { seq: u64, sealed: Vec<u8> },
 }
@@ -196,6 +201,43 @@ pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, bo
             Preverified::Unmask(m)
         }
     })
+}
+
+/// [`preverify`] for a masked input spooled to a file as it arrived: the header, read
+/// first, must name `cfg`'s round, a roster member, the round's length and width; then
+/// the body is hashed one batch of digest leaves at a time (on up to `threads` threads)
+/// and the sender's signature checked over that digest. Nothing is kept: the enclave's
+/// fold ([`Enclave::handle_masked_input_file`]) reads and hashes the file again, since
+/// the file may change in between.
+pub fn preverify_masked_file(cfg: &RoundConfig, digest: &[u8; 32], file: &std::fs::File, threads: usize) -> Result<(), EnclaveError> {
+    use tessera_secagg::{Error, ProtocolError};
+    let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
+    let mut src = file;
+    let (h, prefix, total) = tessera_secagg::wire::MaskedInputHeader::read_from(&mut src)?;
+    if h.round != cfg.round {
+        return Err(protocol(ProtocolError::WrongRound { expected: cfg.round, got: h.round }));
+    }
+    let key = cfg
+        .roster
+        .get(h.client.0 as usize)
+        .and_then(|k| hex::decode(k).ok())
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| protocol(ProtocolError::UnknownClient(h.client)))?;
+    if h.count != cfg.masked_len() {
+        return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: h.count }));
+    }
+    if h.bits != cfg.modulus_bits {
+        return Err(EnclaveError::Protocol(Error::Malformed(format!(
+            "masked input elements are {} bits wide, the round's modulus is 2^{}",
+            h.bits, cfg.modulus_bits
+        ))));
+    }
+    let data = tessera_secagg::aggregator::masked_body_digest(&mut src, &h, &prefix, total, threads)?;
+    let transcript = MaskedInput::transcript_for(digest, h.round, h.client, &data, h.record_privacy.as_ref(), h.base_version);
+    if !tessera_secagg::crypto::verify_signature(&key, transcript.as_bytes(), &h.signature) {
+        return Err(protocol(ProtocolError::BadSignature(h.client)));
+    }
+    Ok(())
 }
 
 /// The outcome of [`Enclave::advance`]: the change, its sealed record for the host to
@@ -585,10 +627,34 @@ impl Enclave {
     }
 
     fn handle_masked_input(&mut self, input: &tessera_secagg::wire::DigestedMaskedInput<'_>, received_at: Timestamp) -> Result<(), EnclaveError> {
+        let (client, digest) = self.state_mut()?.aggregator.handle_masked_input_digested(input)?;
+        let view = input.view();
+        self.log_masked_input(client, digest, input.encoded_len(), view.record_privacy, view.base_version, received_at)
+    }
+
+    /// Folds a masked input from a file (an upload spooled as it arrived, or a stored one
+    /// read back for a restore) with the streamed fold: the enclave holds the running sum
+    /// and one batch of digest leaves, never the input. Every check of
+    /// [`Enclave::handle_message`] applies; what is logged is the header the fold read.
+    pub fn handle_masked_input_file(&mut self, file: &std::fs::File, received_at: Timestamp) -> Result<(), EnclaveError> {
+        let mut src = file;
+        let (h, digest) = self.state_mut()?.aggregator.handle_masked_input_stream(&mut src)?;
+        let len = h.body_at + if h.bits < 32 { tessera_secagg::pack::packed_len(h.count, h.bits) } else { h.count * 4 };
+        self.log_masked_input(h.client, digest, len, h.record_privacy, h.base_version, received_at)
+    }
+
+    fn log_masked_input(
+        &mut self,
+        client: ClientId,
+        digest: [u8; 32],
+        bytes: usize,
+        record_privacy: Option<tessera_secagg::wire::RecordPrivacyClaim>,
+        base_version: Option<u64>,
+        received_at: Timestamp,
+    ) -> Result<(), EnclaveError> {
         let state = self.state_mut()?;
-        let (client, digest) = state.aggregator.handle_masked_input_digested(input)?;
         let round = state.aggregator.config().round;
-        let record_privacy = input.view().record_privacy.map(|c| tessera_attestation::audit::RecordPrivacySummary {
+        let record_privacy = record_privacy.map(|c| tessera_attestation::audit::RecordPrivacySummary {
             epsilon: c.epsilon,
             delta: c.delta,
             budget: c.budget,
@@ -597,11 +663,9 @@ impl Enclave {
             max_grad_norm: c.max_grad_norm,
             steps: c.steps,
         });
-        let base_version = input.view().base_version;
         // The aggregator accepted it, so the staleness is within the cohort's bound.
         let staleness = state.aggregator.config().cohort.zip(base_version).map(|(c, b)| c.version.saturating_sub(b));
-        let event =
-            LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: input.encoded_len() as u64, record_privacy, base_version, staleness };
+        let event = LogEvent::MaskedInput { client: client.0, sha256: hex::encode(digest), bytes: bytes as u64, record_privacy, base_version, staleness };
         self.log.append(round, received_at.0, event);
         Ok(())
     }
@@ -718,6 +782,7 @@ impl Enclave {
         for event in events {
             match event {
                 StoredEvent::Message { kind, received_at, body } => self.handle_message(*kind, body, *received_at)?,
+                StoredEvent::MaskedInputFile { received_at, file } => self.handle_masked_input_file(file, *received_at)?,
                 StoredEvent::Sealed { seq, sealed } => {
                     let digest = self.state()?.aggregator.config_digest();
                     let aad = record_aad(&self.identity_public_key(), &digest, round, *seq);

@@ -305,25 +305,14 @@ impl Aggregator {
     /// be completed the sum is no longer the sum of accepted inputs, and the round is
     /// aborted rather than released. Same result, same errors as
     /// [`Aggregator::handle_masked_input_encoded`] over the same bytes.
-    pub fn handle_masked_input_stream<R: std::io::Read + std::io::Seek>(&mut self, src: &mut R) -> Result<(ClientId, [u8; 32]), Error> {
-        use std::io::SeekFrom;
-        let io = |e: std::io::Error| Error::malformed(format!("cannot read the masked input: {e}"));
+    ///
+    /// Returns the header it folded (read once: a source that changes afterwards cannot
+    /// change what the caller records) and the data digest.
+    pub fn handle_masked_input_stream<R: std::io::Read + std::io::Seek>(&mut self, src: &mut R) -> Result<(MaskedInputHeader, [u8; 32]), Error> {
         // Nothing is allocated from the length before the header's count has been checked
-        // against the round (`admit`): the prefix is at most a header long.
-        let total = src.seek(SeekFrom::End(0)).map_err(io)?;
-        let total = usize::try_from(total).map_err(|_| Error::malformed(format!("masked input of {total} bytes")))?;
-        src.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut prefix = vec![0u8; total.min(MASKED_HEADER_MAX)];
-        src.read_exact(&mut prefix).map_err(io)?;
-        let h = MaskedInputHeader::parse(&prefix, total)?;
-        if h.bits < 32 && total > h.body_at {
-            // The padding is checked before anything is folded, as the parse of a whole
-            // input checks it.
-            let mut last = [0u8; 1];
-            src.seek(SeekFrom::Start(total as u64 - 1)).and_then(|_| src.read_exact(&mut last)).map_err(io)?;
-            crate::pack::check_padding(last[0], h.count, h.bits)?;
-            src.seek(SeekFrom::Start(prefix.len() as u64)).map_err(io)?;
-        }
+        // against the round (`admit`): the prefix is at most a header long, and a packed
+        // body's padding is checked before anything is folded.
+        let (h, prefix, total) = MaskedInputHeader::read_from(src)?;
         self.check_width(h.bits)?;
         let header = InputHeader { round: h.round, client: h.client, signature: &h.signature, claim: h.record_privacy.as_ref(), base_version: h.base_version };
         let key = self.admit(&header, h.count)?;
@@ -344,7 +333,7 @@ impl Aggregator {
         match accepted {
             Ok(()) => {
                 self.u3.insert(h.client, h.signature);
-                Ok((h.client, digest))
+                Ok((h, digest))
             }
             Err(e) => Err(self.undo(src, &prefix, &h, total, Some(leaves), visited, e)),
         }
@@ -752,6 +741,16 @@ fn sub_elements(sum: &mut [u32], bytes: &[u8], bits: u8) {
     for (s, v) in sum.iter_mut().zip(crate::pack::Unpacked::new(bytes, n, bits)) {
         *s = s.wrapping_sub(v);
     }
+}
+
+/// The data digest of the masked input whose header `h` was read from `src` (with
+/// [`MaskedInputHeader::read_from`], which returned `prefix` and `total`): the body is read
+/// one batch of digest leaves at a time and each batch hashed on up to `threads` threads,
+/// so the caller holds one batch, never the body. This is the digest the sender's
+/// signature covers; the early check of a spooled upload's signature uses it.
+pub fn masked_body_digest<R: std::io::Read>(src: &mut R, h: &MaskedInputHeader, prefix: &[u8], total: usize, threads: usize) -> Result<[u8; 32], Error> {
+    let leaves = BodyWalk::new(h, total, threads).walk(src, prefix, None, |_, _, _| {})?;
+    Ok(crate::wire::data_digest_root(total - h.body_at, &leaves))
 }
 
 /// Reads a masked input's body from a source in batches of digest leaves

@@ -646,6 +646,29 @@ impl MaskedInputHeader {
         }
         Ok(MaskedInputHeader { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body_at })
     }
+
+    /// Reads and parses the header of a masked input held in a seekable source (an upload
+    /// spooled to a file), and checks a packed body's padding bits in its last byte, as
+    /// the parse of a whole input does. Returns the header, the bytes read (at most
+    /// [`MASKED_HEADER_MAX`]: nothing is allocated from a length the header declares) and
+    /// the input's length; the source is left just after those bytes.
+    pub fn read_from<R: std::io::Read + std::io::Seek>(src: &mut R) -> Result<(Self, Vec<u8>, usize), Error> {
+        use std::io::SeekFrom;
+        let io = |e: std::io::Error| Error::malformed(format!("cannot read the masked input: {e}"));
+        let total = src.seek(SeekFrom::End(0)).map_err(io)?;
+        let total = usize::try_from(total).map_err(|_| Error::malformed(format!("masked input of {total} bytes")))?;
+        src.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut prefix = vec![0u8; total.min(MASKED_HEADER_MAX)];
+        src.read_exact(&mut prefix).map_err(io)?;
+        let h = MaskedInputHeader::parse(&prefix, total)?;
+        if h.bits < 32 && total > h.body_at {
+            let mut last = [0u8; 1];
+            src.seek(SeekFrom::Start(total as u64 - 1)).and_then(|_| src.read_exact(&mut last)).map_err(io)?;
+            crate::pack::check_padding(last[0], h.count, h.bits)?;
+            src.seek(SeekFrom::Start(prefix.len() as u64)).map_err(io)?;
+        }
+        Ok((h, prefix, total))
+    }
 }
 
 impl<'a> MaskedInputView<'a> {

@@ -107,8 +107,13 @@ fn streamed_inputs_fold_as_whole_bodies() {
         assert_eq!(masked_inputs(&streamed, &mut clients, &cfg, seed).1, encoded);
         streamed.set_threads(threads);
         for (i, e) in encoded.iter().enumerate() {
-            let (client, digest) = streamed.handle_masked_input_stream(&mut Choppy::new(e.clone(), seed + i as u64, max_read)).unwrap();
-            assert_eq!((client, digest), (ClientId(i as u32), MaskedInputView::parse(e).unwrap().data_digest()));
+            let (header, digest) = streamed.handle_masked_input_stream(&mut Choppy::new(e.clone(), seed + i as u64, max_read)).unwrap();
+            let view = MaskedInputView::parse(e).unwrap();
+            assert_eq!((header.client, header.signature, header.count, digest), (ClientId(i as u32), view.signature, view.len(), view.data_digest()));
+            // The digest alone, read the same way, is the one the signature covers.
+            let mut src = Choppy::new(e.clone(), seed ^ 7, max_read);
+            let (h, prefix, total) = tessera_secagg::wire::MaskedInputHeader::read_from(&mut src).unwrap();
+            assert_eq!(tessera_secagg::aggregator::masked_body_digest(&mut src, &h, &prefix, total, threads).unwrap(), digest);
         }
         assert_eq!(finish_round(&mut streamed, &mut clients), want, "m = {m}, {bits} bits, {threads} threads");
     }

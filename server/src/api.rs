@@ -308,6 +308,46 @@ async fn read_body_untimed(headers: &HeaderMap, body: Body, limit: usize) -> Res
     }
 }
 
+/// Writes a request body of at most `limit` bytes to an unnamed file in the spool
+/// directory as it arrives, under [`read_body`]'s deadline and limit: the server holds a
+/// buffer of it, never the whole body (a masked input is up to 4 bytes per parameter).
+/// The file is gone when it is dropped, whatever happens to the request.
+async fn spool_body(s: &Service, headers: &HeaderMap, body: Body, limit: usize) -> Result<std::fs::File, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let timeout = s.config().limits.body_timeout(declared.unwrap_or(limit).min(limit));
+    match tokio::time::timeout(timeout, spool_body_untimed(&s.spool_dir(), declared, body, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", format!("the request body did not arrive within {timeout:?}"))),
+    }
+}
+
+async fn spool_body_untimed(spool: &std::path::Path, declared: Option<usize>, mut body: Body, limit: usize) -> Result<std::fs::File, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds {limit} bytes"));
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let disk = |e: std::io::Error| {
+        tracing::error!(error = %e, spool = %spool.display(), "cannot spool a masked input");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "spool", "the aggregator cannot take the upload now (its spool directory failed); retry")
+    };
+    let file = tempfile::tempfile_in(spool).map_err(disk)?;
+    let mut out = tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(file));
+    let mut received = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request("body", format!("could not read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            received += data.len();
+            if received > limit {
+                return Err(too_large());
+            }
+            out.write_all(&data).await.map_err(disk)?;
+        }
+    }
+    out.flush().await.map_err(disk)?;
+    Ok(out.into_inner().into_std().await)
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Response {
     Json(v).into_response()
 }
@@ -359,9 +399,18 @@ async fn status(State(s): State<Arc<Service>>, Path(round): Path<u64>) -> Result
     Ok(json(&s.status(round).await?))
 }
 
-async fn submit_json(s: &Service, round: u64, kind: MessageKind, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+/// Runs a submission to its end even if the client goes away meanwhile. A request whose
+/// connection closes is dropped where it stands; dropped between the enclave's acceptance
+/// and the store's commit, it would leave the enclave counting a message the store never
+/// got (and the client's retry answered "already accepted"). Spawned, it completes.
+async fn detached<T: Send + 'static>(submission: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static) -> Result<T, ApiError> {
+    tokio::spawn(submission).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("the submission did not complete: {e}")))?
+}
+
+async fn submit_json(s: &Arc<Service>, round: u64, kind: MessageKind, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(s, headers, body, JSON_LIMIT).await?;
-    let verdict = s.submit(round, kind, &bytes).await?;
+    let service = s.clone();
+    let verdict = detached(async move { service.submit(round, kind, &bytes).await }).await?;
     Ok(match verdict {
         Some(v) => (StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true, "verdict": v}))).into_response(),
         None => (StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true}))).into_response(),
@@ -386,8 +435,8 @@ async fn unmask(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: 
 
 async fn masked_input(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let cfg = s.current_config().await.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_round", "no round has been opened"))?;
-    let bytes = read_body(&s, &headers, body, Service::masked_input_limit(&cfg)).await?;
-    s.submit(round, MessageKind::MaskedInput, &bytes).await?;
+    let file = spool_body(&s, &headers, body, Service::masked_input_limit(&cfg)).await?;
+    detached(async move { s.submit_masked_input_file(round, file).await }).await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true}))).into_response())
 }
 

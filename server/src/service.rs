@@ -114,11 +114,18 @@ pub struct Service {
     format: tessera_attestation::Format,
     evidence_maker: tessera_enclave::EvidenceMaker,
     attest_permits: tokio::sync::Semaphore,
+    /// One spooled masked input's signature is checked at a time, on every core: the
+    /// check is CPU-bound, so more at once would not finish sooner, and each holds a
+    /// batch of digest leaves (a few MiB), which would otherwise grow with the uploads
+    /// in flight.
+    preverify_permit: tokio::sync::Semaphore,
     denials: tokio::sync::mpsc::Sender<crate::store::Denial>,
     denials_dropped: std::sync::atomic::AtomicU64,
     /// Unauthenticated refusals in the current minute: (minute, listed, counted only).
     anonymous_denials: std::sync::Mutex<(u64, u64, u64)>,
     last_schedule_error: Mutex<Option<String>>,
+    /// See [`Service::result`]: the latest finished round read, its release and mean.
+    last_result: Mutex<Option<(u64, bytes::Bytes, bytes::Bytes)>>,
     /// Bumped whenever the round's state changes in a way a waiting reader may care
     /// about (a round opened, a phase closed, a round ended): long-polls park on it.
     changes: tokio::sync::watch::Sender<u64>,
@@ -477,6 +484,8 @@ impl Service {
     /// Starts with the given backend (tests pass a fake configfs-tsm kernel here).
     pub async fn start_with(cfg: ServerConfig, tls_fingerprint: [u8; 32], backend: TeeBackend) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| StartError::Setup(format!("data dir {}: {e}", cfg.data_dir.display())))?;
+        let spool = spool_dir(&cfg);
+        std::fs::create_dir_all(&spool).map_err(|e| StartError::Setup(format!("spool dir {}: {e}", spool.display())))?;
         let store = match &cfg.store {
             Some(url) => Store::connect(url).await?,
             None => Store::open(&cfg.data_dir.join("tessera.db")).await?,
@@ -538,7 +547,7 @@ impl Service {
         let mut current = None;
         if let Some(row) = store.latest_round().await? {
             if row.status == "open" {
-                let events = store.events(row.round).await?;
+                let events = store.events(row.round, &spool).await?;
                 match enclave.restore_round(row.config.clone(), row.opened_at, &events) {
                     Ok(()) => {
                         // Entries the store lacked (deleted rows) were composed again by
@@ -566,7 +575,7 @@ impl Service {
                         enclave.discard_round();
                         let log = enclave.take_log_entries();
                         let finish = Finish { status: "aborted", outcome: reason, release: None, mean: None };
-                        store.commit(Commit { round: row.round, log: &log, finish: Some(finish), ..Default::default() }).await?;
+                        store.commit(Commit { round: row.round, log: &log, finish: Some(&finish), ..Default::default() }).await?;
                     }
                 }
             } else {
@@ -590,10 +599,12 @@ impl Service {
             format,
             evidence_maker,
             attest_permits: tokio::sync::Semaphore::new(FRESH_EVIDENCE_CONCURRENCY),
+            preverify_permit: tokio::sync::Semaphore::new(1),
             denials,
             denials_dropped: std::sync::atomic::AtomicU64::new(0),
             anonymous_denials: std::sync::Mutex::new((0, 0, 0)),
             last_schedule_error: Mutex::new(None),
+            last_result: Mutex::new(None),
             changes: tokio::sync::watch::channel(0).0,
             names_by_key,
         });
@@ -796,6 +807,7 @@ impl Service {
         Ok(cur)
     }
 
+    /// The most bytes a masked input of the round `cfg` configures may have.
     pub fn masked_input_limit(cfg: &RoundConfig) -> usize {
         MaskedInput::encoded_len(cfg.masked_len(), cfg.modulus_bits)
     }
@@ -807,6 +819,30 @@ impl Service {
     /// The current round's configuration and its digest, without copying either.
     async fn current_with_digest(&self) -> Option<(Arc<RoundConfig>, [u8; 32])> {
         self.inner.lock().await.current.as_ref().map(|c| (c.cfg.clone(), c.digest))
+    }
+
+    /// Where masked-input uploads are spooled as they arrive, and stored ones read back
+    /// for a restore: unnamed files, gone when closed.
+    pub fn spool_dir(&self) -> std::path::PathBuf {
+        spool_dir(&self.cfg)
+    }
+
+    /// Accepts a masked input for `round` that was spooled to `file` as it arrived: the
+    /// header and the sender's signature are checked before the round's lock is taken
+    /// (the body hashed one batch of leaves at a time), then the enclave folds it from
+    /// the file with the streamed fold and the store copies it in parts. The server holds
+    /// no more of the input than a batch of digest leaves or one stored part.
+    pub async fn submit_masked_input_file(&self, round: u64, file: std::fs::File) -> Result<(), ApiError> {
+        if let Some((cfg, digest)) = self.current_with_digest().await.filter(|(c, _)| c.round == round) {
+            let threads = self.cfg.threads.unwrap_or_else(tessera_secagg::prg::default_threads);
+            let _permit = self.preverify_permit.acquire().await.map_err(|_| ApiError::internal("the preverification permits are closed"))?;
+            tessera_enclave::preverify_masked_file(&cfg, &digest, &file, threads)?;
+        }
+        let mut inner = self.inner.lock().await;
+        self.current(&inner, round)?;
+        let t = now();
+        let result = inner.enclave.handle_masked_input_file(&file, t).map(|()| None);
+        self.settle(&mut inner, round, result, Commit { round, masked_input_file: Some((t, &file)), ..Default::default() }, t).await.map(|_| ())
     }
 
     /// Accepts one client message for `round`: enclave first, then the store, then any
@@ -832,6 +868,20 @@ impl Service {
                 _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
             },
         };
+        self.settle(&mut inner, round, result, Commit { round, message: Some((kind, t, body)), ..Default::default() }, t).await
+    }
+
+    /// After the enclave handled a client message (`result`): an accepted one is stored
+    /// (`accepted`: the message, with the log entries added here) and any phase change it
+    /// completes is made; a refused one leaves only its log entries.
+    async fn settle(
+        &self,
+        inner: &mut Inner,
+        round: u64,
+        result: Result<Option<Verdict>, EnclaveError>,
+        accepted: Commit<'_>,
+        t: Timestamp,
+    ) -> Result<Option<Verdict>, ApiError> {
         let log = inner.enclave.take_log_entries();
         let verdict = match result {
             Ok(v) => v,
@@ -842,18 +892,18 @@ impl Service {
                 if !log.is_empty() {
                     if let Err(se) = self.store.commit(Commit { round, log: &log, ..Default::default() }).await {
                         tracing::error!(error = %se, "could not store log entries; rebuilding from the store");
-                        self.rebuild(&mut inner).await?;
+                        self.rebuild(inner).await?;
                     }
                 }
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.store.commit(Commit { round, message: Some((kind, t, body)), log: &log, ..Default::default() }).await {
+        if let Err(e) = self.store.commit(Commit { log: &log, ..accepted }).await {
             tracing::error!(error = %e, "could not store an accepted message; rebuilding the round from the store");
-            self.rebuild(&mut inner).await?;
+            self.rebuild(inner).await?;
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage", "the message could not be stored; retry"));
         }
-        self.advance_locked(&mut inner, t).await?;
+        self.advance_locked(inner, t).await?;
         Ok(verdict)
     }
 
@@ -863,7 +913,7 @@ impl Service {
         self.reload_log(inner).await?;
         let Some(cur) = &inner.current else { return Ok(()) };
         let round = cur.cfg.round;
-        let events = self.store.events(round).await?;
+        let events = self.store.events(round, &spool_dir(&self.cfg)).await?;
         inner.enclave.restore_round((*cur.cfg).clone(), cur.opened_at, &events)?;
         let log = inner.enclave.take_log_entries();
         if !log.is_empty() {
@@ -1022,16 +1072,20 @@ impl Service {
         let change = &transition.change;
         tracing::info!(round, from = ?change.from, to = ?change.to, responded = change.responded.len(), "phase closed");
         let finish = if change.to.is_terminal() { self.end_of(inner, round)? } else { None };
-        let ended = finish.is_some();
-        if let Err(e) = self.store.commit(Commit { round, sealed: Some((transition.seq, &transition.sealed)), log: &log, finish, ..Default::default() }).await {
+        if let Err(e) = self
+            .store
+            .commit(Commit { round, sealed: Some((transition.seq, &transition.sealed)), log: &log, finish: finish.as_ref(), ..Default::default() })
+            .await
+        {
             tracing::error!(error = %e, "could not store a phase change; rebuilding the round from the store");
             self.rebuild(inner).await?;
             return Err(e.into());
         }
-        if ended {
+        if let Some(finish) = finish {
             if let Some(cur) = inner.current.as_mut() {
                 cur.finished_at = Some(t);
             }
+            self.remember_result(round, finish).await;
         }
         self.changed();
         Ok(())
@@ -1088,11 +1142,20 @@ impl Service {
     async fn record_end(&self, inner: &mut Inner, round: u64, t: Timestamp) -> Result<(), ApiError> {
         let Some(finish) = self.end_of(inner, round)? else { return Ok(()) };
         let log = inner.enclave.take_log_entries();
-        self.store.commit(Commit { round, log: &log, finish: Some(finish), ..Default::default() }).await?;
+        self.store.commit(Commit { round, log: &log, finish: Some(&finish), ..Default::default() }).await?;
         if let Some(cur) = inner.current.as_mut() {
             cur.finished_at = Some(t);
         }
+        self.remember_result(round, finish).await;
         Ok(())
+    }
+
+    /// Keeps a stored release for [`Service::result`], moved, not copied: its readers
+    /// are about to ask for it, every institution of the round at once.
+    async fn remember_result(&self, round: u64, finish: Finish) {
+        if let (Some(release), Some(mean)) = (finish.release, finish.mean) {
+            *self.last_result.lock().await = Some((round, bytes::Bytes::from(release), bytes::Bytes::from(mean)));
+        }
     }
 
     /// Reads something the enclave hands out after a phase closed; 425 before, 410 after an abort.
@@ -1157,19 +1220,36 @@ impl Service {
     }
 
     /// The signed release of a finished round (JSON, without the mean) and the mean.
-    pub async fn result(&self, round: u64) -> Result<(String, Vec<u8>), ApiError> {
+    /// A finished round's signed release (JSON) and its mean (little-endian f32s). The
+    /// latest round released (or read) is kept, shared: when every institution of a round
+    /// asks for its result at once, each answer is sent from the same buffers, not from
+    /// its own copy read from the store (at m = 6.8M a release is about 100 MB; ten
+    /// readers each loading their own took the server's peak to 14 × m·4).
+    pub async fn result(&self, round: u64) -> Result<(bytes::Bytes, bytes::Bytes), ApiError> {
+        let mut cached = self.last_result.lock().await;
+        if let Some((r, release, mean)) = &*cached {
+            if *r == round {
+                return Ok((release.clone(), mean.clone()));
+            }
+        }
         let row =
             self.store.round(round).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_round", format!("round {round} does not exist")))?;
         match row.status.as_str() {
             "finished" => {
-                let release = row.release.ok_or_else(|| ApiError::internal("finished round without a release"))?;
-                let mean = self.store.mean(round).await?.ok_or_else(|| ApiError::internal("finished round without a mean"))?;
+                let release = bytes::Bytes::from(row.release.ok_or_else(|| ApiError::internal("finished round without a release"))?);
+                let mean = bytes::Bytes::from(self.store.mean(round).await?.ok_or_else(|| ApiError::internal("finished round without a mean"))?);
+                *cached = Some((round, release.clone(), mean.clone()));
                 Ok((release, mean))
             }
             "aborted" => Err(ApiError::new(StatusCode::GONE, "round_aborted", format!("round {round} was aborted: {}", row.outcome.unwrap_or_default()))),
             _ => Err(ApiError::not_yet("the result")),
         }
     }
+}
+
+/// See [`Service::spool_dir`].
+fn spool_dir(cfg: &ServerConfig) -> std::path::PathBuf {
+    cfg.data_dir.join("spool")
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ pub enum StoreError {
     Url(String),
     #[error("another tessera-server holds the database {0}; two servers on one database would fork the log")]
     Busy(String),
+    #[error("spooled masked input: {0}")]
+    Spool(String),
 }
 
 impl Backend {
@@ -121,6 +123,13 @@ CREATE TABLE IF NOT EXISTS events (
     body {bytes} NOT NULL,
     PRIMARY KEY (round, idx)
 );
+CREATE TABLE IF NOT EXISTS event_parts (
+    round {int} NOT NULL,
+    idx {int} NOT NULL,
+    part {int} NOT NULL,
+    data {bytes} NOT NULL,
+    PRIMARY KEY (round, idx, part)
+);
 CREATE TABLE IF NOT EXISTS log (
     idx {int} PRIMARY KEY,
     round {int} NOT NULL,
@@ -163,10 +172,19 @@ pub struct Commit<'a> {
     pub round: u64,
     pub open: Option<(&'a RoundConfig, Timestamp)>,
     pub message: Option<(MessageKind, Timestamp, &'a [u8])>,
+    /// A masked input spooled to a file as it arrived: stored in parts of
+    /// [`BODY_PART_BYTES`], read from the file one at a time (the server never holds it).
+    pub masked_input_file: Option<(Timestamp, &'a std::fs::File)>,
     pub sealed: Option<(u64, &'a [u8])>,
     pub log: &'a [StoredLogEntry],
-    pub finish: Option<Finish>,
+    pub finish: Option<&'a Finish>,
 }
+
+/// The size of the parts a spooled masked input is stored in (the last may be shorter).
+pub const BODY_PART_BYTES: usize = 1 << 20;
+
+/// The event kind of a masked input stored in parts (`event_parts`), not in `events.body`.
+const MASKED_INPUT_PARTS: &str = "masked_input_parts";
 
 /// How a round ended: its status, outcome, and for a release the signed release (JSON)
 /// and the mean.
@@ -334,6 +352,37 @@ impl Store {
         if let Some((kind, at, body)) = c.message {
             event(c.round, kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
         }
+        if let Some((at, file)) = c.masked_input_file {
+            use std::os::unix::fs::FileExt;
+            let idx: i64 = sqlx::query(
+                "INSERT INTO events (round, idx, kind, received_at, seq, body) \
+                 VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, NULL, $4) RETURNING idx",
+            )
+            .bind(c.round as i64)
+            .bind(MASKED_INPUT_PARTS)
+            .bind(at.0 as i64)
+            .bind(&[][..])
+            .fetch_one(&mut *tx)
+            .await?
+            .get(0);
+            let len = file.metadata().map_err(|e| StoreError::Spool(e.to_string()))?.len();
+            let mut part = vec![0u8; BODY_PART_BYTES];
+            let mut offset = 0u64;
+            let mut index = 0i64;
+            while offset < len {
+                let n = (len - offset).min(BODY_PART_BYTES as u64) as usize;
+                file.read_exact_at(&mut part[..n], offset).map_err(|e| StoreError::Spool(e.to_string()))?;
+                sqlx::query("INSERT INTO event_parts (round, idx, part, data) VALUES ($1, $2, $3, $4)")
+                    .bind(c.round as i64)
+                    .bind(idx)
+                    .bind(index)
+                    .bind(&part[..n])
+                    .execute(&mut *tx)
+                    .await?;
+                offset += n as u64;
+                index += 1;
+            }
+        }
         if let Some((seq, sealed)) = c.sealed {
             event(c.round, "sealed", 0, Some(seq as i64), sealed).execute(&mut *tx).await?;
         }
@@ -358,9 +407,9 @@ impl Store {
         if let Some(f) = c.finish {
             sqlx::query("UPDATE rounds SET status = $1, outcome = $2, release = $3, mean = $4 WHERE round = $5")
                 .bind(f.status)
-                .bind(f.outcome)
-                .bind(f.release)
-                .bind(f.mean)
+                .bind(f.outcome.as_str())
+                .bind(f.release.as_deref())
+                .bind(f.mean.as_deref())
                 .bind(c.round as i64)
                 .execute(&mut *tx)
                 .await?;
@@ -502,23 +551,57 @@ impl Store {
         Ok(sqlx::query("SELECT mean FROM rounds WHERE round = $1 AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
     }
 
-    pub async fn events(&self, round: u64) -> Result<Vec<StoredEvent>, StoreError> {
+    /// A round's events, in order. A masked input stored in parts is read back one part
+    /// at a time into an unnamed file in `spool` (gone when the event is dropped), so a
+    /// restore never holds the round's masked inputs in memory.
+    pub async fn events(&self, round: u64, spool: &Path) -> Result<Vec<StoredEvent>, StoreError> {
         let rows =
-            sqlx::query("SELECT kind, received_at, seq, body FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
-        rows.into_iter()
-            .map(|r| {
-                let kind: String = r.get("kind");
+            sqlx::query("SELECT idx, kind, received_at, seq, body FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in rows {
+            let kind: String = r.get("kind");
+            if kind == MASKED_INPUT_PARTS {
+                let idx: i64 = r.get("idx");
+                let file = self.read_parts(round, idx, spool).await?;
+                events.push(StoredEvent::MaskedInputFile { received_at: Timestamp(r.get::<i64, _>("received_at") as u64), file: std::sync::Arc::new(file) });
+                continue;
+            }
+            events.push({
                 let body: Vec<u8> = r.get("body");
                 if kind == "sealed" {
                     let seq: Option<i64> = r.get("seq");
                     let seq = seq.ok_or_else(|| StoreError::Corrupt("sealed event without sequence".into()))?;
-                    Ok(StoredEvent::Sealed { seq: seq as u64, sealed: body })
+                    StoredEvent::Sealed { seq: seq as u64, sealed: body }
                 } else {
                     let kind = kind_from(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown event kind {kind}")))?;
-                    Ok(StoredEvent::Message { kind, received_at: Timestamp(r.get::<i64, _>("received_at") as u64), body })
+                    StoredEvent::Message { kind, received_at: Timestamp(r.get::<i64, _>("received_at") as u64), body }
                 }
-            })
-            .collect()
+            });
+        }
+        Ok(events)
+    }
+
+    /// Writes the parts of event `idx` of `round`, in order, to a new unnamed file in `spool`.
+    async fn read_parts(&self, round: u64, idx: i64, spool: &Path) -> Result<std::fs::File, StoreError> {
+        use std::io::Write;
+        let spool_err = |e: std::io::Error| StoreError::Spool(format!("{}: {e}", spool.display()));
+        let mut file = tempfile::tempfile_in(spool).map_err(spool_err)?;
+        let mut part = 0i64;
+        while let Some(row) = sqlx::query("SELECT data FROM event_parts WHERE round = $1 AND idx = $2 AND part = $3")
+            .bind(round as i64)
+            .bind(idx)
+            .bind(part)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            let data: Vec<u8> = row.get(0);
+            file.write_all(&data).map_err(spool_err)?;
+            part += 1;
+        }
+        if part == 0 {
+            return Err(StoreError::Corrupt(format!("masked input {idx} of round {round} has no stored parts")));
+        }
+        Ok(file)
     }
 }
 
@@ -568,6 +651,10 @@ pub async fn create_database(admin: &str, label: &str) -> Result<String, String>
 mod tests {
     use super::*;
 
+    fn spool() -> std::path::PathBuf {
+        std::env::temp_dir()
+    }
+
     fn entry(index: u64) -> StoredLogEntry {
         StoredLogEntry { index, round: 1, timestamp_ms: 0, data: format!("entry {index}").into_bytes() }
     }
@@ -585,16 +672,23 @@ mod tests {
             .commit(Commit { round: 1, message: Some((MessageKind::Advertise, Timestamp(2), &b"{}"[..])), log: &gap, ..Default::default() })
             .await
             .is_err());
-        assert!(store.events(1).await.unwrap().is_empty());
+        assert!(store.events(1, &spool()).await.unwrap().is_empty());
         let message = (MessageKind::Advertise, Timestamp(2), &b"{}"[..]);
         let err = store.commit(Commit { round: 1, message: Some(message), log: &colliding, ..Default::default() }).await;
         assert!(err.is_err());
-        assert!(store.events(1).await.unwrap().is_empty(), "the message of the failed step was not kept");
+        assert!(store.events(1, &spool()).await.unwrap().is_empty(), "the message of the failed step was not kept");
+        // Nor are the parts of a spooled masked input.
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &vec![7u8; BODY_PART_BYTES + 1]).unwrap();
+        assert!(store.commit(Commit { round: 1, masked_input_file: Some((Timestamp(2), &file)), log: &colliding, ..Default::default() }).await.is_err());
+        assert!(store.events(1, &spool()).await.unwrap().is_empty());
+        let parts: i64 = sqlx::query("SELECT COUNT(*) FROM event_parts").fetch_one(&store.pool).await.unwrap().get(0);
+        assert_eq!(parts, 0, "the parts of the failed step were not kept");
         assert_eq!(store.log_range(0, u64::MAX).await.unwrap(), first.to_vec());
         // The next step appends where the log really ends.
         store.commit(Commit { round: 1, message: Some(message), log: &[entry(1)], ..Default::default() }).await.unwrap();
         assert_eq!(store.log_range(0, u64::MAX).await.unwrap().len(), 2);
-        assert_eq!(store.events(1).await.unwrap().len(), 1);
+        assert_eq!(store.events(1, &spool()).await.unwrap().len(), 1);
     }
 
     /// Everything the store keeps reads back as written: rounds with their config,
@@ -606,7 +700,7 @@ mod tests {
         store.commit(Commit { round: 7, message: Some((MessageKind::Advertise, Timestamp(6), &b"adv"[..])), ..Default::default() }).await.unwrap();
         store.commit(Commit { round: 7, sealed: Some((3, &b"sealed"[..])), log: &[entry(1)], ..Default::default() }).await.unwrap();
         let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(vec![1, 2, 3]) };
-        store.commit(Commit { round: 7, finish: Some(finish), ..Default::default() }).await.unwrap();
+        store.commit(Commit { round: 7, finish: Some(&finish), ..Default::default() }).await.unwrap();
         let row = store.round(7).await.unwrap().unwrap();
         assert_eq!(
             (row.round, row.opened_at, row.status.as_str(), row.outcome.as_deref(), row.release.as_deref()),
@@ -617,9 +711,29 @@ mod tests {
         assert_eq!(store.rounds().await.unwrap().len(), 1);
         assert!(store.round(8).await.unwrap().is_none());
         assert_eq!(store.mean(7).await.unwrap(), Some(vec![1, 2, 3]));
-        let events = store.events(7).await.unwrap();
+        let events = store.events(7, &spool()).await.unwrap();
         assert!(matches!(&events[0], StoredEvent::Message { kind: MessageKind::Advertise, received_at: Timestamp(6), body } if body == b"adv"));
         assert!(matches!(&events[1], StoredEvent::Sealed { seq: 3, sealed } if sealed == b"sealed"));
+        // A spooled masked input is stored in parts and reads back, in its place among
+        // the events, as the same bytes in a file: here 2.5 parts, then one shorter than a part.
+        use std::io::{Read, Seek, Write};
+        for len in [BODY_PART_BYTES * 5 / 2, 1000] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7) as u8).collect();
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&body).unwrap();
+            store.commit(Commit { round: 7, masked_input_file: Some((Timestamp(8), &file)), log: &[], ..Default::default() }).await.unwrap();
+            store.commit(Commit { round: 7, message: Some((MessageKind::Consistency, Timestamp(9), &b"c"[..])), ..Default::default() }).await.unwrap();
+            let events = store.events(7, &spool()).await.unwrap();
+            let StoredEvent::MaskedInputFile { received_at: Timestamp(8), file } = &events[events.len() - 2] else { panic!("{:?}", events[events.len() - 2]) };
+            let mut back = Vec::new();
+            let mut f = &**file;
+            f.seek(std::io::SeekFrom::Start(0)).unwrap();
+            f.read_to_end(&mut back).unwrap();
+            assert!(back == body, "{len} bytes read back as {} different ones", back.len());
+            assert!(matches!(&events[events.len() - 1], StoredEvent::Message { kind: MessageKind::Consistency, .. }));
+        }
+        let parts: i64 = sqlx::query("SELECT COUNT(*) FROM event_parts WHERE round = 7").fetch_one(&store.pool).await.unwrap().get(0);
+        assert_eq!(parts, 3 + 1);
         assert_eq!(store.log_of_round(1).await.unwrap(), vec![entry(0), entry(1)]);
         assert_eq!(store.log_range(1, 2).await.unwrap(), vec![entry(1)]);
         store.put_kv("k", b"v1").await.unwrap();
