@@ -319,7 +319,7 @@ impl Aggregator {
         let mut body = BodyWalk::new(&h, total, self.threads);
         // The fold: leaves hashed and added as they are read.
         let sum = &mut self.sum;
-        let folded = body.walk(src, &prefix, None, |at, bytes, n| add_elements(&mut sum[at..at + n], bytes, h.bits));
+        let folded = body.walk(src, &prefix, None, Some((&mut sum[..], Op::Add)));
         let visited = body.visited;
         let leaves = match folded {
             Ok(leaves) => leaves,
@@ -358,11 +358,11 @@ impl Aggregator {
         let mut body = BodyWalk::new(h, total, self.threads);
         body.stop_after = leaves.len();
         body.limit = visited;
-        let (sum, bits) = (&mut self.sum, h.bits);
+        let sum = &mut self.sum;
         let undone = src
             .seek(std::io::SeekFrom::Start(prefix.len() as u64))
             .map_err(|e| Error::malformed(format!("cannot read the masked input again: {e}")))
-            .and_then(|_| body.walk(src, prefix, Some(&leaves), |at, bytes, n| sub_elements(&mut sum[at..at + n], bytes, bits)));
+            .and_then(|_| body.walk(src, prefix, Some(&leaves), Some((&mut sum[..], Op::Sub))));
         match undone {
             Ok(_) => why,
             Err(e) => {
@@ -749,7 +749,7 @@ fn sub_elements(sum: &mut [u32], bytes: &[u8], bits: u8) {
 /// so the caller holds one batch, never the body. This is the digest the sender's
 /// signature covers; the early check of a spooled upload's signature uses it.
 pub fn masked_body_digest<R: std::io::Read>(src: &mut R, h: &MaskedInputHeader, prefix: &[u8], total: usize, threads: usize) -> Result<[u8; 32], Error> {
-    let leaves = BodyWalk::new(h, total, threads).walk(src, prefix, None, |_, _, _| {})?;
+    let leaves = BodyWalk::new(h, total, threads).walk(src, prefix, None, None)?;
     Ok(crate::wire::data_digest_root(total - h.body_at, &leaves))
 }
 
@@ -793,29 +793,24 @@ impl BodyWalk {
     }
 
     /// Reads the body (its first bytes from `prefix`, past the header; the rest from
-    /// `src`, positioned after the prefix) and calls `visit(element, bytes, n)` for each
-    /// piece: `n` elements starting at element `element`. With `expect`, each leaf must
-    /// hash to the recorded hash before it is visited; without, the hashes are recorded
-    /// and returned.
+    /// `src`, positioned after the prefix) and, with a `target`, adds its elements to (or
+    /// subtracts them from) the sum, none past `limit`. Each leaf of a batch is hashed on
+    /// its own thread, which then folds the whole groups of 8 elements that lie in that
+    /// leaf while they are still in its cache; the few groups that straddle two leaves (or
+    /// two batches: their bytes wait in `carry`) are folded by the caller's thread after.
+    /// With `expect`, each leaf must hash to the recorded hash before anything of it is
+    /// folded; without, the hashes are recorded and returned.
     fn walk<R: std::io::Read>(
         &mut self,
         src: &mut R,
         prefix: &[u8],
         expect: Option<&[[u8; 32]]>,
-        mut visit: impl FnMut(usize, &[u8], usize),
+        mut target: Option<(&mut [u32], Op)>,
     ) -> Result<Vec<[u8; 32]>, Error> {
         let limit = self.limit.min(self.count);
-        let visited = &mut self.visited;
-        // Pieces arrive in order: each is handed on up to the limit, and counted.
-        let mut visit = |at: usize, bytes: &[u8], n: usize| {
-            let n = n.min(limit.saturating_sub(at));
-            if n > 0 {
-                visit(at, bytes, n);
-                *visited = at + n;
-            }
-        };
+        let bits = self.bits;
         let leaves = self.body_len.div_ceil(DIGEST_CHUNK_BYTES);
-        let group = usize::from(self.bits);
+        let group = usize::from(bits);
         let mut from_prefix = prefix.get(self.body_at..).unwrap_or(&[]);
         let mut carry: Vec<u8> = Vec::with_capacity(group);
         let mut element = 0usize;
@@ -830,33 +825,83 @@ impl BodyWalk {
             buf[..took].copy_from_slice(&from_prefix[..took]);
             from_prefix = &from_prefix[took..];
             src.read_exact(&mut buf[took..]).map_err(|e| Error::malformed(format!("the masked input ended early: {e}")))?;
-            let hashes = crate::wire::leaf_hashes_of_bytes(buf, self.threads);
-            if let Some(expect) = expect {
-                if hashes[..] != expect[leaf..leaf + hashes.len()] {
-                    return Err(Error::malformed(format!("leaf {} of the body read differently the second time", leaf + 1)));
-                }
-            }
-            self.recorded.extend_from_slice(&hashes);
-            // Complete the group the previous batch left open, then whole groups.
-            let mut rest: &[u8] = buf;
+            let buf: &[u8] = buf;
+            // The group the previous batch left open, completed from this one's first bytes.
+            let mut rest = buf;
+            let mut first: Option<(usize, Vec<u8>, usize)> = None;
             if !carry.is_empty() {
                 let need = (group - carry.len()).min(rest.len());
                 carry.extend_from_slice(&rest[..need]);
                 rest = &rest[need..];
                 if carry.len() == group {
                     let n = 8.min(self.count - element);
-                    visit(element, &carry, n);
+                    first = Some((element, std::mem::take(&mut carry), n));
                     element += n;
-                    carry.clear();
                 }
             }
+            // Then the whole groups, split where the leaves are; bytes past them wait.
+            let skipped = len - rest.len();
             let whole = (rest.len() / group).min((self.count - element) / 8);
-            if whole > 0 {
-                visit(element, &rest[..whole * group], whole * 8);
-                element += whole * 8;
-                rest = &rest[whole * group..];
+            let (groups_at, groups_from) = (element, skipped);
+            element += whole * 8;
+            carry.extend_from_slice(&rest[whole * group..]);
+            // Leaf j's share of the whole groups: those that start in it.
+            let cut = |j: usize| ((j * DIGEST_CHUNK_BYTES).saturating_sub(groups_from).div_ceil(group)).min(whole);
+            let expect = expect.map(|e| &e[leaf..leaf + in_batch]);
+            let hashes = {
+                let mut parts: Vec<Option<&mut [u32]>> = Vec::with_capacity(in_batch);
+                let op = target.as_ref().map(|t| t.1);
+                match target.as_mut() {
+                    Some((sum, _)) => {
+                        let m = sum.len();
+                        let mut span = &mut sum[groups_at.min(m)..(groups_at + whole * 8).min(m)];
+                        for j in 0..in_batch {
+                            let size = ((cut(j + 1) - cut(j)) * 8).min(span.len());
+                            let (part, tail) = std::mem::take(&mut span).split_at_mut(size);
+                            parts.push(Some(part));
+                            span = tail;
+                        }
+                    }
+                    None => parts.resize_with(in_batch, || None),
+                }
+                let job = |j: usize, part: Option<&mut [u32]>| -> Result<[u8; 32], usize> {
+                    let bytes = &buf[j * DIGEST_CHUNK_BYTES..((j + 1) * DIGEST_CHUNK_BYTES).min(len)];
+                    let hash = crate::wire::leaf_hash(bytes);
+                    if expect.is_some_and(|e| e[j] != hash) {
+                        return Err(j);
+                    }
+                    if let (Some(part), Some(op)) = (part, op) {
+                        // Not past the limit: only the undo sets one, to what the fold handed on.
+                        let from = groups_at + cut(j) * 8;
+                        let n = part.len().min(limit.saturating_sub(from));
+                        let at = groups_from + cut(j) * group;
+                        op.apply(&mut part[..n], &buf[at..at + n.div_ceil(8) * group], bits);
+                    }
+                    Ok(hash)
+                };
+                // One leaf: no thread. Several: every leaf on a thread of its own, while this
+                // one waits: were it to take a leaf itself, the scheduler may leave a new
+                // thread queued behind it on its core (measured: every other batch
+                // serialized, the fold no faster on two cores than on one).
+                if in_batch == 1 {
+                    vec![job(0, parts.pop().flatten())].into_iter().collect::<Result<Vec<_>, usize>>()
+                } else {
+                    std::thread::scope(|scope| {
+                        let spawned: Vec<_> = parts.into_iter().enumerate().map(|(j, part)| scope.spawn(move || job(j, part))).collect();
+                        spawned
+                            .into_iter()
+                            .map(|h| h.join().unwrap_or_else(|_| unreachable!("a fold thread does not panic")))
+                            .collect::<Result<Vec<_>, usize>>()
+                    })
+                }
+                .map_err(|j| Error::malformed(format!("leaf {} of the body read differently the second time", leaf + j + 1)))?
+            };
+            self.recorded.extend_from_slice(&hashes);
+            if let (Some((sum, op)), Some((at, bytes, n))) = (target.as_mut(), first) {
+                let n = n.min(limit.saturating_sub(at));
+                op.apply(&mut sum[at..at + n], &bytes, bits);
             }
-            carry.extend_from_slice(rest);
+            self.visited = element.min(limit);
             leaf += in_batch;
         }
         if leaf == leaves && element < limit {
@@ -865,9 +910,29 @@ impl BodyWalk {
             if self.bits < 32 {
                 crate::pack::check_packed(&carry, n, self.bits)?;
             }
-            visit(element, &carry, n);
+            let n = n.min(limit - element);
+            if let Some((sum, op)) = target.as_mut() {
+                op.apply(&mut sum[element..element + n], &carry, bits);
+            }
+            self.visited = element + n;
         }
         Ok(std::mem::take(&mut self.recorded))
+    }
+}
+
+/// What a walk does with the elements it reads: the fold adds them, its undo subtracts.
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Sub,
+}
+
+impl Op {
+    fn apply(self, sum: &mut [u32], bytes: &[u8], bits: u8) {
+        match self {
+            Op::Add => add_elements(sum, bytes, bits),
+            Op::Sub => sub_elements(sum, bytes, bits),
+        }
     }
 }
 

@@ -372,10 +372,11 @@ fn data_digest_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<us
     data_digest_root(len, &leaf_hashes_with(len, threads, feed))
 }
 
-/// The SHA-256 of each [`DIGEST_CHUNK_BYTES`] leaf of `body`, in order, on up to
-/// `threads` threads: the leaves of [`data_digest_of_bytes`].
-pub(crate) fn leaf_hashes_of_bytes(body: &[u8], threads: usize) -> Vec<[u8; 32]> {
-    leaf_hashes_with(body.len(), threads, |range, h| sha2::Digest::update(h, &body[range]))
+/// The hash of one [`DIGEST_CHUNK_BYTES`] leaf of a data digest ([`data_digest_of_bytes`]):
+/// SHA-256 of its bytes.
+pub(crate) fn leaf_hash(leaf: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(leaf).into()
 }
 
 fn leaf_hashes_with(len: usize, threads: usize, feed: impl Fn(std::ops::Range<usize>, &mut sha2::Sha256) + Sync) -> Vec<[u8; 32]> {
