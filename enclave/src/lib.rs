@@ -14,6 +14,7 @@
 pub mod log;
 pub mod sealing;
 pub mod sev_guest;
+pub mod spool;
 /// configfs-tsm evidence (shared with the client, which attests the same way).
 pub use tessera_attestation::tsm;
 
@@ -106,7 +107,7 @@ pub enum StoredEvent {
     /// replayed through the streamed fold, so a restore holds one batch of it at a time.
     /// The file is outside the enclave like the rest of the store: the fold hashes what
     /// it reads and checks the sender's signature over it.
-    MaskedInputFile { received_at: Timestamp, file: std::sync::Arc<std::fs::File> },
+    MaskedInputFile { received_at: Timestamp, input: spool::SpooledInput },
     /// A sealed [`PhaseChange`].
     Sealed { seq: u64, sealed: Vec<u8> },
 }
@@ -209,10 +210,10 @@ pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, bo
 /// and the sender's signature checked over that digest. Nothing is kept: the enclave's
 /// fold ([`Enclave::handle_masked_input_file`]) reads and hashes the file again, since
 /// the file may change in between.
-pub fn preverify_masked_file(cfg: &RoundConfig, digest: &[u8; 32], file: &std::fs::File, threads: usize) -> Result<(), EnclaveError> {
+pub fn preverify_masked_file(cfg: &RoundConfig, digest: &[u8; 32], input: &spool::SpooledInput, threads: usize) -> Result<(), EnclaveError> {
     use tessera_secagg::{Error, ProtocolError};
     let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
-    let mut src = file;
+    let mut src = input.reader();
     let (h, prefix, total) = tessera_secagg::wire::MaskedInputHeader::read_from(&mut src)?;
     if h.round != cfg.round {
         return Err(protocol(ProtocolError::WrongRound { expected: cfg.round, got: h.round }));
@@ -636,8 +637,8 @@ impl Enclave {
     /// read back for a restore) with the streamed fold: the enclave holds the running sum
     /// and one batch of digest leaves, never the input. Every check of
     /// [`Enclave::handle_message`] applies; what is logged is the header the fold read.
-    pub fn handle_masked_input_file(&mut self, file: &std::fs::File, received_at: Timestamp) -> Result<(), EnclaveError> {
-        let mut src = file;
+    pub fn handle_masked_input_file(&mut self, input: &spool::SpooledInput, received_at: Timestamp) -> Result<(), EnclaveError> {
+        let mut src = input.reader();
         let (h, digest) = self.state_mut()?.aggregator.handle_masked_input_stream(&mut src)?;
         let len = h.body_at + if h.bits < 32 { tessera_secagg::pack::packed_len(h.count, h.bits) } else { h.count * 4 };
         self.log_masked_input(h.client, digest, len, h.record_privacy, h.base_version, received_at)
@@ -782,7 +783,7 @@ impl Enclave {
         for event in events {
             match event {
                 StoredEvent::Message { kind, received_at, body } => self.handle_message(*kind, body, *received_at)?,
-                StoredEvent::MaskedInputFile { received_at, file } => self.handle_masked_input_file(file, *received_at)?,
+                StoredEvent::MaskedInputFile { received_at, input } => self.handle_masked_input_file(input, *received_at)?,
                 StoredEvent::Sealed { seq, sealed } => {
                     let digest = self.state()?.aggregator.config_digest();
                     let aad = record_aad(&self.identity_public_key(), &digest, round, *seq);

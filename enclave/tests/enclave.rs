@@ -162,19 +162,22 @@ fn replay_after_crash_rebuilds_the_same_round() {
 /// checked the same way before the round's lock.
 #[test]
 fn masked_inputs_replayed_from_files_rebuild_the_same_round() {
-    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
     let (e, log, _) = run(5, &[]);
     let want = e.release().unwrap().clone();
-    let to_file = |body: &[u8]| {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(body).unwrap();
-        std::sync::Arc::new(f)
+    // As a restore reads them back: every input in one file, each at its offset.
+    let file = std::sync::Arc::new(tempfile::tempfile().unwrap());
+    let mut end = 0u64;
+    let mut to_file = |body: &[u8]| {
+        file.write_all_at(body, end).unwrap();
+        end += body.len() as u64;
+        tessera_enclave::spool::SpooledInput::part(file.clone(), end - body.len() as u64, body.len() as u64)
     };
     let spooled: Vec<StoredEvent> = log
         .iter()
         .map(|ev| match ev {
             StoredEvent::Message { kind: MessageKind::MaskedInput, received_at, body } => {
-                StoredEvent::MaskedInputFile { received_at: *received_at, file: to_file(body) }
+                StoredEvent::MaskedInputFile { received_at: *received_at, input: to_file(body) }
             }
             other => other.clone(),
         })
@@ -186,25 +189,23 @@ fn masked_inputs_replayed_from_files_rebuild_the_same_round() {
     assert_eq!((&got.mean, &got.included), (&want.mean, &want.included));
     assert_eq!(fresh.log().root(), e.log().root(), "the replay logs what the original round logged");
 
-    // The preverification of a spooled upload accepts the genuine file and refuses a
+    // The preverification of a spooled upload accepts the genuine input and refuses a
     // flipped byte in the body for its signature.
     let (cfg, digest) = (config(5), e.aggregator().unwrap().config_digest());
-    let (at, file) =
-        spooled.iter().enumerate().find_map(|(i, ev)| if let StoredEvent::MaskedInputFile { file, .. } = ev { Some((i, file.clone())) } else { None }).unwrap();
-    tessera_enclave::preverify_masked_file(&cfg, &digest, &file, 2).unwrap();
-    let len = file.metadata().unwrap().len();
-    let flip = |f: &std::fs::File, pos: u64| {
-        let mut f = f;
-        let mut b = [0u8; 1];
-        f.seek(SeekFrom::Start(pos)).unwrap();
-        std::io::Read::read_exact(&mut f, &mut b).unwrap();
-        f.seek(SeekFrom::Start(pos)).unwrap();
-        f.write_all(&[b[0] ^ 0x40]).unwrap();
-    };
-    flip(&file, len - 3);
+    let (at, input) = spooled
+        .iter()
+        .enumerate()
+        .find_map(|(i, ev)| if let StoredEvent::MaskedInputFile { input, .. } = ev { Some((i, input.clone())) } else { None })
+        .unwrap();
+    tessera_enclave::preverify_masked_file(&cfg, &digest, &input, 2).unwrap();
+    let mut last = [0u8; 3];
+    input.read_exact_at(&mut last, input.len() - 3).unwrap();
+    last[0] ^= 0x40;
+    // The first input was written first: it starts at byte 0 of the shared file.
+    file.write_all_at(&last, input.len() - 3).unwrap();
     let bad =
         |r: Result<(), EnclaveError>| matches!(r, Err(EnclaveError::Protocol(tessera_secagg::Error::Protocol(tessera_secagg::ProtocolError::BadSignature(_)))));
-    assert!(bad(tessera_enclave::preverify_masked_file(&cfg, &digest, &file, 2)));
+    assert!(bad(tessera_enclave::preverify_masked_file(&cfg, &digest, &input, 2)));
     // The stored file changed on disk: the restore fails for the signature it no longer carries.
     let mut fresh = enclave([1; 32]);
     let r = fresh.restore_round(config(5), Timestamp(1_700_000_000_000), &spooled[..=at]);

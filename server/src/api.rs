@@ -327,10 +327,7 @@ async fn spool_body_untimed(spool: &std::path::Path, declared: Option<usize>, mu
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let disk = |e: std::io::Error| {
-        tracing::error!(error = %e, spool = %spool.display(), "cannot spool a masked input");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "spool", "the aggregator cannot take the upload now (its spool directory failed); retry")
-    };
+    let disk = |e: std::io::Error| spool_failed(spool, e);
     let file = tempfile::tempfile_in(spool).map_err(disk)?;
     let mut out = tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(file));
     let mut received = 0usize;
@@ -346,6 +343,11 @@ async fn spool_body_untimed(spool: &std::path::Path, declared: Option<usize>, mu
     }
     out.flush().await.map_err(disk)?;
     Ok(out.into_inner().into_std().await)
+}
+
+fn spool_failed(spool: &std::path::Path, e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, spool = %spool.display(), "cannot spool a masked input");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "spool", "the aggregator cannot take the upload now (its spool directory failed); retry")
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response {
@@ -435,8 +437,17 @@ async fn unmask(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: 
 
 async fn masked_input(State(s): State<Arc<Service>>, Path(round): Path<u64>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let cfg = s.current_config().await.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_round", "no round has been opened"))?;
+    let permit = s.upload_permit().await?;
     let file = spool_body(&s, &headers, body, Service::masked_input_limit(&cfg)).await?;
-    detached(async move { s.submit_masked_input_file(round, file).await }).await?;
+    let input = tessera_enclave::spool::SpooledInput::whole(file).map_err(|e| spool_failed(&s.spool_dir(), e))?;
+    // Checked here, where a client that goes away cancels the check; only the fold and
+    // the commit run to their end regardless.
+    s.preverify_masked_input(round, &input).await?;
+    detached(async move {
+        let _permit = permit;
+        s.accept_masked_input(round, input).await
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"accepted": true}))).into_response())
 }
 
@@ -512,6 +523,47 @@ async fn result_mean(State(s): State<Arc<Service>>, Path(round): Path<u64>, Wait
 
 #[cfg(test)]
 mod tests {
+    /// A body that states no length, in frames of `frame` bytes.
+    struct Chunked {
+        left: usize,
+        frame: usize,
+    }
+
+    impl axum::body::HttpBody for Chunked {
+        type Data = axum::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            let n = self.left.min(self.frame);
+            self.left -= n;
+            std::task::Poll::Ready((n > 0).then(|| Ok(hyper::body::Frame::data(axum::body::Bytes::from(vec![7u8; n])))))
+        }
+    }
+
+    /// An upload without a Content-Length is refused (413) as soon as more than the limit
+    /// has arrived, and one within it is spooled whole, byte for byte.
+    #[tokio::test]
+    async fn uploads_are_spooled_and_cut_at_the_limit() {
+        use std::io::{Read, Seek};
+        let spool = tempfile::tempdir().unwrap();
+        let body = |left| axum::body::Body::new(Chunked { left, frame: 1000 });
+        let err = super::spool_body_untimed(spool.path(), None, body(10_001), 10_000).await.unwrap_err();
+        assert_eq!((err.status.as_u16(), err.code), (413, "body_too_large"));
+        let mut file = super::spool_body_untimed(spool.path(), None, body(10_000), 10_000).await.unwrap();
+        let mut back = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut back).unwrap();
+        assert_eq!(back, vec![7u8; 10_000]);
+        // A declared length over the limit is refused before anything is read.
+        let err = super::spool_body_untimed(spool.path(), Some(10_001), body(0), 10_000).await.unwrap_err();
+        assert_eq!(err.code, "body_too_large");
+        // The spool holds no named file either way.
+        assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0);
+    }
+
     /// Every route this router serves is described in the OpenAPI document, with its method.
     #[test]
     fn openapi_describes_every_route() {

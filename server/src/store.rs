@@ -174,7 +174,7 @@ pub struct Commit<'a> {
     pub message: Option<(MessageKind, Timestamp, &'a [u8])>,
     /// A masked input spooled to a file as it arrived: stored in parts of
     /// [`BODY_PART_BYTES`], read from the file one at a time (the server never holds it).
-    pub masked_input_file: Option<(Timestamp, &'a std::fs::File)>,
+    pub masked_input_file: Option<(Timestamp, &'a tessera_enclave::spool::SpooledInput)>,
     pub sealed: Option<(u64, &'a [u8])>,
     pub log: &'a [StoredLogEntry],
     pub finish: Option<&'a Finish>,
@@ -352,8 +352,7 @@ impl Store {
         if let Some((kind, at, body)) = c.message {
             event(c.round, kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
         }
-        if let Some((at, file)) = c.masked_input_file {
-            use std::os::unix::fs::FileExt;
+        if let Some((at, input)) = c.masked_input_file {
             let idx: i64 = sqlx::query(
                 "INSERT INTO events (round, idx, kind, received_at, seq, body) \
                  VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, NULL, $4) RETURNING idx",
@@ -365,13 +364,13 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .get(0);
-            let len = file.metadata().map_err(|e| StoreError::Spool(e.to_string()))?.len();
+            let len = input.len();
             let mut part = vec![0u8; BODY_PART_BYTES];
             let mut offset = 0u64;
             let mut index = 0i64;
             while offset < len {
                 let n = (len - offset).min(BODY_PART_BYTES as u64) as usize;
-                file.read_exact_at(&mut part[..n], offset).map_err(|e| StoreError::Spool(e.to_string()))?;
+                input.read_exact_at(&mut part[..n], offset).map_err(|e| StoreError::Spool(e.to_string()))?;
                 sqlx::query("INSERT INTO event_parts (round, idx, part, data) VALUES ($1, $2, $3, $4)")
                     .bind(c.round as i64)
                     .bind(idx)
@@ -551,19 +550,29 @@ impl Store {
         Ok(sqlx::query("SELECT mean FROM rounds WHERE round = $1 AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
     }
 
-    /// A round's events, in order. A masked input stored in parts is read back one part
-    /// at a time into an unnamed file in `spool` (gone when the event is dropped), so a
-    /// restore never holds the round's masked inputs in memory.
+    /// A round's events, in order. The masked inputs stored in parts are read back one
+    /// part at a time into one unnamed file in `spool` (gone when the last event is
+    /// dropped), each at its own offset: a restore holds none of them in memory and opens
+    /// one file however many there are. An input whose parts are missing reads as empty
+    /// (the replay then refuses it, and the round is not resumed).
     pub async fn events(&self, round: u64, spool: &Path) -> Result<Vec<StoredEvent>, StoreError> {
         let rows =
             sqlx::query("SELECT idx, kind, received_at, seq, body FROM events WHERE round = $1 ORDER BY idx").bind(round as i64).fetch_all(&self.pool).await?;
         let mut events = Vec::with_capacity(rows.len());
+        let mut inputs: Option<(std::sync::Arc<std::fs::File>, u64)> = None;
         for r in rows {
             let kind: String = r.get("kind");
             if kind == MASKED_INPUT_PARTS {
                 let idx: i64 = r.get("idx");
-                let file = self.read_parts(round, idx, spool).await?;
-                events.push(StoredEvent::MaskedInputFile { received_at: Timestamp(r.get::<i64, _>("received_at") as u64), file: std::sync::Arc::new(file) });
+                if inputs.is_none() {
+                    let file = tempfile::tempfile_in(spool).map_err(|e| StoreError::Spool(format!("{}: {e}", spool.display())))?;
+                    inputs = Some((std::sync::Arc::new(file), 0));
+                }
+                let Some((file, end)) = inputs.as_mut() else { unreachable!("created above") };
+                let len = self.read_parts(round, idx, file, *end, spool).await?;
+                let input = tessera_enclave::spool::SpooledInput::part(file.clone(), *end, len);
+                *end += len;
+                events.push(StoredEvent::MaskedInputFile { received_at: Timestamp(r.get::<i64, _>("received_at") as u64), input });
                 continue;
             }
             events.push({
@@ -581,11 +590,12 @@ impl Store {
         Ok(events)
     }
 
-    /// Writes the parts of event `idx` of `round`, in order, to a new unnamed file in `spool`.
-    async fn read_parts(&self, round: u64, idx: i64, spool: &Path) -> Result<std::fs::File, StoreError> {
-        use std::io::Write;
+    /// Writes the parts of event `idx` of `round`, in order, to `file` from byte `at`;
+    /// returns how many bytes they hold.
+    async fn read_parts(&self, round: u64, idx: i64, file: &std::fs::File, at: u64, spool: &Path) -> Result<u64, StoreError> {
+        use std::os::unix::fs::FileExt;
         let spool_err = |e: std::io::Error| StoreError::Spool(format!("{}: {e}", spool.display()));
-        let mut file = tempfile::tempfile_in(spool).map_err(spool_err)?;
+        let mut len = 0u64;
         let mut part = 0i64;
         while let Some(row) = sqlx::query("SELECT data FROM event_parts WHERE round = $1 AND idx = $2 AND part = $3")
             .bind(round as i64)
@@ -595,13 +605,11 @@ impl Store {
             .await?
         {
             let data: Vec<u8> = row.get(0);
-            file.write_all(&data).map_err(spool_err)?;
+            file.write_all_at(&data, at + len).map_err(spool_err)?;
+            len += data.len() as u64;
             part += 1;
         }
-        if part == 0 {
-            return Err(StoreError::Corrupt(format!("masked input {idx} of round {round} has no stored parts")));
-        }
-        Ok(file)
+        Ok(len)
     }
 }
 
@@ -680,7 +688,8 @@ mod tests {
         // Nor are the parts of a spooled masked input.
         let mut file = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut file, &vec![7u8; BODY_PART_BYTES + 1]).unwrap();
-        assert!(store.commit(Commit { round: 1, masked_input_file: Some((Timestamp(2), &file)), log: &colliding, ..Default::default() }).await.is_err());
+        let input = tessera_enclave::spool::SpooledInput::whole(file).unwrap();
+        assert!(store.commit(Commit { round: 1, masked_input_file: Some((Timestamp(2), &input)), log: &colliding, ..Default::default() }).await.is_err());
         assert!(store.events(1, &spool()).await.unwrap().is_empty());
         let parts: i64 = sqlx::query("SELECT COUNT(*) FROM event_parts").fetch_one(&store.pool).await.unwrap().get(0);
         assert_eq!(parts, 0, "the parts of the failed step were not kept");
@@ -716,24 +725,29 @@ mod tests {
         assert!(matches!(&events[1], StoredEvent::Sealed { seq: 3, sealed } if sealed == b"sealed"));
         // A spooled masked input is stored in parts and reads back, in its place among
         // the events, as the same bytes in a file: here 2.5 parts, then one shorter than a part.
-        use std::io::{Read, Seek, Write};
+        use std::io::{Read, Write};
         for len in [BODY_PART_BYTES * 5 / 2, 1000] {
             let body: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7) as u8).collect();
             let mut file = tempfile::tempfile().unwrap();
             file.write_all(&body).unwrap();
-            store.commit(Commit { round: 7, masked_input_file: Some((Timestamp(8), &file)), log: &[], ..Default::default() }).await.unwrap();
+            let input = tessera_enclave::spool::SpooledInput::whole(file).unwrap();
+            store.commit(Commit { round: 7, masked_input_file: Some((Timestamp(8), &input)), log: &[], ..Default::default() }).await.unwrap();
             store.commit(Commit { round: 7, message: Some((MessageKind::Consistency, Timestamp(9), &b"c"[..])), ..Default::default() }).await.unwrap();
             let events = store.events(7, &spool()).await.unwrap();
-            let StoredEvent::MaskedInputFile { received_at: Timestamp(8), file } = &events[events.len() - 2] else { panic!("{:?}", events[events.len() - 2]) };
+            let StoredEvent::MaskedInputFile { received_at: Timestamp(8), input } = &events[events.len() - 2] else { panic!("{:?}", events[events.len() - 2]) };
             let mut back = Vec::new();
-            let mut f = &**file;
-            f.seek(std::io::SeekFrom::Start(0)).unwrap();
-            f.read_to_end(&mut back).unwrap();
+            input.reader().read_to_end(&mut back).unwrap();
             assert!(back == body, "{len} bytes read back as {} different ones", back.len());
             assert!(matches!(&events[events.len() - 1], StoredEvent::Message { kind: MessageKind::Consistency, .. }));
         }
         let parts: i64 = sqlx::query("SELECT COUNT(*) FROM event_parts WHERE round = 7").fetch_one(&store.pool).await.unwrap().get(0);
         assert_eq!(parts, 3 + 1);
+        // Parts the host deleted read back as an empty input (which the replay refuses,
+        // so the round is not resumed), not as a store that cannot start.
+        sqlx::query("DELETE FROM event_parts WHERE round = 7 AND part = 0").execute(&store.pool).await.unwrap();
+        let events = store.events(7, &spool()).await.unwrap();
+        let emptied = events.iter().filter(|e| matches!(e, StoredEvent::MaskedInputFile { input, .. } if input.is_empty())).count();
+        assert_eq!(emptied, 2);
         assert_eq!(store.log_of_round(1).await.unwrap(), vec![entry(0), entry(1)]);
         assert_eq!(store.log_range(1, 2).await.unwrap(), vec![entry(1)]);
         store.put_kv("k", b"v1").await.unwrap();

@@ -426,6 +426,7 @@ async fn main() -> anyhow::Result<()> {
         let mut conn = sqlx::PgConnection::connect(url).await?;
         for q in [
             "SELECT body FROM events",
+            "SELECT data FROM event_parts",
             "SELECT data FROM log",
             "SELECT mean FROM rounds WHERE mean IS NOT NULL",
             "SELECT convert_to(release, 'UTF8') FROM rounds WHERE release IS NOT NULL",
