@@ -297,9 +297,10 @@ def flower_round(m: int, n: int, k: int, threshold: int, dropout: float, reps: i
     return out
 
 
-def tessera(m: int, n: int, k: int, reps: int) -> dict[str, Any]:
+def tessera(m: int, n: int, k: int, reps: int, stream: bool) -> dict[str, Any]:
     cmd = [
         "cargo", "bench", "-q", "-p", "tessera-secagg", "--bench", "masking", "--",
+        *(["--stream"] if stream else []),
         "--compare", f"m={m},n={n},k={k},reps={reps}",
     ]
     log("running " + " ".join(cmd))
@@ -326,6 +327,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="Flower clients timed on the full update")
     ap.add_argument("--validate-m", type=int, default=1000, help="m of the full-round correctness check (0: skip)")
     ap.add_argument("--json-out", default="", help="also write all results here")
+    ap.add_argument("--stream", action="store_true",
+                    help="Tessera's aggregator folds each input from a spooled file, as tessera-server does")
     args = ap.parse_args()
     ms = [int(x.replace("_", "")) for x in args.m.split(",") if x]
 
@@ -341,7 +344,7 @@ def main() -> None:
     for m in ms:
         f = flower_round(m, args.n, args.k, args.threshold, args.dropout, args.reps, full=False)
         log(json.dumps(f))
-        t = tessera(m, args.n, args.k, args.reps)
+        t = tessera(m, args.n, args.k, args.reps, args.stream)
         log(json.dumps(t))
         results.append({"flower": f, "tessera": t})
         rows.append((f, t))
@@ -362,7 +365,9 @@ def main() -> None:
              f["client_masking_only_s"], t["mask_kernel_s"]),
             ("one PRG stream over m+1 words: `pseudo_rand_gen` vs `prg::keystream`",
              f["prg_stream_s"], t["keystream_stream_s"]),
-            ("server fold of one masked input: `bytes_to_ndarray` + `parameters_addition` vs `handle_masked_input` (incl. SHA-256 + Ed25519 verify)",
+            ("server fold of one masked input: `bytes_to_ndarray` + `parameters_addition` vs "
+             + ("`handle_masked_input_stream` from a spooled file" if args.stream else "`handle_masked_input`")
+             + " (incl. SHA-256 + Ed25519 verify)",
              f["fold_one_s"], t["fold_one_s"]),
             (f"server unmask, {f['dropped']} dropped (Flower {f['unmask_streams']} streams, Tessera {t['unmask_streams']})",
              f["server_unmask_s"], t["server_unmask_s"]),
