@@ -9,6 +9,7 @@ pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod error;
+pub mod malloc;
 pub mod metrics;
 pub mod pages;
 pub mod service;
