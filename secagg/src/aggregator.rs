@@ -361,7 +361,7 @@ impl Aggregator {
         let sum = &mut self.sum;
         let undone = src
             .seek(std::io::SeekFrom::Start(prefix.len() as u64))
-            .map_err(|e| Error::malformed(format!("cannot read the masked input again: {e}")))
+            .map_err(|e| Error::Io(format!("again: {e}")))
             .and_then(|_| body.walk(src, prefix, Some(&leaves), Some((&mut sum[..], Op::Sub))));
         match undone {
             Ok(_) => why,
@@ -824,7 +824,7 @@ impl BodyWalk {
             let took = from_prefix.len().min(len);
             buf[..took].copy_from_slice(&from_prefix[..took]);
             from_prefix = &from_prefix[took..];
-            src.read_exact(&mut buf[took..]).map_err(|e| Error::malformed(format!("the masked input ended early: {e}")))?;
+            src.read_exact(&mut buf[took..]).map_err(|e| Error::Io(format!("it ended early: {e}")))?;
             let buf: &[u8] = buf;
             // The group the previous batch left open, completed from this one's first bytes.
             let mut rest = buf;

@@ -16,6 +16,10 @@ pub enum Error {
     BelowFloor(#[from] crate::floors::FloorViolation),
     #[error("cryptographic failure: {0}")]
     Crypto(&'static str),
+    /// A masked input's source (a file the host spooled it to) could not be read: the
+    /// reader's failure, not the sender's.
+    #[error("cannot read the masked input: {0}")]
+    Io(String),
 }
 
 /// A message that is well formed but not acceptable at this point of the round.

@@ -655,7 +655,7 @@ impl MaskedInputHeader {
     /// the input's length; the source is left just after those bytes.
     pub fn read_from<R: std::io::Read + std::io::Seek>(src: &mut R) -> Result<(Self, Vec<u8>, usize), Error> {
         use std::io::SeekFrom;
-        let io = |e: std::io::Error| Error::malformed(format!("cannot read the masked input: {e}"));
+        let io = |e: std::io::Error| Error::Io(e.to_string());
         let total = src.seek(SeekFrom::End(0)).map_err(io)?;
         let total = usize::try_from(total).map_err(|_| Error::malformed(format!("masked input of {total} bytes")))?;
         src.seek(SeekFrom::Start(0)).map_err(io)?;

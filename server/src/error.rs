@@ -106,6 +106,8 @@ fn core_error(e: CoreError, msg: String) -> ApiError {
         CoreError::Config(_) => (S::BAD_REQUEST, "invalid_config"),
         CoreError::Malformed(_) => (S::BAD_REQUEST, "malformed"),
         CoreError::Crypto(_) => (S::BAD_REQUEST, "crypto"),
+        // The server's own spool file failed it: not the sender's fault, worth a retry.
+        CoreError::Io(_) => (S::SERVICE_UNAVAILABLE, "spool"),
         // Client-side refusals; the server never produces them.
         CoreError::BelowFloor(_) => (S::BAD_REQUEST, "below_floor"),
         CoreError::Protocol(p) => match p {
