@@ -142,25 +142,10 @@ pub enum Preverified<'a> {
 /// server runs this before it takes the round's lock, so a body from no roster member
 /// costs no one else any time; the enclave checks everything again.
 pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, body: &'a [u8]) -> Result<Preverified<'a>, EnclaveError> {
-    use tessera_secagg::{Error, ProtocolError};
-    let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
-    let parse_err = |e: serde_json::Error| EnclaveError::Protocol(Error::Malformed(e.to_string()));
-    let round_ok = |round: u64| if round == cfg.round { Ok(()) } else { Err(protocol(ProtocolError::WrongRound { expected: cfg.round, got: round })) };
-    let key = |client: ClientId| -> Result<[u8; 32], EnclaveError> {
-        cfg.roster
-            .get(client.0 as usize)
-            .and_then(|h| hex::decode(h).ok())
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-            .ok_or_else(|| protocol(ProtocolError::UnknownClient(client)))
-    };
+    let parse_err = |e: serde_json::Error| EnclaveError::Protocol(tessera_secagg::Error::Malformed(e.to_string()));
     let signed = |round: u64, client: ClientId, transcript: &tessera_secagg::crypto::Transcript, sig: &[u8; 64]| -> Result<(), EnclaveError> {
-        round_ok(round)?;
-        let k = key(client)?;
-        if tessera_secagg::crypto::verify_signature(&k, transcript.as_bytes(), sig) {
-            Ok(())
-        } else {
-            Err(protocol(ProtocolError::BadSignature(client)))
-        }
+        check_round(cfg, round)?;
+        check_signed(&roster_key(cfg, client)?, client, transcript, sig)
     };
     Ok(match kind {
         MessageKind::Advertise => {
@@ -175,25 +160,15 @@ pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, bo
         }
         MessageKind::MaskedInput => {
             let v = MaskedInputView::parse(body)?;
-            round_ok(v.round)?;
-            key(v.client)?;
-            if v.len() != cfg.masked_len() {
-                return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: v.len() }));
-            }
-            if v.bits != cfg.modulus_bits {
-                return Err(EnclaveError::Protocol(tessera_secagg::Error::Malformed(format!(
-                    "masked input elements are {} bits wide, the round's modulus is 2^{}",
-                    v.bits, cfg.modulus_bits
-                ))));
-            }
+            let key = check_masked_header(cfg, &v)?;
             let input = v.digested();
-            signed(v.round, v.client, &input.transcript(digest), &v.signature)?;
+            check_signed(&key, v.client, &input.transcript(digest), &v.signature)?;
             Preverified::MaskedInput(input)
         }
         MessageKind::Consistency => {
             let m: ConsistencySignature = serde_json::from_slice(body).map_err(parse_err)?;
-            round_ok(m.round)?;
-            key(m.client)?;
+            check_round(cfg, m.round)?;
+            roster_key(cfg, m.client)?;
             Preverified::Consistency(m)
         }
         MessageKind::Unmask => {
@@ -205,40 +180,62 @@ pub fn preverify<'a>(cfg: &RoundConfig, digest: &[u8; 32], kind: MessageKind, bo
 }
 
 /// [`preverify`] for a masked input spooled to a file as it arrived: the header, read
-/// first, must name `cfg`'s round, a roster member, the round's length and width; then
-/// the body is hashed one batch of digest leaves at a time (on up to `threads` threads)
-/// and the sender's signature checked over that digest. Nothing is kept: the enclave's
-/// fold ([`Enclave::handle_masked_input_file`]) reads and hashes the file again, since
-/// the file may change in between.
+/// first, gets [`preverify`]'s checks; then the body is hashed one batch of digest leaves
+/// at a time (on up to `threads` threads) and the sender's signature checked over that
+/// digest. Nothing is kept: the enclave's fold ([`Enclave::handle_masked_input_file`])
+/// reads and hashes the file again, since the file may change in between.
 pub fn preverify_masked_file(cfg: &RoundConfig, digest: &[u8; 32], input: &spool::SpooledInput, threads: usize) -> Result<(), EnclaveError> {
-    use tessera_secagg::{Error, ProtocolError};
-    let protocol = |e: ProtocolError| EnclaveError::Protocol(Error::Protocol(e));
     let mut src = input.reader();
-    let (h, prefix, total) = tessera_secagg::wire::MaskedInputHeader::read_from(&mut src)?;
-    if h.round != cfg.round {
-        return Err(protocol(ProtocolError::WrongRound { expected: cfg.round, got: h.round }));
+    let (h, prefix, total) = MaskedInputHeader::read_from(&mut src)?;
+    let key = check_masked_header(cfg, &h)?;
+    let data = tessera_secagg::aggregator::masked_body_digest(&mut src, &h, &prefix, total, threads)?;
+    check_signed(&key, h.client, &MaskedInput::transcript_for(digest, h.round, h.client, &data, h.record_privacy.as_ref(), h.base_version), &h.signature)
+}
+
+fn protocol_error(e: tessera_secagg::ProtocolError) -> EnclaveError {
+    EnclaveError::Protocol(tessera_secagg::Error::Protocol(e))
+}
+
+fn check_round(cfg: &RoundConfig, round: u64) -> Result<(), EnclaveError> {
+    if round == cfg.round {
+        Ok(())
+    } else {
+        Err(protocol_error(tessera_secagg::ProtocolError::WrongRound { expected: cfg.round, got: round }))
     }
-    let key = cfg
-        .roster
-        .get(h.client.0 as usize)
-        .and_then(|k| hex::decode(k).ok())
+}
+
+/// The signing key of roster member `client`.
+fn roster_key(cfg: &RoundConfig, client: ClientId) -> Result<[u8; 32], EnclaveError> {
+    cfg.roster
+        .get(client.0 as usize)
+        .and_then(|h| hex::decode(h).ok())
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
-        .ok_or_else(|| protocol(ProtocolError::UnknownClient(h.client)))?;
+        .ok_or_else(|| protocol_error(tessera_secagg::ProtocolError::UnknownClient(client)))
+}
+
+fn check_signed(key: &[u8; 32], client: ClientId, transcript: &tessera_secagg::crypto::Transcript, sig: &[u8; 64]) -> Result<(), EnclaveError> {
+    if tessera_secagg::crypto::verify_signature(key, transcript.as_bytes(), sig) {
+        Ok(())
+    } else {
+        Err(protocol_error(tessera_secagg::ProtocolError::BadSignature(client)))
+    }
+}
+
+/// What a masked input's header must state before its body is hashed: `cfg`'s round, a
+/// roster member, the round's length and width. Returns the sender's key.
+fn check_masked_header(cfg: &RoundConfig, h: &MaskedInputHeader) -> Result<[u8; 32], EnclaveError> {
+    check_round(cfg, h.round)?;
+    let key = roster_key(cfg, h.client)?;
     if h.count != cfg.masked_len() {
-        return Err(protocol(ProtocolError::WrongLength { expected: cfg.masked_len(), got: h.count }));
+        return Err(protocol_error(tessera_secagg::ProtocolError::WrongLength { expected: cfg.masked_len(), got: h.count }));
     }
     if h.bits != cfg.modulus_bits {
-        return Err(EnclaveError::Protocol(Error::Malformed(format!(
+        return Err(EnclaveError::Protocol(tessera_secagg::Error::Malformed(format!(
             "masked input elements are {} bits wide, the round's modulus is 2^{}",
             h.bits, cfg.modulus_bits
         ))));
     }
-    let data = tessera_secagg::aggregator::masked_body_digest(&mut src, &h, &prefix, total, threads)?;
-    let transcript = MaskedInput::transcript_for(digest, h.round, h.client, &data, h.record_privacy.as_ref(), h.base_version);
-    if !tessera_secagg::crypto::verify_signature(&key, transcript.as_bytes(), &h.signature) {
-        return Err(protocol(ProtocolError::BadSignature(h.client)));
-    }
-    Ok(())
+    Ok(key)
 }
 
 /// The outcome of [`Enclave::advance`]: the change, its sealed record for the host to
@@ -640,8 +637,7 @@ impl Enclave {
     pub fn handle_masked_input_file(&mut self, input: &spool::SpooledInput, received_at: Timestamp) -> Result<(), EnclaveError> {
         let mut src = input.reader();
         let (h, digest) = self.state_mut()?.aggregator.handle_masked_input_stream(&mut src)?;
-        let len = h.body_at + if h.bits < 32 { tessera_secagg::pack::packed_len(h.count, h.bits) } else { h.count * 4 };
-        self.log_masked_input(h.client, digest, len, h.record_privacy, h.base_version, received_at)
+        self.log_masked_input(h.client, digest, h.body_at + h.body_len(), h.record_privacy, h.base_version, received_at)
     }
 
     fn log_masked_input(

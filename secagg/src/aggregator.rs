@@ -361,7 +361,7 @@ impl Aggregator {
         let sum = &mut self.sum;
         let undone = src
             .seek(std::io::SeekFrom::Start(prefix.len() as u64))
-            .map_err(|e| Error::Io(format!("again: {e}")))
+            .map_err(|e| Error::Io(format!("reading it again to undo its fold: {e}")))
             .and_then(|_| body.walk(src, prefix, Some(&leaves), Some((&mut sum[..], Op::Sub))));
         match undone {
             Ok(_) => why,

@@ -636,8 +636,9 @@ impl MaskedInputHeader {
             }
             v => return Err(Error::malformed(format!("masked input version {v} is not supported"))),
         };
+        let h = MaskedInputHeader { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body_at };
         let body_len = total.checked_sub(body_at).ok_or_else(short)?;
-        let want = if bits < 32 { crate::pack::packed_len(count, bits) } else { count.saturating_mul(4) };
+        let want = h.body_len();
         if body_len != want {
             return Err(if bits < 32 {
                 Error::malformed(format!("{count} elements of {bits} bits take {want} bytes, the body has {body_len}"))
@@ -645,7 +646,17 @@ impl MaskedInputHeader {
                 Error::malformed(format!("masked input declares {count} elements but carries {body_len} bytes"))
             });
         }
-        Ok(MaskedInputHeader { round: u64_at(5), client: ClientId(u32_at(13)), signature, record_privacy, base_version, bits, count, body_at })
+        Ok(h)
+    }
+
+    /// The bytes of the body the header declares: `count` elements of `bits` bits,
+    /// packed below 32.
+    pub fn body_len(&self) -> usize {
+        if self.bits < 32 {
+            crate::pack::packed_len(self.count, self.bits)
+        } else {
+            self.count.saturating_mul(4)
+        }
     }
 
     /// Reads and parses the header of a masked input held in a seekable source (an upload

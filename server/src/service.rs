@@ -874,7 +874,7 @@ impl Service {
         self.current(&inner, round)?;
         let t = now();
         let result = inner.enclave.handle_masked_input_file(&input, t).map(|()| None);
-        self.settle(&mut inner, round, result, Commit { round, masked_input_file: Some((t, &input)), ..Default::default() }, t).await.map(|_| ())
+        self.settle(&mut inner, result, Commit { round, masked_input_file: Some((t, &input)), ..Default::default() }, t).await.map(|_| ())
     }
 
     /// Accepts one client message for `round`: enclave first, then the store, then any
@@ -900,7 +900,7 @@ impl Service {
                 _ => inner.enclave.handle_message(kind, body, t).map(|()| None),
             },
         };
-        self.settle(&mut inner, round, result, Commit { round, message: Some((kind, t, body)), ..Default::default() }, t).await
+        self.settle(&mut inner, result, Commit { round, message: Some((kind, t, body)), ..Default::default() }, t).await
     }
 
     /// After the enclave handled a client message (`result`): an accepted one is stored
@@ -909,11 +909,11 @@ impl Service {
     async fn settle(
         &self,
         inner: &mut Inner,
-        round: u64,
         result: Result<Option<Verdict>, EnclaveError>,
         accepted: Commit<'_>,
         t: Timestamp,
     ) -> Result<Option<Verdict>, ApiError> {
+        let round = accepted.round;
         let log = inner.enclave.take_log_entries();
         let verdict = match result {
             Ok(v) => v,

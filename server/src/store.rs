@@ -331,7 +331,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        // The body is bound by reference: a masked input is not copied again to be stored.
+        // The body is bound by reference: a message is not copied again to be stored. The
+        // event's index comes back, for the parts of a masked input stored beside it.
         fn event<'q>(
             round: u64,
             kind: &str,
@@ -341,7 +342,7 @@ impl Store {
         ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
             sqlx::query(
                 "INSERT INTO events (round, idx, kind, received_at, seq, body) \
-                 VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, $4, $5)",
+                 VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, $4, $5) RETURNING idx",
             )
             .bind(round as i64)
             .bind(kind.to_string())
@@ -353,17 +354,7 @@ impl Store {
             event(c.round, kind_name(kind), at.0, None, body).execute(&mut *tx).await?;
         }
         if let Some((at, input)) = c.masked_input_file {
-            let idx: i64 = sqlx::query(
-                "INSERT INTO events (round, idx, kind, received_at, seq, body) \
-                 VALUES ($1, (SELECT COALESCE(MAX(idx), 0) + 1 FROM events WHERE round = $1), $2, $3, NULL, $4) RETURNING idx",
-            )
-            .bind(c.round as i64)
-            .bind(MASKED_INPUT_PARTS)
-            .bind(at.0 as i64)
-            .bind(&[][..])
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
+            let idx: i64 = event(c.round, MASKED_INPUT_PARTS, at.0, None, &[]).fetch_one(&mut *tx).await?.get(0);
             let len = input.len();
             let mut part = vec![0u8; BODY_PART_BYTES];
             let mut offset = 0u64;
