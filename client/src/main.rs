@@ -425,7 +425,7 @@ fn fetch_release(rt: &tokio::runtime::Runtime, api: &Api, round: u64, opts: &Opt
         let deadline = std::time::Instant::now() + Duration::from_secs(opts.wait.as_secs());
         loop {
             match tessera_client::participate::fetch_release(api, &enclave_key, round).await {
-                Ok(release) => return Ok(release.mean),
+                Ok(release) => return Ok(std::sync::Arc::unwrap_or_clone(release.mean)),
                 // Not released yet (or the server unreachable): wait; a release that does not verify is final.
                 Err(ParticipateError::Http(_)) if std::time::Instant::now() <= deadline => tokio::time::sleep(Duration::from_millis(500)).await,
                 Err(e) => return Err(e.into()),

@@ -724,21 +724,25 @@ impl Enclave {
     }
 
     fn finish_if_done(&mut self) -> Result<Option<Release>, EnclaveError> {
-        let state = self.state()?;
-        let Some(Outcome::Sum(sum)) = state.aggregator.outcome() else { return Ok(None) };
+        let state = self.state_mut()?;
         if state.release.is_some() {
             return Ok(None);
         }
-        let mean = state.quantizer.dequantize_sum(&sum.sum, sum.included.len())?;
+        let Some(Outcome::Sum(sum)) = state.aggregator.outcome() else { return Ok(None) };
+        let (round, included) = (sum.round, sum.included.clone());
+        // The sum is consumed: the mean is written over it, and the release, the store's
+        // copy and every reader share that one vector.
+        let sum = state.aggregator.take_sum().unwrap_or_default();
+        let mean = state.quantizer.dequantize_sum(sum, included.len())?;
         let mut release = Release {
-            round: sum.round,
+            round,
             config_digest: state.aggregator.config_digest(),
-            included: sum.included.clone(),
             total_weight: mean.total_weight,
             mean_sha256: Sha256::digest(Release::mean_bytes(&mean.mean)).into(),
-            error_bound: state.quantizer.mean_error_bound(sum.included.len(), mean.total_weight),
+            error_bound: state.quantizer.mean_error_bound(included.len(), mean.total_weight),
+            included,
             signature: [0; 64],
-            mean: mean.mean,
+            mean: std::sync::Arc::new(mean.mean),
         };
         release.signature = MessageSigner::sign(self.identity.as_ref(), release.transcript().as_bytes());
         self.state_mut()?.release = Some(release.clone());

@@ -55,6 +55,7 @@ impl Phase {
 pub struct AggregateSum {
     pub round: u64,
     pub included: Vec<ClientId>,
+    /// Empty once moved out with [`Aggregator::take_sum`].
     pub sum: Vec<u32>,
 }
 
@@ -170,6 +171,16 @@ impl Aggregator {
 
     pub fn outcome(&self) -> Option<&Outcome> {
         self.outcome.as_ref()
+    }
+
+    /// Moves the unmasked sum out of a finished round's outcome, which keeps the round
+    /// and who was included: whoever releases the mean consumes the sum, so the two are
+    /// never held side by side. `None` before the round finished or after an abort.
+    pub fn take_sum(&mut self) -> Option<Vec<u32>> {
+        match self.outcome.as_mut() {
+            Some(Outcome::Sum(s)) => Some(std::mem::take(&mut s.sum)),
+            _ => None,
+        }
     }
 
     /// Checks common to every message, in this order: round, sender, retransmission or

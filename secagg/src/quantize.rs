@@ -147,20 +147,26 @@ impl Quantizer {
         Ok((out, clamped))
     }
 
-    /// Turns the modular sum of `included` quantized inputs into the weighted mean.
-    pub fn dequantize_sum(&self, sum: &[u32], included: usize) -> Result<WeightedMean, Error> {
-        let (weight, values) = sum.split_last().ok_or_else(|| Error::malformed("empty sum"))?;
-        let total_weight = (*weight & self.mask) as u64;
+    /// Turns the modular sum of `included` quantized inputs into the weighted mean,
+    /// consuming the sum: in a round without Skellam noise the mean is written over the
+    /// sum's own words (an f32 per u32), so the release never holds two m-word vectors.
+    pub fn dequantize_sum(&self, mut sum: Vec<u32>, included: usize) -> Result<WeightedMean, Error> {
+        let weight = sum.pop().ok_or_else(|| Error::malformed("empty sum"))?;
+        let total_weight = (weight & self.mask) as u64;
         if total_weight == 0 {
             return Err(Error::malformed("total weight of the sum is zero"));
         }
         let rescale = self.max_weight as f64 / total_weight as f64;
         let mean: Vec<f32> = match &self.skellam {
-            Some(p) => p.decode_sum(values)?.into_iter().map(|v| (v * rescale) as f32).collect(),
+            Some(p) => p.decode_sum(&sum)?.into_iter().map(|v| (v * rescale) as f32).collect(),
             None => {
                 let from_levels = 2.0 * self.clip / self.levels as f64;
                 let offset = included as f64 * self.clip;
-                values.iter().map(|&s| ((((s & self.mask) as f64) * from_levels - offset) * rescale) as f32).collect()
+                let mut mean: Vec<f32> = bytemuck::cast_vec(sum);
+                for x in &mut mean {
+                    *x = ((((x.to_bits() & self.mask) as f64) * from_levels - offset) * rescale) as f32;
+                }
+                mean
             }
         };
         let mean = match &self.encoding {
@@ -200,7 +206,7 @@ mod tests {
                     *s = s.wrapping_add(*x) & c.modulus_mask();
                 }
             }
-            let mean = q.dequantize_sum(&sum, 7).unwrap();
+            let mean = q.dequantize_sum(sum.clone(), 7).unwrap();
             assert_eq!(mean.total_weight, 7 * w as u64);
             let bound = q.mean_error_bound(7, 7 * w as u64) as f32;
             for (got, want) in mean.mean.iter().zip([0.5f32, -0.5, 0.5, -0.5]) {
@@ -261,7 +267,7 @@ mod tests {
         let a = q.quantize(&[0.4, 0.0, 0.0, 0.0], 10, &mut rng).unwrap();
         let b = q.quantize(&[-0.2, 0.0, 0.0, 0.0], 30, &mut rng).unwrap();
         let sum: Vec<u32> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y)).collect();
-        let m = q.dequantize_sum(&sum, 2).unwrap();
+        let m = q.dequantize_sum(sum.clone(), 2).unwrap();
         let want = (0.4 * 10.0 - 0.2 * 30.0) / 40.0;
         assert!((m.mean[0] - want).abs() < 1e-6, "{} vs {want}", m.mean[0]);
     }
@@ -323,7 +329,7 @@ mod tests {
                 *s = s.wrapping_add(*w) & c.modulus_mask();
             }
         }
-        let mean = q.dequantize_sum(&sum, n).unwrap();
+        let mean = q.dequantize_sum(sum.clone(), n).unwrap();
         assert_eq!((mean.total_weight, mean.included), (n as u64, n));
         let sd = c.dp.unwrap().client_noise_std(c.min_survivors) * (n as f64).sqrt() / n as f64;
         (mean.mean, sd)

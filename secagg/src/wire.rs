@@ -864,8 +864,10 @@ pub struct Release {
     pub error_bound: f64,
     #[serde(with = "hexarr")]
     pub signature: [u8; 64],
+    /// Shared, not copied: the enclave, the store's write and every reader of the
+    /// release hold this one vector.
     #[serde(skip)]
-    pub mean: Vec<f32>,
+    pub mean: std::sync::Arc<Vec<f32>>,
 }
 
 impl Release {
@@ -875,18 +877,51 @@ impl Release {
         t
     }
 
-    pub fn mean_bytes(mean: &[f32]) -> Vec<u8> {
-        mean.iter().flat_map(|x| x.to_le_bytes()).collect()
+    /// The mean as it is served and hashed: little-endian f32s. On a little-endian
+    /// machine these are the vector's own bytes, borrowed, not copied.
+    pub fn mean_bytes(mean: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice(mean))
+        } else {
+            std::borrow::Cow::Owned(mean.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
+    }
+
+    /// The mean's bytes ([`Release::mean_bytes`]) as an owner that shares this release's
+    /// vector, for a server to store and serve without a copy of its own.
+    pub fn shared_mean_bytes(&self) -> MeanBytes {
+        match Self::mean_bytes(&self.mean) {
+            std::borrow::Cow::Borrowed(_) => MeanBytes::Shared(self.mean.clone()),
+            std::borrow::Cow::Owned(bytes) => MeanBytes::Owned(bytes),
+        }
     }
 
     /// The mean from its served bytes: the inverse of [`Release::mean_bytes`].
-    pub fn mean_from_bytes(bytes: &[u8]) -> Vec<f32> {
-        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    pub fn mean_from_bytes(bytes: &[u8]) -> std::sync::Arc<Vec<f32>> {
+        std::sync::Arc::new(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     /// Checks the signature against the enclave's identity key and the mean against its hash.
     pub fn verify(&self, identity: &[u8; 32]) -> bool {
         sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256 && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
+    }
+}
+
+/// A release's mean as little-endian bytes, owning what it reads: the release's own
+/// vector where the machine's f32s are little-endian, a converted copy where not.
+#[derive(Clone, Debug)]
+pub enum MeanBytes {
+    Shared(std::sync::Arc<Vec<f32>>),
+    Owned(Vec<u8>),
+}
+
+impl AsRef<[u8]> for MeanBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            // Built only where `mean_bytes` borrows, that is, on a little-endian machine.
+            MeanBytes::Shared(mean) => bytemuck::cast_slice(mean.as_slice()),
+            MeanBytes::Owned(bytes) => bytes,
+        }
     }
 }
 
@@ -896,6 +931,32 @@ mod tests {
 
     fn sample() -> MaskedInput {
         MaskedInput { round: 7, client: ClientId(3), data: vec![1, 2, u32::MAX], bits: 32, signature: [5; 64], record_privacy: None, base_version: None }
+    }
+
+    /// The served and hashed bytes of a mean are its f32s in little-endian order, whether
+    /// borrowed from the vector or shared with it, and read back to the same floats.
+    #[test]
+    fn mean_bytes_are_little_endian_f32s() {
+        let mean = vec![1.5f32, -0.0, f32::MIN_POSITIVE, -3.25e7, f32::INFINITY];
+        let want: Vec<u8> = mean.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(&*Release::mean_bytes(&mean), &want[..]);
+        let release = Release {
+            round: 1,
+            config_digest: [0; 32],
+            included: vec![],
+            total_weight: 1,
+            mean_sha256: [0; 32],
+            error_bound: 0.0,
+            signature: [0; 64],
+            mean: std::sync::Arc::new(mean.clone()),
+        };
+        let shared = release.shared_mean_bytes();
+        assert_eq!(shared.as_ref(), &want[..]);
+        if cfg!(target_endian = "little") {
+            assert!(matches!(&shared, MeanBytes::Shared(m) if std::sync::Arc::ptr_eq(m, &release.mean)), "no copy on a little-endian machine");
+        }
+        let back = Release::mean_from_bytes(&want);
+        assert_eq!(back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), mean.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
     }
 
     fn claim() -> RecordPrivacyClaim {

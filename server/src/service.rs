@@ -1185,7 +1185,8 @@ impl Service {
             Some(Outcome::Sum(_)) => {
                 let release = inner.enclave.release().ok_or_else(|| ApiError::internal("finished without a release"))?;
                 let json = serde_json::to_string(release).map_err(ApiError::internal)?;
-                let mean = tessera_enclave::Release::mean_bytes(&release.mean);
+                // The bytes share the release's mean: stored part by part, then served.
+                let mean = bytes::Bytes::from_owner(release.shared_mean_bytes());
                 tracing::info!(round, included = release.included.len(), total_weight = release.total_weight, "aggregate released");
                 Some(Finish { status: "finished", outcome: "released".into(), release: Some(json), mean: Some(mean) })
             }
@@ -1214,7 +1215,7 @@ impl Service {
     /// are about to ask for it, every institution of the round at once.
     async fn remember_result(&self, round: u64, finish: Finish) {
         if let (Some(release), Some(mean)) = (finish.release, finish.mean) {
-            *self.last_result.lock().await = Some((round, bytes::Bytes::from(release), bytes::Bytes::from(mean)));
+            *self.last_result.lock().await = Some((round, bytes::Bytes::from(release), mean));
         }
     }
 

@@ -130,6 +130,12 @@ CREATE TABLE IF NOT EXISTS event_parts (
     data {bytes} NOT NULL,
     PRIMARY KEY (round, idx, part)
 );
+CREATE TABLE IF NOT EXISTS mean_parts (
+    round {int} NOT NULL,
+    part {int} NOT NULL,
+    data {bytes} NOT NULL,
+    PRIMARY KEY (round, part)
+);
 CREATE TABLE IF NOT EXISTS log (
     idx {int} PRIMARY KEY,
     round {int} NOT NULL,
@@ -187,13 +193,14 @@ pub const BODY_PART_BYTES: usize = 1 << 20;
 const MASKED_INPUT_PARTS: &str = "masked_input_parts";
 
 /// How a round ended: its status, outcome, and for a release the signed release (JSON)
-/// and the mean.
+/// and the mean (little-endian f32s), stored in parts of [`BODY_PART_BYTES`] from the
+/// bytes the release shares, so that storing it copies one part at a time.
 #[derive(Debug)]
 pub struct Finish {
     pub status: &'static str,
     pub outcome: String,
     pub release: Option<String>,
-    pub mean: Option<Vec<u8>>,
+    pub mean: Option<bytes::Bytes>,
 }
 
 /// A refused request, kept for auditors.
@@ -395,14 +402,21 @@ impl Store {
                 .await?;
         }
         if let Some(f) = c.finish {
-            sqlx::query("UPDATE rounds SET status = $1, outcome = $2, release = $3, mean = $4 WHERE round = $5")
+            sqlx::query("UPDATE rounds SET status = $1, outcome = $2, release = $3 WHERE round = $4")
                 .bind(f.status)
                 .bind(f.outcome.as_str())
                 .bind(f.release.as_deref())
-                .bind(f.mean.as_deref())
                 .bind(c.round as i64)
                 .execute(&mut *tx)
                 .await?;
+            for (index, part) in f.mean.as_deref().unwrap_or_default().chunks(BODY_PART_BYTES).enumerate() {
+                sqlx::query("INSERT INTO mean_parts (round, part, data) VALUES ($1, $2, $3)")
+                    .bind(c.round as i64)
+                    .bind(index as i64)
+                    .bind(part)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -537,8 +551,30 @@ impl Store {
             .collect()
     }
 
+    /// A released round's mean, read one part at a time into a buffer of its length; a
+    /// store written before the mean was kept in parts holds it in `rounds.mean`.
     pub async fn mean(&self, round: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query("SELECT mean FROM rounds WHERE round = $1 AND mean IS NOT NULL").bind(round as i64).fetch_optional(&self.pool).await?.map(|r| r.get(0)))
+        let len: Option<i64> = sqlx::query("SELECT SUM(LENGTH(data)) FROM mean_parts WHERE round = $1").bind(round as i64).fetch_one(&self.pool).await?.get(0);
+        let Some(len) = len else {
+            return Ok(sqlx::query("SELECT mean FROM rounds WHERE round = $1 AND mean IS NOT NULL")
+                .bind(round as i64)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.get(0)));
+        };
+        let mut mean = Vec::with_capacity(usize::try_from(len).map_err(|_| StoreError::Corrupt(format!("round {round}'s mean is {len} bytes")))?);
+        let mut part = 0i64;
+        while let Some(row) =
+            sqlx::query("SELECT data FROM mean_parts WHERE round = $1 AND part = $2").bind(round as i64).bind(part).fetch_optional(&self.pool).await?
+        {
+            let data: Vec<u8> = row.get(0);
+            mean.extend_from_slice(&data);
+            part += 1;
+        }
+        if mean.len() as i64 != len {
+            return Err(StoreError::Corrupt(format!("round {round}'s mean parts do not follow each other from part 0")));
+        }
+        Ok(Some(mean))
     }
 
     /// A round's events, in order. The masked inputs stored in parts are read back one
@@ -699,8 +735,12 @@ mod tests {
         store.commit(Commit { round: 7, open: Some((&cfg, Timestamp(5))), log: &[entry(0)], ..Default::default() }).await.unwrap();
         store.commit(Commit { round: 7, message: Some((MessageKind::Advertise, Timestamp(6), &b"adv"[..])), ..Default::default() }).await.unwrap();
         store.commit(Commit { round: 7, sealed: Some((3, &b"sealed"[..])), log: &[entry(1)], ..Default::default() }).await.unwrap();
-        let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(vec![1, 2, 3]) };
+        // The mean is stored in parts: here 2.5 of them.
+        let mean: Vec<u8> = (0..BODY_PART_BYTES * 5 / 2).map(|i| (i * 13 + i / 5) as u8).collect();
+        let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(mean.clone().into()) };
         store.commit(Commit { round: 7, finish: Some(&finish), ..Default::default() }).await.unwrap();
+        let parts: i64 = sqlx::query("SELECT COUNT(*) FROM mean_parts WHERE round = 7").fetch_one(&store.pool).await.unwrap().get(0);
+        assert_eq!(parts, 3);
         let row = store.round(7).await.unwrap().unwrap();
         assert_eq!(
             (row.round, row.opened_at, row.status.as_str(), row.outcome.as_deref(), row.release.as_deref()),
@@ -710,7 +750,16 @@ mod tests {
         assert_eq!(store.latest_round().await.unwrap().unwrap().round, 7);
         assert_eq!(store.rounds().await.unwrap().len(), 1);
         assert!(store.round(8).await.unwrap().is_none());
-        assert_eq!(store.mean(7).await.unwrap(), Some(vec![1, 2, 3]));
+        assert!(store.mean(7).await.unwrap() == Some(mean), "the mean reads back from its parts");
+        // A store written before the mean was kept in parts has it in its round's row.
+        let cfg6 = RoundConfig { round: 6, ..cfg.clone() };
+        store.commit(Commit { round: 6, open: Some((&cfg6, Timestamp(4))), ..Default::default() }).await.unwrap();
+        sqlx::query("UPDATE rounds SET mean = $1 WHERE round = 6").bind(&[1u8, 2, 3][..]).execute(&store.pool).await.unwrap();
+        assert_eq!(store.mean(6).await.unwrap(), Some(vec![1, 2, 3]));
+        assert_eq!(store.mean(8).await.unwrap(), None);
+        // A part the host deleted is named, not served as a shorter mean.
+        sqlx::query("DELETE FROM mean_parts WHERE round = 7 AND part = 1").execute(&store.pool).await.unwrap();
+        assert!(matches!(store.mean(7).await, Err(StoreError::Corrupt(_))));
         let events = store.events(7, &spool()).await.unwrap();
         assert!(matches!(&events[0], StoredEvent::Message { kind: MessageKind::Advertise, received_at: Timestamp(6), body } if body == b"adv"));
         assert!(matches!(&events[1], StoredEvent::Sealed { seq: 3, sealed } if sealed == b"sealed"));

@@ -209,7 +209,7 @@ async fn a_slow_institution_catches_up_on_the_cohorts_it_missed() {
     let saved = tessera_client::update::read_tensors(&dir.join("global-adapter/adapter_model.safetensors")).unwrap();
     let mut want = vec![0f32; m];
     for r in &releases {
-        want.iter_mut().zip(r).for_each(|(w, x)| *w += x);
+        want.iter_mut().zip(r.iter()).for_each(|(w, x)| *w += x);
     }
     let mut at = 0;
     let mut compared = 0;

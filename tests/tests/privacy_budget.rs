@@ -261,7 +261,7 @@ async fn a_skellam_round_is_released_and_charged_as_skellam() {
     let server = tessera_server::spawn(server_config(&root.path().join("server"), "127.0.0.1:0".parse().unwrap(), &ids, params.clone(), 0)).await.unwrap();
     let url = format!("https://{}", server.addr);
     let cfg = server.service.open_round(&params).await.unwrap();
-    let means: Vec<Vec<f32>> = one_dp_round(&server, &ids, 1).await.into_iter().map(|r| r.release.mean).collect();
+    let means: Vec<Vec<f32>> = one_dp_round(&server, &ids, 1).await.into_iter().map(|r| std::sync::Arc::unwrap_or_clone(r.release.mean)).collect();
     // Every institution holds the same release: the mean of the clipped updates plus the
     // summed integer noise (3 shares of σ = z·C/√(t − f), over 3).
     assert!(means.iter().all(|m| *m == means[0]));
