@@ -332,7 +332,8 @@ async fn spool_body_untimed(spool: &std::path::Path, mut body: Body, limit: usiz
     use tokio::io::AsyncWriteExt;
     let disk = |e: std::io::Error| spool_failed(spool, e);
     let file = tempfile::tempfile_in(spool).map_err(disk)?;
-    let mut out = tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(file));
+    // 64 KiB, as hyper's read buffer: per upload in flight, not per byte.
+    let mut out = tokio::io::BufWriter::with_capacity(64 << 10, tokio::fs::File::from_std(file));
     let mut received = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request("body", format!("could not read the request body: {e}")))?;

@@ -41,6 +41,12 @@ enum Command {
 }
 
 /// Parses the command line and runs the server; returns the process exit code.
+/// The blocking threads the server's runtime may start. Each upload in flight writes its
+/// spool file on one for a moment (64 KiB at a time); tokio's default of 512 let 50
+/// uploads at once start over 200 of them, each with its stack and malloc arena (about
+/// 0.4 MB apiece in the resident set). The early checks run one at a time on one.
+const BLOCKING_THREADS: usize = 16;
+
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -84,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let cfg = crate::ServerConfig::load(&config)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().max_blocking_threads(BLOCKING_THREADS).enable_all().build()?;
             rt.block_on(async move {
                 let running = crate::spawn(cfg).await?;
                 if running.service.config().dev_insecure {

@@ -840,11 +840,7 @@ impl Service {
     /// takes is bounded (each is at most the round's input size). A client that waits
     /// longer than [`UPLOAD_PERMIT_WAIT`] is answered 503.
     pub async fn upload_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        match tokio::time::timeout(UPLOAD_PERMIT_WAIT, self.uploads.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(ApiError::internal("the upload permits are closed")),
-            Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "uploads_busy", "too many masked inputs are being received; retry")),
-        }
+        permit_within(&self.uploads, UPLOAD_PERMIT_WAIT).await
     }
 
     /// The early check of a masked input for `round` spooled as it arrived: its header
@@ -1311,10 +1307,19 @@ impl Service {
 }
 
 /// Masked-input uploads spooled at once; see [`Service::upload_permit`].
-pub const MAX_UPLOADS_IN_FLIGHT: usize = 64;
+pub const MAX_UPLOADS_IN_FLIGHT: usize = 16;
 
 /// How long an upload waits for a permit before it is answered 503.
 pub const UPLOAD_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A permit from `permits` within `wait`, or 503 `uploads_busy` (which clients retry).
+async fn permit_within(permits: &Arc<tokio::sync::Semaphore>, wait: std::time::Duration) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    match tokio::time::timeout(wait, permits.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(ApiError::internal("the upload permits are closed")),
+        Err(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "uploads_busy", "too many masked inputs are being received; retry")),
+    }
+}
 
 /// See [`Service::spool_dir`].
 fn spool_dir(cfg: &ServerConfig) -> std::path::PathBuf {
@@ -1324,6 +1329,27 @@ fn spool_dir(cfg: &ServerConfig) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past [`MAX_UPLOADS_IN_FLIGHT`] uploads an upload waits, and is answered 503
+    /// `uploads_busy` (which clients retry) if none ends in time; one that ends lets the
+    /// next in.
+    #[tokio::test]
+    async fn uploads_past_the_limit_wait_then_get_503() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT));
+        let wait = std::time::Duration::from_millis(50);
+        let mut held = Vec::new();
+        for _ in 0..MAX_UPLOADS_IN_FLIGHT {
+            held.push(permit_within(&permits, wait).await.unwrap());
+        }
+        let err = permit_within(&permits, wait).await.unwrap_err();
+        assert_eq!((err.status, err.code), (StatusCode::SERVICE_UNAVAILABLE, "uploads_busy"));
+        let waiting = tokio::spawn({
+            let permits = permits.clone();
+            async move { permit_within(&permits, std::time::Duration::from_secs(10)).await.map(|_| ()) }
+        });
+        drop(held.pop());
+        assert!(waiting.await.unwrap().is_ok(), "a freed permit goes to the waiting upload");
+    }
 
     fn g(z: f64) -> Mechanism {
         Mechanism::Gaussian { noise_multiplier: z }
