@@ -569,7 +569,7 @@ where
     }
 
     let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)) + &d.wait_query())).await?;
-    let masked = client.handle_share_bundle(&bundle, &quantized)?.encode();
+    let masked = client.handle_share_bundle(&bundle, quantized)?.encode();
     if let Some(path) = &opts.ledger {
         crate::ledger::PrivacyLedger::charge(path, &aggregator_hex, &cfg, now_secs() * 1000)?;
     }

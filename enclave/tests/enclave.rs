@@ -87,7 +87,7 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
     for (i, c) in clients.iter_mut().enumerate() {
         let bundle = e.aggregator().unwrap().share_bundle(c.id()).unwrap();
         let input = q.quantize(&updates[i].0, updates[i].1, &mut rng).unwrap();
-        let m = c.handle_share_bundle(&bundle, &input).unwrap();
+        let m = c.handle_share_bundle(&bundle, input.as_slice()).unwrap();
         if !drop.contains(&i) {
             feed(&mut e, &mut log, MessageKind::MaskedInput, m.encode(), now);
         }

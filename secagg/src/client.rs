@@ -397,12 +397,16 @@ impl Client {
 
     /// Phase 2: stores the shares addressed to this client and masks `input` (already
     /// quantized, weight last) with the self mask and one pairwise mask per neighbour in U2.
-    pub fn handle_share_bundle(&mut self, bundle: &ShareBundle, input: &[u32]) -> Result<MaskedInput, Error> {
+    /// Given the vector itself (not a borrow), the masks are added in place: the masked
+    /// input is that vector, with no copy of it (nor the page faults of a fresh one).
+    pub fn handle_share_bundle(&mut self, bundle: &ShareBundle, input: impl Into<Vec<u32>>) -> Result<MaskedInput, Error> {
         self.expect(State::AwaitingShares, "a share bundle")?;
+        let input: Vec<u32> = input.into();
         if input.len() != self.cfg.masked_len() {
             return Err(ProtocolError::WrongLength { expected: self.cfg.masked_len(), got: input.len() }.into());
         }
-        if input.iter().any(|&x| x & !self.cfg.modulus_mask() != 0) {
+        let outside = !self.cfg.modulus_mask();
+        if outside != 0 && input.iter().any(|&x| x & outside != 0) {
             return Err(Error::malformed("quantized input exceeds the modulus"));
         }
         if self.cfg.cohort.is_some() && self.base_version.is_none() {
@@ -412,7 +416,7 @@ impl Client {
         self.abort_on_error(result)
     }
 
-    fn share_bundle_inner(&mut self, bundle: &ShareBundle, input: &[u32]) -> Result<MaskedInput, Error> {
+    fn share_bundle_inner(&mut self, bundle: &ShareBundle, input: Vec<u32>) -> Result<MaskedInput, Error> {
         self.check_aggregator_signature("share bundle", bundle.transcript(&self.digest).as_bytes(), &bundle.aggregator_signature)?;
         self.check_round(bundle.round)?;
         if bundle.to != self.id {
@@ -481,7 +485,7 @@ impl Client {
             return Err(Error::malformed(format!("share bundle carries {} shares, U2 has {} neighbours", held.len(), expected.len())));
         }
 
-        let mut data = input.to_vec();
+        let mut data = input;
         let mut streams = Vec::with_capacity(expected.len() + 1);
         streams.push(MaskStream::new(&self.self_seed, SELF_MASK_LABEL, Sign::Add));
         for ((v, _), seed) in neighbours.iter().zip(seeds) {

@@ -357,6 +357,10 @@ pub fn data_digest_of_bytes(body: &[u8], threads: usize) -> [u8; 32] {
 
 /// The same digest over words, read as little-endian bytes, without a copy of the whole.
 pub fn data_digest_of_words(data: &[u32], threads: usize) -> [u8; 32] {
+    if cfg!(target_endian = "little") {
+        // The words' own bytes are their little-endian encoding: hashed where they lie.
+        return data_digest_of_bytes(bytemuck::cast_slice(data), threads);
+    }
     data_digest_with(data.len() * 4, threads, |range, h| {
         let mut block = [0u8; 16 * 1024];
         for chunk in data[range.start / 4..range.end / 4].chunks(block.len() / 4) {

@@ -119,7 +119,7 @@ impl Lab {
 
     fn mask(&mut self, i: u32, bundle: &ShareBundle) -> Result<MaskedInput, Error> {
         let input = self.inputs[i as usize].clone();
-        self.clients[i as usize].handle_share_bundle(bundle, &input)
+        self.clients[i as usize].handle_share_bundle(bundle, input)
     }
 
     fn survivors(&self, set: &[u32]) -> SurvivorSet {

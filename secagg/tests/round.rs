@@ -85,7 +85,7 @@ fn run_round(cfg: &RoundConfig, inputs: &[Vec<u32>], drops: &[Drop], seed: u64) 
     for i in 0..n {
         if alive(&mut clients, i, Drop::BeforeMasked) {
             let Some(bundle) = agg.share_bundle(ClientId(i as u32)) else { continue };
-            match clients[i].as_mut().unwrap().handle_share_bundle(&bundle, &inputs[i]) {
+            match clients[i].as_mut().unwrap().handle_share_bundle(&bundle, inputs[i].as_slice()) {
                 Ok(masked) => {
                     // Through the wire encoding: packed below 32 bits.
                     agg.handle_masked_input_encoded(&masked.encode()).unwrap();
@@ -273,7 +273,7 @@ fn a_compressed_packed_round_releases_the_exact_sum() {
 fn a_masked_input_of_the_wrong_width_is_refused() {
     let (mut agg, mut clients, _) = up_to_masked_input(config(3, 2, 2, 2, 10, 16), 4);
     let bundle = agg.share_bundle(ClientId(0)).unwrap();
-    let masked = clients[0].handle_share_bundle(&bundle, &[1; 11]).unwrap();
+    let masked = clients[0].handle_share_bundle(&bundle, [1; 11]).unwrap();
     assert_eq!(masked.bits, 16);
     let as_words = MaskedInput { bits: 32, ..masked.clone() };
     let err = agg.handle_masked_input_encoded(&as_words.encode()).unwrap_err().to_string();
@@ -351,7 +351,7 @@ fn up_to_survivor_set(n: usize, drop_masked: &[usize]) -> (Harness, SurvivorSet)
     let (mut agg, mut clients, rng) = up_to_masked_input(cfg.clone(), 9);
     for (i, c) in clients.iter_mut().enumerate() {
         let bundle = agg.share_bundle(ClientId(i as u32)).unwrap();
-        let masked = c.handle_share_bundle(&bundle, &[1, 2, 3, 4, 1]).unwrap();
+        let masked = c.handle_share_bundle(&bundle, [1, 2, 3, 4, 1]).unwrap();
         if !drop_masked.contains(&i) {
             agg.handle_masked_input(&masked).unwrap();
         }
@@ -448,7 +448,7 @@ fn three_clients_with_shares(seed: u64) -> (Aggregator, Vec<Client>, RoundConfig
 fn tampered_masked_input_is_rejected_and_sum_unaffected() {
     let (mut agg, mut clients, _) = three_clients_with_shares(11);
     let mut masked: Vec<MaskedInput> =
-        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
+        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), [5; 5]).unwrap()).collect();
     let mut tampered = masked[0].clone();
     tampered.data[0] ^= 1;
     assert_eq!(agg.handle_masked_input(&tampered).unwrap_err(), Error::Protocol(ProtocolError::BadSignature(ClientId(0))));
@@ -472,7 +472,7 @@ fn record_privacy_claims_are_signed_and_checked() {
     // The client refuses to sign an incoherent claim, as the aggregator would refuse it.
     assert!(clients[1].set_record_privacy(RecordPrivacyClaim { epsilon: 9.0, ..claim }).is_err());
     let masked: Vec<MaskedInput> =
-        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &[5; 5]).unwrap()).collect();
+        clients.iter_mut().enumerate().map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), [5; 5]).unwrap()).collect();
     assert_eq!(masked[0].record_privacy, Some(claim));
     assert_eq!(masked[1].record_privacy, None);
     // Through the wire encoding, as the enclave receives it.
@@ -591,7 +591,7 @@ fn a_buffered_cohort_closes_at_k_and_releases_the_staleness_weighted_sum() {
         weights.push(w);
         let input = q.quantize(&updates[i], w, &mut rng).unwrap();
         let bundle = agg.share_bundle(ClientId(i as u32)).unwrap();
-        masked.push(clients[i].handle_share_bundle(&bundle, &input).unwrap());
+        masked.push(clients[i].handle_share_bundle(&bundle, input.as_slice()).unwrap());
         inputs.push(input);
     }
     assert_eq!(weights, vec![1000, 707, 577, 1000]);

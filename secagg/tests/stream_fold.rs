@@ -27,7 +27,7 @@ fn masked_inputs(agg: &Aggregator, clients: &mut [Client], cfg: &RoundConfig, se
     let encoded = clients
         .iter_mut()
         .enumerate()
-        .map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), &inputs[i]).unwrap().encode())
+        .map(|(i, c)| c.handle_share_bundle(&agg.share_bundle(ClientId(i as u32)).unwrap(), inputs[i].as_slice()).unwrap().encode())
         .collect();
     (inputs, encoded)
 }
