@@ -733,7 +733,14 @@ impl Enclave {
         // The sum is consumed: the mean is written over it, and the release, the store's
         // copy and every reader share that one vector.
         let sum = state.aggregator.take_sum().unwrap_or_default();
-        let mean = state.quantizer.dequantize_sum(sum, included.len())?;
+        let mean = match state.quantizer.dequantize_sum(sum, included.len()) {
+            Ok(mean) => mean,
+            Err(e) => {
+                // Deterministic in the inputs, so a replay refuses the same way.
+                state.aggregator.refuse_release(format!("the sum cannot be released: {e}"));
+                return Ok(None);
+            }
+        };
         let mut release = Release {
             round,
             config_digest: state.aggregator.config_digest(),

@@ -11,7 +11,7 @@ use tessera_attestation::dev::DevAttester;
 use tessera_attestation::policy::{NodePolicy, PolicyFailure};
 use tessera_attestation::Attester;
 use tessera_enclave::{Enclave, EnclaveError, MessageKind, SealingKey, StoredEvent};
-use tessera_secagg::aggregator::Phase;
+use tessera_secagg::aggregator::{Outcome, Phase};
 use tessera_secagg::client::{Client, Trust};
 use tessera_secagg::crypto::MessageSigner;
 use tessera_secagg::floors::SecurityFloors;
@@ -55,6 +55,12 @@ fn enclave(key: [u8; 32]) -> Enclave {
 type Updates = Vec<(Vec<f32>, u32)>;
 
 fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
+    run_with(n, drop, |_, _| {})
+}
+
+/// [`run`], with `tamper` applied to each client's quantized input (its index and the
+/// words, weight last) before it is masked: a malicious roster member's input.
+fn run_with(n: usize, drop: &[usize], tamper: impl Fn(usize, &mut Vec<u32>)) -> (Enclave, Vec<StoredEvent>, Updates) {
     let cfg = config(n);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let mut e = enclave([1; 32]);
@@ -86,7 +92,8 @@ fn run(n: usize, drop: &[usize]) -> (Enclave, Vec<StoredEvent>, Updates) {
     step(&mut e, &mut log, &mut now);
     for (i, c) in clients.iter_mut().enumerate() {
         let bundle = e.aggregator().unwrap().share_bundle(c.id()).unwrap();
-        let input = q.quantize(&updates[i].0, updates[i].1, &mut rng).unwrap();
+        let mut input = q.quantize(&updates[i].0, updates[i].1, &mut rng).unwrap();
+        tamper(i, &mut input);
         let m = c.handle_share_bundle(&bundle, input.as_slice()).unwrap();
         if !drop.contains(&i) {
             feed(&mut e, &mut log, MessageKind::MaskedInput, m.encode(), now);
@@ -127,6 +134,32 @@ fn release_is_the_signed_weighted_mean_of_survivors() {
     let mut forged = r.clone();
     std::sync::Arc::make_mut(&mut forged.mean)[0] += 1.0;
     assert!(!forged.verify(&e.identity_public_key()));
+}
+
+/// A roster member that picks its weight word so that the total weight is zero modulo
+/// the modulus cannot leave the round finished without a release (stuck, every later
+/// step an error): the enclave aborts it, logs why, releases nothing, and a replay of the
+/// stored events ends the same way.
+#[test]
+fn a_total_weight_of_zero_aborts_the_round() {
+    let n = 5;
+    let modulus = config(n).modulus_mask();
+    let others: u32 = (0..n - 1).map(|i| 10 + i as u32 * 5).sum();
+    let (mut e, log, _) = run_with(n, &[], |i, input| {
+        if i == n - 1 {
+            *input.last_mut().unwrap() = 0u32.wrapping_sub(others) & modulus;
+        }
+    });
+    assert!(e.release().is_none());
+    assert_eq!(e.phase(), Some(Phase::Aborted));
+    let Some(Outcome::Aborted { reason, .. }) = e.outcome() else { panic!("{:?}", e.outcome()) };
+    assert!(reason.contains("total weight of the sum is zero"), "{reason}");
+    let entries = e.take_log_entries();
+    assert!(entries.iter().any(|l| String::from_utf8_lossy(&l.data).contains("\"aborted\"")), "the log names the abort");
+    let mut fresh = enclave([1; 32]);
+    fresh.restore_round(config(n), Timestamp(1_700_000_000_000), &log).unwrap();
+    assert_eq!(fresh.phase(), Some(Phase::Aborted));
+    assert!(fresh.release().is_none());
 }
 
 #[test]

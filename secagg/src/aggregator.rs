@@ -183,6 +183,17 @@ impl Aggregator {
         }
     }
 
+    /// Ends a finished round as aborted because its sum cannot be released (a total
+    /// weight of zero, which a roster member can force by choosing its weight word, or
+    /// a sum the round's decoding refuses): nothing is released, the round does not stay
+    /// finished without a release, and nothing of the sum survives. No effect on a round
+    /// that is not finished.
+    pub fn refuse_release(&mut self, reason: String) {
+        if matches!(self.outcome, Some(Outcome::Sum(_))) {
+            self.abort(reason);
+        }
+    }
+
     /// Checks common to every message, in this order: round, sender, retransmission or
     /// equivocation (`previous` is the signature already accepted from this sender in
     /// this phase), abort, phase. A byte-identical retransmission is recognised even

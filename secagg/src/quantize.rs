@@ -162,11 +162,12 @@ impl Quantizer {
             None => {
                 let from_levels = 2.0 * self.clip / self.levels as f64;
                 let offset = included as f64 * self.clip;
-                let mut mean: Vec<f32> = bytemuck::cast_vec(sum);
-                for x in &mut mean {
-                    *x = ((((x.to_bits() & self.mask) as f64) * from_levels - offset) * rescale) as f32;
+                // Each word is read as the integer it is and replaced by its value's bits,
+                // never read as an f32 (which some FPUs would alter on the way).
+                for x in &mut sum {
+                    *x = (((((*x & self.mask) as f64) * from_levels - offset) * rescale) as f32).to_bits();
                 }
-                mean
+                bytemuck::cast_vec(sum)
             }
         };
         let mean = match &self.encoding {
@@ -188,6 +189,27 @@ mod tests {
         c.max_weight = 100;
         c.clip = 0.5;
         c
+    }
+
+    /// The mean written over the sum's own words is, bit for bit, the affine map of each
+    /// word, whatever the word's bits would be read as a float (NaN patterns included).
+    #[test]
+    fn the_mean_over_the_sum_is_the_affine_map_of_each_word() {
+        let mut c = cfg(3, 32);
+        c.max_weight = 1000;
+        let q = Quantizer::new(&c).unwrap();
+        let words = [0u32, 1, 0x7F80_0001, 0x7FC0_0000, 0xFF80_0001, 0xFFFF_FFFF, 0x8000_0000, 12_345_678];
+        let weight = 1500u32;
+        let mut sum = words.to_vec();
+        sum.push(weight);
+        let mean = q.dequantize_sum(sum, 3).unwrap();
+        let rescale = 1000.0 / f64::from(weight);
+        let from_levels = 2.0 * q.clip / q.levels as f64;
+        for (got, &w) in mean.mean.iter().zip(&words) {
+            let want = ((f64::from(w) * from_levels - 3.0 * q.clip) * rescale) as f32;
+            assert_eq!(got.to_bits(), want.to_bits(), "word {w:#x}");
+        }
+        assert_eq!((mean.mean.len(), mean.total_weight), (words.len(), 1500));
     }
 
     #[test]

@@ -40,13 +40,14 @@ enum Command {
     },
 }
 
-/// Parses the command line and runs the server; returns the process exit code.
 /// The blocking threads the server's runtime may start. Each upload in flight writes its
-/// spool file on one for a moment (64 KiB at a time); tokio's default of 512 let 50
-/// uploads at once start over 200 of them, each with its stack and malloc arena (about
-/// 0.4 MB apiece in the resident set). The early checks run one at a time on one.
+/// spool file on one for a moment (64 KiB at a time); with tokio's default of 512, 50
+/// uploads at once started 230 threads (measured; their memory was small, 2.37 -> 2.30 ×
+/// m·4 at m = 6.8M, but nothing bounded their number). The early checks run one at a
+/// time on one; nothing on them waits for another.
 const BLOCKING_THREADS: usize = 16;
 
+/// Parses the command line and runs the server; returns the process exit code.
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))

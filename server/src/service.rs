@@ -1295,6 +1295,8 @@ impl Service {
             "finished" => {
                 let release = bytes::Bytes::from(row.release.ok_or_else(|| ApiError::internal("finished round without a release"))?);
                 let mean = bytes::Bytes::from(self.store.mean(round).await?.ok_or_else(|| ApiError::internal("finished round without a mean"))?);
+                let (checked_release, checked_mean) = (release.clone(), mean.clone());
+                tokio::task::spawn_blocking(move || check_stored_mean(round, &checked_release, &checked_mean)).await.map_err(ApiError::internal)??;
                 if cached.as_ref().is_none_or(|(r, _, _)| *r < round) {
                     *cached = Some((round, release.clone(), mean.clone()));
                 }
@@ -1304,6 +1306,17 @@ impl Service {
             _ => Err(ApiError::not_yet("the result")),
         }
     }
+}
+
+/// A mean read back from the host's store is served only if it is the one its stored
+/// release signs the hash of: a part deleted, cut short or changed is named, not served.
+fn check_stored_mean(round: u64, release: &[u8], mean: &[u8]) -> Result<(), ApiError> {
+    let signed: Release = serde_json::from_slice(release).map_err(|e| ApiError::internal(format!("round {round}'s stored release: {e}")))?;
+    let sha: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(mean)).into();
+    if sha != signed.mean_sha256 {
+        return Err(ApiError::internal(format!("round {round}'s stored mean is not the one its release signs: the store was altered")));
+    }
+    Ok(())
 }
 
 /// Masked-input uploads spooled at once; see [`Service::upload_permit`].
@@ -1329,6 +1342,31 @@ fn spool_dir(cfg: &ServerConfig) -> std::path::PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stored mean is served only as the release signed it: one cut short by a deleted
+    /// last part, or with a byte changed, is refused.
+    #[test]
+    fn a_stored_mean_must_hash_to_its_release() {
+        let mean: Vec<u8> = (0..3 * 1024 * 1024 + 8).map(|i| (i % 251) as u8).collect();
+        let release = Release {
+            round: 4,
+            config_digest: [1; 32],
+            included: vec![ClientId(0)],
+            total_weight: 1,
+            mean_sha256: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&mean)).into(),
+            error_bound: 0.0,
+            signature: [0; 64],
+            mean: Arc::default(),
+        };
+        let json = serde_json::to_vec(&release).unwrap();
+        check_stored_mean(4, &json, &mean).unwrap();
+        let err = check_stored_mean(4, &json, &mean[..3 * 1024 * 1024]).unwrap_err();
+        assert_eq!(err.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let mut changed = mean.clone();
+        changed[17] ^= 1;
+        assert!(check_stored_mean(4, &json, &changed).is_err());
+        assert!(check_stored_mean(4, b"{", &mean).is_err());
+    }
 
     /// Past [`MAX_UPLOADS_IN_FLIGHT`] uploads an upload waits, and is answered 503
     /// `uploads_busy` (which clients retry) if none ends in time; one that ends lets the

@@ -414,6 +414,9 @@ impl Store {
                 .bind(c.round as i64)
                 .execute(&mut *tx)
                 .await?;
+            // A round finished again (a replay after a commit whose answer was lost) stores
+            // its mean again, in place of what was there.
+            sqlx::query("DELETE FROM mean_parts WHERE round = $1").bind(c.round as i64).execute(&mut *tx).await?;
             for (index, part) in f.mean.as_deref().unwrap_or_default().chunks(BODY_PART_BYTES).enumerate() {
                 sqlx::query("INSERT INTO mean_parts (round, part, data) VALUES ($1, $2, $3)")
                     .bind(c.round as i64)
@@ -725,6 +728,12 @@ mod tests {
         assert!(store.events(1, &spool()).await.unwrap().is_empty());
         let parts: i64 = sqlx::query("SELECT COUNT(*) FROM event_parts").fetch_one(&store.pool).await.unwrap().get(0);
         assert_eq!(parts, 0, "the parts of the failed step were not kept");
+        // Nor the mean of a round end that fails with its step.
+        let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(vec![9u8; BODY_PART_BYTES + 1].into()) };
+        assert!(store.commit(Commit { round: 1, finish: Some(&finish), log: &colliding, ..Default::default() }).await.is_err());
+        let parts: i64 = sqlx::query("SELECT COUNT(*) FROM mean_parts").fetch_one(&store.pool).await.unwrap().get(0);
+        assert_eq!(parts, 0, "the mean of the failed step was not kept");
+        assert_eq!(store.round(1).await.unwrap().unwrap().status, "open");
         assert_eq!(store.log_range(0, u64::MAX).await.unwrap(), first.to_vec());
         // The next step appends where the log really ends.
         store.commit(Commit { round: 1, message: Some(message), log: &[entry(1)], ..Default::default() }).await.unwrap();
@@ -743,6 +752,11 @@ mod tests {
         // The mean is stored in parts: here 2.5 of them.
         let mean: Vec<u8> = (0..BODY_PART_BYTES * 5 / 2).map(|i| (i * 13 + i / 5) as u8).collect();
         let finish = Finish { status: "finished", outcome: "released".into(), release: Some("{}".into()), mean: Some(mean.clone().into()) };
+        store.commit(Commit { round: 7, finish: Some(&finish), ..Default::default() }).await.unwrap();
+        let parts: i64 = sqlx::query("SELECT COUNT(*) FROM mean_parts WHERE round = 7").fetch_one(&store.pool).await.unwrap().get(0);
+        assert_eq!(parts, 3);
+        // Finishing the round again (a replay after a commit whose answer was lost)
+        // stores the mean again, not a second copy beside the first.
         store.commit(Commit { round: 7, finish: Some(&finish), ..Default::default() }).await.unwrap();
         let parts: i64 = sqlx::query("SELECT COUNT(*) FROM mean_parts WHERE round = 7").fetch_one(&store.pool).await.unwrap().get(0);
         assert_eq!(parts, 3);

@@ -429,6 +429,7 @@ async fn main() -> anyhow::Result<()> {
             "SELECT data FROM event_parts",
             "SELECT data FROM log",
             "SELECT mean FROM rounds WHERE mean IS NOT NULL",
+            "SELECT data FROM mean_parts",
             "SELECT convert_to(release, 'UTF8') FROM rounds WHERE release IS NOT NULL",
             "SELECT value FROM kv",
         ] {
