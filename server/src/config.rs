@@ -68,13 +68,23 @@ pub struct Limits {
     /// A request body must arrive within this (ms) plus 1 s per 64 KiB of its declared
     /// length (or of its size limit, without a Content-Length), or it is refused with 408.
     pub body_read_timeout_ms: u64,
+    /// Masked-input uploads received at once (spooled, checked, or waiting for the
+    /// round's lock); further ones wait up to 30 s, then get 503 `uploads_busy`, which
+    /// clients retry. Each holds about 0.4 MB of buffers while it arrives, and a spool
+    /// file up to the round's input size. A peer sending at the slowest rate the body
+    /// timeout allows holds one for minutes: raise this where many institutions upload
+    /// over slow links.
+    pub uploads_in_flight: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 1024, header_read_timeout_ms: 10_000, body_read_timeout_ms: 30_000 }
+        Limits { max_connections: 1024, header_read_timeout_ms: 10_000, body_read_timeout_ms: 30_000, uploads_in_flight: DEFAULT_UPLOADS_IN_FLIGHT }
     }
 }
+
+/// See [`Limits::uploads_in_flight`].
+pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 16;
 
 impl Limits {
     /// The time allowed for a body of `len` bytes.

@@ -590,6 +590,7 @@ impl Service {
             }
         }
         let authenticator = crate::auth::Authenticator::new(&cfg);
+        let uploads_in_flight = cfg.limits.uploads_in_flight.max(1);
         let evidence_maker = enclave.evidence_maker();
         let denials = spawn_denial_writer(store.clone());
         let names_by_key = cfg.institutions.iter().map(|i| (i.public_key.to_ascii_lowercase(), i.name.clone())).collect();
@@ -607,7 +608,7 @@ impl Service {
             evidence_maker,
             attest_permits: tokio::sync::Semaphore::new(FRESH_EVIDENCE_CONCURRENCY),
             preverify_permit: Arc::new(tokio::sync::Semaphore::new(1)),
-            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT)),
+            uploads: Arc::new(tokio::sync::Semaphore::new(uploads_in_flight)),
             denials,
             denials_dropped: std::sync::atomic::AtomicU64::new(0),
             anonymous_denials: std::sync::Mutex::new((0, 0, 0)),
@@ -835,7 +836,7 @@ impl Service {
         spool_dir(&self.cfg)
     }
 
-    /// A permit to spool one masked-input upload: at most [`MAX_UPLOADS_IN_FLIGHT`] are
+    /// A permit to spool one masked-input upload: at most [`crate::config::Limits::uploads_in_flight`] are
     /// spooled, checked or waiting for the round's lock at once, so the disk the spool
     /// takes is bounded (each is at most the round's input size). A client that waits
     /// longer than [`UPLOAD_PERMIT_WAIT`] is answered 503.
@@ -1319,9 +1320,6 @@ fn check_stored_mean(round: u64, release: &[u8], mean: &[u8]) -> Result<(), ApiE
     Ok(())
 }
 
-/// Masked-input uploads spooled at once; see [`Service::upload_permit`].
-pub const MAX_UPLOADS_IN_FLIGHT: usize = 16;
-
 /// How long an upload waits for a permit before it is answered 503.
 pub const UPLOAD_PERMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -1368,15 +1366,15 @@ mod tests {
         assert!(check_stored_mean(4, b"{", &mean).is_err());
     }
 
-    /// Past [`MAX_UPLOADS_IN_FLIGHT`] uploads an upload waits, and is answered 503
+    /// Past the uploads in flight allowed an upload waits, and is answered 503
     /// `uploads_busy` (which clients retry) if none ends in time; one that ends lets the
     /// next in.
     #[tokio::test]
     async fn uploads_past_the_limit_wait_then_get_503() {
-        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS_IN_FLIGHT));
+        let permits = Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_UPLOADS_IN_FLIGHT));
         let wait = std::time::Duration::from_millis(50);
         let mut held = Vec::new();
-        for _ in 0..MAX_UPLOADS_IN_FLIGHT {
+        for _ in 0..crate::config::DEFAULT_UPLOADS_IN_FLIGHT {
             held.push(permit_within(&permits, wait).await.unwrap());
         }
         let err = permit_within(&permits, wait).await.unwrap_err();
