@@ -253,11 +253,11 @@ impl Api {
         Ok((sender, Instant::now()))
     }
 
-    pub async fn request(&self, method: Method, path: impl Into<String>, body: Option<(&str, Vec<u8>)>) -> Result<Bytes, HttpError> {
+    pub async fn request(&self, method: Method, path: impl Into<String>, body: Option<(&str, Bytes)>) -> Result<Bytes, HttpError> {
         let path: String = path.into();
         let addr = format!("{}:{}", self.host, self.port);
         let (content_type, payload) = match body {
-            Some((ct, bytes)) => (Some(ct.to_string()), Bytes::from(bytes)),
+            Some((ct, bytes)) => (Some(ct.to_string()), bytes),
             None => (None, Bytes::new()),
         };
         let build = || {
@@ -330,10 +330,11 @@ impl Api {
 
     pub async fn post_json<B: serde::Serialize>(&self, path: impl Into<String>, body: &B) -> Result<Bytes, HttpError> {
         let bytes = serde_json::to_vec(body).map_err(|e| HttpError::Decode(e.to_string()))?;
-        self.request(Method::POST, path, Some(("application/json", bytes))).await
+        self.request(Method::POST, path, Some(("application/json", Bytes::from(bytes)))).await
     }
 
-    pub async fn post_bytes(&self, path: impl Into<String>, body: Vec<u8>) -> Result<Bytes, HttpError> {
-        self.request(Method::POST, path, Some(("application/octet-stream", body))).await
+    /// Posts a binary body; a `Bytes` body is shared, not copied, by every attempt.
+    pub async fn post_bytes(&self, path: impl Into<String>, body: impl Into<Bytes>) -> Result<Bytes, HttpError> {
+        self.request(Method::POST, path, Some(("application/octet-stream", body.into()))).await
     }
 }

@@ -569,7 +569,8 @@ where
     }
 
     let bundle: ShareBundle = d.poll(round, "the share bundle", || api.get_json(path(&format!("share-bundle/{}", me.0)) + &d.wait_query())).await?;
-    let masked = client.handle_share_bundle(&bundle, quantized)?.encode();
+    // Shared by every attempt to send it, not copied for each.
+    let masked = bytes::Bytes::from(client.handle_share_bundle(&bundle, quantized)?.encode());
     if let Some(path) = &opts.ledger {
         crate::ledger::PrivacyLedger::charge(path, &aggregator_hex, &cfg, now_secs() * 1000)?;
     }

@@ -43,7 +43,7 @@ async fn bad_requests_are_refused_and_the_round_is_unaffected() {
     let post = |path: &str, ct: &'static str, body: Vec<u8>| {
         let api = api.clone();
         let path = path.to_string();
-        async move { api.request(Method::POST, path, Some((ct, body))).await.unwrap_err() }
+        async move { api.request(Method::POST, path, Some((ct, body.into()))).await.unwrap_err() }
     };
 
     // Wait for the scheduled round.

@@ -41,7 +41,7 @@ async fn forward(proxy: Arc<Proxy>, method: Method, uri: Uri, body: Bytes) -> Re
     let route = uri.path().to_string();
     let payload = (!body.is_empty()).then(|| {
         let ct = if route.ends_with("/masked-input") { "application/octet-stream" } else { "application/json" };
-        (ct, body.to_vec())
+        (ct, body)
     });
     let answer = match proxy.upstream.request(method, path.clone(), payload).await {
         Ok(bytes) => bytes,
