@@ -1,7 +1,8 @@
 //! What a peer can hold of the server before it has proved anything: a connection slot
 //! (capped: further connections are closed before the handshake), a request whose
 //! headers never finish (closed after `header_read_timeout_ms`) and a body that never
-//! finishes (408 after `body_read_timeout_ms`).
+//! finishes (408 after `body_read_timeout_ms`), and an upload slot (at most
+//! `uploads_in_flight` masked inputs are received at once).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -126,5 +127,34 @@ async fn a_flood_of_anonymous_refusals_does_not_hide_real_ones() {
     // Two minutes can be touched by the flood: at most the allowance of each, plus a summary.
     let cap = 2 * tessera_server::service::ANONYMOUS_DENIALS_PER_MINUTE as usize + 1;
     assert!(anonymous <= cap && anonymous < flood, "{anonymous} anonymous rows for a flood of {flood}");
+    server.stop().await;
+}
+
+/// Masked inputs received at once are capped at `uploads_in_flight`: past it an upload
+/// waits for a permit (and is answered 503 `uploads_busy` after 30 s, which
+/// `service.rs::uploads_past_the_limit_wait_then_get_503` shows), and one that ends,
+/// even by its sender leaving, lets the next in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploads_past_the_cap_wait_for_one_to_end() {
+    let (server, _root) = server_with(Limits { uploads_in_flight: 1, ..Limits::default() }).await;
+    let api = Api::new(&format!("https://{}", server.addr), server.fingerprint).unwrap();
+    api.clone().with_bearer(ADMIN_TOKEN).post_json("/v1/rounds", &RoundParams { vector_len: 8, ..RoundParams::default() }).await.unwrap();
+    // A slow upload holds the only permit: its headers and the first bytes of its body.
+    let mut slow = api.connect_tls().await.unwrap();
+    slow.write_all(b"POST /v1/rounds/1/masked-input HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\nTSR")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn({
+        let api = api.clone();
+        async move { api.post_bytes("/v1/rounds/1/masked-input", vec![0u8; 100]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!second.is_finished(), "the second upload waits while the first holds the permit");
+    drop(slow);
+    let answer = tokio::time::timeout(Duration::from_secs(10), second).await.expect("answered once the permit is free").unwrap();
+    // Read and refused on its merits (not a masked input), not as busy.
+    let err = answer.unwrap_err();
+    assert_eq!(err.code(), Some("malformed"), "{err}");
     server.stop().await;
 }
