@@ -228,7 +228,7 @@ mod tests {
                     *s = s.wrapping_add(*x) & c.modulus_mask();
                 }
             }
-            let mean = q.dequantize_sum(sum.clone(), 7).unwrap();
+            let mean = q.dequantize_sum(sum, 7).unwrap();
             assert_eq!(mean.total_weight, 7 * w as u64);
             let bound = q.mean_error_bound(7, 7 * w as u64) as f32;
             for (got, want) in mean.mean.iter().zip([0.5f32, -0.5, 0.5, -0.5]) {
@@ -289,7 +289,7 @@ mod tests {
         let a = q.quantize(&[0.4, 0.0, 0.0, 0.0], 10, &mut rng).unwrap();
         let b = q.quantize(&[-0.2, 0.0, 0.0, 0.0], 30, &mut rng).unwrap();
         let sum: Vec<u32> = a.iter().zip(&b).map(|(x, y)| x.wrapping_add(*y)).collect();
-        let m = q.dequantize_sum(sum.clone(), 2).unwrap();
+        let m = q.dequantize_sum(sum, 2).unwrap();
         let want = (0.4 * 10.0 - 0.2 * 30.0) / 40.0;
         assert!((m.mean[0] - want).abs() < 1e-6, "{} vs {want}", m.mean[0]);
     }
@@ -351,7 +351,7 @@ mod tests {
                 *s = s.wrapping_add(*w) & c.modulus_mask();
             }
         }
-        let mean = q.dequantize_sum(sum.clone(), n).unwrap();
+        let mean = q.dequantize_sum(sum, n).unwrap();
         assert_eq!((mean.total_weight, mean.included), (n as u64, n));
         let sd = c.dp.unwrap().client_noise_std(c.min_survivors) * (n as f64).sqrt() / n as f64;
         (mean.mean, sd)

@@ -907,7 +907,13 @@ impl Release {
 
     /// Checks the signature against the enclave's identity key and the mean against its hash.
     pub fn verify(&self, identity: &[u8; 32]) -> bool {
-        sha256(&Self::mean_bytes(&self.mean)) == self.mean_sha256 && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
+        self.hashes_to(&Self::mean_bytes(&self.mean)) && crate::crypto::verify_signature(identity, self.transcript().as_bytes(), &self.signature)
+    }
+
+    /// Whether `mean_bytes` (little-endian f32s, as served) are the mean whose hash this
+    /// release states.
+    pub fn hashes_to(&self, mean_bytes: &[u8]) -> bool {
+        sha256(mean_bytes) == self.mean_sha256
     }
 }
 

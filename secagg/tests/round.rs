@@ -249,7 +249,7 @@ fn a_compressed_packed_round_releases_the_exact_sum() {
     let included: Vec<ClientId> = [0, 1, 3, 4, 5].map(ClientId).to_vec();
     assert_eq!(sum.included, included);
     assert_eq!(sum.sum, exact_sum(&cfg, &inputs, &included));
-    let mean = q.dequantize_sum(sum.sum.clone(), included.len()).unwrap();
+    let mean = q.dequantize_sum(sum.sum, included.len()).unwrap();
     assert_eq!(mean.mean.len(), m as usize);
     let kept: BTreeSet<u32> = q.encoding().unwrap().selected().unwrap().iter().copied().collect();
     let bound = q.mean_error_bound(included.len(), mean.total_weight) as f32;
@@ -628,7 +628,7 @@ fn a_buffered_cohort_closes_at_k_and_releases_the_staleness_weighted_sum() {
     let Some(Outcome::Sum(sum)) = agg.outcome().cloned() else { panic!("{:?}", agg.outcome()) };
     let all: Vec<ClientId> = (0..4).map(ClientId).collect();
     assert_eq!(sum.sum, exact_sum(&cfg, &inputs, &all));
-    let mean = q.dequantize_sum(sum.sum.clone(), 4).unwrap();
+    let mean = q.dequantize_sum(sum.sum, 4).unwrap();
     assert_eq!(mean.total_weight, 1000 + 707 + 577 + 1000);
     let bound = q.mean_error_bound(4, mean.total_weight) as f32;
     for (j, got) in mean.mean.iter().enumerate() {

@@ -1313,8 +1313,7 @@ impl Service {
 /// release signs the hash of: a part deleted, cut short or changed is named, not served.
 fn check_stored_mean(round: u64, release: &[u8], mean: &[u8]) -> Result<(), ApiError> {
     let signed: Release = serde_json::from_slice(release).map_err(|e| ApiError::internal(format!("round {round}'s stored release: {e}")))?;
-    let sha: [u8; 32] = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(mean)).into();
-    if sha != signed.mean_sha256 {
+    if !signed.hashes_to(mean) {
         return Err(ApiError::internal(format!("round {round}'s stored mean is not the one its release signs: the store was altered")));
     }
     Ok(())
@@ -1351,7 +1350,7 @@ mod tests {
             config_digest: [1; 32],
             included: vec![ClientId(0)],
             total_weight: 1,
-            mean_sha256: sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&mean)).into(),
+            mean_sha256: tessera_secagg::crypto::sha256(&mean),
             error_bound: 0.0,
             signature: [0; 64],
             mean: Arc::default(),

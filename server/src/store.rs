@@ -571,14 +571,11 @@ impl Store {
                 .map(|r| r.get(0)));
         };
         let mut mean = Vec::with_capacity(usize::try_from(len).map_err(|_| StoreError::Corrupt(format!("round {round}'s mean is {len} bytes")))?);
-        let mut part = 0i64;
-        while let Some(row) =
-            sqlx::query("SELECT data FROM mean_parts WHERE round = $1 AND part = $2").bind(round as i64).bind(part).fetch_optional(&self.pool).await?
-        {
-            let data: Vec<u8> = row.get(0);
-            mean.extend_from_slice(&data);
-            part += 1;
-        }
+        self.each_part("SELECT data FROM mean_parts WHERE round = $1 AND part = $2", &[round as i64], |data, _| {
+            mean.extend_from_slice(data);
+            Ok(())
+        })
+        .await?;
         if mean.len() as i64 != len {
             return Err(StoreError::Corrupt(format!("round {round}'s mean parts do not follow each other from part 0")));
         }
@@ -630,19 +627,23 @@ impl Store {
     async fn read_parts(&self, round: u64, idx: i64, file: &std::fs::File, at: u64, spool: &Path) -> Result<u64, StoreError> {
         use std::os::unix::fs::FileExt;
         let spool_err = |e: std::io::Error| StoreError::Spool(format!("{}: {e}", spool.display()));
+        self.each_part("SELECT data FROM event_parts WHERE round = $1 AND idx = $2 AND part = $3", &[round as i64, idx], |data, offset| {
+            file.write_all_at(data, at + offset).map_err(spool_err)
+        })
+        .await
+    }
+
+    /// Hands `sink` each part that `sql` selects (its keys bound from `keys`, then the
+    /// part's number), with its offset, one at a time from part 0 until one is missing;
+    /// returns how many bytes the parts held.
+    async fn each_part(&self, sql: &str, keys: &[i64], mut sink: impl FnMut(&[u8], u64) -> Result<(), StoreError>) -> Result<u64, StoreError> {
         let mut len = 0u64;
-        let mut part = 0i64;
-        while let Some(row) = sqlx::query("SELECT data FROM event_parts WHERE round = $1 AND idx = $2 AND part = $3")
-            .bind(round as i64)
-            .bind(idx)
-            .bind(part)
-            .fetch_optional(&self.pool)
-            .await?
-        {
+        for part in 0i64.. {
+            let query = keys.iter().fold(sqlx::query(sql), |q, k| q.bind(*k));
+            let Some(row) = query.bind(part).fetch_optional(&self.pool).await? else { break };
             let data: Vec<u8> = row.get(0);
-            file.write_all_at(&data, at + len).map_err(spool_err)?;
+            sink(&data, len)?;
             len += data.len() as u64;
-            part += 1;
         }
         Ok(len)
     }
